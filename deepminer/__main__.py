@@ -1,0 +1,3 @@
+from deepminer.cli import main
+
+raise SystemExit(main())

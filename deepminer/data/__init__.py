@@ -1,0 +1,1 @@
+"""Data: the dataset-folder contract, phantoms, real mammogram I/O, tissue mask, CBIS-DDSM import, patches."""

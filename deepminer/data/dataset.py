@@ -1,0 +1,90 @@
+"""The dataset-folder contract (DESIGN.md), written once.
+
+A dataset folder holds ``manifest.csv`` with :data:`MANIFEST_COLUMNS` (paths relative to the folder,
+``split`` in :data:`SPLITS`, patient-disjoint; ``label`` in :data:`deepminer.CLASSES`) and
+``masks/<concept>/<image_id>.png`` for every concept that has pixel ground truth.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from deepminer import CLASSES
+from deepminer.errors import InputError
+
+MANIFEST = "manifest.csv"
+MANIFEST_COLUMNS = ("image_id", "patient_id", "view", "split", "label", "image", "lesion_mask", "report")
+SPLITS = ("train", "val", "test", "holdout")
+
+
+def read_manifest(folder: str | os.PathLike) -> list[dict]:
+    """Rows of ``folder/manifest.csv`` as dicts; a one-line :class:`InputError` when the folder, file,
+    columns or values are wrong."""
+    path = Path(folder) / MANIFEST
+    if not Path(folder).is_dir():
+        raise InputError(f"{folder}: no such dataset folder")
+    if not path.is_file():
+        raise InputError(f"{path}: missing (a dataset folder needs {MANIFEST})")
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise InputError(f"{path}: missing columns {', '.join(missing)}")
+            rows = list(reader)
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a UTF-8 CSV file") from None
+    for i, row in enumerate(rows, start=2):
+        if row["label"] not in CLASSES:
+            raise InputError(f"{path}:{i}: label {row['label']!r} not in {'/'.join(CLASSES)}")
+        if row["split"] not in SPLITS:
+            raise InputError(f"{path}:{i}: split {row['split']!r} not in {'/'.join(SPLITS)}")
+    return rows
+
+
+def write_manifest(folder: str | os.PathLike, rows: Iterable[dict]) -> Path:
+    """Write ``manifest.csv`` (columns in contract order, extra keys ignored, LF line ends)."""
+    path = Path(folder) / MANIFEST
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in MANIFEST_COLUMNS})
+    return path
+
+
+def mask_path(folder: str | os.PathLike, concept: str, image_id: str) -> Path:
+    return Path(folder) / "masks" / concept / f"{image_id}.png"
+
+
+def concepts_in(folder: str | os.PathLike) -> list[str]:
+    """Concepts with pixel ground truth in a dataset folder (sorted)."""
+    root = Path(folder) / "masks"
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+@contextlib.contextmanager
+def staged_output(out: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+    """Write into a staging folder beside ``out`` and move it into place only on success, so an
+    error or Ctrl-C never leaves a half-written output behind."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out}: already exists")
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if out.exists():
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink()
+    os.replace(stage, out)
