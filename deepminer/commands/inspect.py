@@ -1,0 +1,85 @@
+"""``deepminer inspect``: what the loader and the tissue mask make of one mammogram."""
+from __future__ import annotations
+
+import argparse
+
+NAME = "inspect"
+HELP = "print what an image file holds (size, bit depth, photometric, laterality/view, tissue fraction)"
+DESCRIPTION = (
+    "Load one mammogram (DICOM, PNG, JPEG or TIFF; 8 or 16 bit) through the project's loader and print "
+    "one 'key: value' line per fact: file, format, size (width x height), bit depth, photometric "
+    "interpretation, laterality and view (when the file says), tissue fraction. With --out, also write "
+    "<stem>_image.png (the normalized image, 8 bit) and <stem>_tissue.png (the breast tissue mask, 0/255)."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from deepminer.data.io import DEFAULT_MAX_PIXELS
+
+    parser.add_argument("image", help="the image file (format detected from its content)")
+    parser.add_argument("--out", default=None, help="folder for <stem>_image.png and <stem>_tissue.png")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="refuse larger images (decompression-bomb guard)")
+
+
+def facts(loaded, mask) -> list[tuple[str, str]]:
+    """The printed facts, in order."""
+    from deepminer.data.tissue import tissue_fraction
+
+    return [
+        ("file", loaded.source),
+        ("format", loaded.format),
+        ("size", f"{loaded.width} x {loaded.height}"),
+        ("bit depth", str(loaded.bits_stored)),
+        ("photometric", loaded.photometric),
+        ("laterality", loaded.laterality or "unknown"),
+        ("view", loaded.view or "unknown"),
+        ("tissue fraction", f"{tissue_fraction(mask):.3f}"),
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from deepminer.data.io import load_image
+    from deepminer.data.tissue import tissue_mask
+    from deepminer.errors import InputError
+
+    loaded = load_image(args.image, max_pixels=args.max_pixels)
+    mask = tissue_mask(loaded.pixels)
+    written = []
+    if args.out:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"{out}: exists and is not a folder")
+        stem = Path(args.image).stem or "image"
+        targets = {
+            out / f"{stem}_image.png": np.rint(loaded.pixels * 255.0).astype(np.uint8),
+            out / f"{stem}_tissue.png": mask.astype(np.uint8) * np.uint8(255),
+        }
+        temps = []
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for target, arr in targets.items():  # write both, then move both into place
+                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".png", dir=out)
+                os.close(fd)
+                temps.append(tmp)
+                Image.fromarray(arr).save(tmp, format="PNG")
+            for tmp, target in zip(temps, targets):
+                os.replace(tmp, target)
+                written.append(target)
+        except OSError as err:
+            raise InputError(f"{out}: cannot write ({err.strerror or err})") from None
+        finally:
+            for tmp in temps:
+                Path(tmp).unlink(missing_ok=True)
+    for key, value in facts(loaded, mask):
+        print(f"{key}: {value}")
+    for target in written:
+        print(f"wrote: {target}")
+    return 0
