@@ -1,4 +1,16 @@
 """Models: backbones, the FCN form every explanation runs on, the WILDCAT head, checkpoints."""
-from deepminer.models.fcn import FCN, GAPHead
+from deepminer.models.backbones import (ARCHS, ArchSpec, arch_spec, build_model, efficientnet_lite0_imagenet_state,
+                                        efficientnet_lite0_weights_path,
+                                        imagenet_classifier, param_count, size_mb, tiny_cnn)
+from deepminer.models.checkpoints import (FORMAT, guess_arch, import_deepminer, load_any, load_model,
+                                          save_model)
+from deepminer.models.fcn import FCN, GAPHead, IMAGENET_MEAN, IMAGENET_STD, TimmFeatures, to_fcn
+from deepminer.models.wildcat import WildcatHead, resolve_k, wildcat_pool
 
-__all__ = ["FCN", "GAPHead"]
+__all__ = [
+    "ARCHS", "ArchSpec", "FCN", "FORMAT", "GAPHead", "IMAGENET_MEAN", "IMAGENET_STD", "TimmFeatures",
+    "WildcatHead", "arch_spec", "build_model", "efficientnet_lite0_imagenet_state",
+    "efficientnet_lite0_weights_path", "guess_arch",
+    "imagenet_classifier", "import_deepminer", "load_any", "load_model", "param_count", "resolve_k",
+    "save_model", "size_mb", "tiny_cnn", "to_fcn", "wildcat_pool",
+]
