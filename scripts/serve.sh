@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# TorchServe in the foreground (the `serve` process of the Procfile) with the profile named by
+# DEEPMINER_PROFILE (demo: serve/config.properties, token auth off; lab: serve/config.lab.properties,
+# token auth on). Works from var/serve/: TorchServe writes key_file.json, logs/ and its pid file there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PROFILE=${DEEPMINER_PROFILE:-demo}
+case "$PROFILE" in
+  demo) CONFIG=$ROOT/serve/config.properties ;;
+  lab)  CONFIG=$ROOT/serve/config.lab.properties ;;
+  *)    echo "serve: error: DEEPMINER_PROFILE must be demo or lab, got '$PROFILE'" >&2; exit 2 ;;
+esac
+MODEL=${DEEPMINER_MODEL:-demo}
+STORE=$ROOT/model_store
+[ -f "$STORE/$MODEL.mar" ] || { echo "serve: error: $STORE/$MODEL.mar missing (run: make model-store)" >&2; exit 2; }
+command -v java >/dev/null || { echo "serve: error: TorchServe needs Java 17 (apt-get install openjdk-17-jre-headless)" >&2; exit 2; }
+WORK=$ROOT/var/serve
+mkdir -p "$WORK/tmp"
+cd "$WORK"
+# a private TMPDIR keeps TorchServe's pid file and worker sockets apart from any other instance
+export TMPDIR=$WORK/tmp TEMP=$WORK/tmp LOG_LOCATION=$WORK/logs METRICS_LOCATION=$WORK/logs
+rm -f key_file.json
+# serve/log4j2.xml: TorchServe's log files under var/serve/logs, only warnings on the console
+exec "$ROOT/.venv/bin/torchserve" --foreground --ncs --ts-config "$CONFIG" --model-store "$STORE" \
+  --models "$MODEL=$MODEL.mar" --log-config "$ROOT/serve/log4j2.xml"

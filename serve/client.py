@@ -1,0 +1,355 @@
+"""The one client of the DeepMiner HTTP API (docs/api.md), used by the UI and the CLI.
+
+``Client(url, model=..., token=... | key_file=...)`` keeps one ``requests.Session`` (keep-alive),
+applies timeouts, sends the bearer token (re-reading the key file, and asking TorchServe for a fresh
+key with the API key, when one is refused), and turns answers into :class:`ExplainResult` with numpy
+arrays decoded by :func:`deepminer.encoding.decode_array`. :func:`local_explain` returns the same
+:class:`ExplainResult` by running the engine in this process (``--model`` in the CLI, the UI's
+fallback without a server).
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import requests
+
+from deepminer.encoding import decode_array
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_MODEL = "demo"
+ENV_URL, ENV_MODEL, ENV_KEY_FILE, ENV_TOKEN, ENV_MANAGEMENT_URL = (
+    "DEEPMINER_SERVE_URL", "DEEPMINER_MODEL", "DEEPMINER_KEY_FILE", "DEEPMINER_TOKEN", "DEEPMINER_MANAGEMENT_URL")
+
+
+class ServeUnavailable(ConnectionError):
+    """TorchServe does not answer (connection refused, DNS, timeout)."""
+
+
+class ServeError(RuntimeError):
+    """TorchServe answered 4xx/5xx; ``status``, ``type`` and ``message`` come from its JSON body."""
+
+    def __init__(self, status: int, type: str, message: str):  # noqa: A002 - the API's field name
+        super().__init__(f"{status} {type}: {message}")
+        self.status = int(status)
+        self.type = type
+        self.message = message
+
+
+@dataclass
+class ExplainResult:
+    """One explanation with decoded arrays (float32). ``raw`` is the JSON body as received."""
+
+    model: dict
+    input: dict
+    probabilities: dict[str, float]
+    prediction: str
+    class_maps: np.ndarray                 # (C, h, w) class logit maps
+    cam: np.ndarray                        # (C, h, w) class activation maps
+    unit_max: np.ndarray                   # [K] max activation of every unit
+    influence: dict[str, np.ndarray]       # class -> [K] max activation x FC weight
+    top: dict[str, list[int]]              # class -> most influential unit ids, best first
+    unit_maps: dict[int, np.ndarray]       # unit id -> (h, w) activation map
+    sketch_iou: np.ndarray | None          # [K] IoU of every unit's mask with the sketch
+    timing_ms: dict[str, float]
+    raw: dict = field(repr=False)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.probabilities)
+
+    @classmethod
+    def from_api(cls, body: Mapping[str, Any]) -> "ExplainResult":
+        """Decode an API JSON body (see docs/api.md)."""
+        units = body.get("units") or {}
+
+        def arr(obj: Any) -> np.ndarray:
+            return decode_array(obj).astype(np.float32, copy=False)
+
+        iou = body.get("sketch_iou")
+        return cls(
+            model=dict(body.get("model") or {}),
+            input=dict(body.get("input") or {}),
+            probabilities={k: float(v) for k, v in (body.get("probabilities") or {}).items()},
+            prediction=str(body.get("prediction")),
+            class_maps=arr(body["class_maps"]),
+            cam=arr(body["cam"]),
+            unit_max=arr(units["max_activation"]),
+            influence={c: arr(v) for c, v in (units.get("influence") or {}).items()},
+            top={c: [int(u) for u in v] for c, v in (units.get("top") or {}).items()},
+            unit_maps={int(k): arr(v) for k, v in (units.get("maps") or {}).items()},
+            sketch_iou=arr(iou) if iou is not None else None,
+            timing_ms={k: float(v) for k, v in (body.get("timing_ms") or {}).items()
+                       if isinstance(v, (int, float))},
+            raw=dict(body),
+        )
+
+
+def mask_to_png(mask: np.ndarray) -> bytes:
+    """A bool (H, W) mask as an 8-bit grey PNG (0/255): the API's ``sketch`` encoding."""
+    from PIL import Image
+
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ValueError(f"sketch: expected a 2-D mask, got shape {m.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(np.where(m.astype(bool), 255, 0).astype(np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def build_options(*, top_units: int = 8, unit_maps: str = "top", sketch: np.ndarray | None = None,
+                  max_side: int | None = None) -> dict[str, Any]:
+    """The ``options`` JSON object of a request."""
+    opts: dict[str, Any] = {"top_units": int(top_units), "unit_maps": unit_maps}
+    if max_side is not None:
+        opts["max_side"] = int(max_side)
+    if sketch is not None:
+        opts["sketch"] = base64.b64encode(mask_to_png(sketch)).decode("ascii")
+    return opts
+
+
+def _read_image(image: bytes | str | os.PathLike) -> bytes:
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    try:
+        return Path(image).read_bytes()
+    except OSError as err:
+        from deepminer.errors import InputError
+
+        raise InputError(f"{image}: {err.strerror or 'unreadable'}") from None
+
+
+class Client:
+    """HTTP client of one TorchServe model. ``token`` (a bearer key) or ``key_file`` (TorchServe's
+    ``key_file.json``, re-read when a key is refused) when token authorization is on."""
+
+    def __init__(self, url: str = DEFAULT_URL, *, model: str = DEFAULT_MODEL, token: str | None = None,
+                 key_file: str | os.PathLike | None = None, timeout: float = 60,
+                 management_url: str | None = None):
+        self.url = url.rstrip("/")
+        self.model = model
+        self.timeout = timeout
+        self.key_file = Path(key_file) if key_file else None
+        self._token = token
+        self.management_url = (management_url or _next_port(self.url)).rstrip("/")
+        self.session = requests.Session()
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "Client":
+        """A client configured by ``DEEPMINER_SERVE_URL``, ``DEEPMINER_MODEL``, ``DEEPMINER_TOKEN``,
+        ``DEEPMINER_KEY_FILE`` and ``DEEPMINER_MANAGEMENT_URL`` (what ``make run`` exports for the UI);
+        keyword arguments that are not None win."""
+        kw: dict[str, Any] = {"url": os.environ.get(ENV_URL) or DEFAULT_URL,
+                              "model": os.environ.get(ENV_MODEL) or DEFAULT_MODEL,
+                              "token": os.environ.get(ENV_TOKEN) or None,
+                              "key_file": os.environ.get(ENV_KEY_FILE) or None,
+                              "management_url": os.environ.get(ENV_MANAGEMENT_URL) or None}
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kw)
+
+    # -- auth ---------------------------------------------------------------------------------
+    def _key(self, kind: str = "inference") -> str | None:
+        if self._token and kind == "inference":
+            return self._token
+        if self.key_file is not None and self.key_file.is_file():
+            try:
+                return json.loads(self.key_file.read_text(encoding="utf-8"))[kind]["key"]
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+        return None
+
+    def _headers(self) -> dict[str, str]:
+        key = self._key()
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def refresh_token(self) -> bool:
+        """Ask TorchServe for a new inference key with the API key of the key file (the server writes
+        it to the key file); True when a new key is in place."""
+        api_key = self._key("API")
+        if self._token or not api_key:
+            return False
+        before = self._key()
+        try:
+            r = self.session.get(f"{self.management_url}/token", params={"type": "inference"},
+                                 headers={"Authorization": f"Bearer {api_key}"}, timeout=self.timeout)
+        except requests.RequestException:
+            return False
+        for _ in range(20):  # the server rewrites the file
+            if r.ok and self._key() != before:
+                return True
+            time.sleep(0.05)
+        return False
+
+    # -- calls --------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, **kw: Any) -> requests.Response:
+        url = f"{self.url}{path}"
+        for attempt in range(2):
+            headers = self._headers()
+            try:
+                r = self.session.request(method, url, headers=headers, timeout=self.timeout, **kw)
+            except (requests.ConnectionError, requests.Timeout) as err:
+                raise ServeUnavailable(f"TorchServe is not reachable at {self.url} ({type(err).__name__})") from None
+            refused = r.status_code in (400, 401) and "InvalidKeyException" in r.text[:300]
+            if refused and attempt == 0 and self.key_file is not None:
+                if self._headers() != headers or self.refresh_token():  # key file rewritten, or renewed now
+                    continue
+            return r
+        return r
+
+    def ping(self) -> bool:
+        """True when TorchServe answers ``/ping`` Healthy."""
+        try:
+            r = self._request("GET", "/ping")
+        except ServeUnavailable:
+            return False
+        try:
+            return r.status_code == 200 and r.json().get("status") == "Healthy"
+        except ValueError:
+            return False
+
+    def explain_raw(self, image: bytes | str | os.PathLike, options: Mapping[str, Any] | None = None) -> dict:
+        """POST an image (+ options) and return the JSON body; raises :class:`ServeError` on 4xx/5xx."""
+        files = {"data": ("image", _read_image(image), "application/octet-stream")}
+        if options:
+            files["options"] = (None, json.dumps(dict(options)), "application/json")
+        r = self._request("POST", f"/predictions/{self.model}", files=files)
+        return _body_or_raise(r)
+
+    def explain(self, image: bytes | str | os.PathLike, *, top_units: int = 8, unit_maps: str = "top",
+                sketch: np.ndarray | None = None, max_side: int | None = None) -> ExplainResult:
+        """Explain one image (bytes or a path): prediction, CAMs, unit influence, unit maps and, with
+        a ``sketch`` (bool mask, any size), every unit's IoU with it."""
+        opts = build_options(top_units=top_units, unit_maps=unit_maps, sketch=sketch, max_side=max_side)
+        return ExplainResult.from_api(self.explain_raw(image, opts))
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _body_or_raise(r: requests.Response) -> dict:
+    try:
+        body = r.json()
+    except ValueError:
+        body = None
+    if r.status_code >= 400:
+        if isinstance(body, dict) and "message" in body:
+            raise ServeError(r.status_code, str(body.get("type", "Error")), str(body["message"]))
+        raise ServeError(r.status_code, "HTTPError", (r.text or r.reason or "").strip()[:300])
+    if not isinstance(body, dict):
+        raise ServeError(r.status_code, "BadResponse", "the server did not answer a JSON object")
+    return body
+
+
+def _next_port(url: str) -> str:
+    """TorchServe's default layout: management on the inference port + 1."""
+    parts = urlsplit(url)
+    port = (parts.port or (443 if parts.scheme == "https" else 80)) + 1
+    return urlunsplit((parts.scheme, f"{parts.hostname}:{port}", "", "", ""))
+
+
+# -- in-process -------------------------------------------------------------------------------------
+
+_HANDLERS: dict[tuple, Any] = {}
+
+
+def _handler_class() -> Any:
+    """The TorchServe handler class, loaded from ``handlers/`` (the one adapter, also in-process)."""
+    import importlib.util
+    import sys
+
+    mod = sys.modules.get("deepminer_handler")
+    if mod is None:
+        path = Path(__file__).resolve().parents[1] / "handlers" / "deepminer_handler.py"
+        spec = importlib.util.spec_from_file_location("deepminer_handler", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["deepminer_handler"] = mod
+        spec.loader.exec_module(mod)
+    return mod.DeepMinerHandler
+
+
+def local_handler(model_path: str | os.PathLike, atlas: str | os.PathLike | None = None, *,
+                  name: str | None = None) -> Any:
+    """The handler for ``model_path`` (+ atlas), loaded once per file version; it keeps its own
+    feature cache, so a new sketch on the same image skips the forward pass here too."""
+    from deepminer.errors import InputError
+
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise InputError(f"{model_path}: no such model file")
+    key = (str(model_path.resolve()), model_path.stat().st_mtime_ns, str(atlas) if atlas else None, name)
+    if key not in _HANDLERS:
+        _HANDLERS.clear()
+        _HANDLERS[key] = _handler_class().from_files(model_path, atlas, name=name or model_path.stem)
+    return _HANDLERS[key]
+
+
+def local_explain(model_path: str | os.PathLike, image: bytes | str | os.PathLike, *, top_units: int = 8,
+                  unit_maps: str = "top", sketch: np.ndarray | None = None, max_side: int | None = None,
+                  atlas: str | os.PathLike | None = None, name: str | None = None) -> ExplainResult:
+    """The same :class:`ExplainResult` as :meth:`Client.explain`, computed in this process by the
+    server's own handler (same option checks, sketch decoding, tissue mask, engine and encoding).
+    ``atlas`` defaults to an ``atlas/`` folder beside the model file when there is one."""
+    model_path = Path(model_path)
+    if atlas is None and (model_path.parent / "atlas" / "atlas.json").is_file():
+        atlas = model_path.parent / "atlas"
+    handler = local_handler(model_path, atlas, name=name)
+    label = "image" if isinstance(image, (bytes, bytearray, memoryview)) else str(image)
+    row = {"data": _read_image(image),
+           "options": build_options(top_units=top_units, unit_maps=unit_maps, sketch=sketch, max_side=max_side)}
+    body = handler.explain_one(row, 1, name=label)
+    return ExplainResult.from_api(json.loads(json.dumps(body)))
+
+
+# -- benchmark helper -------------------------------------------------------------------------------
+
+def distinct_images(image_bytes: bytes, n: int) -> list[bytes]:
+    """``n`` PNG copies of an image, each with one pixel changed, so none is answered from the
+    server's feature cache (a repeated image skips the forward pass)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(image_bytes)) as im:
+        arr = np.array(im)
+    grey = arr if arr.ndim == 2 else arr[..., 0]
+    bright = np.argsort(grey.reshape(-1), kind="stable")[::-1][:max(1, n)]  # inside the tissue mask
+    out = []
+    for i in range(n):
+        a = arr.copy()
+        flat = a.reshape(grey.size, -1)
+        flat[bright[i % bright.size]] ^= 1  # flip the lowest bit of one bright sample
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG", compress_level=1)
+        out.append(buf.getvalue())
+    return out
+
+
+def serve_round_trip(url: str, image_bytes: bytes, n: int, *, model: str = DEFAULT_MODEL,
+                     token: str | None = None, key_file: str | os.PathLike | None = None,
+                     options: Mapping[str, Any] | None = None, warmup: int = 1,
+                     distinct: bool = True) -> list[float]:
+    """Wall-clock milliseconds of ``n`` sequential keep-alive requests (after ``warmup`` untimed ones),
+    each including upload, server work, download and JSON parsing (for ``deepminer bench --serve``).
+    ``distinct`` (default) sends a one-pixel-different PNG each time (:func:`distinct_images`), so
+    every request pays the forward pass instead of hitting the server's feature cache."""
+    images = distinct_images(image_bytes, warmup + n) if distinct else [image_bytes] * (warmup + n)
+    times: list[float] = []
+    with Client(url, model=model, token=token, key_file=key_file) as client:
+        for i, img in enumerate(images):
+            t0 = time.perf_counter()
+            client.explain_raw(img, options)
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1000)
+    return times

@@ -1,0 +1,346 @@
+"""Start and stop a real TorchServe from a config profile, on chosen (or free loopback) ports.
+
+Used by the tests and by ``deepminer bench --serve``; ``make run`` uses ``scripts/serve.sh`` (same
+profiles). Each instance gets its own work folder: TorchServe writes ``key_file.json`` to its working
+directory, logs under ``logs/``, and its pid file and worker sockets under ``$TMPDIR``, so several
+instances never collide. :meth:`TorchServe.stop` always ends the whole process group (launcher, the
+Java frontend and its Python workers).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Mapping
+
+import requests
+
+SERVE_DIR = Path(__file__).resolve().parent
+PROFILES = {"demo": SERVE_DIR / "config.properties", "lab": SERVE_DIR / "config.lab.properties"}
+PORT_KEYS = ("inference", "management", "metrics", "grpc_inference", "grpc_management")
+
+
+def read_properties(path: str | os.PathLike) -> dict[str, str]:
+    """``key=value`` lines of a Java properties file (comments and blank lines skipped)."""
+    props: dict[str, str] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "!")) and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+def write_properties(path: str | os.PathLike, props: Mapping[str, str], header: str = "") -> Path:
+    path = Path(path)
+    lines = [f"# {header}"] if header else []
+    lines += [f"{k}={v}" for k, v in props.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def read_key_file(path: str | os.PathLike, kind: str = "inference") -> str:
+    """The ``inference`` / ``management`` / ``API`` key from TorchServe's ``key_file.json``."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))[kind]["key"]
+
+
+class TorchServe:
+    """One TorchServe started from a profile with its ports rewritten (free loopback ports unless
+    ``ports`` is given). ``python`` is the interpreter that runs TorchServe and therefore its workers:
+    pass another venv's python to serve from a host without this project installed.
+
+    Use as a context manager, or call :meth:`start` / :meth:`stop`.
+    """
+
+    def __init__(self, model_store: str | os.PathLike, models: Mapping[str, str], workdir: str | os.PathLike,
+                 *, profile: str | os.PathLike = "demo", python: str = sys.executable,
+                 ports: Mapping[str, int] | None = None, overrides: Mapping[str, str] | None = None,
+                 env: Mapping[str, str] | None = None, host: str = "127.0.0.1"):
+        self.model_store = Path(model_store).resolve()
+        self.models = dict(models)
+        self.workdir = Path(workdir).resolve()
+        self.profile = Path(PROFILES.get(str(profile), profile))
+        self.python = python
+        self.ports = dict(ports) if ports else {k: free_port(host) for k in PORT_KEYS}
+        self.overrides = dict(overrides or {})
+        self.env = dict(env) if env is not None else None
+        self.host = host
+        self.proc: subprocess.Popen | None = None
+        self.config_path = self.workdir / "config.properties"
+        self.log_path = self.workdir / "torchserve.log"
+        self.started_s: float | None = None
+
+    # -- addresses ---------------------------------------------------------------------------
+    @property
+    def inference_url(self) -> str:
+        return f"http://{self.host}:{self.ports['inference']}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://{self.host}:{self.ports['management']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.ports['metrics']}"
+
+    @property
+    def key_file(self) -> Path:
+        """Where TorchServe writes its keys when token authorization is on."""
+        return self.workdir / "key_file.json"
+
+    @property
+    def token_auth(self) -> bool:
+        props = {**read_properties(self.profile), **self.overrides}
+        return props.get("disable_token_authorization", "false").lower() != "true"
+
+    def _headers(self, kind: str) -> dict[str, str]:
+        if self.token_auth and self.key_file.is_file():
+            try:
+                return {"Authorization": f"Bearer {read_key_file(self.key_file, kind)}"}
+            except (ValueError, KeyError, OSError):  # being written right now
+                return {}
+        return {}
+
+    # -- life cycle --------------------------------------------------------------------------
+    def write_config(self) -> Path:
+        """The profile with this instance's addresses and overrides."""
+        props = read_properties(self.profile)
+        props.update({
+            "inference_address": self.inference_url,
+            "management_address": self.management_url,
+            "metrics_address": self.metrics_url,
+            "grpc_inference_address": self.host,
+            "grpc_management_address": self.host,
+            "grpc_inference_port": str(self.ports["grpc_inference"]),
+            "grpc_management_port": str(self.ports["grpc_management"]),
+            "model_store": str(self.model_store),
+        })
+        props.pop("load_models", None)
+        props.update(self.overrides)
+        return write_properties(self.config_path, props, header=f"generated from {self.profile.name}")
+
+    def start(self, timeout: float = 180.0) -> "TorchServe":
+        """Start TorchServe and wait until every model has its workers ready."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        tmp = self.workdir / "tmp"
+        tmp.mkdir(exist_ok=True)
+        self.write_config()
+        env = dict(os.environ if self.env is None else self.env)
+        env.update({"TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(self.workdir / "logs"),
+                    "METRICS_LOCATION": str(self.workdir / "logs")})
+        env.pop("TS_CONFIG_FILE", None)
+        cmd = [self.python, "-m", "ts.model_server", "--foreground", "--ts-config", str(self.config_path),
+               "--model-store", str(self.model_store), "--ncs"]
+        if self.models:
+            cmd += ["--models", *[f"{name}={mar}" for name, mar in self.models.items()]]
+        t0 = time.perf_counter()
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            log.close()
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.started_s = time.perf_counter() - t0
+        return self
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        """Poll until ``/ping`` is healthy and every model reports its minimum workers READY."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"TorchServe exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if self._worker_deaths() >= 3:
+                raise RuntimeError(f"TorchServe workers keep dying while loading:\n{self.log_tail()}")
+            try:
+                ping = requests.get(f"{self.inference_url}/ping", headers=self._headers("inference"), timeout=2)
+                if ping.status_code == 200 and all(self._model_ready(m) for m in self.models):
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"TorchServe not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def _worker_deaths(self) -> int:
+        log = self.workdir / "logs" / "model_log.log"
+        return log.read_text(errors="replace").count("Backend worker process died") if log.is_file() else 0
+
+    def _model_ready(self, name: str) -> bool:
+        return model_ready(self.management_url, name, self._headers("management"))
+
+    def describe(self, name: str) -> dict:
+        """The management API's description of model ``name`` (workers with pid, batch size...)."""
+        r = requests.get(f"{self.management_url}/models/{name}", headers=self._headers("management"), timeout=5)
+        r.raise_for_status()
+        return r.json()[0]
+
+    def worker_pids(self, name: str) -> list[int]:
+        return [int(w["pid"]) for w in self.describe(name).get("workers", []) if w.get("pid")]
+
+    def log_tail(self, n: int = 40) -> str:
+        logs = [self.log_path, self.workdir / "logs" / "model_log.log", self.workdir / "logs" / "ts_log.log"]
+        out = []
+        for p in logs:
+            if p.is_file():
+                out.append(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-n:]))
+        return "\n".join(out)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """End the process group (SIGTERM, then SIGKILL after ``timeout``); safe to call twice."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid  # start_new_session: the group id is the launcher's pid
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            end = time.monotonic() + wait
+            while time.monotonic() < end and _group_alive(pgid):
+                time.sleep(0.1)
+            if not _group_alive(pgid):
+                break
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.proc = None
+
+    def __enter__(self) -> "TorchServe":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def model_ready(management_url: str, name: str, headers: Mapping[str, str] | None = None) -> bool:
+    """True when model ``name`` has its minimum workers READY (``/ping`` is Healthy before that)."""
+    try:
+        r = requests.get(f"{management_url}/models/{name}", headers=dict(headers or {}), timeout=5)
+        info = r.json()[0]
+    except (requests.RequestException, ValueError, KeyError, IndexError, TypeError):
+        return False
+    ready = [w for w in info.get("workers", []) if w.get("status") == "READY"]
+    return len(ready) >= max(1, int(info.get("minWorkers", 1)))
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while any process of group ``pgid`` is alive (zombies excluded)."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil ships with torchserve
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for p in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(p.info["pid"]) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return False
+
+
+# -- `python -m serve.launch env|wait` (used by scripts/run.sh) ------------------------------------
+
+def profile_env(profile: str, ui_port: int, root: Path = SERVE_DIR.parent) -> dict[str, str]:
+    """What the UI and CLI need to reach the server started from ``profile`` (scripts/serve.sh)."""
+    props = read_properties(PROFILES.get(profile, profile))
+    env = {"DEEPMINER_SERVE_URL": props["inference_address"], "DEEPMINER_METRICS_URL": props["metrics_address"],
+           "DEEPMINER_MANAGEMENT_URL": props["management_address"], "DEEPMINER_KEY_FILE": ""}
+    if props.get("disable_token_authorization", "false").lower() != "true":
+        env["DEEPMINER_KEY_FILE"] = str(root / "var" / "serve" / "key_file.json")
+    return env
+
+
+def profile_ports(profile: str, ui_port: int) -> list[int]:
+    props = read_properties(PROFILES.get(profile, profile))
+    ports = [int(props[k].rsplit(":", 1)[1]) for k in ("inference_address", "management_address", "metrics_address")]
+    ports += [int(props.get("grpc_inference_port", 7070)), int(props.get("grpc_management_port", 7071)), ui_port]
+    return ports
+
+
+def _port_busy(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return False
+        except OSError:
+            return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import shlex
+
+    ap = argparse.ArgumentParser(prog="python -m serve.launch", description=__doc__.splitlines()[0])
+    ap.add_argument("action", choices=("env", "wait"))
+    ap.add_argument("--profile", default="demo")
+    ap.add_argument("--ui-port", type=int, default=8501)
+    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--pid", type=int, default=None, help="give up when this process ends")
+    args = ap.parse_args(argv)
+    env = profile_env(args.profile, args.ui_port)
+    if args.action == "env":
+        busy = [p for p in profile_ports(args.profile, args.ui_port) if _port_busy(p)]
+        if busy:
+            print(f"run: error: port(s) {', '.join(map(str, busy))} already in use on 127.0.0.1 "
+                  "(another TorchServe or Streamlit running? stop it first)", file=sys.stderr)
+            return 1
+        for k, v in env.items():
+            print(f"export {k}={shlex.quote(v)}" if v else f"unset {k}")
+        return 0
+    from serve.client import Client
+
+    client = Client(env["DEEPMINER_SERVE_URL"], key_file=env["DEEPMINER_KEY_FILE"] or None, timeout=5)
+    model = os.environ.get("DEEPMINER_MODEL") or "demo"
+
+    def ready() -> bool:
+        key = client._key("management")
+        return client.ping() and model_ready(env["DEEPMINER_MANAGEMENT_URL"], model,
+                                             {"Authorization": f"Bearer {key}"} if key else {})
+
+    ui = f"http://127.0.0.1:{args.ui_port}/_stcore/health"
+    deadline = time.monotonic() + args.timeout
+    serve_ok = ui_ok = False
+    while time.monotonic() < deadline:
+        if args.pid is not None:
+            try:
+                os.kill(args.pid, 0)
+            except ProcessLookupError:
+                return 1
+        serve_ok = serve_ok or ready()
+        if not ui_ok:
+            try:
+                ui_ok = requests.get(ui, timeout=2).status_code == 200
+            except requests.RequestException:
+                pass
+        if serve_ok and ui_ok:
+            return 0
+        time.sleep(0.5)
+    print(f"run: error: not ready after {args.timeout:.0f} s (TorchServe {'up' if serve_ok else 'down'}, "
+          f"UI {'up' if ui_ok else 'down'})", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

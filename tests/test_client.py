@@ -1,0 +1,187 @@
+"""``serve.client`` against a real TorchServe started from the local demo profile (token
+authorization off) in this project's environment, plus its offline behaviour (no server, key files,
+environment). One server for the module."""
+from __future__ import annotations
+
+import io
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deepminer.cli import main
+from deepminer.models import build_model, save_model
+from serve.archive import build_mar
+from serve.client import (Client, ExplainResult, ServeError, ServeUnavailable, build_options, local_explain,
+                          mask_to_png)
+from serve.launch import TorchServe
+
+MODEL = "tiny"
+
+
+def picture(h: int, w: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    inside = ((yy - h / 2) / (0.45 * h)) ** 2 + (xx / (0.8 * w)) ** 2 < 1
+    img = (inside * (0.5 + 0.4 * rng.random((h, w))) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("model")
+    torch.manual_seed(1)
+    return save_model(build_model("tiny", pretrained=False), d / "model.pt")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_path):
+    store = tmp_path_factory.mktemp("store")
+    build_mar(model_path, store, name=MODEL, max_batch_delay=5)
+    ts = TorchServe(store, {MODEL: f"{MODEL}.mar"}, tmp_path_factory.mktemp("ts"), profile="demo")
+    ts.start(timeout=300)
+    print(f"\nTorchServe (demo profile) ready in {ts.started_s:.1f} s")
+    yield ts
+    ts.stop()
+
+
+# -- against the server -----------------------------------------------------------------------------
+
+@pytest.mark.serve
+def test_demo_profile_needs_no_token_and_results_are_typed(server):
+    with Client(server.inference_url, model=MODEL) as c:
+        assert c.ping()
+        res = c.explain(picture(240, 180), top_units=4)
+    assert isinstance(res, ExplainResult)
+    classes = ["normal", "benign", "malignant"]
+    assert res.classes == classes and res.model["classes"] == classes
+    assert sum(res.probabilities.values()) == pytest.approx(1, abs=1e-3)
+    assert res.prediction == max(res.probabilities, key=res.probabilities.get)
+    assert res.class_maps.dtype == np.float32 and res.class_maps.ndim == 3 and res.class_maps.shape[0] == 3
+    assert res.cam.shape == res.class_maps.shape
+    assert res.unit_max.shape == (32,) and set(res.influence) == set(classes)
+    assert all(v.shape == (32,) for v in res.influence.values())
+    assert all(len(v) == 4 and all(isinstance(u, int) for u in v) for v in res.top.values())
+    # "top" maps: the maps of the listed units, keyed by int
+    assert set(res.unit_maps) == {u for v in res.top.values() for u in v}
+    assert all(m.shape == res.cam.shape[1:] for m in res.unit_maps.values())
+    assert res.sketch_iou is None and res.timing_ms and res.raw["input"]["height"] == 240
+    # influence = max activation x FC weight, ranked: the top lists follow the influence arrays
+    for c, ids in res.top.items():
+        infl = res.influence[c]
+        tol = 1e-2 * max(1.0, float(np.abs(infl).max()))  # float16 on the wire
+        assert infl[ids].min() >= np.delete(infl, ids).max() - tol
+        assert all(infl[a] >= infl[b] - tol for a, b in zip(ids, ids[1:]))  # best first
+
+
+@pytest.mark.serve
+def test_keep_alive_uses_one_connection(server):
+    import re
+    import time
+
+    log = server.workdir / "logs" / "access_log.log"
+    before = log.read_text().count("POST /predictions/") if log.exists() else 0
+    with Client(server.inference_url, model=MODEL) as c:
+        for i in range(4):
+            c.explain(picture(128, 96, i), unit_maps="none")
+    for _ in range(50):  # the access log is written asynchronously
+        lines = [ln for ln in log.read_text().splitlines() if "POST /predictions/" in ln][before:]
+        if len(lines) == 4:
+            break
+        time.sleep(0.1)
+    ports = {re.search(r"/127\.0\.0\.1:(\d+)", ln).group(1) for ln in lines}
+    assert len(lines) == 4 and len(ports) == 1, lines  # four requests, one client port: one connection
+
+
+@pytest.mark.serve
+def test_unknown_model_is_a_serve_error(server):
+    with Client(server.inference_url, model="nope") as c:
+        with pytest.raises(ServeError) as err:
+            c.explain(picture(64, 64))
+    assert err.value.status == 404 and "nope" in err.value.message
+
+
+@pytest.mark.serve
+def test_served_equals_local(server, model_path):
+    img = picture(200, 160, 3)
+    with Client(server.inference_url, model=MODEL) as c:
+        served = c.explain(img, unit_maps="all", top_units=3)
+    local = local_explain(model_path, img, unit_maps="all", top_units=3)
+    assert served.prediction == local.prediction and served.top == local.top
+    np.testing.assert_allclose(served.class_maps, local.class_maps, rtol=1e-2, atol=1e-2)
+    assert sorted(served.unit_maps) == sorted(local.unit_maps) == list(range(32))
+    strip = {"timing_ms", "server", "model"}
+    assert {k for k in served.raw if k not in strip} == {k for k in local.raw if k not in strip}
+
+
+@pytest.mark.serve
+def test_explain_cli_against_the_server(server, tmp_path, capsys):
+    img = tmp_path / "img.png"
+    img.write_bytes(picture(300, 200, 4))
+    out = tmp_path / "out"
+    rc = main(["explain", str(img), "--url", server.inference_url, "--name", MODEL, "--json", "--out", str(out)])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["prediction"] in summary["probabilities"] and len(summary["top_units"]) == 8
+    for cls in ("normal", "benign", "malignant"):
+        with Image.open(out / f"cam_{cls}.png") as im:
+            assert im.mode == "RGB" and im.size == (200, 300)
+    units = sorted(out.glob("unit_*.png"))
+    assert units and len(units) == len(json.loads((out / "response.json").read_text())["units"]["maps"])
+
+
+# -- without a server -------------------------------------------------------------------------------
+
+def test_unreachable_server():
+    url = f"http://127.0.0.1:{closed_port()}"
+    c = Client(url, timeout=3)
+    assert c.ping() is False
+    with pytest.raises(ServeUnavailable, match=f"TorchServe is not reachable at {url}"):
+        c.explain(picture(64, 64))
+
+
+def test_key_file_is_read_and_re_read(tmp_path):
+    kf = tmp_path / "key_file.json"
+    c = Client("http://127.0.0.1:1", key_file=kf)
+    assert c._headers() == {}  # not written yet
+    kf.write_text(json.dumps({"inference": {"key": "abc"}, "management": {"key": "m"}, "API": {"key": "k"}}))
+    assert c._headers() == {"Authorization": "Bearer abc"}
+    kf.write_text(json.dumps({"inference": {"key": "new"}, "management": {"key": "m"}, "API": {"key": "k"}}))
+    assert c._headers() == {"Authorization": "Bearer new"}
+    assert Client("http://x:1", token="t")._headers() == {"Authorization": "Bearer t"}
+    assert c.management_url == "http://127.0.0.1:2"  # TorchServe's layout: inference port + 1
+
+
+def test_from_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("DEEPMINER_SERVE_URL", "http://127.0.0.1:9999/")
+    monkeypatch.setenv("DEEPMINER_MODEL", "other")
+    monkeypatch.setenv("DEEPMINER_KEY_FILE", str(tmp_path / "k.json"))
+    c = Client.from_env()
+    assert (c.url, c.model, c.key_file) == ("http://127.0.0.1:9999", "other", tmp_path / "k.json")
+    assert Client.from_env(model="x", url=None).model == "x"
+
+
+def test_sketch_travels_as_a_png_mask():
+    mask = np.zeros((40, 30), bool)
+    mask[5:20, 3:9] = True
+    opts = build_options(top_units=3, unit_maps="none", sketch=mask, max_side=256)
+    assert opts["top_units"] == 3 and opts["unit_maps"] == "none" and opts["max_side"] == 256
+    import base64
+
+    with Image.open(io.BytesIO(base64.b64decode(opts["sketch"]))) as im:
+        back = np.asarray(im) > 127
+    assert np.array_equal(back, mask)
+    with pytest.raises(ValueError):
+        mask_to_png(np.zeros((2, 3, 4)))
