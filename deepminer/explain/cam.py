@@ -1,0 +1,21 @@
+"""CAM (Zhou et al. 2016) as a saliency method: FC weights x unit maps, no gradients, no hooks
+beyond the base's. The same computation :func:`~deepminer.explain.core.explain_image` does."""
+from __future__ import annotations
+
+import torch
+
+from deepminer.explain.base import SaliencyMethod
+from deepminer.explain.core import cam_from_features
+
+
+class CAM(SaliencyMethod):
+    """Class activation map of ``target`` on the unit-map grid."""
+
+    name = "cam"
+
+    def __call__(self, x: torch.Tensor, target: int | None) -> torch.Tensor:
+        with torch.inference_mode():
+            feats = self.model.forward_features(x)
+            if target is None:
+                target = int(self.model.pool(self.model.class_maps(feats))[0].argmax())
+            return cam_from_features(self.model, feats)[0, target].float()

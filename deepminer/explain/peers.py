@@ -1,0 +1,49 @@
+"""Peer saliency for comparison, behind one interface with CAM's output shape.
+
+``saliency(model, image, method)`` -> ``(h, w)`` float32 in [0, 1]: every method's map is on the
+CAM's grid (the unit maps' ``h x w`` cells, which tile the original image as described in
+:mod:`deepminer.explain.core`) and min-max normalised like torchcam's CAM. Grad-CAM/Grad-CAM++
+are computed there by pytorch-grad-cam; the pixel attributions of captum (Guided Backprop,
+Integrated Gradients, SmoothGrad) are brought there by averaging their absolute value over each
+cell's pixels. Every method runs as a context manager that removes its hooks, also on error.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from deepminer.errors import InputError
+from deepminer.explain.attribution import GuidedBackprop, IntegratedGradients, SmoothGrad
+from deepminer.explain.base import SaliencyMethod, normalize_map, prepare_image
+from deepminer.explain.cam import CAM
+from deepminer.explain.gradcam import GradCAM, GradCAMPlusPlus
+
+METHODS: dict[str, type[SaliencyMethod]] = {
+    m.name: m for m in (CAM, GradCAM, GradCAMPlusPlus, GuidedBackprop, IntegratedGradients, SmoothGrad)
+}
+
+
+def saliency(model: torch.nn.Module, image: Any, method: str = "cam", target_class: int | str | None = None,
+             *, max_side: int | None = 1024, **options: Any) -> np.ndarray:
+    """The ``method`` map ``(h, w)`` of ``target_class`` (index or name; None: the class with the
+    highest image logit, the output the gradient methods explain) for a grey image ``(H, W)`` in
+    [0, 1], resized as :func:`~deepminer.explain.core.explain_image` does. ``options`` go to the
+    method (e.g. ``steps`` for integrated_gradients, ``samples``/``noise`` for smoothgrad)."""
+    if method not in METHODS:
+        raise InputError(f"method: unknown {method!r}; known: {', '.join(METHODS)}")
+    x, _ = prepare_image(image, max_side, next(model.parameters()).device)
+    target = None if target_class is None else _class_index(model, target_class)
+    with METHODS[method](model, **options) as m:
+        return normalize_map(m(x, target))
+
+
+def _class_index(model: torch.nn.Module, cls: int | str) -> int:
+    if isinstance(cls, str):
+        if cls not in model.classes:
+            raise InputError(f"target_class: unknown {cls!r}; classes: {', '.join(model.classes)}")
+        return model.classes.index(cls)
+    if not 0 <= int(cls) < len(model.classes):
+        raise InputError(f"target_class: {cls} out of range 0..{len(model.classes) - 1}")
+    return int(cls)

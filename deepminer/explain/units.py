@@ -1,0 +1,307 @@
+"""Units of the last convolutional layer as masks: quantile thresholds, upsampling, sketch IoU.
+
+The one place for these ideas (DESIGN.md "one idea, one place"):
+
+* **threshold** of unit k = the ``q`` quantile of its activations over a reference set
+  (:data:`QUANTILE` 0.99 as Lu & Perer; :data:`QUANTILE_DISSECTION` 0.995 as Network Dissection);
+  :func:`quantile_thresholds` is the pure function, :func:`unit_thresholds` feeds it from batches;
+* **unit mask** = the unit map upsampled bilinearly (``align_corners=False``, PyTorch's
+  ``F.interpolate``) to a size, ``> threshold`` (:func:`upsample_maps`, :func:`unit_masks`);
+* **sketch IoU** = IoU of a sketch mask with every unit's mask at once (:func:`sketch_iou`), and a
+  unit *matches* a sketch when its IoU exceeds :data:`MATCH_IOU` (0.2).
+
+Working resolution of the sketch IoU: the sketch (original image pixels) is reduced so that its long
+side is at most ``work_side`` (:data:`IOU_SIDE`, 256 px; never enlarged) by area averaging, a
+working pixel belonging to the sketch when at least half of it is covered. Unit masks are the unit
+maps upsampled to that working size. The result equals a plain per-unit loop
+``mask_iou(unit_masks(maps[k:k+1], t[k:k+1], size)[0], sketch_at(sketch, size))`` (float64) up to
+pixels whose value ties the threshold within rounding: :func:`sketch_iou` interpolates in the maps'
+own precision (float32 for float16/32 maps), treats a stretch of equal values as exactly that
+value (``F.interpolate`` may round ``v*(1-a) + v*a`` above ``v``), and never materialises the K
+upsampled maps.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Iterable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+QUANTILE = 0.99
+QUANTILE_DISSECTION = 0.995
+MATCH_IOU = 0.2
+IOU_SIDE = 256
+_CHUNK = 1 << 21  # sub-pixels evaluated per step in sketch_iou (bounds memory)
+
+
+def _as_tensor(a, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
+    """CPU tensor of ``a`` (float16 widened to float32; ``dtype`` casts)."""
+    if isinstance(a, torch.Tensor):
+        t = a.detach().cpu()
+    else:
+        arr = np.asarray(a)
+        with warnings.catch_warnings():  # a read-only array is only ever read here
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(arr)
+    if t.dtype == torch.float16:
+        t = t.float()  # torch widens float16 several times faster than numpy
+    return t if dtype is None else t.to(dtype)
+
+
+def _as_numpy(a, dtype) -> np.ndarray:
+    """``a`` (numpy, torch on any device, or a list) as a numpy array of ``dtype``."""
+    return np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a, dtype=dtype)
+
+
+# -- thresholds -----------------------------------------------------------------------------------
+
+def quantile_thresholds(values, q: float = QUANTILE) -> np.ndarray:
+    """Per-unit thresholds ``[K]``: the ``q`` quantile (linear interpolation) of ``values (N, K)``,
+    N activation samples of each of K units."""
+    v = _as_numpy(values, np.float64)
+    if v.ndim != 2 or v.shape[0] == 0:
+        raise ValueError(f"quantile_thresholds: values must be (N, K) with N > 0, got shape {v.shape}")
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile_thresholds: q must be in [0, 1], got {q}")
+    return np.quantile(v, q, axis=0).astype(np.float32)
+
+
+def unit_thresholds(batches: Iterable, q: float = QUANTILE, *, max_samples: int = 1_000_000,
+                    seed: int = 0) -> np.ndarray:
+    """Thresholds ``[K]`` from unit maps arriving in batches (``(B, K, h, w)`` or ``(K, h, w)``).
+
+    Every position of every map is a sample of each unit; when the total would exceed
+    ``max_samples`` per unit, each batch keeps a fixed-seed random subset of its positions in
+    proportion, so memory stays bounded (the quantile is then estimated from that subset).
+    """
+    rng = np.random.default_rng(seed)
+    chunks: list[np.ndarray] = []
+    kept = 0
+    for b in batches:
+        a = _as_numpy(b, np.float32)
+        if a.ndim == 3:
+            a = a[None]
+        if a.ndim != 4:
+            raise ValueError(f"unit_thresholds: expected (B, K, h, w) maps, got shape {a.shape}")
+        samples = a.transpose(0, 2, 3, 1).reshape(-1, a.shape[1])  # (B*h*w, K)
+        room = max_samples - kept
+        if room <= 0:
+            continue
+        if samples.shape[0] > room:
+            samples = samples[np.sort(rng.choice(samples.shape[0], room, replace=False))]
+        chunks.append(samples)
+        kept += samples.shape[0]
+    if not chunks:
+        raise ValueError("unit_thresholds: no activation samples")
+    return quantile_thresholds(np.concatenate(chunks), q)
+
+
+# -- masks ----------------------------------------------------------------------------------------
+
+def upsample_maps(maps, size: Sequence[int]) -> np.ndarray:
+    """``(K, h, w)`` -> ``(K, H, W)`` bilinear, ``align_corners=False``; float64 (exact masks)."""
+    m = _as_tensor(maps)
+    return F.interpolate(m[None], size=(int(size[0]), int(size[1])), mode="bilinear",
+                         align_corners=False)[0].numpy()
+
+
+def unit_masks(maps, thresholds, size: Sequence[int]) -> np.ndarray:
+    """``(K, H, W)`` bool: each unit map upsampled to ``size`` and kept above its threshold."""
+    t = np.asarray(thresholds, dtype=np.float64).reshape(-1, 1, 1)
+    return upsample_maps(maps, size) > t
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two boolean masks of one shape; 0 when both are empty."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def iou_work_size(shape: Sequence[int], work_side: int | None = IOU_SIDE) -> tuple[int, int]:
+    """The working size of a sketch of ``shape``: long side at most ``work_side`` (None: as is)."""
+    h, w = int(shape[0]), int(shape[1])
+    if work_side is None or max(h, w) <= work_side:
+        return h, w
+    f = work_side / max(h, w)
+    return max(1, round(h * f)), max(1, round(w * f))
+
+
+def _box_sums(mask: np.ndarray, y0: np.ndarray, y1: np.ndarray, x0: np.ndarray, x1: np.ndarray
+              ) -> np.ndarray:
+    """``(len(y0), len(x0))`` pixel counts of ``mask`` in the boxes rows ``[y0[i], y1[i])`` x
+    columns ``[x0[j], x1[j])``, from an integral image."""
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
+    integral[1:, 1:] = mask.cumsum(0).cumsum(1)
+    return integral[y1][:, x1] - integral[y0][:, x1] - integral[y1][:, x0] + integral[y0][:, x0]
+
+
+def _area_windows(n: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Input ranges ``[start, end)`` of each output pixel of area resampling (adaptive average
+    pooling, ``F.interpolate(mode="area")``): ``floor(i*n/n_out)`` .. ``ceil((i+1)*n/n_out)``."""
+    i = np.arange(n_out)
+    return (i * n) // n_out, -((-(i + 1) * n) // n_out)
+
+
+def sketch_at(sketch, size: Sequence[int]) -> np.ndarray:
+    """The sketch (bool ``(H, W)``) at ``size``: area average (as ``F.interpolate(mode="area")``),
+    a pixel is in when at least half covered. Only the sketch's bounding box is summed."""
+    s = np.asarray(sketch, dtype=bool)
+    hs, ws = int(size[0]), int(size[1])
+    if s.shape == (hs, ws):
+        return s.copy()
+    out = np.zeros((hs, ws), dtype=bool)
+    rows, cols = np.flatnonzero(s.any(1)), np.flatnonzero(s.any(0))
+    if rows.size == 0:
+        return out
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    ys, ye = _area_windows(s.shape[0], hs)
+    xs, xe = _area_windows(s.shape[1], ws)
+    iy = np.flatnonzero((ye > y0) & (ys < y1))  # output rows / columns whose window meets the box
+    ix = np.flatnonzero((xe > x0) & (xs < x1))
+    r0, r1 = np.clip(ys[iy] - y0, 0, y1 - y0), np.clip(ye[iy] - y0, 0, y1 - y0)
+    c0, c1 = np.clip(xs[ix] - x0, 0, x1 - x0), np.clip(xe[ix] - x0, 0, x1 - x0)
+    inside = _box_sums(s[y0:y1, x0:x1], r0, r1, c0, c1)
+    area = (ye[iy] - ys[iy])[:, None] * (xe[ix] - xs[ix])[None, :]
+    out[np.ix_(iy, ix)] = 2 * inside >= area
+    return out
+
+
+# -- vectorised sketch IoU -------------------------------------------------------------------------
+
+class _Axis(NamedTuple):
+    """PyTorch's bilinear resampling (``align_corners=False``) of one axis, ``n`` cells -> ``n_out``.
+
+    Output pixel p reads source position ``real = (p + .5) * n / n_out - .5``. It lies in band
+    ``j = floor(real) + 1`` (0..n), between cell ``max(j-1, 0)`` (weight ``1 - lam``) and cell
+    ``min(j, n-1)`` (weight ``lam = real - floor(real)``); in bands 0 and n (beyond the first /
+    last cell centre) PyTorch clamps, so ``lam = 0`` and the value is that cell's exactly.
+    ``idx``/``lam``: ``(R, n+1)`` tables of each band's pixels, R the largest band (padding:
+    index 0, ``lam`` NaN); band j is pixels ``start[j] .. start[j] + count[j] - 1``.
+    """
+
+    start: np.ndarray
+    count: np.ndarray
+    idx: np.ndarray
+    lam: np.ndarray
+
+
+def _axis(n: int, n_out: int) -> _Axis:
+    real = (np.arange(n_out) + 0.5) * (n / n_out) - 0.5
+    band = np.clip(np.floor(real).astype(np.int64) + 1, 0, n)
+    lam = np.where((band == 0) | (band == n), 0.0, real - np.floor(real))
+    count = np.bincount(band, minlength=n + 1)
+    offs = np.arange(max(1, int(count.max())))[:, None]
+    valid = offs < count[None, :]
+    start = np.cumsum(count) - count
+    idx = np.where(valid, start[None, :] + offs, 0)
+    return _Axis(start, count, idx, np.where(valid, lam[idx], np.nan))
+
+
+def _threshold_in(t: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Thresholds (float64) in ``dtype`` such that for x of that dtype ``x > result`` iff ``x > t``:
+    for float32, the largest float32 <= t."""
+    if dtype == np.float64:
+        return t
+    t32 = t.astype(np.float32)
+    return np.where(t32 > t, np.nextafter(t32, np.float32(-np.inf)), t32)
+
+
+def _cols(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``a[..., idx]`` (``np.take``: several times faster than fancy indexing)."""
+    return np.take(a, idx, axis=-1)
+
+
+def sketch_iou(sketch, maps, thresholds, *, work_side: int | None = IOU_SIDE) -> np.ndarray:
+    """IoU ``[K]`` of a sketch (bool ``(H, W)``, original pixels) with the mask of every unit.
+
+    ``maps (K, h, w)`` cover the same image as the sketch; ``thresholds [K]``. Computed at the
+    working size :func:`iou_work_size` (see the module docstring) and vectorised over all units.
+    Inside each quad of four neighbouring cells (edges repeated) a unit's upsampled map is a
+    convex combination of the four corner values, so a quad with no corner above the threshold
+    holds no mask pixel. Only the quads with a corner above are evaluated pixel by pixel, those
+    of all units at once, one working row at a time; a quad wholly inside the sketch adds its
+    count to the overlap, one partly inside is intersected pixel by pixel. The cost is ``K*h*w``
+    bytes plus the pixels of those quads, never ``K*H*W``. Equal to the per-unit loop (float64
+    :func:`unit_masks`) up to a pixel whose value ties the threshold within rounding (values are
+    interpolated in the maps' precision; thresholds are compared exactly). Numpy only: no
+    parallel regions, so it keeps its speed on a busy machine.
+    """
+    m = _as_tensor(maps, None)
+    mn = (m if m.dtype == torch.float64 else m.float()).numpy()  # float16 widened by torch (fast)
+    if mn.ndim != 3:
+        raise ValueError(f"sketch_iou: maps must be (K, h, w), got shape {mn.shape}")
+    k, h, w = mn.shape
+    t = _as_numpy(thresholds, np.float64).reshape(-1)
+    if t.size != k:
+        raise ValueError(f"sketch_iou: {t.size} thresholds for {k} units")
+    s = np.asarray(sketch, dtype=bool)
+    if s.ndim != 2:
+        raise ValueError(f"sketch_iou: sketch must be (H, W), got shape {s.shape}")
+    hw, ww = iou_work_size(s.shape, work_side)
+    sk = sketch_at(s, (hw, ww))
+    ay, ax = _axis(h, hw), _axis(w, ww)
+    tn = _threshold_in(t, mn.dtype)
+
+    # per quad q = j*(w+1) + c of the (h+1) x (w+1) quads: pixel and sketch counts, its four
+    # corner cells (rows j-1, j and columns c-1, c, clamped) and its bands' tables
+    jq, cq = np.divmod(np.arange((h + 1) * (w + 1)), w + 1)
+    npix = (ay.count[:, None] * ax.count[None, :]).reshape(-1)
+    nsk = _box_sums(sk, ay.start, ay.start + ay.count, ax.start, ax.start + ax.count).reshape(-1)
+    r0, r1 = np.maximum(jq - 1, 0) * w, np.minimum(jq, h - 1) * w
+    c0, c1 = np.maximum(cq - 1, 0), np.minimum(cq, w - 1)
+    corner = np.stack([r0 + c0, r0 + c1, r1 + c0, r1 + c1])  # (4, Q) offsets in a unit's map
+    lam_x, lam_y = ax.lam[:, cq].astype(mn.dtype), ay.lam[:, jq].astype(mn.dtype)  # (C, Q), (R, Q)
+    idx_x, idx_y = ax.idx[:, cq], ay.idx[:, jq]
+
+    # quads with a corner above the threshold: the only ones that can hold mask pixels
+    above = mn > tn[:, None, None]
+    active = np.flatnonzero(above.reshape(k, -1).any(1))  # units with a mask at all
+    if active.size < k:
+        above = above[active]
+    above = np.pad(above, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    rows = above[:, :, :-1] | above[:, :, 1:]
+    hit = np.flatnonzero(rows[:, :-1] | rows[:, 1:])  # into (n_active, h+1, w+1)
+
+    # evaluate those quads pixel by pixel, all units at once; arrays are (C, n) / (R, n), the
+    # short axis first. Padded rows/columns of a band have weight NaN: they compare False.
+    area, inter = np.zeros(k), np.zeros(k)
+    flat = mn.reshape(-1)
+    step = max(1, _CHUNK // lam_x.shape[0])
+    for s0 in range(0, hit.size, step):
+        unit, q = np.divmod(hit[s0:s0 + step], (h + 1) * (w + 1))
+        unit = active[unit]
+        v = np.take(flat, _cols(corner, q) + unit * (h * w))  # (4, n) corner values
+        wx = _cols(lam_x, q)
+        # a pixel's value is top + wy * d (top: the quad's top row at the pixel's column, d: bottom
+        # row - top row); it is above the threshold iff wy * d > t - top (the slack)
+        slack = np.take(tn, unit) - v[0] - wx * (v[1] - v[0])  # (C, n)
+        d = (v[2] - v[0]) + wx * ((v[3] - v[2]) - (v[1] - v[0]))  # (C, n)
+        wy = _cols(lam_y, q)  # (R, n)
+        ns, npq = _cols(nsk, q), _cols(npix, q)
+        part = np.flatnonzero((ns > 0) & (ns < npq))  # quads partly in the sketch
+        cols, rows_p = _cols(idx_x, q[part]), _cols(idx_y, q[part])  # their working pixels
+        acc = np.zeros(d.shape, np.uint8)
+        acc_sk = np.zeros(cols.shape, np.uint8)
+        val, inside = np.empty_like(d), np.empty(d.shape, bool)
+        for r in range(wy.shape[0]):  # one working row of every quad at a time
+            np.greater(np.multiply(d, wy[r], out=val), slack, out=inside)
+            acc += inside
+            if part.size:
+                acc_sk += inside[:, part] & sk[rows_p[r], cols]
+        cnt = acc.sum(0)
+        area += np.bincount(unit, cnt, minlength=k)
+        # overlap: the whole count where the quad lies in the sketch, pixel by pixel where partly
+        inter += np.bincount(unit, np.where(ns == npq, cnt, 0), minlength=k)
+        inter += np.bincount(unit[part], acc_sk.sum(0), minlength=k)
+    union = sk.sum() + area - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 0.0).astype(np.float32)
+
+
+def matching_units(iou, thr: float = MATCH_IOU) -> np.ndarray:
+    """Ids of units whose IoU exceeds ``thr``, best first."""
+    v = np.asarray(iou, dtype=np.float64)
+    ids = np.flatnonzero(v > thr)
+    return ids[np.argsort(-v[ids], kind="stable")]
