@@ -230,10 +230,8 @@ class DeepMinerHandler:
     def explain_one(self, row: dict, batch: int = 1, *, name: str = "image") -> dict:
         """One request -> the API JSON body (raises :class:`DeepMinerError` on bad input).
         ``name`` names the image in error messages."""
-        import numpy as np
-
         from deepminer.data.io import load_image
-        from deepminer.data.tissue import tissue_fraction, tissue_mask
+        from deepminer.data.tissue import keep_tissue
         from deepminer.explain import explain_image
 
         t0 = time.perf_counter()
@@ -244,10 +242,7 @@ class DeepMinerHandler:
         t1 = time.perf_counter()
         pixels, tissue = loaded.pixels, None
         if self.settings.get("tissue", True):
-            mask = tissue_mask(pixels)
-            tissue = tissue_fraction(mask)
-            if tissue > 0:  # background, labels and film borders -> 0 (an empty mask keeps the image)
-                pixels = np.where(mask, pixels, np.float32(0))
+            pixels, tissue = keep_tissue(pixels)
         t2 = time.perf_counter()
         exp = explain_image(self.model, pixels,
                             max_side=opts["max_side"] or int(self.settings["default_max_side"]),

@@ -9,7 +9,7 @@ import pytest
 from skimage.filters import threshold_otsu
 
 from deepminer.data.io import load_image
-from deepminer.data.tissue import otsu_threshold, tissue_fraction, tissue_mask
+from deepminer.data.tissue import keep_tissue, otsu_threshold, tissue_fraction, tissue_mask
 from dicomfixtures import synthetic_film, write_dicom
 
 
@@ -127,3 +127,15 @@ def test_full_field_decode_and_mask_within_two_seconds(tmp_path):
     print("full-field 4500x3000 decode+mask seconds:", {k: round(v, 3) for k, v in timings.items()},
           "wall:", {k: round(v, 3) for k, v in walls.items()})
     assert max(timings.values()) <= 2.0, timings
+
+
+def test_keep_tissue_zeroes_background_and_labels_only():
+    values, truth = synthetic_film(seed=3)
+    img = (values / 4095.0).astype(np.float32)
+    kept, fraction = keep_tissue(img)
+    mask = tissue_mask(img)
+    assert fraction == pytest.approx(tissue_fraction(mask))
+    assert np.array_equal(kept[mask], img[mask]) and not kept[~mask].any()
+    assert not mask[truth["text"]].any() and mask[truth["breast"]].mean() > 0.95
+    blank = np.zeros((64, 64), np.float32)  # nothing found: the image comes back unchanged
+    assert keep_tissue(blank)[1] == 0 and keep_tissue(blank)[0] is blank

@@ -62,6 +62,16 @@ def tissue_fraction(mask: np.ndarray) -> float:
     return float(np.count_nonzero(mask)) / float(mask.size) if mask.size else 0.0
 
 
+def keep_tissue(pixels: np.ndarray) -> tuple[np.ndarray, float]:
+    """Zero everything outside the breast (background, labels, film borders) and return the result
+    with the tissue fraction. An image where no tissue is found is returned unchanged (fraction 0)."""
+    mask = tissue_mask(pixels)
+    fraction = tissue_fraction(mask)
+    if fraction > 0:
+        pixels = np.where(mask, pixels, np.float32(0)).astype(np.float32, copy=False)
+    return pixels, fraction
+
+
 def _mask_work(small: np.ndarray) -> np.ndarray:
     """The mask at working resolution (steps 1-4 of the module doc)."""
     from scipy import ndimage as ndi
