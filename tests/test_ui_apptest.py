@@ -1,0 +1,449 @@
+"""The workbench pages under Streamlit's AppTest, on a real tiny model, a real atlas and a real SQLite
+label store (explanations in-process: ``DEEPMINER_BACKEND=local``, the same ``ExplainResult`` the HTTP
+client returns). The canvas is an unknown element to AppTest: the sketch is set in session state
+here and drawn for real in ``test_ui_browser.py``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "ui" / "app.py")
+
+
+@pytest.fixture(scope="session")
+def ui_fixture(tmp_path_factory):
+    """A tiny model + its atlas + a phantom data set (also the sample images), built once."""
+    import torch
+
+    from deepminer.atlas import dissect
+    from deepminer.data.phantoms import generate_dataset
+    from deepminer.models import build_model, save_model
+
+    root = tmp_path_factory.mktemp("ui")
+    data = generate_dataset(root / "data", 2, 3, 256)
+    torch.manual_seed(0)
+    save_model(build_model("tiny", pretrained=False), root / "demo" / "model.pt", patch_size=48)
+    dissect(root / "demo" / "model.pt", data, split="train", out=root / "demo" / "atlas", progress=False,
+            batch_size=64, topk=8)
+    return {"root": root, "data": data, "model_dir": root / "demo"}
+
+
+@pytest.fixture
+def app_env(ui_fixture, tmp_path, monkeypatch):
+    """Environment for one AppTest: fresh label store, local backend, Streamlit caches cleared."""
+    import streamlit as st
+
+    db = tmp_path / "labels.db"
+    env = {"DEEPMINER_BACKEND": "local", "DEEPMINER_MODEL_DIR": str(ui_fixture["model_dir"]),
+           "DEEPMINER_SAMPLES": str(ui_fixture["data"]), "DEEPMINER_LABELS_URL": f"sqlite:///{db}",
+           "DEEPMINER_MODEL": "demo", "DEEPMINER_MAX_SIDE": "512"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("DEEPMINER_DATA_ROOT", raising=False)
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    yield {**ui_fixture, "db": db, "url": f"sqlite:///{db}"}
+    st.cache_resource.clear()
+    st.cache_data.clear()
+
+
+def _app(page: str | None = None, annotator: str | None = "alice"):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP, default_timeout=120)
+    if annotator:
+        at.session_state["annotator"] = annotator
+    at.run()
+    assert not at.exception, at.exception
+    if page:
+        at.switch_page(page)
+        at.run()
+        assert not at.exception, at.exception
+    return at
+
+
+def _png(ui_fixture, i: int = 0) -> tuple[str, bytes]:
+    from deepminer.data.dataset import read_manifest
+
+    rows = read_manifest(ui_fixture["data"])
+    path = Path(ui_fixture["data"]) / rows[i]["image"]
+    return path.name, path.read_bytes()
+
+
+def _texts(at) -> str:
+    parts = [e.value for e in at.markdown] + [e.value for e in at.text] + [e.value for e in at.caption]
+    parts += [e.value for e in at.subheader] + [e.value for e in at.title]
+    parts += [e.value for e in at.error] + [e.value for e in at.warning] + [e.value for e in at.info]
+    parts += [e.value for e in at.success]
+    return "\n".join(str(p) for p in parts)
+
+
+def _captions(at) -> list[str]:
+    return [c for im in at.get("image") for c in im.captions]
+
+
+def _key(env):
+    from deepminer.atlas import Atlas
+
+    return "demo", Atlas.load(Path(env["model_dir"]) / "atlas").meta["model"]["weights_sha256"]
+
+
+def _figure(at, key: str):
+    """The plotly figure drawn with ``key``."""
+    import plotly.io as pio
+
+    for el in at.get("plotly_chart"):
+        if el.proto.id.endswith(f"-{key}"):
+            return pio.from_json(el.proto.spec)
+    raise AssertionError(f"no plotly chart {key!r} in {[el.proto.id for el in at.get('plotly_chart')]}")
+
+
+def _bars(at, key: str) -> dict[str, float]:
+    """The values of a horizontal bar chart drawn with ``key``: {label: value}."""
+    bar = _figure(at, key).data[0]
+    return {str(y): float(x) for y, x in zip(bar.y, bar.x)}
+
+
+# -- Explain --------------------------------------------------------------------------------------
+
+def test_explain_upload_sample_recent_and_cam_switch(app_env):
+    at = _app()
+    assert "Upload an image or pick a sample" in _texts(at)
+    name, data = _png(app_env, 0)
+    at.file_uploader(key="upload").upload(name, data, "image/png").run()
+    assert not at.exception, at.exception
+    text = _texts(at)
+    assert "Prediction: " in text and "DeepMiner explanation" in text
+    # the sentence is the library's, for this image and (no) labels
+    from serve.client import local_explain
+
+    res = local_explain(Path(app_env["model_dir"]) / "model.pt", data, max_side=512, name="demo")
+    assert f"Prediction: {res.prediction} ({res.probabilities[res.prediction]:.2f})" in text
+    sentence = [t.value for t in at.text]
+    assert sentence == [f"{res.prediction.capitalize()} ({res.probabilities[res.prediction]:.2f}): none of its 8 "
+                        "most influential units is labelled yet."]
+    # CAM class switch changes the overlay caption; probabilities drawn for every class
+    at.radio(key="cam_class").set_value("benign").run()
+    assert any(c.startswith("CAM of benign") for c in _captions(at)), _captions(at)
+    probs = _bars(at, "probs")
+    assert probs == pytest.approx({c: res.probabilities[c] for c in res.classes}, abs=1e-6)
+    # suspicious patches: a table, and the most influential units with maps
+    assert "Suspicious patches" in _texts(at)
+    assert f"Most influential units for {res.prediction}" in _texts(at)
+    assert [c for c in _captions(at) if c.startswith("unit ")] == [f"unit {u}" for u in res.top[res.prediction]]
+    # a sample, then back to the recent upload
+    sample = at.selectbox(key="sample")
+    assert len(sample.options) == 2
+    sample.select(sample.options[1]).run()
+    assert not at.exception
+    assert "P00000_R_MLO" in at.session_state["image"].name
+    recent = at.selectbox(key="recent_pick")
+    assert recent.options == [name]
+    recent.select(name).run()
+    assert at.session_state["image"].name == name
+
+
+def test_explain_bad_upload_and_server_down_are_messages(app_env, monkeypatch):
+    at = _app()
+    at.file_uploader(key="upload").upload("notes.png", b"definitely not an image", "image/png").run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert errors and "Cannot read notes" in errors[0] and "\n" not in errors[0]
+
+    from serve.launch import free_port
+
+    monkeypatch.setenv("DEEPMINER_BACKEND", "serve")
+    monkeypatch.setenv("DEEPMINER_SERVE_URL", f"http://127.0.0.1:{free_port()}")
+    import streamlit as st
+
+    st.cache_resource.clear()
+    at = _app()
+    name, data = _png(app_env, 0)
+    at.file_uploader(key="upload").upload(name, data, "image/png").run()
+    assert not at.exception
+    warnings = [w.value for w in at.warning]
+    assert any("TorchServe is not reachable at http://127.0.0.1:" in w for w in warnings), warnings
+
+
+# -- Sketch & label -------------------------------------------------------------------------------
+
+def _with_image(app_env, page: str | None = None, annotator: str | None = "alice", i: int = 0):
+    at = _app(annotator=annotator)
+    name, data = _png(app_env, i)
+    at.file_uploader(key="upload").upload(name, data, "image/png").run()
+    assert not at.exception, at.exception
+    if page:
+        at.switch_page(page).run()
+        assert not at.exception, at.exception
+    return at, data
+
+
+def test_sketch_ranks_units_by_iou_and_labels_several_at_once(app_env):
+    from deepminer.atlas import Atlas
+    from deepminer.explain.units import mask_iou, sketch_at, unit_masks
+    from deepminer.labels import LabelStore
+    from serve.client import local_explain
+    from ui.logic import rect_mask
+
+    # bob already used a label with HTML in it: it is in the dropdown (AppTest cannot type a new
+    # option into a selectbox; the browser test types one)
+    model, weights = _key(app_env)
+    store = LabelStore(app_env["url"])
+    store.set_labels(model, weights, [0], "<b>Spiculated</b> margin", "bob")
+    at, data = _with_image(app_env, "pages/sketch.py")
+    assert "Draw a rectangle" in _texts(at)
+    digest = at.session_state["image"].digest
+    pixels_shape = (256, 151)
+    sketch = rect_mask(pixels_shape, (20, 60, 110, 170))
+    at.session_state["sketch"] = sketch
+    at.session_state["sketch_for"] = (digest, None)
+    at.run()
+    assert not at.exception, at.exception
+    assert "Units ranked by IoU" in _texts(at)
+
+    # the ranking is the library's IoU of the sketch with each unit's binarized map
+    atlas = Atlas.load(Path(app_env["model_dir"]) / "atlas")
+    res = local_explain(Path(app_env["model_dir"]) / "model.pt", data, sketch=sketch, unit_maps="all",
+                        max_side=512, name="demo")
+    table = at.dataframe[0].value  # the ranked units
+    assert list(table["unit"]) == [int(u) for u in np.lexsort((np.arange(res.sketch_iou.size), -res.sketch_iou))[:12]]
+    best = int(table["unit"].iloc[0])
+    h, w = res.input["height"], res.input["width"]
+    size = sketch_at(sketch, (h, w)).shape
+    independent = mask_iou(unit_masks(res.unit_maps[best][None], atlas.thresholds[[best]], size)[0],
+                           sketch_at(sketch, size))
+    assert table["IoU"].iloc[0] == pytest.approx(independent, abs=2e-3)
+
+    # label two units at once; the label carries HTML and comes back as text
+    units = [int(u) for u in table["unit"] if u != 0][:2]
+    at.multiselect(key="label_units").set_value(units)
+    at.selectbox(key="label_concept").set_value("<b>Spiculated</b> margin")
+    at.button(key="FormSubmitter:label_form-Label the selected units").click().run()
+    assert not at.exception, at.exception
+    assert any("Labelled 2 unit(s)" in s.value for s in at.success), [s.value for s in at.success]
+    assert store.labels_for(model, weights) == {u: "<b>Spiculated</b> margin" for u in [0, *units]}
+    assert {r.unit: r.annotator for r in store.history()} == {0: "bob", units[0]: "alice", units[1]: "alice"}
+    units = [0, *units]
+    # the unit map colours labelled units: a trace named after the label holds exactly those units
+    fig = _figure(at, "unit_map")
+    traces = {t.name: sorted(int(c[0]) for c in t.customdata) for t in fig.data}
+    assert traces["&lt;b&gt;Spiculated&lt;/b&gt; margin"] == sorted(units)
+    # the Lu & Perer reports: mean max activation and mean IoU of the label's units
+    act = _bars(at, "sk_bars_act")
+    iou = _bars(at, "sk_bars_iou")
+    assert act["&lt;b&gt;Spiculated&lt;/b&gt; margin"] == pytest.approx(float(np.mean(res.unit_max[units])), rel=1e-3)
+    assert iou["&lt;b&gt;Spiculated&lt;/b&gt; margin"] == pytest.approx(float(np.mean(res.sketch_iou[units])), abs=1e-3)
+
+
+def test_sketch_needs_an_annotator_and_units(app_env):
+    from deepminer.labels import LabelStore
+
+    at, _ = _with_image(app_env, "pages/sketch.py", annotator=None)
+    at.multiselect(key="label_units").set_value([1])
+    at.selectbox(key="label_concept").set_value("Spiculated margin")
+    at.button(key="FormSubmitter:label_form-Label the selected units").click().run()
+    assert not at.exception
+    assert any("Enter your name" in w.value for w in at.warning)
+    at.session_state["annotator"] = "bob"  # (the sidebar field; AppTest runs a switched-to page alone)
+    at.multiselect(key="label_units").set_value([])
+    at.button(key="FormSubmitter:label_form-Label the selected units").click().run()
+    assert any("Select at least one unit" in e.value for e in at.error)
+    assert LabelStore(app_env["url"]).history() == []
+
+
+def test_suspicious_patch_clicked_on_explain_goes_to_sketch(app_env):
+    at, data = _with_image(app_env)
+    rows = at.dataframe[0].value  # the suspicious patches, most suspicious first
+    assert list(rows["#"]) == list(range(1, len(rows) + 1)) and len(rows) > 1
+    assert list(rows["P(malignant)"]) == sorted(rows["P(malignant)"], reverse=True)
+    # click the second row: the patch is outlined (highlighted) and can be taken to the canvas
+    at.session_state["patches_table"] = {"selection": {"rows": [1], "columns": [], "cells": []}}
+    at.run()
+    assert not at.exception, at.exception
+    assert at.session_state["patch_pick"] == 1
+    assert "patch 2" in _captions(at)
+    at.button(key="to_sketch").click().run()
+    assert not at.exception, at.exception
+    box = at.session_state["patch"]
+    assert box is not None and box[2] - box[0] == round(0.25 * 151)
+    at.switch_page("pages/sketch.py").run()
+    assert not at.exception, at.exception
+    target = at.selectbox(key=f"target_{at.session_state['image'].digest[:12]}")
+    assert target.value == box and target.options[0].startswith("Whole image")
+    assert at.session_state["patch"] == box
+    # and back to the whole image
+    assert target.format_func(target.value) == target.options[target.index]
+    target.select("whole image").run()
+    assert at.session_state["patch"] is None
+    assert at.selectbox(key=f"target_{at.session_state['image'].digest[:12]}").value == "whole image"
+
+
+def test_explanation_names_labelled_units_and_reports_by_label(app_env):
+    from deepminer.labels import LabelStore
+    from serve.client import local_explain
+
+    name, data = _png(app_env, 0)
+    res = local_explain(Path(app_env["model_dir"]) / "model.pt", data, max_side=512, name="demo")
+    top = res.top[res.prediction]
+    model, weights = _key(app_env)
+    store = LabelStore(app_env["url"])
+    store.set_labels(model, weights, top[:2], "Spiculated margin", "alice")
+    store.set_labels(model, weights, [top[3]], "calc *cluster*", "bob")
+    at, _ = _with_image(app_env)
+    p = res.probabilities[res.prediction]
+    assert [t.value for t in at.text] == [f"{res.prediction.capitalize()} ({p:.2f}): most influenced by units "
+                                          "labelled Spiculated margin, calc *cluster*."]
+    act = _bars(at, "bars_activation")
+    assert act == pytest.approx({"Spiculated margin": float(np.mean(res.unit_max[top[:2]])),
+                                 "calc *cluster*": float(res.unit_max[top[3]])}, rel=1e-3)
+    # no sketch on this image yet: the IoU chart waits for one
+    assert "Draw a sketch on the Sketch & label page" in _texts(at)
+    # the influential-unit tiles carry their labels
+    assert f"unit {top[0]} · Spiculated margin" in _captions(at)
+
+
+# -- Unit atlas -----------------------------------------------------------------------------------
+
+def test_atlas_gallery_source_and_survey_progress(app_env):
+    from deepminer.atlas import Atlas
+    from deepminer.labels import LabelStore
+
+    atlas = Atlas.load(Path(app_env["model_dir"]) / "atlas")
+    total = len({u for c in atlas.classes for u in atlas.top_units(c)})
+    at = _app("pages/atlas.py")
+    assert not at.exception, at.exception
+    progress = at.get("progress")[0].proto
+    assert progress.text == f"0 of {total} labelled" and progress.value == 0
+    cls = at.radio(key="atlas_class").value
+    unit_box = at.selectbox(key=f"atlas_unit_{cls}")
+    assert unit_box.options == [f"unit {u} - not labelled" for u in atlas.top_units(cls)]
+    unit = atlas.top_units(cls)[1]
+    unit_box.select(unit).run()
+    assert not at.exception
+    # the gallery: one tile per top patch, captioned with rank and activation
+    entries = atlas.topk(unit)[:12]
+    caps = [c for c in _captions(at) if c.startswith("#")]
+    assert caps == [f"#{i + 1} · {e.activation:.2f}" for i, e in enumerate(entries)]
+    # choosing a patch shows its source image with the patch outlined
+    at.selectbox(key=f"atlas_patch_{unit}").select(3).run()
+    assert f"{entries[2].image_id}: patch #3 outlined" in _captions(at)
+    src = next(im for im in at.get("image") if f"{entries[2].image_id}: patch #3 outlined" in im.captions)
+    assert src.proto.imgs[0].url  # an image was sent
+    # the survey: recognizable, label, description, category, association, confidence
+    at.radio(key=f"sv_rec_{unit}").set_value("yes")
+    at.selectbox(key=f"sv_label_{unit}").set_value("Fine pleomorphic calcifications")
+    at.text_area(key=f"sv_desc_{unit}").input("bright specks\\n<script>x</script>")
+    at.selectbox(key=f"sv_cat_{unit}").set_value("calcification type")
+    at.selectbox(key=f"sv_assoc_{unit}").set_value("malignant")
+    at.slider(key=f"sv_conf_{unit}").set_value(4)
+    at.button(key=f"FormSubmitter:survey_{unit}-Save the survey").click().run()
+    assert not at.exception, at.exception
+    assert any(f"Saved the survey of unit {unit}" in s.value for s in at.success)
+    model, weights = _key(app_env)
+    rec = LabelStore(app_env["url"]).current(model, weights)[0]
+    assert (rec.unit, rec.label, rec.annotator, rec.recognizable, rec.description, rec.birads_category,
+            rec.cancer_association, rec.confidence) == (
+        unit, "Fine pleomorphic calcifications", "alice", True, "bright specks\\n<script>x</script>",
+        "calcification type", "malignant", 4)
+    assert at.get("progress")[0].proto.text == f"1 of {total} labelled"
+    # a unit with no recognizable phenomenon counts as surveyed, without a label
+    other = atlas.top_units(cls)[0]
+    at.selectbox(key=f"atlas_unit_{cls}").select(other).run()
+    at.radio(key=f"sv_rec_{other}").set_value("no")
+    at.button(key=f"FormSubmitter:survey_{other}-Save the survey").click().run()
+    assert at.get("progress")[0].proto.text == f"2 of {total} labelled"
+    assert LabelStore(app_env["url"]).labels_for(model, weights) == {unit: "Fine pleomorphic calcifications"}
+
+
+def test_atlas_missing_is_a_message(app_env, monkeypatch, tmp_path):
+    monkeypatch.setenv("DEEPMINER_MODEL_DIR", str(tmp_path / "nothing"))
+    at = _app("pages/atlas.py")
+    assert not at.exception
+    assert any("No unit atlas at" in w.value for w in at.warning)
+
+
+# -- Labels ---------------------------------------------------------------------------------------
+
+def test_labels_history_agreement_export_and_import(app_env):
+    from deepminer.labels import LabelStore
+
+    model, weights = _key(app_env)
+    store = LabelStore(app_env["url"])
+    store.set_labels(model, weights, [3, 5], "mass", "alice")
+    store.set_labels(model, weights, [3], "Mass", "bob")
+    store.set_labels(model, weights, [5], "calcification", "bob")
+    at = _app("pages/labels.py")
+    assert not at.exception, at.exception
+    assert "Current labels (2 units)" in _texts(at)
+    current, agreement, history = (df.value for df in at.dataframe)
+    assert sorted(zip(current["unit"], current["annotator"], current["label"])) == [
+        (3, "alice", "mass"), (3, "bob", "Mass"), (5, "alice", "mass"), (5, "bob", "calcification")]
+    agr = dict(zip(agreement["unit"], agreement["pairwise agreement"]))
+    assert agr == {3: 1.0, 5: 0.0}
+    assert len(history) == 4
+    at.selectbox(key="history_unit").select(5).run()
+    assert list(at.dataframe[2].value["label"]) == ["calcification", "mass"]  # newest first
+    assert [b.label for b in at.get("download_button")] == ["Download CSV", "Download JSON"]
+
+    # import: a valid file from another store adds its events; a bad one adds nothing
+    other = LabelStore(f"sqlite:///{app_env['root'] / 'other.db'}")
+    other.set_labels(model, weights, [7], "architectural distortion", "carol")
+    at.file_uploader(key="import_file").upload("carol.csv", other.export_csv().encode(), "text/csv")
+    at.button(key="FormSubmitter:import_form-Import").click().run()
+    assert not at.exception, at.exception
+    assert any("Imported 1 new label event(s)" in s.value for s in at.success), [s.value for s in at.success]
+    assert store.labels_for(model, weights)[7] == "architectural distortion"
+    bad = other.export_csv().replace(",7,", ",seven,")
+    at.file_uploader(key="import_file").upload("bad.csv", bad.encode(), "text/csv")
+    at.button(key="FormSubmitter:import_form-Import").click().run()
+    errors = [e.value for e in at.error]
+    assert errors and "Nothing imported" in errors[0] and "seven" in errors[0]
+    assert len(store.history()) == 5
+
+
+# -- pure helpers ---------------------------------------------------------------------------------
+
+def test_suspicious_patch_probability_is_the_fcn_on_the_patch(ui_fixture):
+    """softmax(window mean of log p) == softmax(window mean of the logits): checked against logits."""
+    import torch
+    import torch.nn.functional as F
+
+    from deepminer.data.patches import patch_boxes
+    from deepminer.models import load_model
+    from ui.logic import suspicious_patches
+
+    torch.manual_seed(1)
+    model = load_model(Path(ui_fixture["model_dir"]) / "model.pt")
+    with torch.no_grad():  # make the classes disagree a lot: random head
+        model.head.fc.weight.normal_(0, 3.0)
+    name, data = _png(ui_fixture, 0)
+    from deepminer.data.io import load_image
+
+    px = load_image(data).pixels
+    x = torch.from_numpy(px)[None, None]
+    with torch.no_grad():
+        logits = model.class_maps(model.forward_features(x))  # (1, C, h, w)
+    probs = torch.softmax(logits, 1)[0].numpy()
+    got = suspicious_patches(probs, px, model.classes, top=100, min_tissue=0.0)
+    up = F.interpolate(logits.double(), size=px.shape, mode="bilinear", align_corners=False)[0]
+    assert len(got) == len(patch_boxes(*px.shape))
+    for p in got:
+        x0, y0, x1, y1 = p.box
+        want = torch.softmax(up[:, y0:y1, x0:x1].mean((1, 2)), 0)[2].item()
+        assert p.score == pytest.approx(want, abs=5e-3)
+    assert [p.score for p in got] == sorted((p.score for p in got), reverse=True)
+
+
+def test_settings_and_text_escaping(monkeypatch):
+    from ui.render import md_escape
+    from ui.settings import ROOT, load_settings
+
+    s = load_settings({"DEEPMINER_LABELS_URL": "sqlite:///var/x.db", "DEEPMINER_BACKEND": "LOCAL",
+                       "DEEPMINER_MAX_SIDE": "0"})
+    assert s.labels_url == f"sqlite:///{ROOT / 'var' / 'x.db'}" and s.backend == "local" and s.max_side is None
+    assert load_settings({"DEEPMINER_BACKEND": "nonsense"}).backend == "serve"
+    assert load_settings({}).max_side == 1024
+    assert md_escape("<b>x</b> **y**") == "&lt;b&gt;x&lt;/b&gt; \\*\\*y\\*\\*"

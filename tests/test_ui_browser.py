@@ -1,0 +1,322 @@
+"""End to end in a real browser: Debian chromium driven by Playwright, the workbench served by a real
+``streamlit run``, explanations from a real TorchServe.
+
+Upload a 1024 x 1024 image, see the CAM, draw a rectangle on the canvas, see the ranked units, label
+two units (a new concept typed in, with HTML in it), reload the page, find the labels kept and named
+in the explanation. Saves a screenshot of each page (``test-artifacts/ui-*.png``) and the time from
+upload to explanation (``test-artifacts/ui-timing.json``).
+
+The model is the bundled demo (``model_store/demo``: ``model.pt`` + ``atlas/``) when it is there,
+else a tiny model profiled on a few phantoms.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.serve]
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "model_store" / "demo"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+VIEWPORT = {"width": 1280, "height": 800}
+LABEL = "<i>Spiculated</i> margin & co"  # typed as a new concept; must come back as text
+NAME_FIELD = "Your name (stored with every label)"
+_NOT_RUNNING = """() => { const a = document.querySelector('[data-testid="stApp"]');
+    return a && a.getAttribute('data-test-script-state') === 'notRunning'; }"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _square_mammogram(seed: int, index: int, side: int = 1024) -> bytes:
+    """A phantom mammogram padded to ``side`` x ``side`` (16-bit PNG)."""
+    from PIL import Image
+
+    from deepminer.data.phantoms import render_phantom
+
+    ph = render_phantom(seed, index, size=side)
+    img = np.asarray(ph.image)
+    canvas = np.zeros((side, side), dtype=img.dtype)
+    canvas[: img.shape[0], : img.shape[1]] = img[:side, :side]
+    buf = io.BytesIO()
+    Image.fromarray(canvas.astype(np.uint16)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """The demo model + atlas, or a tiny one profiled on phantoms when the demo is not built."""
+    if (DEMO / "model.pt").is_file() and (DEMO / "atlas" / "atlas.json").is_file():
+        return DEMO
+    import torch
+
+    from deepminer.atlas import dissect
+    from deepminer.data.phantoms import generate_dataset
+    from deepminer.models import build_model, save_model
+
+    root = tmp_path_factory.mktemp("tiny-demo")
+    data = generate_dataset(root / "data", 2, 3, 256)
+    torch.manual_seed(0)
+    save_model(build_model("tiny", pretrained=False), root / "demo" / "model.pt", patch_size=48)
+    dissect(root / "demo" / "model.pt", data, split="train", out=root / "demo" / "atlas", progress=False,
+            batch_size=64, topk=8)
+    return root / "demo"
+
+
+@pytest.fixture(scope="module")
+def torchserve(model_dir, tmp_path_factory):
+    """A real TorchServe (demo profile) serving ``model_dir`` as ``demo``."""
+    from serve.archive import build_mar
+    from serve.launch import TorchServe
+
+    mar = ROOT / "model_store" / "demo.mar"
+    store = ROOT / "model_store"
+    if model_dir != DEMO or not mar.is_file() or mar.stat().st_mtime < (DEMO / "model.pt").stat().st_mtime:
+        store = tmp_path_factory.mktemp("store")
+        build_mar(model_dir / "model.pt", store, name="demo", atlas=model_dir / "atlas", workers=1)
+    ts = TorchServe(store, {"demo": "demo.mar"}, tmp_path_factory.mktemp("ts"), profile="demo")
+    ts.start(timeout=300)
+    yield ts
+    ts.stop()
+
+
+@pytest.fixture(scope="module")
+def workbench(torchserve, model_dir, tmp_path_factory):
+    """``streamlit run ui/app.py`` against that server, with its own label store and samples."""
+    from deepminer.data.phantoms import generate_dataset
+
+    work = tmp_path_factory.mktemp("workbench")
+    samples = generate_dataset(work / "samples", 2, 5, 256)
+    port = _free_port()
+    env = {**os.environ, "DEEPMINER_SERVE_URL": torchserve.inference_url, "DEEPMINER_MODEL": "demo",
+           "DEEPMINER_BACKEND": "serve", "DEEPMINER_MODEL_DIR": str(model_dir),
+           "DEEPMINER_LABELS_URL": f"sqlite:///{work / 'labels.db'}", "DEEPMINER_SAMPLES": str(samples),
+           "DEEPMINER_MAX_SIDE": "1024"}
+    env.pop("DEEPMINER_KEY_FILE", None)
+    env.pop("DEEPMINER_TOKEN", None)
+    log = open(work / "streamlit.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "ui" / "app.py"), "--server.address", "127.0.0.1",
+         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+         "--server.fileWatcherType", "none"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (work / "streamlit.log").read_text(errors="replace")
+            try:
+                if requests.get(f"{url}/_stcore/health", timeout=2).text.strip() == "ok":
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "streamlit did not come up"
+            time.sleep(0.3)
+        yield {"url": url, "labels_url": env["DEEPMINER_LABELS_URL"], "log": work / "streamlit.log"}
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)
+        log.close()
+
+
+def _idle(page, timeout: float = 60_000) -> None:
+    """Wait until Streamlit has finished running the script (and the browser has drawn it)."""
+    page.wait_for_timeout(200)
+    page.wait_for_function(_NOT_RUNNING, timeout=timeout)
+    page.wait_for_timeout(300)
+
+
+def _nav(page, name: str) -> None:
+    """Go to a page through the sidebar navigation."""
+    page.locator('[data-testid="stSidebarNavLink"]', has_text=name).first.click()
+
+
+def _explain_ms(page) -> float:
+    """The explain call's own wall time, as the Explain page reports it."""
+    text = page.get_by_text(re.compile(r"explained in \d+ ms")).first.inner_text()
+    return float(re.search(r"explained in (\d+) ms", text).group(1))
+
+
+def _after_input(page) -> None:
+    """Wait for the rerun an input triggers (it may start a moment later), then for it to finish."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function("""() => document.querySelector('[data-testid="stApp"]')
+            .getAttribute('data-test-script-state') === 'running'""", timeout=3_000)
+    except PlaywrightTimeout:
+        pass  # it already ran
+    _idle(page)
+
+
+def _shot(page, path: Path) -> None:
+    """A screenshot of the whole page (Streamlit scrolls inside its main block, so grow the window)."""
+    _idle(page)
+    h = page.evaluate("""() => { const m = document.querySelector('[data-testid="stMain"]');
+        const els = [...document.querySelectorAll('[data-testid="stElementContainer"]')];
+        return Math.max(m.scrollHeight, ...els.map(e => e.getBoundingClientRect().bottom + m.scrollTop)) + 60; }""")
+    page.set_viewport_size({"width": VIEWPORT["width"], "height": int(min(max(h, VIEWPORT["height"]), 6000))})
+    page.wait_for_timeout(1500)  # plotly redraws at the new size
+    page.screenshot(path=str(path))
+    page.set_viewport_size(VIEWPORT)
+    page.wait_for_timeout(300)
+
+
+def _upload(page, path: Path) -> float:
+    """Upload ``path`` on the Explain page; seconds until the page shows this image's explanation
+    completely (caption with its name, CAM, sentence; the script finished)."""
+    t0 = time.perf_counter()
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(path))
+    try:
+        page.get_by_text(f"{path.name} · 1024 x 1024 px").wait_for(timeout=60_000)
+        page.wait_for_function(_NOT_RUNNING, timeout=60_000)
+        elapsed = time.perf_counter() - t0
+        page.get_by_text("DeepMiner explanation", exact=True).wait_for(timeout=5_000)
+        page.get_by_text(re.compile(r"^CAM of ")).first.wait_for(timeout=5_000)
+    except Exception:
+        page.screenshot(path=str(ROOT / "test-artifacts" / "ui-failure.png"))
+        raise
+    return elapsed
+
+
+def test_workbench_end_to_end(workbench, torchserve, artifacts_dir, tmp_path):
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian chromium is missing: run `bash scripts/setup.sh` (as root) first"
+    from playwright.sync_api import sync_playwright
+
+    from deepminer.labels import LabelStore
+    from serve.client import Client
+
+    # two images the server has never seen (it caches features by content); a third warms it up
+    images = [tmp_path / "mammo-a.png", tmp_path / "mammo-b.png"]
+    for i, p in enumerate(images):
+        p.write_bytes(_square_mammogram(11, i))
+    with Client(torchserve.inference_url, model="demo", timeout=120) as c:
+        c.explain(_square_mammogram(11, 2), max_side=1024)
+
+    timing: dict[str, float] = {}
+    steps: dict[str, float] = {}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport=VIEWPORT)
+        t0 = time.perf_counter()
+        page.goto(workbench["url"])
+        page.get_by_text("Upload a mammogram").wait_for(timeout=120_000)
+        _idle(page, 120_000)
+        timing["first_page_load_s"] = time.perf_counter() - t0
+        page.get_by_label(NAME_FIELD).fill("Dr. Playwright")
+        page.get_by_label(NAME_FIELD).press("Enter")
+        _after_input(page)
+
+        # 1. upload, see the CAM: first image (cold UI process), second (warm)
+        timing["upload_to_explanation_first_s"] = _upload(page, images[1])
+        _idle(page)
+        timing["explain_call_first_ms"] = _explain_ms(page)
+        timing["upload_to_explanation_s"] = _upload(page, images[0])
+        _idle(page)
+        timing["explain_call_ms"] = _explain_ms(page)
+        # which units the server finds most influential (to label two the explanation will name)
+        with Client(torchserve.inference_url, model="demo", timeout=120) as c:
+            ref = c.explain(images[0].read_bytes(), max_side=1024)
+        pick = ref.top[ref.prediction][:2]
+        assert page.get_by_text(f"Prediction: {ref.prediction}").count() == 1
+        assert page.get_by_text(re.compile(r"1024 x 1024 px")).count() == 1
+        _shot(page, artifacts_dir / "ui-explain.png")
+
+        steps["explain"] = time.perf_counter() - t0
+        # 2. draw a rectangle on the canvas, see the ranked units
+        _nav(page, "Sketch & label")
+        page.get_by_text("Unit map", exact=True).wait_for(timeout=60_000)
+        _idle(page)
+        sketch_on = page.locator('[data-testid="stSelectbox"]').first
+        shown = sketch_on.inner_text() + " " + " ".join(sketch_on.locator("input").evaluate_all(
+            "els => els.map(e => e.value + ' ' + (e.getAttribute('aria-label') || ''))"))
+        assert f"Whole image ({images[0].name})" in shown, shown
+        canvas = page.locator("canvas.upper-canvas").first
+        canvas.wait_for(timeout=30_000)
+        bb = canvas.bounding_box()
+        x0, y0 = bb["x"] + bb["width"] * 0.25, bb["y"] + bb["height"] * 0.3
+        page.mouse.move(x0, y0)
+        page.mouse.down()
+        page.mouse.move(x0 + bb["width"] * 0.3, y0 + bb["height"] * 0.3, steps=10)
+        page.mouse.up()
+        page.get_by_text(re.compile(r"^Units ranked by IoU")).wait_for(timeout=60_000)
+        _idle(page)
+        assert page.get_by_text(re.compile(r"^unit \d+ · IoU ")).count() >= 1  # the units' masks
+
+        steps["sketch"] = time.perf_counter() - t0
+        # 3. label two units at once with a concept typed in (HTML inside)
+        form = page.locator('[data-testid="stForm"]').first
+        units_box = form.locator('[data-testid="stMultiSelect"]')
+        for u in pick:
+            units_box.locator("input").click()
+            units_box.locator("input").fill(f"unit {u}")
+            page.get_by_role("option", name=re.compile(rf"^unit {u}\b")).first.click()
+        page.keyboard.press("Escape")
+        concept = form.locator('[data-testid="stSelectbox"]')
+        concept.locator("input").click()
+        concept.locator("input").fill(LABEL)
+        page.keyboard.press("Enter")
+        form.get_by_role("button", name="Label the selected units").click()
+        page.get_by_text(re.compile(r"^Labelled 2 unit\(s\)")).wait_for(timeout=30_000)
+        _idle(page)
+        _shot(page, artifacts_dir / "ui-sketch.png")
+
+        steps["label"] = time.perf_counter() - t0
+        # 4. reload: a new session; the labels are kept and named in the explanation, as text
+        page.reload()
+        _nav(page, "Explain")
+        _idle(page)
+        _upload(page, images[0])
+        _idle(page)
+        sentence = page.get_by_text(re.compile(r"most influenced by units labelled"))
+        sentence.wait_for(timeout=30_000)
+        assert LABEL in sentence.inner_text()
+        assert page.locator("i", has_text="Spiculated").count() == 0  # never rendered as HTML
+        _shot(page, artifacts_dir / "ui-explain-labelled.png")
+
+        steps["reload"] = time.perf_counter() - t0
+        # 5. the other pages
+        _nav(page, "Unit atlas")
+        page.get_by_text(re.compile(r"^\d+ of \d+ labelled$")).wait_for(timeout=60_000)
+        _idle(page)
+        _shot(page, artifacts_dir / "ui-atlas.png")
+        _nav(page, "Labels")
+        page.get_by_text("Current labels (2 units)").wait_for(timeout=60_000)
+        _idle(page)
+        _shot(page, artifacts_dir / "ui-labels.png")
+        steps["atlas_labels"] = time.perf_counter() - t0
+        browser.close()
+
+    store = LabelStore(workbench["labels_url"])
+    (model, weights), = store.models()
+    assert model == "demo"
+    assert store.labels_for(model, weights) == {u: LABEL for u in pick}
+    assert {r.annotator for r in store.history()} == {"Dr. Playwright"}
+    timing["image"] = "1024 x 1024 16-bit PNG"
+    timing["steps_s_since_page_open"] = steps
+    (artifacts_dir / "ui-timing.json").write_text(json.dumps(timing, indent=1) + "\n")
+    print(f"\nupload -> explanation (1024 x 1024): {timing['upload_to_explanation_s']:.2f} s "
+          f"(first upload of the UI process: {timing['upload_to_explanation_first_s']:.2f} s)")
+    assert timing["upload_to_explanation_s"] < 10, timing

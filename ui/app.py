@@ -1,0 +1,46 @@
+"""DeepMiner Studio workbench: ``streamlit run ui/app.py``.
+
+Four pages under ``st.navigation`` (one file each in ``ui/pages/``); the sidebar holds the
+annotator's name and the model server's status. Settings: see :mod:`ui.settings`.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `streamlit run ui/app.py` puts ui/ on the path, not the repo root
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+from ui import state  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+st.set_page_config(page_title="DeepMiner Studio", page_icon=":material/biotech:", layout="wide")
+
+PAGES = [
+    st.Page(str(HERE / "pages" / "explain.py"), title="Explain", icon=":material/image_search:", default=True,
+            url_path="explain"),
+    st.Page(str(HERE / "pages" / "sketch.py"), title="Sketch & label", icon=":material/draw:", url_path="sketch"),
+    st.Page(str(HERE / "pages" / "atlas.py"), title="Unit atlas", icon=":material/grid_view:", url_path="atlas"),
+    st.Page(str(HERE / "pages" / "labels.py"), title="Labels", icon=":material/label:", url_path="labels"),
+]
+
+page = st.navigation(PAGES)
+state.warm_up()
+
+with st.sidebar:
+    st.markdown("### DeepMiner Studio")
+    state.annotator_box()
+    s = state.settings()
+    if s.backend == "local":
+        st.caption(f"Model: in-process ({s.model_path.name})")
+    else:
+        st.caption(f"Model server: {s.serve_url} · model `{s.model}`")
+    key = state.current_key()
+    if key is not None:
+        st.caption(f"Labels for {key.short}")
+
+page.run()

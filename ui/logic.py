@@ -1,0 +1,241 @@
+"""What the pages compute, as plain functions of an :class:`~serve.client.ExplainResult` and arrays.
+
+No Streamlit here: the pages call these and only lay out the answers, and the tests call them
+directly. Math that belongs to the library (unit masks, IoU, thresholds, patch grid, tissue) is
+imported from :mod:`deepminer`, never rewritten.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from deepminer.explain.units import MATCH_IOU
+
+#: how many suspicious patches the Explain page lists
+SUSPICIOUS_TOP = 5
+#: the sketch page lists this many units ranked by IoU
+RANKED_TOP = 12
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """What labels are keyed by: the model name and the sha256 of its weights."""
+
+    name: str
+    weights_hash: str
+
+    @property
+    def short(self) -> str:
+        return f"{self.name} @ {self.weights_hash[:12]}"
+
+
+@dataclass(frozen=True)
+class Patch:
+    """A window of the image: ``box`` = (x0, y0, x1, y1) in original pixels, x1/y1 exclusive."""
+
+    box: tuple[int, int, int, int]
+    score: float  #: the patch's malignant probability
+
+    @property
+    def name(self) -> str:
+        x0, y0, x1, y1 = self.box
+        return f"x {x0}-{x1}, y {y0}-{y1}"
+
+
+def suspicious_patches(class_maps: np.ndarray, pixels: np.ndarray, classes: Sequence[str], *,
+                       target: str = "malignant", top: int = SUSPICIOUS_TOP, min_tissue: float = 0.5
+                       ) -> list[Patch]:
+    """The patches of a whole image most likely to be ``target`` (Lu & Perer's suspicious patches).
+
+    Windows follow DeepMiner's patch grid (:func:`deepminer.data.patches.patch_boxes`: side 25% of
+    the width, stride 50% of the side) and keep those with at least ``min_tissue`` breast tissue.
+    A patch's probability is what the FCN says for that patch alone: the softmax of its class
+    logits averaged over the patch (the GAP head's pooling restricted to the window). The API
+    sends per-cell probabilities ``p = softmax(z)``; ``log p = z - logsumexp(z)`` differs from the
+    logits by a per-cell constant shared by all classes, so the softmax of the window mean of
+    ``log p`` equals the softmax of the window mean of ``z`` exactly.
+    """
+    from deepminer.data.patches import patch_boxes
+    from deepminer.data.tissue import tissue_mask
+
+    from ui.render import resize_map
+
+    h_img, w_img = pixels.shape[:2]
+    boxes = patch_boxes(h_img, w_img)
+    if len(boxes) < 2 or target not in classes:
+        return []
+    # work on a grid of at most 256 px: log-probabilities resized bilinearly, tissue by area
+    f = min(1.0, 256 / max(h_img, w_img))
+    gh, gw = max(1, round(h_img * f)), max(1, round(w_img * f))
+    logp = np.log(np.clip(np.asarray(class_maps, dtype=np.float32), 1e-7, 1.0))
+    logits = np.stack([resize_map(m, (gh, gw)) for m in logp])
+    tissue = resize_map(tissue_mask(pixels).astype(np.float32), (gh, gw))
+    c = list(classes).index(target)
+    out = []
+    for x0, y0, x1, y1 in boxes:
+        gx0, gy0 = int(x0 * f), int(y0 * f)
+        gx1, gy1 = max(gx0 + 1, int(round(x1 * f))), max(gy0 + 1, int(round(y1 * f)))
+        if tissue[gy0:gy1, gx0:gx1].mean() < min_tissue:
+            continue
+        mean = logits[:, gy0:gy1, gx0:gx1].mean(axis=(1, 2)).astype(np.float64)
+        p = np.exp(mean - mean.max())
+        out.append(Patch((x0, y0, x1, y1), float(p[c] / p.sum())))
+    out.sort(key=lambda p: -p.score)
+    return out[:top]
+
+
+def crop_png(pixels: np.ndarray, box: Sequence[int]) -> bytes:
+    """The crop of a grey float image as a 16-bit PNG (what is sent to the model for a patch)."""
+    from PIL import Image
+
+    x0, y0, x1, y1 = (int(v) for v in box)
+    crop = np.clip(np.asarray(pixels, dtype=np.float32)[y0:y1, x0:x1], 0, 1)
+    buf = io.BytesIO()
+    Image.fromarray(np.round(crop * 65535).astype(np.uint16)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def canvas_mask(image_data: np.ndarray | None, shape: Sequence[int]) -> np.ndarray | None:
+    """The sketch as a bool mask of ``shape`` from the canvas's RGBA drawing layer (anything drawn
+    has alpha > 0); None when nothing is drawn."""
+    from PIL import Image
+
+    if image_data is None:
+        return None
+    rgba = np.asarray(image_data)
+    if rgba.ndim != 3 or rgba.shape[2] < 4:
+        return None
+    drawn = rgba[:, :, 3] > 0
+    if not drawn.any():
+        return None
+    h, w = int(shape[0]), int(shape[1])
+    return np.asarray(Image.fromarray(drawn.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)) > 127
+
+
+def rect_mask(shape: Sequence[int], box: Sequence[float]) -> np.ndarray:
+    """A filled rectangle ``(x0, y0, x1, y1)`` as a bool mask (for tests and box queries)."""
+    m = np.zeros((int(shape[0]), int(shape[1])), dtype=bool)
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    m[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = True
+    return m
+
+
+@dataclass(frozen=True)
+class RankedUnit:
+    unit: int
+    iou: float
+    label: str
+    matches: bool  #: IoU above :data:`MATCH_IOU`
+
+
+def rank_by_iou(iou: np.ndarray, labels: Mapping[int, str], top: int = RANKED_TOP) -> list[RankedUnit]:
+    """Units ranked by IoU with the sketch, best first (ties: lower unit id first)."""
+    v = np.asarray(iou, dtype=np.float64)
+    order = np.lexsort((np.arange(v.size), -v))[:top]
+    return [RankedUnit(int(u), float(v[u]), labels.get(int(u), ""), bool(v[u] > MATCH_IOU)) for u in order]
+
+
+def unit_mask_on(result, unit: int, thresholds: np.ndarray, shape: Sequence[int]) -> np.ndarray | None:
+    """The binarized response of ``unit`` on this image at ``shape`` (None: its map was not sent)."""
+    from deepminer.explain.units import unit_masks
+
+    m = result.unit_maps.get(int(unit))
+    if m is None:
+        return None
+    return unit_masks(m[None], np.asarray(thresholds)[[int(unit)]], shape)[0]
+
+
+def top_unit_rows(result, cls: str, labels: Mapping[int, str]) -> list[dict]:
+    """The most influential units for ``cls`` (as the server ranked them) with influence and label."""
+    infl = result.influence.get(cls)
+    return [{"unit": int(u), "influence": float(infl[u]) if infl is not None else float("nan"),
+             "max activation": float(result.unit_max[u]), "label": labels.get(int(u), "")}
+            for u in result.top.get(cls, [])]
+
+
+def survey_progress(top_units: Mapping[str, Iterable[int]], answered: Iterable[int]) -> tuple[int, int]:
+    """(answered, total) over the distinct top units of all classes ("23 of 60 labelled")."""
+    units = {int(u) for us in top_units.values() for u in us}
+    return len(units & {int(u) for u in answered}), len(units)
+
+
+def label_options(vocabulary: Iterable[str], extra: Iterable[str] = ()) -> list[str]:
+    """Label choices for a dropdown: labels already used first, then the project's concepts, then every
+    BI-RADS term in pydicom (CID 6004-6015), each once (case-insensitively)."""
+    from deepminer.concepts import CONCEPTS, birads_terms
+
+    seen: set[str] = set()
+    out: list[str] = []
+    for name in [*vocabulary, *extra, *(c.display for c in CONCEPTS), *(t[1] for t in birads_terms())]:
+        key = " ".join(str(name).split()).casefold()
+        if key and key not in seen:
+            seen.add(key)
+            out.append(str(name))
+    return out
+
+
+def model_key(name: str, atlas_meta: Mapping | None, result_model: Mapping | None = None) -> ModelKey | None:
+    """The key labels are stored under: the configured model ``name`` and the sha256 of its weights,
+    taken from the explanation when the server sends one (``weights_sha256``), else from the atlas
+    built for the model; None when neither knows it."""
+    res = dict(result_model or {})
+    atl = dict((atlas_meta or {}).get("model") or {})
+    digest = res.get("weights_sha256") or res.get("weights_hash") or atl.get("weights_sha256")
+    return ModelKey(str(name), str(digest)) if digest else None
+
+
+class ResultView:
+    """An :class:`~serve.client.ExplainResult` (what the HTTP API returns) seen as the engine's
+    :class:`~deepminer.explain.Explanation`, as far as :mod:`deepminer.explain.reports` reads it:
+    the reports are written once, in the library, and the UI feeds them what the server sent."""
+
+    def __init__(self, result):
+        self.classes = tuple(result.model.get("classes") or result.classes)
+        self.prediction = result.prediction
+        self.probabilities = dict(result.probabilities)
+        self.cam = result.cam
+        self.unit_max = result.unit_max
+        self.sketch_iou = result.sketch_iou
+        self.influence = np.stack([np.asarray(result.influence[c], dtype=np.float32) for c in self.classes])
+        self.unit_maps_ = None  # the reports' per-unit maps are not needed by the pages
+        self._top = result.top
+
+    def class_index(self, cls: str | int) -> int:
+        return int(cls) if isinstance(cls, (int, np.integer)) else self.classes.index(cls)
+
+    def ranked_units(self, cls: str | int, n: int | None = None) -> list[int]:
+        """The server's ranking when it sent enough of it (float32 influence), else re-ranked."""
+        from deepminer.explain import rank_units
+
+        name = self.classes[self.class_index(cls)]
+        top = self._top.get(name, [])
+        if n is not None and n <= len(top):
+            return list(top[:n])
+        return rank_units(self.influence[self.class_index(cls)], n)
+
+
+def explanation(result, labels: Mapping[int, str]) -> dict:
+    """DeepMiner's explanation of ``result`` with the current ``labels`` (``sentence``, ``units``...):
+    :func:`deepminer.explain.deepminer_explanation`."""
+    from deepminer.explain import deepminer_explanation
+
+    return deepminer_explanation(ResultView(result), dict(labels))
+
+
+def label_report_rows(result, labels: Mapping[int, str], sketch_result=None) -> list[dict]:
+    """Lu & Perer's two reports as rows ``{label, units, activation, iou}``: per label the mean max
+    activation of its units on this image and, given an explanation with a sketch, their mean IoU
+    with it (None without): :func:`deepminer.explain.label_report`."""
+    from deepminer.explain import label_report
+
+    if not labels:
+        return []
+    rows = label_report(ResultView(result), dict(labels))
+    ious = {}
+    if sketch_result is not None and sketch_result.sketch_iou is not None:
+        ious = {r["label"]: r["mean_sketch_iou"] for r in label_report(ResultView(sketch_result), dict(labels))}
+    return [{"label": r["label"], "units": list(r["units"]), "activation": float(r["mean_max_activation"]),
+             "iou": ious.get(r["label"])} for r in rows]
