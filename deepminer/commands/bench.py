@@ -1,0 +1,127 @@
+"""``deepminer bench``: forward vs explain vs Grad-CAM vs sketch IoU vs dissection, side by side."""
+from __future__ import annotations
+
+import argparse
+
+NAME = "bench"
+HELP = "time forward, one-pass explain, Grad-CAM, sketch IoU and dissection side by side"
+DESCRIPTION = (
+    "Measures, in one run on the same models and inputs, a 224 px patch and a 1536x908 whole image: the "
+    "bare forward, the one-pass explanation, pytorch-grad-cam's Grad-CAM, the sketch IoU over all units, "
+    "and dissection throughput vs forward throughput at the same batch size. Repetitions are interleaved; "
+    "medians and ratios of medians are printed with PASS/MISS against the targets (explain/forward <= 1.15, "
+    "Grad-CAM/explain >= 2.5, sketch IoU <= 20 ms on the whole image, dissection >= 0.8x forward). "
+    "--model and --arch may be repeated (e.g. --model model_store/demo/model.pt --arch resnet50). "
+    "--serve URL adds the HTTP round trip of a 1024x1024 8-bit PNG vs the first model's forward."
+)
+
+
+class _AddModel(argparse.Action):
+    """Collect --model / --arch in command-line order into ``args.models``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        specs = list(getattr(namespace, "models", None) or [])
+        specs.append((self.dest, values))
+        namespace.models = specs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(models=None)
+    parser.add_argument("--model", dest="model", action=_AddModel, metavar="PATH",
+                        help="deepminer checkpoint to bench (repeatable) [model_store/demo/model.pt if it exists, "
+                             "else --arch efficientnet_lite0]")
+    parser.add_argument("--arch", dest="arch", action=_AddModel, metavar="NAME",
+                        help="bench a freshly built architecture (repeatable): tiny, resnet18/50/152, "
+                             "efficientnet_lite0")
+    parser.add_argument("--cases", default="patch,whole", help="comma-separated cases: patch (224x224), "
+                                                               "whole (1536x908)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions of each method")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch of 224 px patches for dissection "
+                                                                   "and its forward")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads [torch's default]")
+    parser.add_argument("--no-dissect", action="store_true", help="skip the dissection measurement")
+    parser.add_argument("--serve", default=None, metavar="URL",
+                        help="also time the HTTP round trip to TorchServe at URL (e.g. http://127.0.0.1:8080)")
+    parser.add_argument("--serve-model", default=None, help="model name on the server [$DEEPMINER_MODEL or demo]")
+    parser.add_argument("--key-file", default=None, help="TorchServe key_file.json [$DEEPMINER_KEY_FILE]")
+    parser.add_argument("--token", default=None, help="inference token [$DEEPMINER_TOKEN]")
+    parser.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+
+
+def _round_trip(args: argparse.Namespace):
+    """``png -> ms`` through the serving colleague's ``serve_round_trip`` (one request, keep-alive
+    session per call); checks once that the server answers."""
+    import os
+
+    from deepminer.commands.explain import import_serve
+    from deepminer.errors import InputError
+
+    client = import_serve("client")
+    name = args.serve_model or os.environ.get(client.ENV_MODEL) or client.DEFAULT_MODEL
+    key_file = args.key_file or os.environ.get(client.ENV_KEY_FILE) or None
+    token = args.token or os.environ.get(client.ENV_TOKEN) or None
+
+    def one(png: bytes) -> float:
+        try:
+            return client.serve_round_trip(args.serve, png, 1, model=name, token=token, key_file=key_file,
+                                           warmup=0)[0]
+        except client.ServeUnavailable as err:
+            raise InputError(f"--serve: {err}; start it with `make run`") from None
+        except client.ServeError as err:
+            raise InputError(f"--serve {args.serve}: model {name!r} answered {err.status} {err.type}: "
+                             f"{err.message}") from None
+
+    return one
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from deepminer import bench
+    from deepminer.errors import InputError
+
+    specs = [bench.ModelSpec(kind, value) for kind, value in (args.models or [])] or bench.default_specs()
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    for c in cases:
+        if c not in bench.CASES:
+            raise InputError(f"--cases: unknown case {c!r}; known: {', '.join(bench.CASES)}")
+    if args.repeats < 1:
+        raise InputError(f"--repeats: must be >= 1, got {args.repeats}")
+    if args.warmup < 0:
+        raise InputError(f"--warmup: must be >= 0, got {args.warmup}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise InputError(f"--device: must be auto, cpu or cuda, got {args.device!r}")
+    for s in specs:  # fail fast, before loading anything
+        if s.kind == "model" and not Path(s.value).is_file():
+            raise InputError(f"{s.value}: no such model file")
+        if s.kind == "arch":
+            from deepminer.models import arch_spec
+
+            arch_spec(s.value)
+    round_trip = _round_trip(args) if args.serve else None
+    if round_trip is not None:  # is the server there? (one untimed request, before the long work)
+        from deepminer.commands.explain import import_serve
+
+        client = import_serve("client")
+        with client.Client.from_env(url=args.serve, model=args.serve_model, token=args.token,
+                                    key_file=args.key_file) as c:
+            if not c.ping():
+                raise InputError(f"--serve: TorchServe is not reachable at {args.serve} (no Healthy /ping); "
+                                 "start it with `make run`")
+        round_trip(bench.png8_variants(np.full((64, 64), 0.5, np.float32), 1)[0])  # model name, token
+    report = bench.run_bench(specs, cases=cases, repeats=args.repeats, warmup=args.warmup,
+                             batch_size=args.batch_size, device=args.device, threads=args.threads,
+                             round_trip=round_trip, serve_url=args.serve, dissect=not args.no_dissect,
+                             progress=True)
+    if args.json:
+        print(json.dumps(bench.to_json(report), indent=1))
+    else:
+        print(bench.format_table(report))
+    return 0

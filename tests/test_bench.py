@@ -1,0 +1,147 @@
+"""``deepminer bench``: the report's shape and arithmetic (no timed asserts: speed targets are checked
+by running the bench, not by tests)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from deepminer import bench
+from deepminer.cli import main
+
+REQUIRED = ("explain_vs_forward", "gradcam_vs_explain", "dissect_vs_forward", "sketch_iou_ms")
+TIMES = ("forward_ms", "explain_ms", "gradcam_ms", "sketch_iou_ms", "dissect_items_per_s", "forward_items_per_s")
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory) -> dict:
+    """One small real run of the whole bench on the tiny arch (both cases, dissection included), on
+    one torch thread (steady on a loaded machine); the process's thread count is given back."""
+    before = torch.get_num_threads()
+    report = bench.run_bench([bench.ModelSpec("arch", "tiny")], repeats=2, warmup=0, batch_size=4,
+                             device="cpu", threads=1, progress=False, dissect_image_px=256,
+                             log=lambda _m: None)
+    assert torch.get_num_threads() == before
+    return report
+
+
+@pytest.mark.slow  # the module's bench run: ~15 s CPU, pytorch-grad-cam's import alone several
+def test_report_has_finite_positive_keys_for_both_cases(tiny_report):
+    cases = tiny_report["models"]["tiny"]["cases"]
+    assert set(cases) == {"patch", "whole"}
+    for case, r in cases.items():
+        for key in REQUIRED + TIMES:
+            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (case, key, r.get(key))
+        assert r["input"] == list(bench.CASES[case])
+        for key in ("forward_ms", "explain_ms", "gradcam_ms", "sketch_iou_ms"):
+            assert len(r["raw"][key]) == 2 and len(r["raw_cpu"][key]) == 2
+            assert math.isfinite(r["cpu"][key]) and r["cpu"][key] >= 0
+    # the tiny CNN has stride 16: 224 -> 14x14 cells, 1536x908 -> 96x57
+    assert cases["patch"]["map"] == [14, 14] and cases["whole"]["map"] == [96, 57]
+    env = tiny_report["environment"]
+    assert env["cpu_count"] >= 1 and env["torch_threads"] == 1 and env["torch"] and env["device"] == "cpu"
+
+
+@pytest.mark.slow
+def test_ratios_are_ratios_of_the_reported_medians(tiny_report):
+    d = tiny_report["models"]["tiny"]["dissect"]
+    assert d["items"] >= 4 and d["batch_size"] == 4
+    for r in tiny_report["models"]["tiny"]["cases"].values():
+        for key in ("forward_ms", "explain_ms", "gradcam_ms", "sketch_iou_ms"):
+            assert r[key] == pytest.approx(float(np.median(r["raw"][key])))
+        assert r["explain_vs_forward"] == pytest.approx(r["explain_ms"] / r["forward_ms"])
+        assert r["gradcam_vs_explain"] == pytest.approx(r["gradcam_ms"] / r["explain_ms"])
+        assert r["dissect_items_per_s"] == pytest.approx(float(np.median(d["raw"]["dissect_items_per_s"])))
+        assert r["dissect_vs_forward"] == pytest.approx(r["dissect_items_per_s"] / r["forward_items_per_s"])
+        assert r["cpu"]["explain_vs_forward"] == pytest.approx(r["cpu"]["explain_ms"] / r["cpu"]["forward_ms"])
+        # PASS/MISS follow the targets
+        assert r["check"]["explain_vs_forward"] == ("PASS" if r["explain_vs_forward"] <= 1.15 else "MISS")
+        assert r["check"]["dissect_vs_forward"] == ("PASS" if r["dissect_vs_forward"] >= 0.8 else "MISS")
+    assert tiny_report["models"]["tiny"]["cases"]["patch"]["check"]["sketch_iou_ms"] is None  # whole image only
+
+
+@pytest.mark.slow
+def test_table_prints_every_row(tiny_report):
+    text = bench.format_table(tiny_report)
+    lines = text.splitlines()
+    assert any(line.startswith("model") and "explain/fwd" in line and "dissect/fwd" in line for line in lines)
+    rows = [line for line in lines if line.startswith("tiny ")]
+    assert len(rows) == 2 and "224x224" in rows[0] and "1536x908" in rows[1]
+    r = tiny_report["models"]["tiny"]["cases"]["whole"]
+    assert f"{r['explain_vs_forward']:.2f} {r['check']['explain_vs_forward']}" in rows[1]
+
+
+@pytest.mark.slow
+def test_json_round_trips(tiny_report):
+    out = json.loads(json.dumps(bench.to_json(tiny_report)))
+    r = out["models"]["tiny"]["cases"]["whole"]
+    assert r["explain_vs_forward"] == pytest.approx(r["explain_ms"] / r["forward_ms"], rel=1e-3)
+
+
+def test_serve_measure_with_a_real_callable():
+    """measure_serve: p50/p90 of whatever the round trip returns; a different PNG each request."""
+    import io
+
+    from PIL import Image
+
+    from deepminer.models import build_model
+
+    seen: list[bytes] = []
+    delays = [5.0, 7.0, 9.0, 30.0]
+
+    def round_trip(png: bytes) -> float:
+        seen.append(png)
+        return delays[len(seen) - 2] if len(seen) >= 2 else 100.0  # first (warm-up) request: 100
+
+    model = build_model("tiny", pretrained=False).eval()
+    img = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    res = bench.measure_serve(model, img, round_trip, torch.device("cpu"),
+                              repeats=4, warmup=1)
+    assert res["serve_p50_ms"] == pytest.approx(8.0)
+    assert res["serve_p90_ms"] == pytest.approx(float(np.percentile(delays, 90)))
+    assert res["serve_vs_forward_ms"] == pytest.approx(8.0 - res["forward_ms"])
+    assert len(set(seen)) == 5  # every request a distinct image: the server's cache cannot answer
+    a = np.asarray(Image.open(io.BytesIO(seen[1])))
+    assert a.dtype == np.uint8 and a.shape == (64, 64)
+
+
+def test_cli_json_and_table(capsys):
+    argv = ["bench", "--arch", "tiny", "--cases", "patch", "--repeats", "1", "--warmup", "0", "--no-dissect"]
+    assert main(argv + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    r = out["models"]["tiny"]["cases"]["patch"]
+    assert r["forward_ms"] > 0 and r["explain_vs_forward"] > 0 and "whole" not in out["models"]["tiny"]["cases"]
+    assert main(argv) == 0
+    assert "tiny   patch  224x224" in capsys.readouterr().out
+
+
+def test_two_models_in_one_run(tmp_path, capsys):
+    from deepminer.models import build_model, save_model
+
+    path = tmp_path / "demo" / "model.pt"
+    path.parent.mkdir()
+    save_model(build_model("tiny", pretrained=False), path)
+    argv = ["bench", "--model", str(path), "--arch", "tiny", "--cases", "patch", "--repeats", "1",
+            "--warmup", "0", "--no-dissect", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert list(out["models"]) == ["demo", "tiny"]
+    assert out["models"]["demo"]["weights"] == "checkpoint"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--model", "no/such/model.pt"], "no/such/model.pt: no such model file"),
+    (["--arch", "nosuch"], "unknown arch 'nosuch'"),
+    (["--arch", "tiny", "--cases", "patch,huge"], "--cases: unknown case 'huge'"),
+    (["--arch", "tiny", "--repeats", "0"], "--repeats"),
+    (["--arch", "tiny", "--serve", "http://127.0.0.1:9"], "not reachable"),
+    pytest.param(["--arch", "tiny", "--device", "cuda"], "no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
+])
+def test_bad_input_exits_2_with_one_line(argv, needle, capsys):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and err[0].startswith("deepminer bench: error:")
