@@ -132,3 +132,34 @@ def test_sketch_at_equals_area_interpolation(shape, size):
     ref = F.interpolate(torch.from_numpy(s.astype(np.float32))[None, None], size=size, mode="area")[0, 0] >= 0.5
     assert np.array_equal(sketch_at(s, size), ref.numpy())
     assert not sketch_at(np.zeros(shape, bool), size).any()
+
+
+@pytest.mark.parametrize("k,h,w,H,W,dtype,signed", [
+    (160, 48, 29, 1536, 908, np.float16, False),  # ResNet-50 whole image: 48x29 maps, 256x151 working grid
+    (120, 48, 29, 1536, 908, np.float32, True),   # signed maps: falling rows, negative thresholds
+    (300, 7, 7, 224, 224, np.float16, False),     # a 224-px patch: 7x7 maps, 32x32 px per cell
+    (200, 7, 7, 224, 224, np.float64, True),
+])
+def test_sketch_iou_random_equals_per_unit_loop(k, h, w, H, W, dtype, signed):
+    rng = np.random.default_rng(k + h)
+    raw = torch.from_numpy(rng.normal(0, 1, (1, k, h + 2, w + 2)))
+    maps = F.avg_pool2d(raw, 3, 1)[0].numpy() * 3  # smooth, like real unit maps
+    maps = (maps if signed else np.maximum(maps, 0)).astype(dtype)
+    q = rng.uniform(0.5, 0.995, k)
+    thresholds = np.array([np.quantile(maps[i].astype(np.float64), q[i]) for i in range(k)])
+    thresholds[:4] = 0.0 if not signed else [-0.5, -2.0, 0.0, 0.0]
+    thresholds[4] = maps[4].max()  # an empty mask
+    sketch = np.zeros((H, W), bool)
+    sketch[H // 4:H // 2, W // 5:W * 3 // 5] = True  # a rectangle, as drawn in the UI
+    yy, xx = np.mgrid[:H, :W]
+    sketch |= (yy - H * 0.7) ** 2 + (xx - W * 0.5) ** 2 < (min(H, W) * 0.15) ** 2  # and a round part
+    ref = loop_iou(sketch, maps, thresholds)
+    for given in (maps, torch.from_numpy(maps)):  # numpy or torch maps, same result
+        got = sketch_iou(sketch, given, thresholds)
+        assert got.shape == (k,) and got.dtype == np.float32
+        assert np.allclose(got, ref, atol=1e-6), np.abs(got - ref).max()
+    assert ref[4] == 0.0 and ref.max() > 0.1 and (ref > 0).sum() > k // 4  # real overlaps
+    # the whole image as the sketch: IoU = mask area / image area, an independent count
+    full = np.ones((H, W), bool)
+    area = unit_masks(maps[:20], thresholds[:20], iou_work_size((H, W))).mean((1, 2))
+    assert np.allclose(sketch_iou(full, maps[:20], thresholds[:20]), area, atol=1e-6)

@@ -133,9 +133,11 @@ def _box_sums(mask: np.ndarray, y0: np.ndarray, y1: np.ndarray, x0: np.ndarray, 
               ) -> np.ndarray:
     """``(len(y0), len(x0))`` pixel counts of ``mask`` in the boxes rows ``[y0[i], y1[i])`` x
     columns ``[x0[j], x1[j])``, from an integral image."""
-    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
-    integral[1:, 1:] = mask.cumsum(0).cumsum(1)
-    return integral[y1][:, x1] - integral[y0][:, x1] - integral[y1][:, x0] + integral[y0][:, x0]
+    cs = np.zeros((mask.shape[0] + 1, mask.shape[1]), np.int64)  # column sums above each row
+    np.cumsum(mask, axis=0, out=cs[1:])
+    rows = np.zeros((len(y0), mask.shape[1] + 1), np.int64)  # of each row range, then across
+    np.cumsum(cs[y1] - cs[y0], axis=1, out=rows[:, 1:])
+    return rows[:, x1] - rows[:, x0]
 
 
 def _area_windows(n: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
@@ -214,6 +216,25 @@ def _cols(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return np.take(a, idx, axis=-1)
 
 
+def _above(mn: np.ndarray, t: np.ndarray, out: np.ndarray) -> None:
+    """``out[...] = mn > t[:, None, None]`` for maps ``(K, h, w)`` and float64 thresholds ``t``.
+
+    float16 maps: x > t iff x > t16, the largest float16 <= t (x a float16); for t16 >= +0 that
+    is an int16 comparison of the bit patterns (negative x have negative patterns; a NaN cell
+    may come out above, harmless: its quads count no pixel)."""
+    if mn.dtype != np.float16:
+        np.greater(mn, _threshold_in(t, mn.dtype)[:, None, None], out=out)
+        return
+    t16 = t.astype(np.float16)
+    t16 = np.where(t16.astype(np.float64) > t, np.nextafter(t16, np.float16(-np.inf)), t16)
+    t16 = t16 + np.float16(0.0)  # -0 -> +0
+    nonneg = ~np.signbit(t16)
+    if nonneg.all():
+        np.greater(mn.view(np.int16), t16.view(np.int16)[:, None, None], out=out)
+        return
+    np.greater(mn, t16[:, None, None], out=out)
+
+
 def sketch_iou(sketch, maps, thresholds, *, work_side: int | None = IOU_SIDE) -> np.ndarray:
     """IoU ``[K]`` of a sketch (bool ``(H, W)``, original pixels) with the mask of every unit.
 
@@ -221,16 +242,25 @@ def sketch_iou(sketch, maps, thresholds, *, work_side: int | None = IOU_SIDE) ->
     working size :func:`iou_work_size` (see the module docstring) and vectorised over all units.
     Inside each quad of four neighbouring cells (edges repeated) a unit's upsampled map is a
     convex combination of the four corner values, so a quad with no corner above the threshold
-    holds no mask pixel. Only the quads with a corner above are evaluated pixel by pixel, those
-    of all units at once, one working row at a time; a quad wholly inside the sketch adds its
-    count to the overlap, one partly inside is intersected pixel by pixel. The cost is ``K*h*w``
-    bytes plus the pixels of those quads, never ``K*H*W``. Equal to the per-unit loop (float64
+    holds no mask pixel. Only the quads with a corner above are evaluated, those of all units at
+    once. Within one quad and one working row the value is affine in the column weight, which
+    grows by a fixed step from pixel to pixel, so the pixels above the threshold are one run at
+    one end of the row: its ends are found in closed form (cost rows x quads, not pixels), and
+    its overlap with the sketch comes from the sketch's row prefix sums. The cost is ``K*h*w``
+    bytes plus the rows of those quads, never ``K*H*W``. Equal to the per-unit loop (float64
     :func:`unit_masks`) up to a pixel whose value ties the threshold within rounding (values are
-    interpolated in the maps' precision; thresholds are compared exactly). Numpy only: no
-    parallel regions, so it keeps its speed on a busy machine.
+    interpolated in the maps' precision, float32 for float16/32 maps; an exact tie, e.g. zeros
+    at threshold 0 or a constant stretch, is not above). Numpy only: no parallel regions, so it
+    keeps its speed on a busy machine.
     """
-    m = _as_tensor(maps, None)
-    mn = (m if m.dtype == torch.float64 else m.float()).numpy()  # float16 widened by torch (fast)
+    if isinstance(maps, torch.Tensor):
+        mt = maps.detach().cpu()
+        mn = (mt if mt.dtype in (torch.float16, torch.float32, torch.float64) else mt.double()).numpy()
+    else:
+        mn = np.asarray(maps)
+    if mn.dtype not in (np.float16, np.float32, np.float64):
+        mn = mn.astype(np.float64)
+    mn = np.ascontiguousarray(mn)  # float16 stays float16: only the corners used are widened
     if mn.ndim != 3:
         raise ValueError(f"sketch_iou: maps must be (K, h, w), got shape {mn.shape}")
     k, h, w = mn.shape
@@ -243,59 +273,90 @@ def sketch_iou(sketch, maps, thresholds, *, work_side: int | None = IOU_SIDE) ->
     hw, ww = iou_work_size(s.shape, work_side)
     sk = sketch_at(s, (hw, ww))
     ay, ax = _axis(h, hw), _axis(w, ww)
-    tn = _threshold_in(t, mn.dtype)
 
     # per quad q = j*(w+1) + c of the (h+1) x (w+1) quads: pixel and sketch counts, its four
     # corner cells (rows j-1, j and columns c-1, c, clamped) and its bands' tables
-    jq, cq = np.divmod(np.arange((h + 1) * (w + 1)), w + 1)
+    nq = (h + 1) * (w + 1)
+    jq, cq = np.divmod(np.arange(nq), w + 1)
     npix = (ay.count[:, None] * ax.count[None, :]).reshape(-1)
     nsk = _box_sums(sk, ay.start, ay.start + ay.count, ax.start, ax.start + ax.count).reshape(-1)
     r0, r1 = np.maximum(jq - 1, 0) * w, np.minimum(jq, h - 1) * w
     c0, c1 = np.maximum(cq - 1, 0), np.minimum(cq, w - 1)
     corner = np.stack([r0 + c0, r0 + c1, r1 + c0, r1 + c1])  # (4, Q) offsets in a unit's map
-    lam_x, lam_y = ax.lam[:, cq].astype(mn.dtype), ay.lam[:, jq].astype(mn.dtype)  # (C, Q), (R, Q)
-    idx_x, idx_y = ax.idx[:, cq], ay.idx[:, jq]
+    # x: a band's first pixel column, weight / step and count (the weight grows by one step,
+    # n/n_out, a pixel); y: each row's weight and working row; padded rows weight 0, count 0.
+    # Arithmetic in the maps' precision (float32 for float16/32 maps), as F.interpolate.
+    work = np.float64 if mn.dtype == np.float64 else np.float32
+    tn = _threshold_in(t, work)
+    x_step = w / ww
+    x_start = ax.start[cq]
+    x_lam0s = (np.nan_to_num(ax.lam[0]) / x_step)[cq].astype(work)
+    wy_t, ry_t = np.nan_to_num(ay.lam)[:, jq].astype(work), ay.idx[:, jq]  # (R, Q)
+    y_valid = np.arange(ay.idx.shape[0])[:, None] < ay.count[jq][None, :]  # (R, Q)
+    cxr_t = np.where(y_valid, ax.count[cq][None, :], 0).astype(work)  # (R, Q) pixels in a row
+    prefix = np.zeros((hw, ww + 1), np.int64)  # sketch pixels in a working row left of a column
+    np.cumsum(sk, axis=1, out=prefix[:, 1:])
+    prefix = prefix.reshape(-1)
 
-    # quads with a corner above the threshold: the only ones that can hold mask pixels
-    above = mn > tn[:, None, None]
-    active = np.flatnonzero(above.reshape(k, -1).any(1))  # units with a mask at all
-    if active.size < k:
-        above = above[active]
-    above = np.pad(above, ((0, 0), (1, 1), (1, 1)), mode="edge")
-    rows = above[:, :, :-1] | above[:, :, 1:]
-    hit = np.flatnonzero(rows[:, :-1] | rows[:, 1:])  # into (n_active, h+1, w+1)
+    # quads with a corner above the threshold: the only ones that can hold mask pixels. The
+    # above-threshold cells go into a zero-bordered grid g (row 0 and column w empty; cell (r, c)
+    # at g[r+1, c]), flat per unit; quad (j, c) reads g[j..j+1, c-1..c], i.e. flat f, f-1,
+    # f+w+1, f+w: two shifted ORs (a column -1 falls on the previous row's empty column w).
+    g = np.zeros((k, h + 2, w + 1), bool)
+    _above(mn, t, out=g[:, 1:h + 1, :w])
+    flat_g = g.reshape(-1)
+    pair = flat_g[:-(w + 1)] | flat_g[w + 1:]
+    pair[1:] |= pair[:-1]
+    hit = np.flatnonzero(pair)
+    unit_all, q_all = np.divmod(hit, (h + 2) * (w + 1))
+    keep = q_all < nq  # grid row h+1 is no quad (it would reach the next unit's grid)
+    unit_all, q_all = unit_all[keep], q_all[keep]
 
-    # evaluate those quads pixel by pixel, all units at once; arrays are (C, n) / (R, n), the
-    # short axis first. Padded rows/columns of a band have weight NaN: they compare False.
+    # per quad and working row, the above pixels are one run at one end of the row. Pixel i of
+    # the row has column weight lam0 + i*step and value a + b*(lam0 + i*step) (a, b: the row's
+    # value and slope in the weight): with bs = b*step and y = (t - a - bs*lam0/step) / |bs|,
+    # it is above iff i > y (b > 0) or i < -y (b < 0): counts cx-1-floor(y) or -floor(y),
+    # clamped to [0, cx]. b == 0: y = -inf (all, a > t), +inf or NaN (none). Padded rows: cx 0.
     area, inter = np.zeros(k), np.zeros(k)
     flat = mn.reshape(-1)
-    step = max(1, _CHUNK // lam_x.shape[0])
-    for s0 in range(0, hit.size, step):
-        unit, q = np.divmod(hit[s0:s0 + step], (h + 1) * (w + 1))
-        unit = active[unit]
-        v = np.take(flat, _cols(corner, q) + unit * (h * w))  # (4, n) corner values
-        wx = _cols(lam_x, q)
-        # a pixel's value is top + wy * d (top: the quad's top row at the pixel's column, d: bottom
-        # row - top row); it is above the threshold iff wy * d > t - top (the slack)
-        slack = np.take(tn, unit) - v[0] - wx * (v[1] - v[0])  # (C, n)
-        d = (v[2] - v[0]) + wx * ((v[3] - v[2]) - (v[1] - v[0]))  # (C, n)
-        wy = _cols(lam_y, q)  # (R, n)
+    tw = tn.astype(work)
+    step = max(1, _CHUNK // (4 * wy_t.shape[0]))
+    for s0 in range(0, unit_all.size, step):
+        unit, q = unit_all[s0:s0 + step], q_all[s0:s0 + step]
+        v = np.take(flat, _cols(corner, q) + unit * (h * w)).astype(work, copy=False)  # (4, n)
+        dx = v[1] - v[0]
+        e = ((v[3] - v[2]) - dx) * x_step
+        dx *= x_step
+        wy = _cols(wy_t, q)  # (R, n)
+        num = wy * (v[0] - v[2])
+        num += np.take(tw, unit) - v[0]  # t - a
+        bs = np.multiply(wy, e, out=wy)
+        bs += dx  # b * step
+        num -= bs * _cols(x_lam0s, q)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            y = np.divide(num, np.abs(bs), out=num)
+        np.floor(y, out=y)
+        cxr = _cols(cxr_t, q)
+        neg = np.signbit(bs)
+        cnt = cxr - 1
+        cnt *= ~neg  # (a multiply: np.where / copyto branch on every element)
+        cnt -= y
+        np.fmax(cnt, 0, out=cnt)  # NaN -> 0
+        np.minimum(cnt, cxr, out=cnt)
+        tot = cnt.sum(0, dtype=np.float64)
+        area += np.bincount(unit, tot, minlength=k)
+        # overlap: the whole count where the quad lies in the sketch, row prefix sums where partly
         ns, npq = _cols(nsk, q), _cols(npix, q)
-        part = np.flatnonzero((ns > 0) & (ns < npq))  # quads partly in the sketch
-        cols, rows_p = _cols(idx_x, q[part]), _cols(idx_y, q[part])  # their working pixels
-        acc = np.zeros(d.shape, np.uint8)
-        acc_sk = np.zeros(cols.shape, np.uint8)
-        val, inside = np.empty_like(d), np.empty(d.shape, bool)
-        for r in range(wy.shape[0]):  # one working row of every quad at a time
-            np.greater(np.multiply(d, wy[r], out=val), slack, out=inside)
-            acc += inside
-            if part.size:
-                acc_sk += inside[:, part] & sk[rows_p[r], cols]
-        cnt = acc.sum(0)
-        area += np.bincount(unit, cnt, minlength=k)
-        # overlap: the whole count where the quad lies in the sketch, pixel by pixel where partly
-        inter += np.bincount(unit, np.where(ns == npq, cnt, 0), minlength=k)
-        inter += np.bincount(unit[part], acc_sk.sum(0), minlength=k)
+        inter += np.bincount(unit, tot * (ns == npq), minlength=k)
+        part = np.flatnonzero((ns > 0) & (ns < npq))
+        if part.size:
+            qp, cp, np_ = q[part], cnt[:, part].astype(np.int64), neg[:, part]
+            cxp = _cols(cxr_t, qp).astype(np.int64)
+            lo = np.where(np_, 0, cxp - cp)
+            hi = np.where(np_, cp, cxp)
+            base = _cols(ry_t, qp) * (ww + 1) + _cols(x_start, qp)  # (R, np)
+            ov = (np.take(prefix, base + hi) - np.take(prefix, base + lo)).sum(0)
+            inter += np.bincount(unit[part], ov, minlength=k)
     union = sk.sum() + area - inter
     return np.where(union > 0, inter / np.maximum(union, 1), 0.0).astype(np.float32)
 
