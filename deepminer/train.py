@@ -1,0 +1,670 @@
+"""Fine-tuning on DeepMiner patches, patch-level evaluation, and the run folder's model card.
+
+A run folder ``RUN/`` holds:
+
+* ``last.pt`` — model + optimizer + epoch + history (plain values; ``torch.load(weights_only=True)``),
+  rewritten after every epoch; ``--resume`` continues at the next epoch;
+* ``best.pt`` — the lowest-validation-loss model in our format (:func:`deepminer.models.save_model`);
+* ``metrics.json`` — config, data summary, one entry per epoch (train loss, val loss, per-class
+  AUC and pAUC at TPR 0.8), the test metrics of ``best.pt`` and the histogram baseline;
+* ``MODEL_CARD.md`` — data, recipe, metrics, intended use (demonstration, not clinical use).
+
+Recipe defaults are DeepMiner's (SGD, lr 1e-4, momentum 0.9, weight decay 1e-4, batch 32); random
+horizontal/vertical flips are the only augmentation; a class-balanced sampler (weights 1/count of
+the patch's class, drawn with replacement) is on by default because normal patches outnumber
+lesion patches about 20:1 (``balance=False`` gives plain shuffling).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from deepminer import CLASSES
+from deepminer.errors import InputError
+from deepminer.metrics import classification_report, histogram_baseline, nan_to_none, pauc_at_tpr
+
+LAST, BEST, METRICS, CARD = "last.pt", "best.pt", "metrics.json", "MODEL_CARD.md"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (saved in ``last.pt`` and ``metrics.json``)."""
+
+    data: str
+    arch: str
+    out: str
+    head: str = "gap"
+    epochs: int = 10
+    lr: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    patch_size: int = 224
+    workers: int = 0
+    seed: int = 0
+    device: str = "auto"
+    max_patches_per_epoch: int | None = None
+    max_val_patches_per_class: int | None = None
+    max_test_patches: int | None = None
+    patience: int | None = None
+    balance: bool = True
+    pretrained: bool = True
+    train_from: str | None = None
+    cache_features: bool = False
+    max_train_patches_per_class: int | None = None
+    patches: str | None = None
+    test_data: str | None = None
+    baseline: bool = True
+    half: bool = False
+    command: str = ""
+
+    def check(self) -> None:
+        """One-line :class:`InputError` for values that cannot work."""
+        positive = ("epochs", "batch_size", "patch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')}: must be at least 1")
+        if self.lr <= 0:
+            raise InputError("--lr: must be positive")
+        if self.workers < 0:
+            raise InputError("--workers: must be 0 or more")
+        for name in ("max_patches_per_epoch", "max_val_patches_per_class", "max_train_patches_per_class",
+                     "max_test_patches", "patience"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise InputError(f"--{name.replace('_', '-')}: must be at least 1")
+        if self.cache_features and not self.train_from:
+            raise InputError("--cache-features: needs --train-from LAYER (only a frozen trunk can be cached)")
+        if self.head not in ("gap", "wildcat"):
+            raise InputError(f"--head: unknown head {self.head!r}; known: gap, wildcat")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise InputError(f"--device: {self.device!r} is not auto, cpu or cuda")
+        from deepminer.models import arch_spec
+
+        arch_spec(self.arch)  # unknown arch -> one-line error before any work
+        if not Path(self.data).is_dir():
+            raise InputError(f"{self.data}: no such dataset folder")
+        if self.test_data is not None and not Path(self.test_data).is_dir():
+            raise InputError(f"{self.test_data}: no such dataset folder (--test-data)")
+
+
+# -- small pieces -------------------------------------------------------------------------------
+
+def resolve_device(name: str = "auto"):
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an :class:`InputError`."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available here")
+    return torch.device(name)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def freeze_before(model, name: str | None) -> list[str]:
+    """Freeze every parameter of ``model.features`` registered before the first one whose name
+    starts with ``name`` (e.g. ``net.blocks.5``); returns the frozen parameter names. Frozen
+    BatchNorm layers are kept in eval mode by :func:`set_train_mode`."""
+    if not name:
+        return []
+    names = [n for n, _ in model.features.named_parameters()]
+    first = next((i for i, n in enumerate(names) if n == name or n.startswith(name + ".")), None)
+    if first is None:
+        tops = sorted({".".join(n.split(".")[:3]) for n in names})
+        raise InputError(f"--train-from: no layer {name!r} in {model.arch} features "
+                         f"(e.g. {', '.join(tops[:3])} ... {tops[-1]})")
+    frozen = []
+    for i, (n, p) in enumerate(model.features.named_parameters()):
+        if i < first:
+            p.requires_grad_(False)
+            frozen.append(n)
+    return frozen
+
+
+def set_train_mode(model) -> None:
+    """``model.train()``, except modules whose parameters are all frozen stay in eval mode (their
+    BatchNorm statistics stay those of the pretrained network)."""
+    model.train()
+    for m in model.features.modules():
+        params = list(m.parameters(recurse=False))
+        if params and not any(p.requires_grad for p in params):
+            m.eval()
+
+
+def feature_stages(features) -> list[tuple[str, Any]] | None:
+    """The unit-layer feature extractor as an ordered list of ``(name, module)`` stages whose
+    composition is the extractor (timm EfficientNet: stem, bn1, each block stage, head conv, bn2;
+    an ``nn.Sequential``: its children), or None for structures we cannot split."""
+    from torch import nn
+
+    net = getattr(features, "net", None)
+    if net is not None and all(hasattr(net, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2")):
+        return ([("net.conv_stem", net.conv_stem), ("net.bn1", net.bn1)]
+                + [(f"net.blocks.{i}", b) for i, b in enumerate(net.blocks)]
+                + [("net.conv_head", net.conv_head), ("net.bn2", net.bn2)])
+    if isinstance(features, nn.Sequential):
+        return list(features.named_children())
+    return None
+
+
+def split_features(model, name: str, *, check_size: int = 64):
+    """``(trunk, rest)``: two ``nn.Sequential`` views of ``model.features`` split before stage
+    ``name`` (shared modules, no copy). Checked: ``rest(trunk(x))`` equals ``features(x)`` in eval
+    mode on a random batch; an :class:`InputError` when the split is not possible."""
+    import torch
+    from torch import nn
+
+    stages = feature_stages(model.features)
+    names = [n for n, _ in stages] if stages else []
+    if name not in names or names.index(name) == 0:
+        raise InputError(f"--cache-features: cannot split {model.arch} features before {name!r}; "
+                         f"use --train-from with one of {', '.join(names[1:]) or '(none)'}")
+    i = names.index(name)
+    trunk = nn.Sequential(*[m for _, m in stages[:i]])
+    rest = nn.Sequential(*[m for _, m in stages[i:]])
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        x = model.normalize(torch.rand(2, 1, check_size, check_size, device=model.device))
+        ok = torch.allclose(rest(trunk(x)), model.features(x), rtol=1e-4, atol=1e-4)
+    model.train(was_training)
+    if not ok:
+        raise InputError(f"--cache-features: splitting {model.arch} before {name!r} changes its output")
+    return trunk, rest
+
+
+class _Top:
+    """``model`` from the output of the frozen trunk on: rest -> head -> pooled logits."""
+
+    def __init__(self, model, rest):
+        self.model, self.rest = model, rest
+
+    def __call__(self, feats):
+        m = self.model
+        return m.pool(m.class_maps(self.rest(feats)))
+
+
+class CachedFeatures:
+    """Trunk outputs of every patch of a :class:`~deepminer.data.patches.PatchDataset`, computed once
+    (the trunk is frozen, so they never change) and kept as float16; with ``flips`` all four flip
+    variants are stored and one is drawn at random per item (the same augmentation as the images)."""
+
+    def __init__(self, trunk, model, dataset, *, flips: bool, batch_size: int = 64, device=None,
+                 progress: bool = True, desc: str = "caching features"):
+        import torch
+        from tqdm import tqdm
+
+        device = device or model.device
+        self.labels = dataset.labels
+        self.flips = flips
+        aug, dataset.augment = dataset.augment, False
+        variants = [(), (-1,), (-2,), (-1, -2)] if flips else [()]
+        chunks = []
+        model.eval()
+        try:
+            with torch.no_grad():
+                for x, _ in tqdm(_loader(dataset, batch_size, 0), desc=desc, unit="batch", disable=not progress,
+                                 leave=False, file=sys.stderr):
+                    x = model.normalize(x.to(device))
+                    chunks.append(torch.stack([trunk(x.flip(v) if v else x) for v in variants], 1).half().cpu())
+        finally:
+            dataset.augment = aug
+        self.feats = torch.cat(chunks) if chunks else torch.zeros(0)
+
+    @classmethod
+    def cached(cls, path: Path, key: dict, table, trunk, model, dataset, **kwargs) -> "CachedFeatures":
+        """Load the features from ``path`` when it was written for the same ``key`` and patch table
+        (a resumed run), else compute them and save them there."""
+        import torch
+
+        key = dict(key, boxes=table[["image_id", "x0", "y0", "x1", "y1"]].astype(str).agg(",".join, axis=1).tolist(),
+                   flips=bool(kwargs.get("flips")))
+        if path.is_file():
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+                if obj.get("key") == key:
+                    self = cls.__new__(cls)
+                    self.labels, self.flips, self.feats = dataset.labels, key["flips"], obj["feats"]
+                    return self
+            except Exception:  # a stale or broken cache is recomputed, never trusted
+                pass
+        self = cls(trunk, model, dataset, **kwargs)
+        _atomic_torch_save({"key": key, "feats": self.feats}, path)
+        return self
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        v = int(torch.randint(0, self.feats.shape[1], ())) if self.flips else 0
+        return self.feats[i, v].float(), int(self.labels[i])
+
+
+def _loader(dataset, batch_size: int, workers: int, sampler=None, device=None):
+    import torch
+
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
+                                       num_workers=workers, pin_memory=bool(device and device.type == "cuda"),
+                                       persistent_workers=False, drop_last=False)
+
+
+def epoch_sampler(labels: np.ndarray, num_samples: int, *, balance: bool, seed: int):
+    """Indices drawn for one epoch: class-balanced with replacement (``balance``), else a random
+    subset/permutation without replacement. Seeded so a resumed run draws what it would have."""
+    import torch
+
+    g = torch.Generator().manual_seed(int(seed))
+    if balance:
+        counts = np.bincount(labels, minlength=int(labels.max()) + 1).astype(np.float64)
+        weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
+        return torch.utils.data.WeightedRandomSampler(weights, num_samples, replacement=True, generator=g)
+    return torch.randperm(len(labels), generator=g)[:num_samples].tolist()
+
+
+def predict(model, dataset, *, batch_size: int = 64, device=None, workers: int = 0,
+            progress: bool = True, desc: str = "predict", forward=None) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(probs (N, C), labels (N,), mean cross-entropy)`` of ``model`` over a patch dataset
+    (``forward``: what to call on each batch instead of ``model``, e.g. on cached features)."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    device = device or model.device
+    model.eval()
+    probs, labels, loss_sum = [], [], 0.0
+    with torch.no_grad():
+        for x, y in tqdm(_loader(dataset, batch_size, workers, device=device), desc=desc, unit="batch",
+                         disable=not progress, leave=False, file=sys.stderr):
+            x, y = x.to(device), y.to(device)
+            logits = (forward or model)(x).float()
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            probs.append(torch.softmax(logits, 1).cpu().numpy())
+            labels.append(y.cpu().numpy())
+    n = sum(len(a) for a in labels)
+    if not n:
+        return np.zeros((0, len(model.classes))), np.zeros(0, dtype=np.int64), float("nan")
+    return np.concatenate(probs), np.concatenate(labels), loss_sum / n
+
+
+def image_level(table, probs: np.ndarray, image_labels: dict[str, str], classes: Sequence[str] = CLASSES,
+                positive: str = "malignant") -> dict:
+    """Image-level detection: an image's score is the max over its patches of P(``positive``); the
+    truth is the manifest label == ``positive``. ``{"n_images", "n_positive", "auc", "pauc"}``."""
+    from sklearn.metrics import roc_auc_score
+
+    c = list(classes).index(positive)
+    scores = (table.assign(_s=probs[:, c]).groupby("image_id")["_s"].max())
+    y = np.array([image_labels[i] == positive for i in scores.index], dtype=int)
+    ok = 0 < y.sum() < len(y)
+    return {"n_images": int(len(y)), "n_positive": int(y.sum()),
+            "auc": float(roc_auc_score(y, scores.to_numpy())) if ok else float("nan"),
+            "pauc": pauc_at_tpr(y, scores.to_numpy()) if ok else float("nan")}
+
+
+def evaluate_table(model, folder: str | os.PathLike, table, *, patch_size: int | None = None,
+                   batch_size: int = 64, device=None, workers: int = 0, progress: bool = True,
+                   desc: str = "evaluate") -> dict:
+    """Patch-level report (:func:`deepminer.metrics.classification_report` + ``loss``) and the
+    image-level malignant detection (``image_level``) of ``model`` on the patches in ``table``."""
+    from deepminer.data.dataset import read_manifest
+    from deepminer.data.patches import PatchDataset
+
+    size = int(patch_size or (model.meta.get("patch_size") if hasattr(model, "meta") else 0) or 224)
+    ds = PatchDataset(folder, table, size=size, classes=model.classes)
+    probs, labels, loss = predict(model, ds, batch_size=batch_size, device=device, workers=workers,
+                                  progress=progress, desc=desc)
+    report = classification_report(labels, probs, model.classes)
+    report["loss"] = loss
+    report["patch_size"] = size
+    if "malignant" in model.classes:
+        labels_of = {r["image_id"]: r["label"] for r in read_manifest(folder)}
+        report["image_level"] = image_level(ds.table, probs, labels_of, model.classes)
+    return report
+
+
+def baseline_report(train_folder, train_table, test_folder, test_table, *, max_train: int = 4000,
+                    seed: int = 0, classes: Sequence[str] = CLASSES) -> dict:
+    """The histogram + logistic-regression baseline (:func:`deepminer.metrics.histogram_baseline`)
+    fitted on (a stratified sample of at most ``max_train``) training patches at full resolution."""
+    from deepminer.data.patches import PatchDataset, subsample
+
+    tr = PatchDataset(train_folder, subsample(train_table, max_train, seed), classes=classes)
+    te = PatchDataset(test_folder, test_table, classes=classes)
+    rep = histogram_baseline([tr.crop(i) for i in range(len(tr))], tr.labels,
+                             [te.crop(i) for i in range(len(te))], te.labels, classes)
+    rep["train_patches"] = len(tr)
+    return rep
+
+
+# -- training -----------------------------------------------------------------------------------
+
+def _summary(table) -> dict:
+    out = {}
+    for split, part in table.groupby("split"):
+        out[str(split)] = {"images": int(part["image_id"].nunique()), "patches": int(len(part)),
+                           **{c: int((part["label"] == c).sum()) for c in CLASSES}}
+    return out
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
+    """Fine-tune ``cfg.arch`` on the patches of ``cfg.data``; write the run folder; return metrics."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from deepminer.data.patches import PatchDataset, cap_per_class, load_or_extract, split_table, subsample
+    from deepminer.models import build_model, load_model, save_model
+    from deepminer.models.checkpoints import torch_load
+
+    cfg.check()
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a run folder")
+    last_path = out / LAST
+    state = None
+    if resume:
+        if not last_path.is_file():
+            raise InputError(f"{last_path}: nothing to resume (no last.pt in the run folder)")
+        state = torch_load(last_path)
+        saved = state.get("config", {}) if isinstance(state, dict) else {}
+        for key in ("arch", "head", "patch_size"):
+            if saved.get(key) != getattr(cfg, key):
+                raise InputError(f"{last_path}: the run used --{key.replace('_', '-')} {saved.get(key)}, "
+                                 f"not {getattr(cfg, key)}")
+    elif last_path.exists():
+        raise InputError(f"{out}: already holds a run (last.pt); pass --resume to continue it or choose another --out")
+
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    table = load_or_extract(cfg.data, cfg.patches, progress=progress)
+    source = cfg.patches or f"{cfg.data} patches"
+    train_tab = cap_per_class(split_table(table, "train", source), cfg.max_train_patches_per_class, cfg.seed)
+    val_tab = cap_per_class(split_table(table, "val", source), cfg.max_val_patches_per_class, cfg.seed)
+    if train_tab["label"].nunique() < 2:
+        raise InputError(f"{source}: the train split has only {train_tab['label'].iloc[0]} patches")
+
+    model = build_model(cfg.arch, head=cfg.head, num_classes=len(CLASSES), pretrained=cfg.pretrained)
+    frozen = freeze_before(model, cfg.train_from)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    train_ds = PatchDataset(cfg.data, train_tab, size=cfg.patch_size, augment=True).preload(progress)
+    val_ds = PatchDataset(cfg.data, val_tab, size=cfg.patch_size).preload(progress)
+    forward, train_data, val_data = model, train_ds, val_ds
+    eval_bs = max(cfg.batch_size, 64)
+    t_prep = time.time()
+    if cfg.cache_features:
+        trunk, rest = split_features(model, cfg.train_from)
+        forward = _Top(model, rest)
+        out.mkdir(parents=True, exist_ok=True)
+        key = {"arch": cfg.arch, "train_from": cfg.train_from, "patch_size": cfg.patch_size,
+               "pretrained": cfg.pretrained, "data": str(Path(cfg.data).resolve())}
+        train_data = CachedFeatures.cached(out / "features_train.pt", key, train_tab, trunk, model, train_ds,
+                                           flips=True, batch_size=eval_bs, device=device, progress=progress,
+                                           desc="caching train features (4 flips)")
+        val_data = CachedFeatures.cached(out / "features_val.pt", key, val_tab, trunk, model, val_ds,
+                                         flips=False, batch_size=eval_bs, device=device, progress=progress,
+                                         desc="caching val features")
+
+    prep_seconds = time.time() - t_prep + (float(state.get("prep_seconds", 0.0)) if state else 0.0)
+    history: list[dict] = []
+    best_val = math.inf
+    start = 1
+    initial = None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        history = list(state.get("history", []))
+        best_val = float(state.get("best_val_loss", math.inf))
+        start = int(state["epoch"]) + 1
+        initial = state.get("initial")
+    out.mkdir(parents=True, exist_ok=True)
+    if initial is None:
+        probs, labels, loss = predict(model, val_data, batch_size=eval_bs, device=device, forward=forward,
+                                      workers=cfg.workers, progress=progress, desc="val (before training)")
+        initial = {"val_loss": loss, "val": nan_to_none(classification_report(labels, probs, model.classes))}
+
+    n_per_epoch = min(len(train_ds), cfg.max_patches_per_epoch or len(train_ds))
+    # image_width: the width at which the model saw images (a patch = 25% of it), for whole-image use
+    meta = {"patch_size": cfg.patch_size, "image_width": int(round(cfg.patch_size / 0.25)),
+            "data": str(cfg.data), "recipe": _recipe(cfg), "seed": cfg.seed}
+    t_start = time.time()
+    train_seconds = float(state.get("train_seconds", 0.0)) if state else 0.0
+    def stalled(last_epoch: int) -> bool:
+        best_epochs = [e["epoch"] for e in history if e.get("best")]
+        return bool(cfg.patience and best_epochs and last_epoch - best_epochs[-1] >= cfg.patience)
+
+    for epoch in range(start, cfg.epochs + 1):
+        if stalled(epoch - 1):
+            print(f"stopping before epoch {epoch}: validation loss has not improved for {cfg.patience} epochs",
+                  file=sys.stderr)
+            break
+        t0 = time.time()
+        sampler = epoch_sampler(train_ds.labels, n_per_epoch, balance=cfg.balance, seed=cfg.seed * 1000 + epoch)
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # flips
+        loader = _loader(train_data, cfg.batch_size, 0 if cfg.cache_features else cfg.workers, sampler, device)
+        set_train_mode(model)
+        losses, seen = [], 0
+        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress,
+                   file=sys.stderr, leave=False)
+        for x, y in bar:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.cross_entropy(forward(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            seen += len(y)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", rate=f"{seen / max(1e-9, time.time() - t0):.1f} patch/s")
+        bar.close()
+        k = max(1, len(losses) // 5)
+        probs, labels, val_loss = predict(model, val_data, batch_size=eval_bs, device=device, forward=forward,
+                                          workers=0 if cfg.cache_features else cfg.workers, progress=progress,
+                                          desc=f"val {epoch}")
+        rep = classification_report(labels, probs, model.classes)
+        seconds = time.time() - t0
+        train_seconds += seconds
+        entry = {"epoch": epoch, "train_loss": float(np.mean(losses)),
+                 "train_loss_first": float(np.mean(losses[:k])), "train_loss_last": float(np.mean(losses[-k:])),
+                 "patches": seen, "val_loss": val_loss, "val": nan_to_none(rep), "seconds": round(seconds, 1)}
+        is_best = val_loss < best_val
+        if is_best:
+            best_val = val_loss
+            save_model(model, out / BEST, half=cfg.half, epoch=epoch, val_loss=val_loss, **meta)
+        entry["best"] = is_best
+        history.append(entry)
+        _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                            "config": asdict(cfg), "history": nan_to_none(history), "best_val_loss": best_val,
+                            "initial": initial, "train_seconds": train_seconds, "prep_seconds": prep_seconds},
+                           last_path)
+        print(f"epoch {epoch}/{cfg.epochs}: train loss {entry['train_loss']:.4f}, val loss {val_loss:.4f}, "
+              f"val AUC " + ", ".join(f"{c} {_fmt(v)}" for c, v in rep["auc"].items())
+              + (" (best)" if is_best else "") + f", {seconds:.0f} s", file=sys.stderr)
+
+    metrics = {"config": asdict(cfg), "frozen_parameters": len(frozen), "data": _summary(table),
+               "initial": initial, "epochs": nan_to_none(history), "best_epoch": None,
+               "train_seconds": round(train_seconds, 1), "cache_seconds": round(prep_seconds, 1),
+               "device": str(device)}
+    best = [e for e in history if e.get("best")]
+    if best:
+        metrics["best_epoch"] = best[-1]["epoch"]
+    if (out / BEST).is_file():
+        best_model = load_model(out / BEST, map_location=device)
+        test_sets = []
+        if (table["split"] == "test").any():
+            test_sets.append(("test", cfg.data, split_table(table, "test", source)))
+        if cfg.test_data:
+            fresh = load_or_extract(cfg.test_data, progress=progress)
+            if fresh.empty:
+                raise InputError(f"{cfg.test_data}: no patches")
+            test_sets.append(("fresh_test", cfg.test_data, fresh))
+        for key, folder, tab in test_sets:
+            tab = subsample(tab, cfg.max_test_patches, cfg.seed)
+            rep = evaluate_table(best_model, folder, tab, patch_size=cfg.patch_size,
+                                 batch_size=max(cfg.batch_size, 64), device=device, workers=cfg.workers,
+                                 progress=progress, desc=key)
+            if cfg.baseline:
+                rep["baseline"] = baseline_report(cfg.data, train_tab, folder, tab, seed=cfg.seed)
+            rep["data"] = str(folder)
+            metrics[key] = nan_to_none(rep)
+    metrics["wall_seconds_this_session"] = round(time.time() - t_start, 1)
+    _atomic_write_text(out / METRICS, json.dumps(nan_to_none(metrics), indent=2) + "\n")
+    _atomic_write_text(out / CARD, model_card(metrics))
+    return metrics
+
+
+def _recipe(cfg: TrainConfig) -> dict:
+    return {k: getattr(cfg, k) for k in ("arch", "head", "pretrained", "lr", "momentum", "weight_decay",
+                                         "batch_size", "patch_size", "epochs", "balance", "train_from",
+                                         "cache_features", "max_patches_per_epoch", "max_train_patches_per_class",
+                                         "max_val_patches_per_class", "patience", "seed")}
+
+
+# -- the model card -----------------------------------------------------------------------------
+
+def _metric_rows(rep: dict, name: str) -> list[str]:
+    rows = [f"| {name} | " + " | ".join(f"{_fmt(rep['auc'].get(c))} / {_fmt(rep['pauc'].get(c))}" for c in CLASSES)
+            + f" | {_fmt(rep.get('accuracy'))} |"]
+    base = rep.get("baseline")
+    if base:
+        rows.append("| histogram baseline (logistic regression) | "
+                    + " | ".join(f"{_fmt(base['auc'].get(c))} / {_fmt(base['pauc'].get(c))}" for c in CLASSES)
+                    + f" | {_fmt(base.get('accuracy'))} |")
+    return rows
+
+
+def model_card(metrics: dict) -> str:
+    """The Markdown model card of a run (from its ``metrics.json`` content)."""
+    cfg = metrics["config"]
+    lines = [f"# Model card: {cfg['arch']} FCN, {cfg['head']} head (DeepMiner Studio)", "",
+             "**Intended use: demonstration and research on interpretability tooling only. Not for clinical "
+             "use, not a medical device, not validated on patients.**", "",
+             "## Command", "", "```", cfg.get("command") or "(library call)", "```", "",
+             "## Data", "", f"Dataset folder `{cfg['data']}`; patches by the DeepMiner rules (side 25% of the "
+             "image width, stride 50% of the side, >= 50% breast tissue, 30% lesion rules, malignant over "
+             "benign); patient-disjoint splits from the manifest.", "",
+             "| split | images | patches | normal | benign | malignant |", "|---|---|---|---|---|---|"]
+    for split, s in metrics["data"].items():
+        lines.append(f"| {split} | {s['images']} | {s['patches']} | {s['normal']} | {s['benign']} | {s['malignant']} |")
+    from deepminer.models import ARCHS
+
+    weights = cfg["pretrained"] and cfg["arch"] in ARCHS and ARCHS[cfg["arch"]].weights
+    rec = [f"- architecture `{cfg['arch']}` ({'ImageNet-pretrained' if weights else 'random init'}), "
+           f"head `{cfg['head']}`, patch size {cfg['patch_size']} px (grey, resized crops)",
+           f"- SGD lr {cfg['lr']}, momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}, "
+           f"batch {cfg['batch_size']}, at most {cfg['epochs']} epochs"
+           + (f" (stopped after {cfg['patience']} epochs without a lower validation loss)" if cfg.get("patience") else "")
+           + (f" of {cfg['max_patches_per_epoch']} patches" if cfg.get("max_patches_per_epoch") else ""),
+           f"- sampler: {'class-balanced (1/count weights, with replacement)' if cfg['balance'] else 'shuffled'}; "
+           "augmentation: random horizontal and vertical flips",
+           f"- frozen: {'layers before `' + cfg['train_from'] + '` (' + str(metrics.get('frozen_parameters')) + ' tensors)' if cfg.get('train_from') else 'nothing (all layers fine-tuned)'}"
+           + ("; the frozen trunk's outputs for every training patch and its 4 flips were computed once and cached "
+              "(float16)" if cfg.get("cache_features") else ""),
+           (f"- training patches capped at {cfg['max_train_patches_per_class']} per class (seeded draw)"
+            if cfg.get("max_train_patches_per_class") else "- all training patches used"),
+           (f"- validation patches capped at {cfg['max_val_patches_per_class']} per class (seeded draw; the "
+            "validation AUCs below are on that class mix, which has more benign negatives than the full set)"
+            if cfg.get("max_val_patches_per_class") else "- all validation patches used"),
+           f"- seed {cfg['seed']}; device {metrics.get('device')}; training time {metrics.get('train_seconds')} s"
+           + (f" (+ {metrics.get('cache_seconds')} s computing the feature cache)" if cfg.get("cache_features") else ""),
+           f"- best checkpoint: epoch {metrics.get('best_epoch')} (lowest validation loss)"]
+    lines += ["", "## Recipe", "", *rec, "", "## Training curve", "",
+              "| epoch | train loss | val loss | val AUC normal / benign / malignant | seconds |", "|---|---|---|---|---|"]
+    init = metrics.get("initial") or {}
+    if init:
+        a = init["val"]["auc"]
+        lines.append(f"| 0 (before) | | {_fmt(init['val_loss'])} | {_fmt(a.get('normal'))} / {_fmt(a.get('benign'))} / "
+                     f"{_fmt(a.get('malignant'))} | |")
+    for e in metrics["epochs"]:
+        a = e["val"]["auc"]
+        lines.append(f"| {e['epoch']}{' *' if e.get('best') else ''} | {_fmt(e['train_loss'])} | {_fmt(e['val_loss'])} | "
+                     f"{_fmt(a.get('normal'))} / {_fmt(a.get('benign'))} / {_fmt(a.get('malignant'))} | {e['seconds']} |")
+    for key, title in (("test", "Test split"), ("fresh_test", "Fresh test set")):
+        rep = metrics.get(key)
+        if not rep:
+            continue
+        capped = cfg.get("max_test_patches")
+        lines += ["", f"## {title}: `{rep['data']}`", "",
+                  (f"A seeded random sample of at most {capped} patches, stratified by class (the class mix "
+                   "of the full set is kept, so per-class AUCs estimate those of the full set). "
+                   if capped else "")
+                  + f"Patch level, {rep['n']} patches ({', '.join(f'{c} {n}' for c, n in rep['counts'].items())}); "
+                  "one-vs-rest AUC / pAUC at TPR 0.8 (pAUC normalised to [0, 1]: area of the ROC in the band "
+                  "TPR >= 0.8 divided by 0.2; DeepMiner prints the raw area = 0.2 x this).", "",
+                  "| scorer | normal | benign | malignant | accuracy |", "|---|---|---|---|---|",
+                  *_metric_rows(rep, "this model")]
+        il = rep.get("image_level")
+        if il:
+            lines += ["", f"Image level (score = max over the image's {'sampled ' if capped else ''}patches of P(malignant); "
+                      f"{il['n_images']} images, {il['n_positive']} malignant): AUC {_fmt(il['auc'])}, "
+                      f"pAUC {_fmt(il['pauc'])}."]
+    lines += ["", "## Limitations", "",
+              "- Trained and tested on the data above only; numbers on synthetic phantoms say nothing about "
+              "real mammograms.",
+              "- Patch-level classifier run fully convolutionally; the class maps are coarse (stride 32).", ""]
+    return "\n".join(lines)
+
+
+def command_line(cfg: TrainConfig) -> str:
+    """The ``deepminer train`` command that reproduces ``cfg`` (options that differ from defaults)."""
+    parts = ["deepminer", "train", "--data", cfg.data, "--arch", cfg.arch, "--out", cfg.out]
+    for f in fields(TrainConfig):
+        if f.name in ("data", "arch", "out", "command"):
+            continue
+        v = getattr(cfg, f.name)
+        if v == f.default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(v, bool):
+            parts.append(flag if v else "--no-" + f.name.replace("_", "-"))
+        else:
+            parts += [flag, str(v)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def config_from_args(args) -> TrainConfig:
+    """A :class:`TrainConfig` from parsed CLI arguments (same names)."""
+    names = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and k != "command"})
+    cfg.command = command_line(cfg)
+    return cfg
