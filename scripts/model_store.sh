@@ -7,6 +7,13 @@ cd "$(dirname "$0")/.."
 MODEL=model_store/demo/model.pt
 ATLAS=model_store/demo/atlas
 MAR=model_store/demo.mar
+# The demo atlas's reference images (its top-activating patches are rendered from them on demand):
+# phantoms are byte-identical for the same arguments, so they are regenerated, never committed.
+REF=var/demo-reference
+if [ -f "$ATLAS/atlas.json" ] && [ ! -f "$REF/manifest.csv" ]; then
+  echo "model-store: writing the demo atlas's reference phantoms to $REF"
+  .venv/bin/python -m deepminer phantoms --out "$REF" --count 60 --seed 2 --size 512 --splits 0,0,1 --jobs 2
+fi
 if [ ! -f "$MODEL" ]; then
   echo "model-store: $MODEL not found yet; nothing to archive" >&2
   exit 0
