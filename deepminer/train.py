@@ -21,7 +21,6 @@ import math
 import os
 import shlex
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from deepminer import CLASSES
+from deepminer.data.dataset import atomic_file
 from deepminer.errors import InputError
 from deepminer.metrics import classification_report, histogram_baseline, nan_to_none, pauc_at_tpr
 
@@ -112,27 +112,15 @@ def resolve_device(name: str = "auto"):
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "w") as fh:
+        fh.write(text)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     import torch
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as fh:
+        torch.save(obj, fh)
 
 
 def freeze_before(model, name: str | None) -> list[str]:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import deepminer
-from deepminer.data.dataset import read_manifest, staged_output, write_manifest
+from deepminer.data.dataset import atomic_file, read_manifest, staged_output, write_manifest
 from deepminer.encoding import decode_array, encode_array
 from deepminer.errors import DeepMinerError, InputError
 
@@ -74,3 +74,16 @@ def test_cli_help_and_module_entry():
     r = subprocess.run([sys.executable, "-m", "deepminer", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "usage: deepminer" in r.stdout
     assert deepminer.CLASSES == ("normal", "benign", "malignant")
+
+
+def test_atomic_file_replaces_only_on_success(tmp_path):
+    target = tmp_path / "m.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_file(target, "w") as fh:
+            fh.write("half")
+            raise RuntimeError("boom")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["m.json"]
+    with atomic_file(target, "w") as fh:
+        fh.write("new")
+    assert target.read_text() == "new" and len(list(tmp_path.iterdir())) == 1

@@ -88,3 +88,19 @@ def staged_output(out: str | os.PathLike, *, overwrite: bool = True) -> Iterator
         else:
             out.unlink()
     os.replace(stage, out)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
+    """Open a temporary file beside ``path`` for writing and move it onto ``path`` only when the
+    block succeeds: readers never see a half-written file, a failure leaves the old one in place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            yield fh
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from deepminer import CLASSES
+from deepminer.data.dataset import atomic_file
 from deepminer.errors import InputError
 from deepminer.models.backbones import ARCHS, build_model
 from deepminer.models.fcn import FCN, to_fcn
@@ -193,15 +193,8 @@ def save_model(model: FCN, path: str | os.PathLike, *, half: bool = False, **met
         "meta": _check_meta(meta),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as fh:
+        torch.save(payload, fh)
     return path
 
 
