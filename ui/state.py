@@ -22,7 +22,7 @@ import streamlit as st
 from deepminer.errors import DeepMinerError
 from ui.logic import ModelKey, model_key
 from ui.render import md_escape
-from ui.settings import Settings, load_settings
+from ui.settings import DEMO_REFERENCE, Settings, load_settings
 
 RECENT_MAX = 5
 SAMPLE_COUNT, SAMPLE_SEED, SAMPLE_SIZE = 6, 7, 1024
@@ -95,8 +95,15 @@ def atlas_problem() -> str | None:
 
 
 def atlas_data_root():
-    """Where the atlas's reference images are: the setting, else where they were when dissected."""
-    return settings().data_root
+    """Where the atlas's reference images are: the setting; else where they were when dissected;
+    else the demo reference phantoms that ``make run`` regenerates (a checkout moved elsewhere)."""
+    if settings().data_root is not None:
+        return settings().data_root
+    a = atlas()
+    own = Path(a.meta["data"]["folder"]) if a is not None else None
+    if own is not None and own.is_dir():
+        return own
+    return DEMO_REFERENCE if (DEMO_REFERENCE / "manifest.csv").is_file() else None
 
 
 def current_key(result=None) -> ModelKey | None:
