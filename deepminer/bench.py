@@ -169,14 +169,17 @@ def rectangle_sketch(shape: tuple[int, int]) -> np.ndarray:
 
 
 def png8_variants(image: np.ndarray, n: int) -> list[bytes]:
-    """``n`` 8-bit grey PNGs of ``image`` that differ in one pixel each (distinct cache keys)."""
+    """``n`` 8-bit grey PNGs of ``image`` that differ in one pixel each: the lowest bit of one of the
+    brightest pixels is flipped, so the change lies inside the breast and survives the tissue mask
+    (a changed background pixel is zeroed by the mask and the server answers from its feature cache)."""
     from PIL import Image
 
     base = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+    bright = np.argsort(base.reshape(-1), kind="stable")[::-1][:max(1, n)]
     out = []
     for i in range(n):
         a = base.copy()
-        a.flat[i % a.size] = (int(a.flat[i % a.size]) + 1 + i // a.size) % 256
+        a.flat[bright[i % bright.size]] ^= 1
         buf = io.BytesIO()
         Image.fromarray(a).save(buf, format="PNG")  # uint8 (H, W): 8-bit grey
         out.append(buf.getvalue())

@@ -145,3 +145,23 @@ def test_bad_input_exits_2_with_one_line(argv, needle, capsys):
     assert main(["bench", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0] and err[0].startswith("deepminer bench: error:")
+
+
+def test_serve_variants_differ_inside_the_tissue_mask():
+    """Each request of `bench --serve` must miss the server's feature cache: the variants must still
+    differ after the tissue mask zeroes the background (a changed corner pixel would not)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from deepminer.bench import png8_variants
+    from deepminer.data.phantoms import render_phantom
+    from deepminer.data.tissue import keep_tissue
+
+    image = render_phantom(3, 0, size=256).image.astype(np.float32) / 4095.0
+    masked = []
+    for png in png8_variants(image, 4):
+        pixels = np.asarray(Image.open(io.BytesIO(png)), dtype=np.float32) / 255.0
+        masked.append(keep_tissue(pixels)[0].tobytes())
+    assert len(set(masked)) == 4
