@@ -61,7 +61,7 @@ def suspicious_patches(class_maps: np.ndarray, pixels: np.ndarray, classes: Sequ
     from deepminer.data.patches import patch_boxes
     from deepminer.data.tissue import tissue_mask
 
-    from ui.render import resize_map
+    from deepminer.overlay import resize_map
 
     h_img, w_img = pixels.shape[:2]
     boxes = patch_boxes(h_img, w_img)

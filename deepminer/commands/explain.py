@@ -68,21 +68,6 @@ def _summary(res, image: str) -> dict:
     return out
 
 
-def _overlay(grey, heat, alpha: float = 0.45):
-    """``heat`` (h, w) resized bilinearly onto ``grey`` (H, W) in [0, 1], jet colours -> uint8 RGB."""
-    import numpy as np
-    from matplotlib import colormaps
-    from PIL import Image
-
-    h, w = grey.shape
-    up = np.asarray(Image.fromarray(np.asarray(heat, np.float32), mode="F").resize((w, h), Image.BILINEAR))
-    lo, hi = float(up.min()), float(up.max())
-    norm = (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
-    rgb = colormaps["jet"](norm)[..., :3]
-    base = np.repeat(np.clip(grey, 0, 1)[..., None], 3, axis=2)
-    return (255 * ((1 - alpha) * base + alpha * rgb) + 0.5).astype(np.uint8)
-
-
 def _write_outputs(res, image_bytes: bytes, out: Path, max_side: int) -> list[Path]:
     import json
 
@@ -91,6 +76,7 @@ def _write_outputs(res, image_bytes: bytes, out: Path, max_side: int) -> list[Pa
 
     from deepminer.data.dataset import staged_output
     from deepminer.data.io import load_image
+    from deepminer.overlay import heat_overlay
 
     grey = load_image(image_bytes).pixels
     f = max_side / max(grey.shape)
@@ -100,10 +86,10 @@ def _write_outputs(res, image_bytes: bytes, out: Path, max_side: int) -> list[Pa
     written = []
     with staged_output(out) as stage:
         for i, cls in enumerate(res.classes):
-            Image.fromarray(_overlay(grey, res.cam[i])).save(stage / f"cam_{cls}.png")
+            Image.fromarray(heat_overlay(grey, res.cam[i])).save(stage / f"cam_{cls}.png")
             written.append(out / f"cam_{cls}.png")
         for unit, fmap in sorted(res.unit_maps.items()):
-            Image.fromarray(_overlay(grey, fmap)).save(stage / f"unit_{unit:04d}.png")
+            Image.fromarray(heat_overlay(grey, fmap)).save(stage / f"unit_{unit:04d}.png")
             written.append(out / f"unit_{unit:04d}.png")
         (stage / "response.json").write_text(json.dumps(res.raw), encoding="utf-8")
         written.append(out / "response.json")
