@@ -218,3 +218,15 @@ def test_bad_input_is_one_line_error():
         explain_image(model, np.zeros((8, 400), np.float32), max_side=200)
     with pytest.raises(InputError, match="thresholds: 2 values for 3 units"):
         explain_image(model, np.zeros((32, 32), np.float32), sketch=np.ones((32, 32), bool), thresholds=[1, 2])
+
+
+def test_class_index_takes_names_or_indices_and_names_the_problem():
+    from deepminer.errors import InputError
+    from deepminer.explain.base import class_index
+
+    classes = ("normal", "benign", "malignant")
+    assert class_index(classes, "malignant") == 2 and class_index(classes, np.int64(1)) == 1
+    with pytest.raises(InputError, match="target_class 'cancer' not in normal/benign/malignant"):
+        class_index(classes, "cancer", what="target_class")
+    with pytest.raises(InputError, match="class index 3 out of range 0..2"):
+        class_index(classes, 3)

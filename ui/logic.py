@@ -204,7 +204,9 @@ class ResultView:
         self._top = result.top
 
     def class_index(self, cls: str | int) -> int:
-        return int(cls) if isinstance(cls, (int, np.integer)) else self.classes.index(cls)
+        from deepminer.explain.base import class_index
+
+        return class_index(self.classes, cls)
 
     def ranked_units(self, cls: str | int, n: int | None = None) -> list[int]:
         """The server's ranking when it sent enough of it (float32 influence), else re-ranked."""

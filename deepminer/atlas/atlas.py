@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from deepminer.errors import InputError
+from deepminer.explain.base import class_index
 
 ATLAS_FILES = ("atlas.json", "atlas.npz", "references.csv")
 
@@ -99,13 +100,7 @@ class Atlas:
         return self.arrays["pca"]
 
     def _cls(self, cls: str | int) -> int:
-        if isinstance(cls, (int, np.integer)):
-            if not 0 <= int(cls) < len(self.classes):
-                raise InputError(f"class index {cls} out of range 0..{len(self.classes) - 1}")
-            return int(cls)
-        if cls not in self.classes:
-            raise InputError(f"class {cls!r} not in {'/'.join(self.classes)}")
-        return self.classes.index(cls)
+        return class_index(self.classes, cls)
 
     def _unit(self, unit: int) -> int:
         if not 0 <= int(unit) < self.num_units:

@@ -7,7 +7,7 @@ Each method is a short subclass in its own module (:mod:`.cam`, :mod:`.gradcam`,
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -15,6 +15,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepminer.errors import InputError
+
+
+def class_index(classes: Sequence[str], cls: str | int, *, what: str = "class") -> int:
+    """The index of ``cls`` (a class name or an index) in ``classes``; a one-line :class:`InputError`
+    naming ``what`` when it is neither."""
+    if isinstance(cls, (int, np.integer)):
+        if not 0 <= int(cls) < len(classes):
+            raise InputError(f"{what} index {cls} out of range 0..{len(classes) - 1}")
+        return int(cls)
+    if cls not in classes:
+        raise InputError(f"{what} {cls!r} not in {'/'.join(classes)}")
+    return list(classes).index(cls)
 
 MIN_SIDE = 16  # smallest model-input side accepted (px)
 

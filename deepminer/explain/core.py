@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from deepminer.encoding import encode_array
 from deepminer.errors import InputError
-from deepminer.explain.base import as_image, normalize_map, resize_image
+from deepminer.explain.base import as_image, class_index, normalize_map, resize_image
 from deepminer.explain.units import QUANTILE, quantile_thresholds, sketch_iou
 
 PATCH_PX = 224  # default side (model-input px) of the patches a GAP model was trained on
@@ -95,13 +95,7 @@ class Explanation:
         return normalize_map(cam)
 
     def class_index(self, cls: str | int) -> int:
-        if isinstance(cls, (int, np.integer)):
-            if not 0 <= int(cls) < len(self.classes):
-                raise InputError(f"class index {cls} out of range 0..{len(self.classes) - 1}")
-            return int(cls)
-        if cls not in self.classes:
-            raise InputError(f"unknown class {cls!r}; classes: {', '.join(self.classes)}")
-        return self.classes.index(cls)
+        return class_index(self.classes, cls)
 
     def ranked_units(self, cls: str | int, n: int | None = None) -> list[int]:
         """Unit ids by descending influence on ``cls`` (DeepMiner), the first ``n``."""

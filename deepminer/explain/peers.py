@@ -16,7 +16,7 @@ import torch
 
 from deepminer.errors import InputError
 from deepminer.explain.attribution import GuidedBackprop, IntegratedGradients, SmoothGrad
-from deepminer.explain.base import SaliencyMethod, normalize_map, prepare_image
+from deepminer.explain.base import SaliencyMethod, class_index, normalize_map, prepare_image
 from deepminer.explain.cam import CAM
 from deepminer.explain.gradcam import GradCAM, GradCAMPlusPlus
 
@@ -34,16 +34,8 @@ def saliency(model: torch.nn.Module, image: Any, method: str = "cam", target_cla
     if method not in METHODS:
         raise InputError(f"method: unknown {method!r}; known: {', '.join(METHODS)}")
     x, _ = prepare_image(image, max_side, next(model.parameters()).device)
-    target = None if target_class is None else _class_index(model, target_class)
+    target = None if target_class is None else class_index(model.classes, target_class, what="target_class")
     with METHODS[method](model, **options) as m:
         return normalize_map(m(x, target))
 
 
-def _class_index(model: torch.nn.Module, cls: int | str) -> int:
-    if isinstance(cls, str):
-        if cls not in model.classes:
-            raise InputError(f"target_class: unknown {cls!r}; classes: {', '.join(model.classes)}")
-        return model.classes.index(cls)
-    if not 0 <= int(cls) < len(model.classes):
-        raise InputError(f"target_class: {cls} out of range 0..{len(model.classes) - 1}")
-    return int(cls)
