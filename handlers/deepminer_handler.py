@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import http
 import json
 import logging
@@ -230,6 +231,8 @@ class DeepMinerHandler:
     def explain_one(self, row: dict, batch: int = 1, *, name: str = "image") -> dict:
         """One request -> the API JSON body (raises :class:`DeepMinerError` on bad input).
         ``name`` names the image in error messages."""
+        import torch
+
         from deepminer.data.io import load_image
         from deepminer.data.tissue import keep_tissue
         from deepminer.explain import explain_image
@@ -244,10 +247,13 @@ class DeepMinerHandler:
         if self.settings.get("tissue", True):
             pixels, tissue = keep_tissue(pixels)
         t2 = time.perf_counter()
+        # the cache key hashes the request's file (0.6 ms for a 1024 x 1024 PNG) rather than the
+        # decoded pixels (3.5 ms); the pixels follow from the file and the tissue setting
+        content = f"{hashlib.sha1(image).hexdigest()}:tissue={bool(self.settings.get('tissue', True))}"
         exp = explain_image(self.model, pixels,
                             max_side=opts["max_side"] or int(self.settings["default_max_side"]),
                             top_k=opts["top_units"], unit_maps=opts["unit_maps"], sketch=sketch,
-                            thresholds=self.thresholds, cache=self.cache)
+                            thresholds=self.thresholds, cache=self.cache, cache_key=content)
         body = exp.to_api(self.name, self.version, unit_maps=opts["unit_maps"], top_units=opts["top_units"])
         body.setdefault("input", {}).update({"format": loaded.format, "bits_stored": loaded.bits_stored,
                                              "tissue_fraction": None if tissue is None else round(tissue, 4)})
@@ -255,6 +261,7 @@ class DeepMinerHandler:
         timing.update(decode=round((t1 - t0) * 1000, 2), tissue=round((t2 - t1) * 1000, 2))
         timing["handler"] = round((time.perf_counter() - t0) * 1000, 2)
         body["server"] = {"device": str(self.device), "batch": batch, "pid": os.getpid(),
+                          "threads": torch.get_num_threads(),
                           "cache_hit": bool(getattr(exp, "cache_hit", False))}
         return body
 

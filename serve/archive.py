@@ -51,8 +51,9 @@ def model_config(*, workers: int | None = None, batch_size: int | None = None,
             raise InputError(f"--batch-size: must be >= 1, got {batch_size}")
         cfg["batchSize"] = int(batch_size)
     if max_batch_delay is not None:
-        if max_batch_delay < 0:
-            raise InputError(f"--max-batch-delay: must be >= 0 ms, got {max_batch_delay}")
+        if max_batch_delay < 1:  # TorchServe reads 0 as "unset" and waits its 100 ms default
+            raise InputError(f"--max-batch-delay: must be >= 1 ms (TorchServe treats 0 as its 100 ms "
+                             f"default), got {max_batch_delay}")
         cfg["maxBatchDelay"] = int(max_batch_delay)
     if response_timeout is not None:
         cfg["responseTimeout"] = int(response_timeout)

@@ -191,10 +191,12 @@ class Client:
     # -- calls --------------------------------------------------------------------------------
     def _request(self, method: str, path: str, **kw: Any) -> requests.Response:
         url = f"{self.url}{path}"
+        extra = kw.pop("headers", None) or {}
         for attempt in range(2):
             headers = self._headers()
             try:
-                r = self.session.request(method, url, headers=headers, timeout=self.timeout, **kw)
+                r = self.session.request(method, url, headers={**headers, **extra},
+                                         timeout=self.timeout, **kw)
             except (requests.ConnectionError, requests.Timeout) as err:
                 raise ServeUnavailable(f"TorchServe is not reachable at {self.url} ({type(err).__name__})") from None
             refused = r.status_code in (400, 401) and "InvalidKeyException" in r.text[:300]
@@ -217,10 +219,14 @@ class Client:
 
     def explain_raw(self, image: bytes | str | os.PathLike, options: Mapping[str, Any] | None = None) -> dict:
         """POST an image (+ options) and return the JSON body; raises :class:`ServeError` on 4xx/5xx."""
-        files = {"data": ("image", _read_image(image), "application/octet-stream")}
+        data = _read_image(image)
         if options:
-            files["options"] = (None, json.dumps(dict(options)), "application/json")
-        r = self._request("POST", f"/predictions/{self.model}", files=files)
+            files = {"data": ("image", data, "application/octet-stream"),
+                     "options": (None, json.dumps(dict(options)), "application/json")}
+            r = self._request("POST", f"/predictions/{self.model}", files=files)
+        else:  # the bare body: TorchServe skips decoding a multipart form (about 3 ms for 200 KB)
+            r = self._request("POST", f"/predictions/{self.model}", data=data,
+                              headers={"Content-Type": "application/octet-stream"})
         return _body_or_raise(r)
 
     def explain(self, image: bytes | str | os.PathLike, *, top_units: int = 8, unit_maps: str = "top",

@@ -70,11 +70,13 @@ def test_defaults_leave_the_device_to_torchserve(model_dir, tmp_path):
     mar = build_mar(model_dir / "model.pt", tmp_path, name="m")
     cfg = mar_contents(mar)["config"]
     assert "deviceType" not in cfg and cfg["batchSize"] >= 2 and cfg["minWorkers"] == 1
+    assert 1 <= cfg["maxBatchDelay"] <= 5  # a lone request barely waits for company
     assert "atlas" not in cfg["handler"]  # no atlas given: none packed
     assert not any(f.startswith("atlas/") for f in mar_contents(mar)["files"])
 
 
-@pytest.mark.parametrize("case", ["missing model", "not a checkpoint", "atlas units", "bad name", "bad workers"])
+@pytest.mark.parametrize("case", ["missing model", "not a checkpoint", "atlas units", "bad name", "bad workers",
+                                  "zero delay"])
 def test_bad_input_fails_with_one_line_and_leaves_nothing(case, model_dir, tmp_path, capsys):
     out = tmp_path / "store"
     junk = tmp_path / "junk.pt"
@@ -83,7 +85,9 @@ def test_bad_input_fails_with_one_line_and_leaves_nothing(case, model_dir, tmp_p
             "not a checkpoint": ["--model", str(junk)],
             "atlas units": ["--model", str(model_dir / "model.pt"), "--atlas", str(model_dir / "atlas")],
             "bad name": ["--model", str(model_dir / "model.pt"), "--name", "../evil"],
-            "bad workers": ["--model", str(model_dir / "model.pt"), "--workers", "0"]}[case]
+            "bad workers": ["--model", str(model_dir / "model.pt"), "--workers", "0"],
+            # TorchServe reads maxBatchDelay 0 as its 100 ms default: refused, not silently slow
+            "zero delay": ["--model", str(model_dir / "model.pt"), "--max-batch-delay", "0"]}[case]
     if case == "atlas units":  # an atlas of another model (16 units, not 32)
         other = tmp_path / "atlas16"
         other.mkdir()
@@ -95,6 +99,8 @@ def test_bad_input_fails_with_one_line_and_leaves_nothing(case, model_dir, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("deepminer archive: error:")
     assert not out.exists() or not any(out.iterdir())  # nothing half-written
+    if case == "zero delay":
+        assert "100 ms" in err[0]
     if case == "atlas units":
         assert "16 unit thresholds" in err[0] and "32 units" in err[0]
 

@@ -99,13 +99,51 @@ def test_serve_measure_with_a_real_callable():
     model = build_model("tiny", pretrained=False).eval()
     img = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
     res = bench.measure_serve(model, img, round_trip, torch.device("cpu"),
-                              repeats=4, warmup=1)
+                              repeats=4, warmup=1, jit_warmup=0)
     assert res["serve_p50_ms"] == pytest.approx(8.0)
     assert res["serve_p90_ms"] == pytest.approx(float(np.percentile(delays, 90)))
     assert res["serve_vs_forward_ms"] == pytest.approx(8.0 - res["forward_ms"])
     assert len(set(seen)) == 5  # every request a distinct image: the server's cache cannot answer
     a = np.asarray(Image.open(io.BytesIO(seen[1])))
     assert a.dtype == np.uint8 and a.shape == (64, 64)
+    assert res["serve_overhead_ms"] is None  # a bare number says nothing of the server's own forward
+
+
+def test_serve_measure_matches_the_workers_threads_and_reports_overhead(tiny_report):
+    """A round trip that reports the server's own forward and threads: the local forward runs on as
+    many threads (restored afterwards), and the overhead is the median of round trip - own forward."""
+    from deepminer.models import build_model
+
+    threads_seen: list[int] = []
+    pngs_seen: list[bytes] = []
+    # (round trip, own forward): 3 JIT warm-up requests, 1 warm-up, 3 timed
+    answers = [(40.0, 0.0)] * 3 + [(100.0, 90.0), (50.0, 41.0), (60.0, 45.0), (70.0, 58.0)]
+
+    def round_trip(png: bytes) -> dict:
+        threads_seen.append(torch.get_num_threads())
+        pngs_seen.append(png)
+        ms, own = answers[len(threads_seen) - 1]
+        return {"ms": ms, "server_forward_ms": own, "threads": 1, "device": "cpu"}
+
+    model = build_model("tiny", pretrained=False).eval()
+    img = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        res = bench.measure_serve(model, img, round_trip, torch.device("cpu"), repeats=3, warmup=1, jit_warmup=3)
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert threads_seen == [2] + [1] * 6  # matched from the first answer on
+    assert len(set(pngs_seen[:3])) == 1 and len(set(pngs_seen)) == 5  # warm-up: one image, cached
+    assert pngs_seen[0] not in pngs_seen[3:]
+    assert res["forward_threads"] == 1 and res["server_threads"] == 1 and res["server_device"] == "cpu"
+    assert res["jit_warmup"] == 3
+    assert res["serve_overhead_ms"] == pytest.approx(12.0)  # median of 9, 15, 12
+    assert res["server_forward_ms"] == pytest.approx(45.0)
+    assert res["serve_p50_ms"] == pytest.approx(60.0)
+    text = bench.format_table({**tiny_report, "serve": {"url": "http://x", "local_model": "tiny", **res}})
+    assert "round trip - own forward, median 12.0 ms" in text and "(1 threads)" in text
 
 
 def test_cli_json_and_table(capsys):

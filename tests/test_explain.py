@@ -168,6 +168,14 @@ def test_cache_skips_the_forward_pass():
     explain_image(model, 1 - img, max_side=None, cache=small)
     explain_image(model, img, max_side=None, cache=small)
     assert len(calls) == 6 and len(small) == 1 and small.nbytes <= small.max_bytes
+    # a caller-made content key (the server's hash of the request file) replaces the pixel hash
+    keyed = FeatureCache()
+    explain_image(model, img, max_side=None, cache=keyed, cache_key="file-a")
+    assert explain_image(model, img, max_side=None, cache=keyed, cache_key="file-a").cache_hit
+    assert not explain_image(model, img, max_side=None, cache=keyed, cache_key="file-b").cache_hit
+    assert not explain_image(model, img, max_side=None, cache=keyed).cache_hit  # pixel key differs
+    assert not explain_image(model, img, max_side=48, cache=keyed, cache_key="file-a").cache_hit
+    assert len(calls) == 10
 
 
 def test_to_api_matches_the_explanation():

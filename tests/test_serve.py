@@ -201,6 +201,9 @@ def test_a_new_sketch_on_the_same_image_skips_the_forward_pass(client):
         assert res.raw["server"]["cache_hit"] and res.timing_ms["forward"] == 0
     assert not np.allclose(second.sketch_iou, third.sketch_iou)
     np.testing.assert_allclose(second.cam, ExplainResult.from_api(first).cam, atol=1e-3)
+    changed = breast(360, 280, 9)
+    changed[180, 140] = 1.0 - changed[180, 140]  # one pixel inside the breast: another image
+    assert not client.explain_raw(png(changed))["server"]["cache_hit"]
 
 
 def test_unit_maps_options(client, good):

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="workers for this model, spread over the server's GPUs (None: 1, from serve/model-config.yaml)")
     parser.add_argument("--batch-size", type=int, default=None, help="max requests per batch (None: 4)")
-    parser.add_argument("--max-batch-delay", type=int, default=None, help="ms a request waits for others to fill a batch (None: 5)")
+    parser.add_argument("--max-batch-delay", type=int, default=None, help="ms a request waits for others to fill a batch, >= 1 (None: 1)")
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                         help="deviceType: auto = a GPU when the server has one, else the CPU")
     parser.add_argument("--no-overwrite", action="store_true", help="fail if OUT/NAME.mar exists")

@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-dissect", action="store_true", help="skip the dissection measurement")
     parser.add_argument("--serve", default=None, metavar="URL",
                         help="also time the HTTP round trip to TorchServe at URL (e.g. http://127.0.0.1:8080)")
+    parser.add_argument("--serve-warmup", type=int, default=None, metavar="N",
+                        help="untimed requests of one image (answered from the server's feature cache) before "
+                             "timing, so TorchServe's Java frontend runs JIT-compiled as on a server that has been "
+                             "up a while [200]")
     parser.add_argument("--serve-model", default=None, help="model name on the server [$DEEPMINER_MODEL or demo]")
     parser.add_argument("--key-file", default=None, help="TorchServe key_file.json [$DEEPMINER_KEY_FILE]")
     parser.add_argument("--token", default=None, help="inference token [$DEEPMINER_TOKEN]")
@@ -51,28 +55,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _round_trip(args: argparse.Namespace):
-    """``png -> ms`` through the serving colleague's ``serve_round_trip`` (one request, keep-alive
-    session per call); checks once that the server answers."""
+    """``png -> {"ms", "server_forward_ms", "threads", "device"}``: one timed request through the
+    serving colleague's client (one keep-alive session for the whole run), with what the server
+    says of its own forward pass and threads."""
     import os
+    import time
 
     from deepminer.commands.explain import import_serve
     from deepminer.errors import InputError
 
     client = import_serve("client")
     name = args.serve_model or os.environ.get(client.ENV_MODEL) or client.DEFAULT_MODEL
-    key_file = args.key_file or os.environ.get(client.ENV_KEY_FILE) or None
-    token = args.token or os.environ.get(client.ENV_TOKEN) or None
+    session = client.Client.from_env(url=args.serve, model=name, token=args.token, key_file=args.key_file)
 
-    def one(png: bytes) -> float:
+    def one(png: bytes) -> dict:
         try:
-            return client.serve_round_trip(args.serve, png, 1, model=name, token=token, key_file=key_file,
-                                           warmup=0, distinct=False)[0]  # the bench varies the image itself
+            t0 = time.perf_counter()
+            body = session.explain_raw(png)  # upload, server work, download, JSON parsing
+            ms = (time.perf_counter() - t0) * 1000
         except client.ServeUnavailable as err:
             raise InputError(f"--serve: {err}; start it with `make run`") from None
         except client.ServeError as err:
             raise InputError(f"--serve {args.serve}: model {name!r} answered {err.status} {err.type}: "
                              f"{err.message}") from None
+        server = body.get("server") or {}
+        return {"ms": ms, "server_forward_ms": (body.get("timing_ms") or {}).get("forward"),
+                "threads": server.get("threads"), "device": server.get("device")}
 
+    one.close = session.close  # type: ignore[attr-defined]
     return one
 
 
@@ -119,7 +129,10 @@ def run(args: argparse.Namespace) -> int:
     report = bench.run_bench(specs, cases=cases, repeats=args.repeats, warmup=args.warmup,
                              batch_size=args.batch_size, device=args.device, threads=args.threads,
                              round_trip=round_trip, serve_url=args.serve, dissect=not args.no_dissect,
+                             serve_warmup=bench.SERVE_JIT_WARMUP if args.serve_warmup is None else args.serve_warmup,
                              progress=True)
+    if round_trip is not None:
+        round_trip.close()
     if args.json:
         print(json.dumps(bench.to_json(report), indent=1))
     else:
