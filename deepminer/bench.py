@@ -47,6 +47,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from deepminer import runtime
 from deepminer.errors import InputError
 
 CASES: dict[str, tuple[int, int]] = {"patch": (224, 224), "whole": (1536, 908)}  # (height, width)
@@ -121,7 +122,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         load = None
     env = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
-           "load_average": load}
+           "load_average": load, "freed_memory_kept": runtime.is_applied()}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
@@ -513,7 +514,8 @@ def run_bench(specs: Sequence[ModelSpec], *, cases: Sequence[str] = tuple(CASES)
               serve_warmup: int = SERVE_JIT_WARMUP,
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Bench every model of ``specs`` on every case; the JSON-ready report (see docs/bench.md).
-    ``threads``: torch CPU threads during the run (restored afterwards). ``serve_warmup``: untimed
+    Applies :func:`deepminer.runtime.keep_freed_memory` (process-wide, as every ``deepminer``
+    command and the server do). ``threads``: torch CPU threads during the run (restored afterwards). ``serve_warmup``: untimed
     requests before the serve measurement (:func:`measure_serve`'s ``jit_warmup``)."""
     unknown = [c for c in cases if c not in CASES]
     if unknown or not cases:
@@ -525,6 +527,7 @@ def run_bench(specs: Sequence[ModelSpec], *, cases: Sequence[str] = tuple(CASES)
         raise InputError(f"--threads: must be >= 1, got {threads}")
     if serve_warmup < 0:
         raise InputError(f"--serve-warmup: must be >= 0, got {serve_warmup}")
+    runtime.keep_freed_memory()  # measure what the CLI and the server run with (deepminer/runtime.py)
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))

@@ -32,7 +32,8 @@ OPTIONS = ("top_units", "unit_maps", "sketch", "max_side")
 UNIT_MAPS = ("none", "top", "all")
 MAX_SIDE_RANGE = (64, 4096)
 DEFAULTS: dict[str, Any] = {"model_file": "model.pt", "atlas": "atlas", "max_pixels": 60_000_000,
-                            "cache_mb": 256, "default_max_side": 1024, "torch_threads": 0, "tissue": True}
+                            "cache_mb": 256, "default_max_side": 1024, "torch_threads": 0, "tissue": True,
+                            "keep_freed_memory": True}
 
 
 def error_body(code: int, kind: str, message: str) -> dict:
@@ -176,9 +177,12 @@ class DeepMinerHandler:
         self._warm_up()
         import deepminer
 
-        logger.info("deepminer handler: model %s v%s (%s, %d units) on %s, atlas %s, library %s",
-                    self.name, self.version, self.model.arch, self.model.num_units, self.device,
-                    "yes" if self.thresholds is not None else "no", Path(deepminer.__file__).parent)
+        from deepminer.runtime import is_applied
+
+        logger.info("deepminer handler: model %s v%s (%s, %d units) on %s, atlas %s, freed memory kept %s, "
+                    "library %s", self.name, self.version, self.model.arch, self.model.num_units, self.device,
+                    "yes" if self.thresholds is not None else "no", "yes" if is_applied() else "no",
+                    Path(deepminer.__file__).parent)
 
     def setup(self, model_file: str | os.PathLike, atlas_dir: str | os.PathLike | None = None, *,
               settings: dict | None = None, device: str = "cpu", name: str = "model", version: str = "1.0") -> None:
@@ -188,8 +192,11 @@ class DeepMinerHandler:
 
         from deepminer.explain import FeatureCache
         from deepminer.models import load_model
+        from deepminer.runtime import keep_freed_memory
 
         self.settings = {**DEFAULTS, **(settings or {})}
+        if self.settings.get("keep_freed_memory", True):
+            keep_freed_memory()  # no page faults for every activation of every request: 2-3x faster on CPU
         self.device = torch.device(device)
         if int(self.settings["torch_threads"]) > 0:
             torch.set_num_threads(int(self.settings["torch_threads"]))
