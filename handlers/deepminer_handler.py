@@ -147,6 +147,7 @@ class DeepMinerHandler:
     def __init__(self) -> None:
         self.initialized = False
         self.model = None
+        self.weights_sha256 = ""
         self.thresholds = None
         self.cache = None
         self.device = None
@@ -201,6 +202,9 @@ class DeepMinerHandler:
         if int(self.settings["torch_threads"]) > 0:
             torch.set_num_threads(int(self.settings["torch_threads"]))
         self.model = load_model(model_file, map_location=self.device).eval()
+        from deepminer.atlas.dissect import state_sha256
+
+        self.weights_sha256 = state_sha256(self.model)  # the identity labels and atlases are keyed by
         self.thresholds = None
         if atlas_dir is not None:
             from deepminer.atlas import Atlas
@@ -262,6 +266,7 @@ class DeepMinerHandler:
                             top_k=opts["top_units"], unit_maps=opts["unit_maps"], sketch=sketch,
                             thresholds=self.thresholds, cache=self.cache, cache_key=content)
         body = exp.to_api(self.name, self.version, unit_maps=opts["unit_maps"], top_units=opts["top_units"])
+        body["model"]["weights_sha256"] = self.weights_sha256
         body.setdefault("input", {}).update({"format": loaded.format, "bits_stored": loaded.bits_stored,
                                              "tissue_fraction": None if tissue is None else round(tissue, 4)})
         timing = body.setdefault("timing_ms", {})

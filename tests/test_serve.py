@@ -186,6 +186,12 @@ def test_answer_matches_the_in_process_engine(client, model_dir):
     np.testing.assert_allclose(served.sketch_iou, local.sketch_iou, atol=1e-3)
     assert served.sketch_iou.max() > 0  # thresholds from the packed atlas make real masks
     assert sum(served.probabilities.values()) == pytest.approx(1.0, abs=1e-3)
+    # the weights' identity (what atlases and the workbench's labels are keyed by), as dissect computes it
+    from deepminer.atlas.dissect import state_sha256
+    from deepminer.models import load_model
+
+    digest = state_sha256(load_model(model_dir / "model.pt"))
+    assert served.model["weights_sha256"] == local.model["weights_sha256"] == digest and len(digest) == 64
 
 
 def test_a_new_sketch_on_the_same_image_skips_the_forward_pass(client):
