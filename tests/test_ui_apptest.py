@@ -14,21 +14,9 @@ APP = str(ROOT / "ui" / "app.py")
 
 
 @pytest.fixture(scope="session")
-def ui_fixture(tmp_path_factory):
+def ui_fixture(tiny_demo):
     """A tiny model + its atlas + a phantom data set (also the sample images), built once."""
-    import torch
-
-    from deepminer.atlas import dissect
-    from deepminer.data.phantoms import generate_dataset
-    from deepminer.models import build_model, save_model
-
-    root = tmp_path_factory.mktemp("ui")
-    data = generate_dataset(root / "data", 2, 3, 256)
-    torch.manual_seed(0)
-    save_model(build_model("tiny", pretrained=False), root / "demo" / "model.pt", patch_size=48)
-    dissect(root / "demo" / "model.pt", data, split="train", out=root / "demo" / "atlas", progress=False,
-            batch_size=64, topk=8)
-    return {"root": root, "data": data, "model_dir": root / "demo"}
+    return tiny_demo
 
 
 @pytest.fixture

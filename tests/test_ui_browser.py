@@ -61,23 +61,11 @@ def _square_mammogram(seed: int, index: int, side: int = 1024) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def model_dir(request) -> Path:
     """The demo model + atlas, or a tiny one profiled on phantoms when the demo is not built."""
     if (DEMO / "model.pt").is_file() and (DEMO / "atlas" / "atlas.json").is_file():
         return DEMO
-    import torch
-
-    from deepminer.atlas import dissect
-    from deepminer.data.phantoms import generate_dataset
-    from deepminer.models import build_model, save_model
-
-    root = tmp_path_factory.mktemp("tiny-demo")
-    data = generate_dataset(root / "data", 2, 3, 256)
-    torch.manual_seed(0)
-    save_model(build_model("tiny", pretrained=False), root / "demo" / "model.pt", patch_size=48)
-    dissect(root / "demo" / "model.pt", data, split="train", out=root / "demo" / "atlas", progress=False,
-            batch_size=64, topk=8)
-    return root / "demo"
+    return request.getfixturevalue("tiny_demo")["model_dir"]
 
 
 @pytest.fixture(scope="module")
