@@ -10,8 +10,9 @@ of its activations in again. Measured on the 2-core VM of this project (demo mod
 by preloading jemalloc or tcmalloc; :func:`keep_freed_memory` does it with glibc's own ``mallopt``,
 without a new dependency.
 
-The cost: the process keeps its peak heap (what the largest forward pass needed) instead of
-returning it between requests. A no-op where the C library is not glibc (macOS, musl, Windows).
+The cost: the process keeps up to 1 GiB of freed heap (what its largest forward passes needed)
+instead of returning it between requests; freed memory beyond that, and single blocks over 1 GiB,
+still go back to the kernel. A no-op where the C library is not glibc (macOS, musl, Windows).
 Called by the CLI (every ``deepminer`` command), the TorchServe handler and the workbench.
 """
 from __future__ import annotations
