@@ -347,7 +347,8 @@ def serve_round_trip(url: str, image_bytes: bytes, n: int, *, model: str = DEFAU
                      options: Mapping[str, Any] | None = None, warmup: int = 1,
                      distinct: bool = True) -> list[float]:
     """Wall-clock milliseconds of ``n`` sequential keep-alive requests (after ``warmup`` untimed ones),
-    each including upload, server work, download and JSON parsing (for ``deepminer bench --serve``).
+    each including upload, server work, download and JSON parsing (a quick latency probe; ``deepminer
+    bench --serve`` times :meth:`Client.explain_raw` itself, interleaved with the local forward).
     ``distinct`` (default) sends a one-pixel-different PNG each time (:func:`distinct_images`), so
     every request pays the forward pass instead of hitting the server's feature cache."""
     images = distinct_images(image_bytes, warmup + n) if distinct else [image_bytes] * (warmup + n)

@@ -434,3 +434,20 @@ def test_token_refresh_with_the_api_key(server):
     assert c.refresh_token()
     assert json.loads(server.key_file.read_text())["inference"]["key"] != before
     assert c.ping()
+
+
+def test_bench_serve_against_the_real_server(server, model_dir, capsys):
+    """`deepminer bench --serve` end to end (lab profile: token from the key file): the local forward
+    runs on the worker's threads, and every timed request reports the worker's own forward."""
+    from deepminer.cli import main
+
+    rc = main(["bench", "--model", str(model_dir / "model.pt"), "--cases", "patch", "--no-dissect",
+               "--repeats", "3", "--warmup", "0", "--serve", server.inference_url, "--serve-model", MODEL,
+               "--key-file", str(server.key_file), "--serve-warmup", "4", "--json"])
+    assert rc == 0
+    s = json.loads(capsys.readouterr().out)["serve"]
+    assert s["server_device"] == "cpu" and s["server_threads"] == s["forward_threads"] >= 1
+    assert s["jit_warmup"] == 4 and len(s["raw"]["serve_ms"]) == 3
+    assert all(f > 0 for f in s["raw"]["server_forward_ms"])  # no timed request was a cache hit
+    assert 0 < s["serve_overhead_ms"] < s["serve_p50_ms"]
+    assert s["serve_vs_forward_ms"] == pytest.approx(s["serve_p50_ms"] - s["forward_ms"])

@@ -126,13 +126,15 @@ def run(args: argparse.Namespace) -> int:
                 raise InputError(f"--serve: TorchServe is not reachable at {args.serve} (no Healthy /ping); "
                                  "start it with `make run`")
         round_trip(bench.png8_variants(np.full((64, 64), 0.5, np.float32), 1)[0])  # model name, token
-    report = bench.run_bench(specs, cases=cases, repeats=args.repeats, warmup=args.warmup,
-                             batch_size=args.batch_size, device=args.device, threads=args.threads,
-                             round_trip=round_trip, serve_url=args.serve, dissect=not args.no_dissect,
-                             serve_warmup=bench.SERVE_JIT_WARMUP if args.serve_warmup is None else args.serve_warmup,
-                             progress=True)
-    if round_trip is not None:
-        round_trip.close()
+    try:
+        report = bench.run_bench(specs, cases=cases, repeats=args.repeats, warmup=args.warmup,
+                                 batch_size=args.batch_size, device=args.device, threads=args.threads,
+                                 round_trip=round_trip, serve_url=args.serve, dissect=not args.no_dissect,
+                                 serve_warmup=(bench.SERVE_JIT_WARMUP if args.serve_warmup is None
+                                               else args.serve_warmup), progress=True)
+    finally:
+        if round_trip is not None:
+            round_trip.close()
     if args.json:
         print(json.dumps(bench.to_json(report), indent=1))
     else:

@@ -79,7 +79,8 @@ def _mask_work(small: np.ndarray) -> np.ndarray:
     (4-connected background), about 5x faster (tests/test_tissue.py checks them against SciPy)."""
     import cv2
 
-    smooth = cv2.GaussianBlur(np.ascontiguousarray(small, dtype=np.float32), (9, 9), 1.0, borderType=cv2.BORDER_REFLECT)  # sigma 1, radius 4
+    smooth = cv2.GaussianBlur(np.ascontiguousarray(small, dtype=np.float32), (9, 9), 1.0,
+                              borderType=cv2.BORDER_REFLECT)  # sigma 1, radius 4: SciPy's truncate 4
     fg = smooth > _threshold(smooth)
     fg &= ~_frame_strips(fg)
     if not fg.any():
