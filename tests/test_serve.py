@@ -32,7 +32,7 @@ from PIL import Image
 
 from deepminer.models import build_model, save_model
 from serve.archive import build_mar
-from serve.client import Client, ExplainResult, ServeError, local_explain, serve_round_trip
+from serve.client import Client, ExplainResult, ServeError, local_explain
 from serve.launch import TorchServe
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
@@ -405,10 +405,8 @@ def test_round_trip_overhead(server):
     p50 = statistics.median(r for r, _ in rows)
     handler = statistics.median(h for _, h in rows)
     overhead = statistics.median(r - h for r, h in rows)
-    times = serve_round_trip(server.inference_url, img, 3, model=MODEL, key_file=server.key_file)
     print(f"\nround trip 1024x1024 8-bit PNG, tiny model: p50 {p50:.1f} ms, handler {handler:.1f} ms, "
-          f"overhead p50 {overhead:.1f} ms (serve_round_trip: {statistics.median(times):.1f} ms)")
-    assert len(times) == 3 and all(t > 0 for t in times)
+          f"overhead p50 {overhead:.1f} ms")
     # quiet machine: the batch delay and under 50 ms more; a shared CI machine slows every process,
     # so a share of the handler time is allowed on top
     assert overhead < delay + 50 + 0.5 * handler
