@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from typing import Any
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -53,3 +54,23 @@ def keep_freed_memory(limit_bytes: int = KEEP_BYTES) -> bool:
 def is_applied() -> bool:
     """Whether :func:`keep_freed_memory` is in force in this process."""
     return bool(_state.get("applied"))
+
+
+def resolve_device(device: Any = "auto") -> Any:
+    """A ``torch.device`` from ``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda``,
+    ``cuda:N`` or a ``torch.device``; a one-line :class:`~deepminer.errors.InputError` for a name torch
+    does not know or a CUDA device this machine does not have."""
+    import torch
+
+    from deepminer.errors import InputError
+
+    name = str(device or "auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as err:
+        raise InputError(f"--device {name}: {str(err).splitlines()[0]}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA device is available here")
+    return dev

@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in env.items():
             print(f"export {k}={shlex.quote(v)}" if v else f"unset {k}")
         return 0
-    from serve.client import Client
+    from deepminer.client import Client
 
     client = Client(env["DEEPMINER_SERVE_URL"], key_file=env["DEEPMINER_KEY_FILE"] or None, timeout=5)
     model = os.environ.get("DEEPMINER_MODEL") or "demo"

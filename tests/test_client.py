@@ -1,4 +1,4 @@
-"""``serve.client`` against a real TorchServe started from the local demo profile (token
+"""``deepminer.client`` against a real TorchServe started from the local demo profile (token
 authorization off) in this project's environment, plus its offline behaviour (no server, key files,
 environment). One server for the module."""
 from __future__ import annotations
@@ -15,9 +15,11 @@ from PIL import Image
 
 from deepminer.cli import main
 from deepminer.models import build_model, save_model
+from deepminer.client import Client, ServeError, ServeUnavailable, local_explain
+from deepminer.errors import InputError
+from deepminer.explanation import Explanation
+from deepminer.options import ExplainOptions, mask_to_png
 from serve.archive import build_mar
-from serve.client import (Client, ExplainResult, ServeError, ServeUnavailable, build_options, local_explain,
-                          mask_to_png)
 from serve.launch import TorchServe
 
 MODEL = "tiny"
@@ -64,23 +66,23 @@ def test_demo_profile_needs_no_token_and_results_are_typed(server):
     with Client(server.inference_url, model=MODEL) as c:
         assert c.ping()
         res = c.explain(picture(240, 180), top_units=4)
-    assert isinstance(res, ExplainResult)
-    classes = ["normal", "benign", "malignant"]
-    assert res.classes == classes and res.model["classes"] == classes
+    assert isinstance(res, Explanation)
+    classes = ("normal", "benign", "malignant")
+    assert res.classes == classes and tuple(res.model["classes"]) == classes
     assert sum(res.probabilities.values()) == pytest.approx(1, abs=1e-3)
     assert res.prediction == max(res.probabilities, key=res.probabilities.get)
     assert res.class_maps.dtype == np.float32 and res.class_maps.ndim == 3 and res.class_maps.shape[0] == 3
     assert res.cam.shape == res.class_maps.shape
-    assert res.unit_max.shape == (32,) and set(res.influence) == set(classes)
-    assert all(v.shape == (32,) for v in res.influence.values())
-    assert all(len(v) == 4 and all(isinstance(u, int) for u in v) for v in res.top.values())
+    assert res.unit_max.shape == (32,) and res.influence.shape == (3, 32)
+    assert all(len(v) == 4 and all(isinstance(u, int) for u in v) for v in res.top_units.values())
     # "top" maps: the maps of the listed units, keyed by int
-    assert set(res.unit_maps) == {u for v in res.top.values() for u in v}
+    assert set(res.unit_maps) == {u for v in res.top_units.values() for u in v}
     assert all(m.shape == res.cam.shape[1:] for m in res.unit_maps.values())
-    assert res.sketch_iou is None and res.timing_ms and res.raw["input"]["height"] == 240
+    assert res.sketch_iou is None and res.timing_ms and res.input["height"] == 240
+    assert res.server["pid"] > 0 and len(res.model["weights_sha256"]) == 64
     # influence = max activation x FC weight, ranked: the top lists follow the influence arrays
-    for c, ids in res.top.items():
-        infl = res.influence[c]
+    for c, ids in res.top_units.items():
+        infl = res.influence_of(c)
         tol = 1e-2 * max(1.0, float(np.abs(infl).max()))  # float16 on the wire
         assert infl[ids].min() >= np.delete(infl, ids).max() - tol
         assert all(infl[a] >= infl[b] - tol for a, b in zip(ids, ids[1:]))  # best first
@@ -119,11 +121,13 @@ def test_served_equals_local(server, model_path):
     with Client(server.inference_url, model=MODEL) as c:
         served = c.explain(img, unit_maps="all", top_units=3)
     local = local_explain(model_path, img, unit_maps="all", top_units=3)
-    assert served.prediction == local.prediction and served.top == local.top
+    assert served.prediction == local.prediction and served.top_units == local.top_units
     np.testing.assert_allclose(served.class_maps, local.class_maps, rtol=1e-2, atol=1e-2)
     assert sorted(served.unit_maps) == sorted(local.unit_maps) == list(range(32))
+    assert served.model["weights_sha256"] == local.model["weights_sha256"]
     strip = {"timing_ms", "server", "model"}
-    assert {k for k in served.raw if k not in strip} == {k for k in local.raw if k not in strip}
+    s_body, l_body = served.to_json(), local.to_json()
+    assert {k for k in s_body if k not in strip} == {k for k in l_body if k not in strip}
 
 
 @pytest.mark.serve
@@ -176,12 +180,13 @@ def test_from_env(monkeypatch, tmp_path):
 def test_sketch_travels_as_a_png_mask():
     mask = np.zeros((40, 30), bool)
     mask[5:20, 3:9] = True
-    opts = build_options(top_units=3, unit_maps="none", sketch=mask, max_side=256)
+    opts = ExplainOptions.build(top_units=3, unit_maps="none", sketch=mask, max_side=256).to_json()
     assert opts["top_units"] == 3 and opts["unit_maps"] == "none" and opts["max_side"] == 256
     import base64
 
     with Image.open(io.BytesIO(base64.b64decode(opts["sketch"]))) as im:
         back = np.asarray(im) > 127
     assert np.array_equal(back, mask)
-    with pytest.raises(ValueError):
+    assert np.array_equal(ExplainOptions.parse(opts).sketch_mask((40, 30)), mask)  # what the server decodes
+    with pytest.raises(InputError, match="sketch: expected a 2-D mask"):
         mask_to_png(np.zeros((2, 3, 4)))

@@ -9,7 +9,8 @@ from torch import nn
 
 from deepminer.encoding import decode_array
 from deepminer.errors import InputError
-from deepminer.explain import FeatureCache, explain_image
+from deepminer.explain import ExplanationCache, explain_image
+from deepminer.explanation import Explanation
 from deepminer.models import FCN, GAPHead, build_model
 
 CLASSES = ("normal", "benign", "malignant")
@@ -42,7 +43,7 @@ def test_hand_computed_cam_influence_and_class_maps():
     model = block_model()
     img = np.zeros((64, 96), np.float32)
     img[24:32, 40:48] = 1.0  # exactly block (3, 5)
-    e = explain_image(model, img, max_side=None)
+    e = explain_image(model, img, max_side=None, unit_maps="all")
     assert e.input["scale"] == 1.0 and e.map_size == (8, 12)
     dot, bg = np.array([1.0, 0.0, 0.5]), np.array([0.0, 1.0, 0.0])  # unit values by hand
     assert np.allclose(e.unit_max, [1.0, 1.0, 0.5])
@@ -52,17 +53,17 @@ def test_hand_computed_cam_influence_and_class_maps():
     assert np.allclose(e.cam[:, 3, 5], W @ dot, atol=1e-5) and np.allclose(e.cam[:, 0, 0], W @ bg, atol=1e-5)
     assert np.allclose(e.class_maps[:, 3, 5], softmax(W @ dot + B), atol=1e-5)
     assert np.allclose(e.class_maps.sum(0), 1.0, atol=1e-6)
-    assert np.allclose(e.unit_maps_[0, 3, 5], 1.0) and e.unit_maps_.dtype == np.float16
+    assert np.allclose(e.unit_maps[0][3, 5], 1.0) and e.unit_maps[0].dtype == np.float16
 
 
 def test_unit_peak_maps_back_to_the_dot_in_original_pixels():
     model = block_model()
     img = np.full((320, 480), 0.1, np.float32)
     img[196:204, 292:300] = 1.0  # an 8x8 dot centred at (200, 296) in ORIGINAL pixels
-    e = explain_image(model, img, max_side=240)
+    e = explain_image(model, img, max_side=240, unit_maps="all")
     assert e.input == {"height": 320, "width": 480, "scale": 0.5, "model_height": 160, "model_width": 240,
                        "map_height": 20, "map_width": 30}
-    i, j = np.unravel_index(np.argmax(e.unit_maps_[0].astype(np.float32)), e.map_size)
+    i, j = np.unravel_index(np.argmax(e.unit_maps[0].astype(np.float32)), e.map_size)
     y0, x0, y1, x1 = e.cell_box(i, j)
     assert (y0, x0, y1, x1) == (192.0, 288.0, 208.0, 304.0)  # 16 original px per cell at scale 0.5
     assert y0 <= 196 and 204 <= y1 and x0 <= 292 and 300 <= x1  # the whole dot lies in the box
@@ -151,7 +152,7 @@ def test_cache_skips_the_forward_pass():
     img[24:32, 40:48] = 1.0
     sketch = np.zeros_like(img, bool)
     sketch[24:32, 40:48] = True
-    cache = FeatureCache(max_bytes=1 << 20)
+    cache = ExplanationCache(max_bytes=1 << 20)
     first = explain_image(model, img, max_side=None, cache=cache)
     again = explain_image(model, img, max_side=None, cache=cache, sketch=sketch, thresholds=[0.5, 0.5, 0.2])
     assert len(calls) == 1 and again.cache_hit and not first.cache_hit and cache.hits == 1
@@ -161,15 +162,15 @@ def test_cache_skips_the_forward_pass():
     explain_image(model, img.copy(), max_side=None, cache=cache)  # same content, new array: a hit
     assert len(calls) == 2
     # bounded by bytes: room for one entry only -> the older one is evicted
-    one = FeatureCache()
+    one = ExplanationCache()
     explain_image(model, img, max_side=None, cache=one)
-    small = FeatureCache(max_bytes=one.nbytes * 3 // 2)
+    small = ExplanationCache(max_bytes=one.nbytes * 3 // 2)
     explain_image(model, img, max_side=None, cache=small)
     explain_image(model, 1 - img, max_side=None, cache=small)
     explain_image(model, img, max_side=None, cache=small)
     assert len(calls) == 6 and len(small) == 1 and small.nbytes <= small.max_bytes
     # a caller-made content key (the server's hash of the request file) replaces the pixel hash
-    keyed = FeatureCache()
+    keyed = ExplanationCache()
     explain_image(model, img, max_side=None, cache=keyed, cache_key="file-a")
     assert explain_image(model, img, max_side=None, cache=keyed, cache_key="file-a").cache_hit
     assert not explain_image(model, img, max_side=None, cache=keyed, cache_key="file-b").cache_hit
@@ -178,18 +179,17 @@ def test_cache_skips_the_forward_pass():
     assert len(calls) == 10
 
 
-def test_to_api_matches_the_explanation():
+def test_to_json_matches_the_explanation_and_from_json_inverts_it():
     torch.manual_seed(5)
     model = build_model("tiny", pretrained=False).eval()
     img = np.random.default_rng(5).random((200, 150)).astype(np.float32)
     sketch = np.zeros_like(img, bool)
     sketch[50:120, 40:100] = True
-    e = explain_image(model, img, max_side=128, sketch=sketch)
-    body = json.loads(json.dumps(e.to_api("demo", "1.0", unit_maps="top", top_units=3)))
+    e = explain_image(model, img, max_side=128, sketch=sketch, unit_maps="top", top_units=3)
+    body = json.loads(json.dumps(e.to_json()))
     assert set(body) >= {"model", "input", "probabilities", "prediction", "class_maps", "cam", "units",
-                         "sketch_iou", "timing_ms"}
-    assert body["model"] == {"name": "demo", "version": "1.0", "arch": "tiny", "layer": "block4", "head": "gap",
-                             "units": 32, "classes": list(CLASSES)}
+                         "sketch_iou", "timing_ms", "window", "probability_rule"}
+    assert body["model"] == {"arch": "tiny", "layer": "block4", "head": "gap", "units": 32, "classes": list(CLASSES)}
     assert body["input"]["height"] == 200 and body["input"]["model_height"] == 128
     assert body["prediction"] == e.prediction and body["probabilities"] == e.probabilities
     for name in ("class_maps", "cam"):
@@ -199,17 +199,35 @@ def test_to_api_matches_the_explanation():
     assert np.allclose(decode_array(units["max_activation"]), e.unit_max, atol=1e-3, rtol=1e-3)
     for i, c in enumerate(CLASSES):
         assert np.allclose(decode_array(units["influence"][c]), e.influence[i], atol=1e-3, rtol=1e-3)
-        assert units["top"][c] == e.top_units[c][:3]
+        assert units["top"][c] == e.top_units[c] and len(e.top_units[c]) == 3
     wanted = {str(u) for ids in units["top"].values() for u in ids}
-    assert set(units["maps"]) == wanted
-    u = next(iter(wanted))
-    assert np.array_equal(decode_array(units["maps"][u]), e.unit_maps_[int(u)])
+    assert set(units["maps"]) == wanted == {str(u) for u in e.unit_maps}  # "top": the top units' maps only
+    full = explain_image(model, img, max_side=128, unit_maps="all")
+    for u in wanted:
+        assert np.array_equal(decode_array(units["maps"][u]), full.unit_maps[int(u)])
     assert np.allclose(decode_array(body["sketch_iou"]), e.sketch_iou, atol=1e-3)
-    assert len(e.to_api("m", "1", unit_maps="all")["units"]["maps"]) == 32
-    assert e.to_api("m", "1", unit_maps="none")["units"]["maps"] == {}
-    assert "sketch_iou" not in explain_image(model, img, max_side=128).to_api("m", "1")
+    assert len(full.to_json()["units"]["maps"]) == 32
+    assert explain_image(model, img, max_side=128, unit_maps="none").to_json()["units"]["maps"] == {}
+    assert "sketch_iou" not in full.to_json()
     with pytest.raises(InputError, match="unit_maps"):
-        e.to_api("m", "1", unit_maps="some")
+        explain_image(model, img, max_side=128, unit_maps="some")
+    # the inverse: every field back, arrays within float16, the same geometry and rankings
+    back = Explanation.from_json(body)
+    assert back.classes == e.classes and back.prediction == e.prediction and back.top_units == e.top_units
+    assert back.probabilities == e.probabilities and back.window == e.window and back.input == e.input
+    assert back.probability_rule == e.probability_rule and back.thresholds_source == e.thresholds_source
+    for name in ("class_maps", "cam", "unit_max", "influence", "sketch_iou"):
+        assert back.__dict__[name].shape == e.__dict__[name].shape
+        assert np.allclose(back.__dict__[name], e.__dict__[name], atol=2e-3, rtol=2e-3), name
+    assert sorted(back.unit_maps) == sorted(e.unit_maps)
+    assert all(np.allclose(back.unit_maps[u], e.unit_maps[u], atol=2e-3, rtol=2e-3) for u in e.unit_maps)
+    assert back.cell_box(1, 2) == e.cell_box(1, 2) and back.ranked_units("malignant", 3) == e.ranked_units("malignant", 3)
+    assert json.loads(json.dumps(back.to_json())) == body  # float16 survives a round trip exactly
+
+
+def test_from_json_names_a_malformed_body():
+    with pytest.raises(InputError, match="malformed explanation body"):
+        Explanation.from_json({"prediction": "normal"})
 
 
 def test_bad_input_is_one_line_error():
@@ -230,7 +248,7 @@ def test_bad_input_is_one_line_error():
 
 def test_class_index_takes_names_or_indices_and_names_the_problem():
     from deepminer.errors import InputError
-    from deepminer.explain.base import class_index
+    from deepminer.explanation import class_index
 
     classes = ("normal", "benign", "malignant")
     assert class_index(classes, "malignant") == 2 and class_index(classes, np.int64(1)) == 1

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from deepminer.errors import InputError
-from deepminer.explain import Explanation, deepminer_explanation, explain_image, label_report
+from deepminer.explain import Explanation, UnitMaps, deepminer_explanation, explain_image, label_report
 from deepminer.models import build_model
 
 CLASSES = ("normal", "benign", "malignant")
@@ -23,7 +23,7 @@ def make_explanation(sketch_iou=None) -> Explanation:
     return Explanation(
         classes=CLASSES, probabilities={"normal": 0.05, "benign": 0.08, "malignant": 0.87}, prediction="malignant",
         class_maps=np.zeros((3, 2, 3), np.float32), cam=cam, unit_max=unit_max, influence=influence,
-        top_units={}, unit_maps_=maps, sketch_iou=sketch_iou, input={"height": 20, "width": 30, "scale": 1.0},
+        top_units={}, unit_maps=UnitMaps(maps), sketch_iou=sketch_iou, input={"height": 20, "width": 30, "scale": 1.0},
         timing_ms={})
 
 

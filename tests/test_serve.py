@@ -32,7 +32,8 @@ from PIL import Image
 
 from deepminer.models import build_model, save_model
 from serve.archive import build_mar
-from serve.client import Client, ExplainResult, ServeError, local_explain
+from deepminer.client import Client, ServeError, local_explain
+from deepminer.explanation import Explanation
 from serve.launch import TorchServe
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
@@ -178,8 +179,8 @@ def test_answer_matches_the_in_process_engine(client, model_dir):
     assert served.prediction == local.prediction
     for c in served.classes:
         assert served.probabilities[c] == pytest.approx(local.probabilities[c], abs=2e-3)
-        np.testing.assert_allclose(served.influence[c], local.influence[c], rtol=2e-2, atol=2e-3)
-    assert served.top == local.top and all(len(v) == 5 for v in served.top.values())
+        np.testing.assert_allclose(served.influence_of(c), local.influence_of(c), rtol=2e-2, atol=2e-3)
+    assert served.top_units == local.top_units and all(len(v) == 5 for v in served.top_units.values())
     assert sorted(served.unit_maps) == sorted(local.unit_maps)
     np.testing.assert_allclose(served.cam, local.cam, rtol=2e-2, atol=2e-3)
     assert served.sketch_iou is not None and served.sketch_iou.shape == (32,)
@@ -187,10 +188,10 @@ def test_answer_matches_the_in_process_engine(client, model_dir):
     assert served.sketch_iou.max() > 0  # thresholds from the packed atlas make real masks
     assert sum(served.probabilities.values()) == pytest.approx(1.0, abs=1e-3)
     # the weights' identity (what atlases and the workbench's labels are keyed by), as dissect computes it
-    from deepminer.atlas.dissect import state_sha256
+    from deepminer.models import weights_sha256
     from deepminer.models import load_model
 
-    digest = state_sha256(load_model(model_dir / "model.pt"))
+    digest = weights_sha256(load_model(model_dir / "model.pt"))
     assert served.model["weights_sha256"] == local.model["weights_sha256"] == digest and len(digest) == 64
 
 
@@ -204,9 +205,9 @@ def test_a_new_sketch_on_the_same_image_skips_the_forward_pass(client):
     third = client.explain(img, sketch=b)
     assert not first["server"]["cache_hit"]
     for res in (second, third):
-        assert res.raw["server"]["cache_hit"] and res.timing_ms["forward"] == 0
+        assert res.server["cache_hit"] and res.cache_hit and res.timing_ms["forward"] == 0
     assert not np.allclose(second.sketch_iou, third.sketch_iou)
-    np.testing.assert_allclose(second.cam, ExplainResult.from_api(first).cam, atol=1e-3)
+    np.testing.assert_allclose(second.cam, Explanation.from_json(first).cam, atol=1e-3)
     changed = breast(360, 280, 9)
     changed[180, 140] = 1.0 - changed[180, 140]  # one pixel inside the breast: another image
     assert not client.explain_raw(png(changed))["server"]["cache_hit"]
@@ -217,11 +218,11 @@ def test_unit_maps_options(client, good):
     assert none.unit_maps == {} and none.sketch_iou is None
     every = client.explain(good, unit_maps="all", top_units=3)
     assert sorted(every.unit_maps) == list(range(32))
-    assert all(len(v) == 3 for v in every.top.values())
+    assert all(len(v) == 3 for v in every.top_units.values())
     small = client.explain(good, max_side=64)
     large = client.explain(good, max_side=512)
     assert small.cam.shape[1] * small.cam.shape[2] < large.cam.shape[1] * large.cam.shape[2]
-    raw = every.raw["units"]["maps"]["0"]
+    raw = client.explain_raw(good, {"unit_maps": "all", "top_units": 3})["units"]["maps"]["0"]
     assert raw["dtype"] == "float16"  # arrays travel compactly
 
 

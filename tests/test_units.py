@@ -5,9 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import deepminer  # noqa: F401  (torchvision compatibility)
-from deepminer.explain.units import (IOU_SIDE, MATCH_IOU, iou_work_size, mask_iou, matching_units,
-                                     quantile_thresholds, sketch_at, sketch_iou, unit_masks,
-                                     unit_thresholds, upsample_maps)
+from deepminer.explain.sketch import IOU_SIDE, MATCH_IOU, iou_work_size, matching_units, sketch_at, sketch_iou
+from deepminer.explain.units import mask_iou, quantile_thresholds, unit_masks, unit_thresholds, upsample_maps
 
 
 def loop_iou(sketch, maps, thresholds, work_side=IOU_SIDE):

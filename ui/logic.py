@@ -1,4 +1,4 @@
-"""What the pages compute, as plain functions of an :class:`~serve.client.ExplainResult` and arrays.
+"""What the pages compute, as plain functions of an :class:`~deepminer.explanation.Explanation` and arrays.
 
 No Streamlit here: the pages call these and only lay out the answers, and the tests call them
 directly. Math that belongs to the library (unit masks, IoU, thresholds, patch grid, tissue) is
@@ -12,7 +12,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from deepminer.explain.units import MATCH_IOU
+from deepminer.explain.sketch import MATCH_IOU
+from deepminer.explanation import Explanation
 
 #: how many suspicious patches the Explain page lists
 SUSPICIOUS_TOP = 5
@@ -138,7 +139,7 @@ def rank_by_iou(iou: np.ndarray, labels: Mapping[int, str], top: int = RANKED_TO
     return [RankedUnit(int(u), float(v[u]), labels.get(int(u), ""), bool(v[u] > MATCH_IOU)) for u in order]
 
 
-def unit_mask_on(result, unit: int, thresholds: np.ndarray, shape: Sequence[int]) -> np.ndarray | None:
+def unit_mask_on(result: Explanation, unit: int, thresholds: np.ndarray, shape: Sequence[int]) -> np.ndarray | None:
     """The binarized response of ``unit`` on this image at ``shape`` (None: its map was not sent)."""
     from deepminer.explain.units import unit_masks
 
@@ -148,12 +149,12 @@ def unit_mask_on(result, unit: int, thresholds: np.ndarray, shape: Sequence[int]
     return unit_masks(m[None], np.asarray(thresholds)[[int(unit)]], shape)[0]
 
 
-def top_unit_rows(result, cls: str, labels: Mapping[int, str]) -> list[dict]:
+def top_unit_rows(result: Explanation, cls: str, labels: Mapping[int, str]) -> list[dict]:
     """The most influential units for ``cls`` (as the server ranked them) with influence and label."""
-    infl = result.influence.get(cls)
-    return [{"unit": int(u), "influence": float(infl[u]) if infl is not None else float("nan"),
-             "max activation": float(result.unit_max[u]), "label": labels.get(int(u), "")}
-            for u in result.top.get(cls, [])]
+    infl = result.influence_of(cls)
+    return [{"unit": int(u), "influence": float(infl[u]), "max activation": float(result.unit_max[u]),
+             "label": labels.get(int(u), "")}
+            for u in result.top_units.get(cls, [])]
 
 
 def survey_progress(top_units: Mapping[str, Iterable[int]], answered: Iterable[int]) -> tuple[int, int]:
@@ -187,57 +188,26 @@ def model_key(name: str, atlas_meta: Mapping | None, result_model: Mapping | Non
     return ModelKey(str(name), str(digest)) if digest else None
 
 
-class ResultView:
-    """An :class:`~serve.client.ExplainResult` (what the HTTP API returns) seen as the engine's
-    :class:`~deepminer.explain.Explanation`, as far as :mod:`deepminer.explain.reports` reads it:
-    the reports are written once, in the library, and the UI feeds them what the server sent."""
-
-    def __init__(self, result):
-        self.classes = tuple(result.model.get("classes") or result.classes)
-        self.prediction = result.prediction
-        self.probabilities = dict(result.probabilities)
-        self.cam = result.cam
-        self.unit_max = result.unit_max
-        self.sketch_iou = result.sketch_iou
-        self.influence = np.stack([np.asarray(result.influence[c], dtype=np.float32) for c in self.classes])
-        self.unit_maps_ = None  # the reports' per-unit maps are not needed by the pages
-        self._top = result.top
-
-    def class_index(self, cls: str | int) -> int:
-        from deepminer.explain.base import class_index
-
-        return class_index(self.classes, cls)
-
-    def ranked_units(self, cls: str | int, n: int | None = None) -> list[int]:
-        """The server's ranking when it sent enough of it (float32 influence), else re-ranked."""
-        from deepminer.explain import rank_units
-
-        name = self.classes[self.class_index(cls)]
-        top = self._top.get(name, [])
-        if n is not None and n <= len(top):
-            return list(top[:n])
-        return rank_units(self.influence[self.class_index(cls)], n)
-
-
-def explanation(result, labels: Mapping[int, str]) -> dict:
+def explanation(result: Explanation, labels: Mapping[int, str]) -> dict:
     """DeepMiner's explanation of ``result`` with the current ``labels`` (``sentence``, ``units``...):
-    :func:`deepminer.explain.deepminer_explanation`."""
-    from deepminer.explain import deepminer_explanation
+    :func:`deepminer.explain.reports.deepminer_explanation`."""
+    from deepminer.explain.reports import deepminer_explanation
 
-    return deepminer_explanation(ResultView(result), dict(labels))
+    return deepminer_explanation(result, dict(labels))
 
 
-def label_report_rows(result, labels: Mapping[int, str], sketch_result=None) -> list[dict]:
+def label_report_rows(result: Explanation, labels: Mapping[int, str],
+                      sketch_result: Explanation | None = None) -> list[dict]:
     """Lu & Perer's two reports as rows ``{label, units, activation, iou}``: per label the mean max
     activation of its units on this image and, given an explanation with a sketch, their mean IoU
     with it (None without): :func:`deepminer.explain.label_report`."""
-    from deepminer.explain import label_report
+    from deepminer.explain.reports import label_report
 
     if not labels:
         return []
-    rows = label_report(ResultView(result), dict(labels))
+    rows = label_report(result, dict(labels))
     ious = {}
     if sketch_result is not None and sketch_result.sketch_iou is not None:
-        ious = {r["label"]: r["mean_sketch_iou"] for r in label_report(ResultView(sketch_result), dict(labels))}
+        ious = {r["label"]: r["mean_sketch_iou"] for r in label_report(sketch_result, dict(labels))}
     return [{"label": r["label"], "units": list(r["units"]), "activation": float(r["mean_max_activation"]),
              "iou": ious.get(r["label"])} for r in rows]

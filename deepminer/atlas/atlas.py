@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from deepminer.errors import InputError
-from deepminer.explain.base import class_index
+from deepminer.explanation import class_index
 
 ATLAS_FILES = ("atlas.json", "atlas.npz", "references.csv")
 

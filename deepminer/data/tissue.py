@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from deepminer.geometry import fit_scale, fit_size
+
 WORK_SIDE = 512
 _STRIP_MIN_FRACTION = 0.85
 _STRIP_DROP = 0.25
@@ -44,9 +46,10 @@ def tissue_mask(pixels: np.ndarray, *, work_side: int = WORK_SIDE) -> np.ndarray
     if lo < 0.0 or hi > 1.0:
         img = (img - lo) / (hi - lo)
     height, width = img.shape
-    scale = min(1.0, work_side / max(height, width))
+    scale = fit_scale(height, width, work_side)
     if scale < 1.0:
-        size = (max(8, round(width * scale)), max(8, round(height * scale)))
+        small_h, small_w = fit_size(height, width, work_side, min_side=8)
+        size = (small_w, small_h)
         small = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
     else:
         small = img

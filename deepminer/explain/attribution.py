@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from deepminer.explain.base import SaliencyMethod
+from deepminer.explain.method_base import SaliencyMethod
 
 
 def _input(x: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """A small LRU cache of explained images, bounded by bytes, so a repeated query on one image
 (a new sketch, other options) skips the forward pass.
 
-Keys are content hashes made by :func:`deepminer.explain.core.explain_image` (sha1 of the image
-bytes and shape, ``max_side``, the patch rule and the model's identity); values are the
-:class:`~deepminer.explain.core.Explanation` of the forward pass with its arrays read-only.
+Keys are content hashes made by :func:`deepminer.explain.engine.explain_image` (sha1 of the image
+bytes and shape, ``max_side``, the patch rule and the model's identity); values are the whole
+:class:`~deepminer.explanation.Explanation` of the forward pass (every unit's map included) with its
+arrays read-only.
 Thread-safe (one lock).
 """
 from __future__ import annotations
@@ -16,21 +17,24 @@ import numpy as np
 
 
 def _nbytes(value: Any) -> int:
-    """Bytes held by the numpy arrays of a dataclass-like value."""
+    """Bytes held by the numpy arrays of a dataclass-like value (one level down too: the unit
+    maps' stack)."""
     total = 0
     for v in vars(value).values():
         if isinstance(v, np.ndarray):
             total += v.nbytes
+        elif hasattr(v, "__dict__"):
+            total += sum(a.nbytes for a in vars(v).values() if isinstance(a, np.ndarray))
     return total
 
 
-class FeatureCache:
+class ExplanationCache:
     """LRU of explanations, at most ``max_bytes`` of arrays in all (an entry larger than that is
     not kept). ``hits``/``misses`` count lookups."""
 
     def __init__(self, max_bytes: int = 256 * 2**20):
         if max_bytes <= 0:
-            raise ValueError(f"FeatureCache: max_bytes must be > 0, got {max_bytes}")
+            raise ValueError(f"ExplanationCache: max_bytes must be > 0, got {max_bytes}")
         self.max_bytes = int(max_bytes)
         self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self._bytes = 0

@@ -1,11 +1,11 @@
 """CAM (Zhou et al. 2016) as a saliency method: FC weights x unit maps, no gradients, no hooks
-beyond the base's. The same computation :func:`~deepminer.explain.core.explain_image` does."""
+beyond the base's. The same computation :func:`~deepminer.explain.engine.explain_image` does."""
 from __future__ import annotations
 
 import torch
 
-from deepminer.explain.base import SaliencyMethod
-from deepminer.explain.core import cam_from_features
+from deepminer.explain.engine import cam_from_features
+from deepminer.explain.method_base import SaliencyMethod
 
 
 class CAM(SaliencyMethod):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from deepminer.explain.base import SaliencyMethod
+from deepminer.explain.method_base import SaliencyMethod
 
 
 def _on_grid(cam_class: type) -> type:

@@ -2,7 +2,7 @@
 
 ``saliency(model, image, method)`` -> ``(h, w)`` float32 in [0, 1]: every method's map is on the
 CAM's grid (the unit maps' ``h x w`` cells, which tile the original image as described in
-:mod:`deepminer.explain.core`) and min-max normalised like torchcam's CAM. Grad-CAM/Grad-CAM++
+:mod:`deepminer.explain.engine`) and min-max normalised like torchcam's CAM. Grad-CAM/Grad-CAM++
 are computed there by pytorch-grad-cam; the pixel attributions of captum (Guided Backprop,
 Integrated Gradients, SmoothGrad) are brought there by averaging their absolute value over each
 cell's pixels. Every method runs as a context manager that removes its hooks, also on error.
@@ -16,9 +16,10 @@ import torch
 
 from deepminer.errors import InputError
 from deepminer.explain.attribution import GuidedBackprop, IntegratedGradients, SmoothGrad
-from deepminer.explain.base import SaliencyMethod, class_index, normalize_map, prepare_image
 from deepminer.explain.cam import CAM
 from deepminer.explain.gradcam import GradCAM, GradCAMPlusPlus
+from deepminer.explain.method_base import SaliencyMethod, prepare_image
+from deepminer.explanation import class_index, normalize_map
 
 METHODS: dict[str, type[SaliencyMethod]] = {
     m.name: m for m in (CAM, GradCAM, GradCAMPlusPlus, GuidedBackprop, IntegratedGradients, SmoothGrad)
@@ -29,7 +30,7 @@ def saliency(model: torch.nn.Module, image: Any, method: str = "cam", target_cla
              *, max_side: int | None = 1024, **options: Any) -> np.ndarray:
     """The ``method`` map ``(h, w)`` of ``target_class`` (index or name; None: the class with the
     highest image logit, the output the gradient methods explain) for a grey image ``(H, W)`` in
-    [0, 1], resized as :func:`~deepminer.explain.core.explain_image` does. ``options`` go to the
+    [0, 1], resized as :func:`~deepminer.explain.engine.explain_image` does. ``options`` go to the
     method (e.g. ``steps`` for integrated_gradients, ``samples``/``noise`` for smoothgrad)."""
     if method not in METHODS:
         raise InputError(f"method: unknown {method!r}; known: {', '.join(METHODS)}")

@@ -9,7 +9,8 @@ mapping ``unit id -> label`` (the labels store, the UI or a JSON file provide it
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ def clean_labels(labels: Mapping[Any, Any], num_units: int) -> dict[int, str]:
 
 
 def deepminer_explanation(expl: Any, labels: Mapping[Any, Any], max_units: int = 5, among: int = 8) -> dict:
-    """The DeepMiner explanation of ``expl`` (an :class:`~deepminer.explain.core.Explanation`).
+    """The DeepMiner explanation of ``expl`` (a :class:`~deepminer.explanation.Explanation`).
 
     Returns ``{"class", "probability", "cam" (h, w) raw CAM of the class, "units": [{"unit",
     "label", "rank" (1 = most influential), "influence", "max_activation", "map" (h, w) or None}],
@@ -50,7 +51,7 @@ def deepminer_explanation(expl: Any, labels: Mapping[Any, Any], max_units: int =
             units.append({
                 "unit": u, "label": lab[u], "rank": rank,
                 "influence": float(expl.influence[c, u]), "max_activation": float(expl.unit_max[u]),
-                "map": None if expl.unit_maps_ is None else np.asarray(expl.unit_maps_[u], dtype=np.float32),
+                "map": np.asarray(expl.unit_maps[u], dtype=np.float32) if u in expl.unit_maps else None,
             })
     head = f"{cls.capitalize()} ({p:.2f})"
     if units:

@@ -17,6 +17,7 @@ The DeepMiner release format (``ddsm-visual-primitives``), read by :func:`import
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 from pathlib import Path
@@ -287,3 +288,27 @@ def load_any(path: str | os.PathLike, map_location: Any = "cpu", *, classes: Seq
             raise InputError(f"{path}: unknown checkpoint format {obj['format']!r} (known: {FORMAT})")
         return _to(_from_ours(obj, path), map_location)
     return _to(_from_deepminer(obj, path, classes, None), map_location)
+
+
+# -- identity ---------------------------------------------------------------------------------------
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """The model's identity: sha256 over its state dict (names, dtypes, shapes, float32 CPU bytes),
+    sorted by name. Atlases, labels and the API's ``model.weights_sha256`` are keyed by it; it does
+    not change with the file format (fp16 on disk, a re-save) or the device."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        t = v.detach().cpu()
+        t = t.float() if t.is_floating_point() else t
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -18,6 +18,20 @@ from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+PATCH_PX = 224  # default side (model-input px) of the patches a model is trained on (DeepMiner)
+
+
+def patch_px(model: nn.Module, override: int | None = None) -> int:
+    """The side (model-input px) of the patches ``model`` was trained on: ``override`` when given,
+    else the checkpoint's ``meta`` (``patch_size``, ``input_size`` or ``size``), else :data:`PATCH_PX`."""
+    if override:
+        return int(override)
+    meta = getattr(model, "meta", None) or {}
+    for key in ("patch_size", "input_size", "size"):
+        value = meta.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return PATCH_PX
 
 
 class GAPHead(nn.Module):

@@ -1,28 +1,30 @@
-"""The one client of the DeepMiner HTTP API (docs/api.md), used by the UI and the CLI.
+"""The one client of the DeepMiner HTTP API (docs/api.md), used by the workbench, the CLI and the bench.
 
 ``Client(url, model=..., token=... | key_file=...)`` keeps one ``requests.Session`` (keep-alive),
 applies timeouts, sends the bearer token (re-reading the key file, and asking TorchServe for a fresh
-key with the API key, when one is refused), and turns answers into :class:`ExplainResult` with numpy
-arrays decoded by :func:`deepminer.encoding.decode_array`. :func:`local_explain` returns the same
-:class:`ExplainResult` by running the engine in this process (``--model`` in the CLI, the UI's
-fallback without a server).
+key with the API key, when one is refused), sends :class:`~deepminer.options.ExplainOptions` and
+decodes answers into :class:`~deepminer.explanation.Explanation` (:meth:`Explanation.from_json`).
+:func:`local_explain` returns the same Explanation by running the server's own request path
+(:class:`~deepminer.explain.service.ExplainService`) in this process (``--model`` in the CLI, the
+workbench without a server). Talking to our own API over HTTP needs no TorchServe import: this
+module imports neither torch nor TorchServe.
 """
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import requests
 
-from deepminer.encoding import decode_array
+from deepminer.errors import InputError
+from deepminer.explanation import Explanation
+from deepminer.options import DEFAULTS, ExplainOptions
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_MODEL = "demo"
@@ -44,86 +46,12 @@ class ServeError(RuntimeError):
         self.message = message
 
 
-@dataclass
-class ExplainResult:
-    """One explanation with decoded arrays (float32). ``raw`` is the JSON body as received."""
-
-    model: dict
-    input: dict
-    probabilities: dict[str, float]
-    prediction: str
-    class_maps: np.ndarray                 # (C, h, w) class logit maps
-    cam: np.ndarray                        # (C, h, w) class activation maps
-    unit_max: np.ndarray                   # [K] max activation of every unit
-    influence: dict[str, np.ndarray]       # class -> [K] max activation x FC weight
-    top: dict[str, list[int]]              # class -> most influential unit ids, best first
-    unit_maps: dict[int, np.ndarray]       # unit id -> (h, w) activation map
-    sketch_iou: np.ndarray | None          # [K] IoU of every unit's mask with the sketch
-    timing_ms: dict[str, float]
-    raw: dict = field(repr=False)
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.probabilities)
-
-    @classmethod
-    def from_api(cls, body: Mapping[str, Any]) -> "ExplainResult":
-        """Decode an API JSON body (see docs/api.md)."""
-        units = body.get("units") or {}
-
-        def arr(obj: Any) -> np.ndarray:
-            return decode_array(obj).astype(np.float32, copy=False)
-
-        iou = body.get("sketch_iou")
-        return cls(
-            model=dict(body.get("model") or {}),
-            input=dict(body.get("input") or {}),
-            probabilities={k: float(v) for k, v in (body.get("probabilities") or {}).items()},
-            prediction=str(body.get("prediction")),
-            class_maps=arr(body["class_maps"]),
-            cam=arr(body["cam"]),
-            unit_max=arr(units["max_activation"]),
-            influence={c: arr(v) for c, v in (units.get("influence") or {}).items()},
-            top={c: [int(u) for u in v] for c, v in (units.get("top") or {}).items()},
-            unit_maps={int(k): arr(v) for k, v in (units.get("maps") or {}).items()},
-            sketch_iou=arr(iou) if iou is not None else None,
-            timing_ms={k: float(v) for k, v in (body.get("timing_ms") or {}).items()
-                       if isinstance(v, (int, float))},
-            raw=dict(body),
-        )
-
-
-def mask_to_png(mask: np.ndarray) -> bytes:
-    """A bool (H, W) mask as an 8-bit grey PNG (0/255): the API's ``sketch`` encoding."""
-    from PIL import Image
-
-    m = np.asarray(mask)
-    if m.ndim != 2:
-        raise ValueError(f"sketch: expected a 2-D mask, got shape {m.shape}")
-    buf = io.BytesIO()
-    Image.fromarray(np.where(m.astype(bool), 255, 0).astype(np.uint8), mode="L").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def build_options(*, top_units: int = 8, unit_maps: str = "top", sketch: np.ndarray | None = None,
-                  max_side: int | None = None) -> dict[str, Any]:
-    """The ``options`` JSON object of a request."""
-    opts: dict[str, Any] = {"top_units": int(top_units), "unit_maps": unit_maps}
-    if max_side is not None:
-        opts["max_side"] = int(max_side)
-    if sketch is not None:
-        opts["sketch"] = base64.b64encode(mask_to_png(sketch)).decode("ascii")
-    return opts
-
-
 def _read_image(image: bytes | str | os.PathLike) -> bytes:
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
     try:
         return Path(image).read_bytes()
     except OSError as err:
-        from deepminer.errors import InputError
-
         raise InputError(f"{image}: {err.strerror or 'unreadable'}") from None
 
 
@@ -229,12 +157,15 @@ class Client:
                               headers={"Content-Type": "application/octet-stream"})
         return _body_or_raise(r)
 
-    def explain(self, image: bytes | str | os.PathLike, *, top_units: int = 8, unit_maps: str = "top",
-                sketch: np.ndarray | None = None, max_side: int | None = None) -> ExplainResult:
+    def explain(self, image: bytes | str | os.PathLike, options: ExplainOptions | None = None, *,
+                top_units: int = DEFAULTS["top_units"], unit_maps: str = DEFAULTS["unit_maps"],
+                sketch: np.ndarray | None = None, max_side: int | None = None) -> Explanation:
         """Explain one image (bytes or a path): prediction, CAMs, unit influence, unit maps and, with
-        a ``sketch`` (bool mask, any size), every unit's IoU with it."""
-        opts = build_options(top_units=top_units, unit_maps=unit_maps, sketch=sketch, max_side=max_side)
-        return ExplainResult.from_api(self.explain_raw(image, opts))
+        a ``sketch`` (bool mask, any size), every unit's IoU with it. ``options`` wins over the
+        keyword arguments when given."""
+        if options is None:
+            options = ExplainOptions.build(top_units=top_units, unit_maps=unit_maps, sketch=sketch, max_side=max_side)
+        return Explanation.from_json(self.explain_raw(image, None if options.is_default else options.to_json()))
 
     def close(self) -> None:
         self.session.close()
@@ -269,52 +200,42 @@ def _next_port(url: str) -> str:
 
 # -- in-process -------------------------------------------------------------------------------------
 
-_HANDLERS: dict[tuple, Any] = {}
+_SERVICES: dict[tuple, Any] = {}
 
 
-def _handler_class() -> Any:
-    """The TorchServe handler class, loaded from ``handlers/`` (the one adapter, also in-process)."""
-    import importlib.util
-    import sys
-
-    mod = sys.modules.get("deepminer_handler")
-    if mod is None:
-        path = Path(__file__).resolve().parents[1] / "handlers" / "deepminer_handler.py"
-        spec = importlib.util.spec_from_file_location("deepminer_handler", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["deepminer_handler"] = mod
-        spec.loader.exec_module(mod)
-    return mod.DeepMinerHandler
-
-
-def local_handler(model_path: str | os.PathLike, atlas: str | os.PathLike | None = None, *,
+def local_service(model_path: str | os.PathLike, atlas: str | os.PathLike | None = None, *,
                   name: str | None = None) -> Any:
-    """The handler for ``model_path`` (+ atlas), loaded once per file version; it keeps its own
-    feature cache, so a new sketch on the same image skips the forward pass here too."""
-    from deepminer.errors import InputError
+    """The :class:`~deepminer.explain.service.ExplainService` of ``model_path`` (+ atlas), loaded once
+    per file version; it keeps its own cache, so a new sketch on the same image skips the forward
+    pass here too."""
+    from deepminer.explain.service import ExplainService
 
     model_path = Path(model_path)
     if not model_path.is_file():
         raise InputError(f"{model_path}: no such model file")
     key = (str(model_path.resolve()), model_path.stat().st_mtime_ns, str(atlas) if atlas else None, name)
-    if key not in _HANDLERS:
-        _HANDLERS.clear()
-        _HANDLERS[key] = _handler_class().from_files(model_path, atlas, name=name or model_path.stem)
-    return _HANDLERS[key]
+    if key not in _SERVICES:
+        _SERVICES.clear()
+        _SERVICES[key] = ExplainService.load(model_path, atlas, name=name or model_path.stem, version="local")
+    return _SERVICES[key]
 
 
-def local_explain(model_path: str | os.PathLike, image: bytes | str | os.PathLike, *, top_units: int = 8,
-                  unit_maps: str = "top", sketch: np.ndarray | None = None, max_side: int | None = None,
-                  atlas: str | os.PathLike | None = None, name: str | None = None) -> ExplainResult:
-    """The same :class:`ExplainResult` as :meth:`Client.explain`, computed in this process by the
-    server's own handler (same option checks, sketch decoding, tissue mask, engine and encoding).
-    ``atlas`` defaults to an ``atlas/`` folder beside the model file when there is one."""
+def local_explain(model_path: str | os.PathLike, image: bytes | str | os.PathLike,
+                  options: ExplainOptions | None = None, *, top_units: int = DEFAULTS["top_units"],
+                  unit_maps: str = DEFAULTS["unit_maps"], sketch: np.ndarray | None = None,
+                  max_side: int | None = None, atlas: str | os.PathLike | None = None,
+                  name: str | None = None) -> Explanation:
+    """The same :class:`~deepminer.explanation.Explanation` as :meth:`Client.explain`, computed in
+    this process by the server's own request path (same option checks, sketch decoding, tissue
+    mask, engine) and passed through the API's encoding, so it equals the served answer. ``atlas``
+    defaults to an ``atlas/`` folder beside the model file when there is one."""
     model_path = Path(model_path)
     if atlas is None and (model_path.parent / "atlas" / "atlas.json").is_file():
         atlas = model_path.parent / "atlas"
-    handler = local_handler(model_path, atlas, name=name)
+    service = local_service(model_path, atlas, name=name)
     label = "image" if isinstance(image, (bytes, bytearray, memoryview)) else str(image)
-    row = {"data": _read_image(image),
-           "options": build_options(top_units=top_units, unit_maps=unit_maps, sketch=sketch, max_side=max_side)}
-    body = handler.explain_one(row, 1, name=label)
-    return ExplainResult.from_api(json.loads(json.dumps(body)))
+    if options is None:
+        options = ExplainOptions.build(top_units=top_units, unit_maps=unit_maps, sketch=sketch, max_side=max_side,
+                                       num_units=service.num_units)
+    exp = service.explain(_read_image(image), options, name=label)
+    return Explanation.from_json(exp.to_json())

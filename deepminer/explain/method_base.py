@@ -1,5 +1,5 @@
-"""The small base every explanation method shares (torchcam's layout): input preparation, the
-map normalisation, and :class:`SaliencyMethod`, a context manager that owns the hooks a method
+"""The small base every saliency method shares (torchcam's layout): input preparation and
+:class:`SaliencyMethod`, a context manager that owns the hooks a method
 registers and the model's train/eval state, and always gives both back.
 
 Each method is a short subclass in its own module (:mod:`.cam`, :mod:`.gradcam`,
@@ -7,7 +7,7 @@ Each method is a short subclass in its own module (:mod:`.cam`, :mod:`.gradcam`,
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,29 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepminer.errors import InputError
-
-
-def class_index(classes: Sequence[str], cls: str | int, *, what: str = "class") -> int:
-    """The index of ``cls`` (a class name or an index) in ``classes``; a one-line :class:`InputError`
-    naming ``what`` when it is neither."""
-    if isinstance(cls, (int, np.integer)):
-        if not 0 <= int(cls) < len(classes):
-            raise InputError(f"{what} index {cls} out of range 0..{len(classes) - 1}")
-        return int(cls)
-    if cls not in classes:
-        raise InputError(f"{what} {cls!r} not in {'/'.join(classes)}")
-    return list(classes).index(cls)
+from deepminer.geometry import fit_size
 
 MIN_SIDE = 16  # smallest model-input side accepted (px)
-
-
-def fit_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
-    """Model-input size of an ``height x width`` image: long side at most ``max_side`` (None:
-    unchanged), aspect kept, never enlarged."""
-    if max_side is None or max(height, width) <= max_side:
-        return height, width
-    f = max_side / max(height, width)
-    return max(1, round(height * f)), max(1, round(width * f))
 
 
 def as_image(image: Any, name: str = "image") -> torch.Tensor:
@@ -78,14 +58,6 @@ def resize_image(t: torch.Tensor, max_side: int | None, device: torch.device | s
     if (h, w) != (height, width):
         x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
     return x, max(h, w) / max(height, width)
-
-
-def normalize_map(a: Any, eps: float = 1e-8) -> np.ndarray:
-    """Min-max normalise each trailing 2-D map to [0, 1] (torchcam's ``_normalize``: subtract the
-    min, divide by max + ``eps``)."""
-    x = np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a, dtype=np.float32)
-    x = x - x.min(axis=(-2, -1), keepdims=True)
-    return x / (x.max(axis=(-2, -1), keepdims=True) + eps)
 
 
 class SaliencyMethod:

@@ -1,4 +1,4 @@
-"""One pass explains: :func:`explain_image` -> :class:`Explanation`.
+"""The explanation engine. One pass explains: :func:`explain_image` -> :class:`~deepminer.explanation.Explanation`.
 
 One forward of the features under ``torch.inference_mode()`` on the model's device; everything
 else is computed on the small unit maps ``(K, h, w)``:
@@ -21,135 +21,20 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deepminer.encoding import encode_array
 from deepminer.errors import InputError
-from deepminer.explain.base import as_image, class_index, normalize_map, resize_image
-from deepminer.explain.units import QUANTILE, quantile_thresholds, sketch_iou
-
-PATCH_PX = 224  # default side (model-input px) of the patches a GAP model was trained on
-UNIT_MAPS = ("none", "top", "all")
-
-
-@dataclass
-class Explanation:
-    """Everything one forward pass says about one image (numpy arrays on CPU).
-
-    ``input``: ``height``, ``width`` (original px), ``scale`` (model-input px per original px),
-    ``model_height``, ``model_width`` (model input), ``map_height``, ``map_width`` (cells).
-    ``unit_maps_``: the unit maps ``(K, h, w)`` float16 (None when ``unit_maps="none"``).
-    ``probability_rule`` says how ``probabilities`` were obtained; ``window`` the cells
-    ``(i0, j0, i1, j1)`` (end exclusive) of the window the rule picked, when it picks one.
-    """
-
-    classes: tuple[str, ...]
-    probabilities: dict[str, float]
-    prediction: str
-    class_maps: np.ndarray
-    cam: np.ndarray
-    unit_max: np.ndarray
-    influence: np.ndarray
-    top_units: dict[str, list[int]]
-    unit_maps_: np.ndarray | None
-    sketch_iou: np.ndarray | None
-    input: dict[str, Any]
-    timing_ms: dict[str, float]
-    model_info: dict[str, Any] = field(default_factory=dict)
-    probability_rule: str = ""
-    window: tuple[int, int, int, int] | None = None
-    thresholds_source: str | None = None
-    cache_hit: bool = False
-
-    # -- geometry ---------------------------------------------------------------------------------
-    @property
-    def map_size(self) -> tuple[int, int]:
-        return int(self.cam.shape[-2]), int(self.cam.shape[-1])
-
-    @property
-    def cell_size(self) -> tuple[float, float]:
-        """(height, width) of one map cell in ORIGINAL pixels."""
-        h, w = self.map_size
-        return self.input["height"] / h, self.input["width"] / w
-
-    def cell_box(self, i: int, j: int) -> tuple[float, float, float, float]:
-        """``(y0, x0, y1, x1)`` in original pixels (end exclusive) covered by cell ``(i, j)``."""
-        ch, cw = self.cell_size
-        return i * ch, j * cw, (i + 1) * ch, (j + 1) * cw
-
-    def cell_of(self, y: float, x: float) -> tuple[int, int]:
-        """The cell holding original pixel ``(y, x)``."""
-        ch, cw = self.cell_size
-        h, w = self.map_size
-        return min(h - 1, max(0, int(y // ch))), min(w - 1, max(0, int(x // cw)))
-
-    def cam_normalized(self, cls: str | int | None = None) -> np.ndarray:
-        """CAM min-max normalised to [0, 1] per class (torchcam's normalisation); one class
-        ``(h, w)`` when ``cls`` is given, else ``(C, h, w)``."""
-        cam = self.cam if cls is None else self.cam[self.class_index(cls)]
-        return normalize_map(cam)
-
-    def class_index(self, cls: str | int) -> int:
-        return class_index(self.classes, cls)
-
-    def ranked_units(self, cls: str | int, n: int | None = None) -> list[int]:
-        """Unit ids by descending influence on ``cls`` (DeepMiner), the first ``n``."""
-        return rank_units(self.influence[self.class_index(cls)], n)
-
-    # -- the HTTP API -----------------------------------------------------------------------------
-    def to_api(self, model_name: str, model_version: str, *, unit_maps: str = "top",
-               top_units: int = 8) -> dict:
-        """The JSON body of ``POST /predictions/<model>`` (DESIGN.md); arrays float16-encoded.
-
-        ``unit_maps``: ``none`` (no maps), ``top`` (the maps of each class's ``top_units`` most
-        influential units) or ``all``; maps need ``unit_maps_`` (kept unless explained with
-        ``unit_maps="none"``).
-        """
-        if unit_maps not in UNIT_MAPS:
-            raise InputError(f"options.unit_maps: must be one of {', '.join(UNIT_MAPS)}, got {unit_maps!r}")
-        if isinstance(top_units, bool) or not isinstance(top_units, (int, np.integer)) or top_units < 0:
-            raise InputError(f"options.top_units: must be a whole number >= 0, got {top_units!r}")
-        top = {c: self.ranked_units(c, int(top_units)) for c in self.classes}
-        if unit_maps == "all":
-            wanted = list(range(len(self.unit_max)))
-        elif unit_maps == "top":
-            wanted = list(dict.fromkeys(u for ids in top.values() for u in ids))
-        else:
-            wanted = []
-        maps = {} if self.unit_maps_ is None else {
-            str(u): encode_array(self.unit_maps_[u], dtype="float16") for u in wanted}
-        out = {
-            "model": {"name": model_name, "version": model_version, **self.model_info,
-                      "classes": list(self.classes)},
-            "input": dict(self.input),
-            "probabilities": dict(self.probabilities),
-            "prediction": self.prediction,
-            "probability_rule": self.probability_rule,
-            "class_maps": encode_array(self.class_maps, dtype="float16"),
-            "cam": encode_array(self.cam, dtype="float16"),
-            "units": {
-                "max_activation": encode_array(self.unit_max, dtype="float16"),
-                "influence": {c: encode_array(self.influence[i], dtype="float16")
-                              for i, c in enumerate(self.classes)},
-                "top": top,
-                "maps": maps,
-            },
-            "timing_ms": dict(self.timing_ms),
-        }
-        if self.sketch_iou is not None:
-            out["sketch_iou"] = encode_array(self.sketch_iou, dtype="float16")
-        return out
-
-
-def rank_units(influence: np.ndarray, n: int | None = None) -> list[int]:
-    """Unit ids by descending value (ties: lower id first), the first ``n``."""
-    order = np.argsort(-np.asarray(influence, dtype=np.float64), kind="stable")
-    return [int(u) for u in (order if n is None else order[:n])]
+from deepminer.explain.method_base import as_image, resize_image
+from deepminer.explain.sketch import sketch_iou
+from deepminer.explain.units import QUANTILE, quantile_thresholds
+from deepminer.explanation import Explanation, UnitMaps, rank_by_influence
+from deepminer.geometry import DEFAULT_MAX_SIDE
+from deepminer.models.fcn import patch_px as model_patch_px
+from deepminer.options import DEFAULTS, UNIT_MAPS
 
 
 def cam_from_features(model: torch.nn.Module, feats: torch.Tensor,
@@ -170,7 +55,7 @@ def image_probabilities(model: torch.nn.Module, class_logits: torch.Tensor, inpu
     * GAP head (DeepMiner, trained on patches): by linearity, the mean of the class-map logits
       over a window of cells is what the classifier gives a patch covering that window. The
       window is the training patch (``patch_px`` model-input px, default
-      ``model.meta["patch_size"]`` or :data:`PATCH_PX`) in cells, clipped to the map; the
+      :func:`deepminer.models.fcn.patch_px`) in cells, clipped to the map; the
       image's probabilities are those of the most abnormal window, the one with the lowest
       probability of the first class (``normal``): an image is as suspicious as its most
       suspicious patch. When the input is at most one patch, there is one window and the result
@@ -182,8 +67,7 @@ def image_probabilities(model: torch.nn.Module, class_logits: torch.Tensor, inpu
         probs = torch.softmax(model.pool(class_logits)[0].float(), 0)
         return probs, "wildcat: softmax of the head's pooling", None
     h, w = class_logits.shape[-2:]
-    if patch_px is None:
-        patch_px = int((getattr(model, "meta", None) or {}).get("patch_size") or PATCH_PX)
+    patch_px = model_patch_px(model, patch_px)
     wh = min(h, max(1, round(patch_px * h / input_hw[0])))
     ww = min(w, max(1, round(patch_px * w / input_hw[1])))
     win = F.avg_pool2d(class_logits.float(), (wh, ww), stride=1)[0]  # (C, h', w')
@@ -207,18 +91,19 @@ def _image_key(image: torch.Tensor, max_side: int | None, model: torch.nn.Module
     return h.hexdigest()
 
 
-def explain_image(model: torch.nn.Module, image: Any, *, max_side: int | None = 1024, top_k: int = 8,
-                  unit_maps: str = "top", sketch: Any = None, thresholds: Any = None,
-                  cache: Any = None, patch_px: int | None = None, cache_key: str | None = None) -> Explanation:
+def explain_image(model: torch.nn.Module, image: Any, *, max_side: int | None = DEFAULT_MAX_SIDE,
+                  top_units: int = DEFAULTS["top_units"], unit_maps: str = DEFAULTS["unit_maps"],
+                  sketch: Any = None, thresholds: Any = None, cache: Any = None, patch_px: int | None = None,
+                  cache_key: str | None = None) -> Explanation:
     """Explain one grey image ``(H, W)`` float in [0, 1] with one forward pass of ``model`` (FCN).
 
-    ``max_side``: long side of the model input (None: as is). ``top_k``: units kept per class in
-    ``top_units``. ``unit_maps``: ``none`` drops the unit maps from the result (``top``/``all``
-    keep all of them; :meth:`Explanation.to_api` picks). ``sketch``: bool ``(H, W)`` in original
-    pixels -> ``sketch_iou`` [K] (:func:`deepminer.explain.units.sketch_iou`) against the unit
+    ``max_side``: long side of the model input (None: as is). ``top_units``: units listed per class
+    in ``top_units``. ``unit_maps`` (:data:`~deepminer.options.UNIT_MAPS`): the unit maps kept in the
+    result: ``all``, the ``top`` units of every class, or ``none``. ``sketch``: bool ``(H, W)`` in original
+    pixels -> ``sketch_iou`` [K] (:func:`deepminer.explain.sketch.sketch_iou`) against the unit
     masks at ``thresholds`` [K] (the atlas's per-unit quantiles; without them, each unit's
     :data:`~deepminer.explain.units.QUANTILE` over this image's own cells, reported in
-    ``thresholds_source``). ``cache``: a :class:`~deepminer.explain.cache.FeatureCache`; a hit
+    ``thresholds_source``). ``cache``: an :class:`~deepminer.explain.cache.ExplanationCache`; a hit
     skips the forward pass; its key hashes the pixels (about 3 ms for 1024 x 1024) unless
     ``cache_key`` names the content already (a hash of the file the pixels were decoded from, as
     the server does; it must change whenever the pixels do). ``patch_px``: see
@@ -227,8 +112,8 @@ def explain_image(model: torch.nn.Module, image: Any, *, max_side: int | None = 
     t0 = time.perf_counter()
     if unit_maps not in UNIT_MAPS:
         raise InputError(f"unit_maps: must be one of {', '.join(UNIT_MAPS)}, got {unit_maps!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
-        raise InputError(f"top_k: must be a whole number >= 0, got {top_k!r}")
+    if isinstance(top_units, bool) or not isinstance(top_units, (int, np.integer)) or top_units < 0:
+        raise InputError(f"top_units: must be a whole number >= 0, got {top_units!r}")
     img = as_image(image)
     sk = _check_sketch(sketch, tuple(img.shape)) if sketch is not None else None
     key = _image_key(img, max_side, model, patch_px, cache_key) if cache is not None else None
@@ -242,7 +127,7 @@ def explain_image(model: torch.nn.Module, image: Any, *, max_side: int | None = 
     t1 = time.perf_counter()
     iou, source = None, None
     if sk is not None:
-        maps = core.unit_maps_
+        maps = core.unit_maps.stack  # the engine keeps every unit's map
         if thresholds is None:
             thr = quantile_thresholds(maps.reshape(maps.shape[0], -1).T.astype(np.float32), QUANTILE)
             source = f"image (q={QUANTILE})"
@@ -255,10 +140,19 @@ def explain_image(model: torch.nn.Module, image: Any, *, max_side: int | None = 
     timing["sketch"] = (time.perf_counter() - t1) * 1000
     timing["total"] = (time.perf_counter() - t0) * 1000
     out = copy.copy(core) if cache is not None else core  # a cached core stays untouched
-    out.top_units = {c: rank_units(core.influence[i], int(top_k)) for i, c in enumerate(core.classes)}
-    out.unit_maps_ = None if unit_maps == "none" else core.unit_maps_
+    out.top_units = {c: rank_by_influence(core.influence[i], int(top_units)) for i, c in enumerate(core.classes)}
+    out.unit_maps = _kept_maps(core.unit_maps, unit_maps, out.top_units)
     out.sketch_iou, out.thresholds_source, out.timing_ms, out.cache_hit = iou, source, timing, hit
     return out
+
+
+def _kept_maps(maps: UnitMaps, which: str, top_units: dict[str, list[int]]) -> UnitMaps:
+    """The unit maps an explanation keeps: ``all``, the ``top`` units of every class, or ``none``."""
+    if which == "all":
+        return maps
+    if which == "top":
+        return maps.select([u for ids in top_units.values() for u in ids])
+    return maps.select([])
 
 
 def _check_sketch(sketch: Any, shape: tuple[int, int]) -> np.ndarray:
@@ -309,12 +203,12 @@ def _forward(model: torch.nn.Module, img: torch.Tensor, max_side: int | None, pa
         probabilities={c: float(p) for c, p in zip(classes, probs)},
         prediction=classes[int(np.argmax(probs))],
         class_maps=class_maps, cam=cam, unit_max=unit_max, influence=influence, top_units={},
-        unit_maps_=unit_maps, sketch_iou=None,
+        unit_maps=UnitMaps(unit_maps), sketch_iou=None,
         input={"height": int(img.shape[0]), "width": int(img.shape[1]), "scale": float(scale),
                "model_height": int(x.shape[-2]), "model_width": int(x.shape[-1]),
                "map_height": int(cam.shape[-2]), "map_width": int(cam.shape[-1])},
         timing_ms={},
-        model_info={"arch": getattr(model, "arch", type(model).__name__),
+        model={"arch": getattr(model, "arch", type(model).__name__),
                     "layer": getattr(model, "layer", ""), "head": getattr(model, "head_type", "gap"),
                     "units": int(unit_max.shape[0])},
         probability_rule=rule, window=window,
