@@ -105,7 +105,7 @@ def test_whole_image_probability_rule():
     # a whole image: the most abnormal 4x4-cell window (64 px patches), computed here by hand
     e = explain_image(model, img, max_side=None, patch_px=64)
     with torch.no_grad():
-        logits = model.class_maps(model.forward_features(torch.from_numpy(img)[None, None]))[0].numpy()
+        logits = model.class_logits(model.forward_features(torch.from_numpy(img)[None, None]))[0].numpy()
     best = None
     for i in range(16 - 3):
         for j in range(12 - 3):
@@ -125,7 +125,7 @@ def test_wildcat_head_uses_its_pooling_and_class_maps():
     with torch.no_grad():
         feats = model.forward_features(x)
         ref_p = torch.softmax(model(x)[0], 0).numpy()
-        ref_cam = model.class_maps(feats)[0].numpy()
+        ref_cam = model.class_logits(feats)[0].numpy()
         ref_infl = model.unit_weights.numpy() * feats[0].amax((1, 2)).numpy()[None]
     assert np.allclose(list(e.probabilities.values()), ref_p, atol=1e-6)
     assert np.allclose(e.cam, ref_cam, atol=1e-5) and np.allclose(e.influence, ref_infl, atol=1e-6)

@@ -47,7 +47,7 @@ def test_registry_names_and_tiny_model():
     x = torch.rand(2, 1, 96, 64)
     feats = model.forward_features(x)
     assert feats.shape == (2, 32, 6, 4)
-    maps = model.class_maps(feats)
+    maps = model.class_logits(feats)
     # class maps = the 1x1 conv written out by hand: sum_k w[c,k] f_k + b_c
     by_hand = torch.einsum("ck,bkhw->bchw", model.unit_weights, feats) + model.head.fc.bias[None, :, None, None]
     torch.testing.assert_close(maps, by_hand, atol=1e-5, rtol=1e-5)
@@ -97,7 +97,7 @@ def test_to_fcn_resnet18_matches_classifier_and_gives_maps():
     grey = torch.rand(1, 1, 512, 320)
     with torch.no_grad():
         feats = fcn.forward_features(grey)
-        maps = fcn.class_maps(feats)
+        maps = fcn.class_logits(feats)
         whole = net((grey.expand(-1, 3, -1, -1) - mean) / std)
     assert feats.shape == (1, 512, 16, 10) and maps.shape == (1, 3, 16, 10)
     torch.testing.assert_close(fcn.pool(maps), whole, atol=1e-5, rtol=0)
@@ -113,7 +113,7 @@ def test_to_fcn_efficientnet_lite0_matches_classifier(lite0_imagenet):
     with torch.no_grad():
         want = lite0_imagenet((x - 0.5) / 0.5)
         got = fcn(x)
-        maps = fcn.class_maps(fcn.forward_features(torch.rand(1, 1, 512, 320)))
+        maps = fcn.class_logits(fcn.forward_features(torch.rand(1, 1, 512, 320)))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert maps.shape == (1, 1000, 16, 10)
 
@@ -247,7 +247,7 @@ def test_wildcat_trains_end_to_end_and_map_peaks_at_the_square():
     x, y, centres = _square_batch(64, gen, sq=sq)
     with torch.no_grad():
         logits = model(x)
-        maps = model.class_maps(model.forward_features(x))[:, 1]  # (B, 4, 4), one cell = 16 px
+        maps = model.class_logits(model.forward_features(x))[:, 1]  # (B, 4, 4), one cell = 16 px
     assert (logits.argmax(1) == y).float().mean() > 0.9
     pos = y.nonzero().flatten()
     w = maps.shape[-1]

@@ -17,5 +17,5 @@ class CAM(SaliencyMethod):
         with torch.inference_mode():
             feats = self.model.forward_features(x)
             if target is None:
-                target = int(self.model.pool(self.model.class_maps(feats))[0].argmax())
+                target = int(self.model.pool(self.model.class_logits(feats))[0].argmax())
             return cam_from_features(self.model, feats)[0, target].float()

@@ -41,7 +41,7 @@ def cam_from_features(model: torch.nn.Module, feats: torch.Tensor,
                       class_logits: torch.Tensor | None = None) -> torch.Tensor:
     """Raw CAM ``(B, C, h, w)``: FC weights x unit maps (no bias); a WILDCAT head's class maps."""
     if getattr(model, "head_type", "gap") == "wildcat":
-        return model.class_maps(feats) if class_logits is None else class_logits
+        return model.class_logits(feats) if class_logits is None else class_logits
     return torch.einsum("ck,bkhw->bchw", model.unit_weights.to(feats.dtype), feats)
 
 
@@ -178,7 +178,7 @@ def _forward(model: torch.nn.Module, img: torch.Tensor, max_side: int | None, pa
     try:
         with torch.inference_mode():
             feats = model.forward_features(x)  # (1, K, h, w)
-            logits = model.class_maps(feats)  # (1, C, h, w)
+            logits = model.class_logits(feats)  # (1, C, h, w)
             if logits.is_cuda:  # honest timing: wait for the kernels
                 torch.cuda.synchronize(logits.device)
             t2 = time.perf_counter()

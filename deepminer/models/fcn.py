@@ -107,16 +107,16 @@ class FCN(nn.Module):
         """Unit maps ``(B, K, h, w)`` of the last convolutional layer."""
         return self.features(self.normalize(x))
 
-    def class_maps(self, feats: torch.Tensor) -> torch.Tensor:
+    def class_logits(self, feats: torch.Tensor) -> torch.Tensor:
         """Class logit maps ``(B, C, h, w)`` from unit maps."""
         return self.head.maps(feats)
 
     def pool(self, maps: torch.Tensor) -> torch.Tensor:
-        """Image-level logits ``(B, C)`` from class maps (the head's own pooling)."""
+        """Image-level logits ``(B, C)`` from class logit maps (the head's own pooling)."""
         return self.head.pool(maps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.class_maps(self.forward_features(x)))
+        return self.pool(self.class_logits(self.forward_features(x)))
 
     @property
     def unit_weights(self) -> torch.Tensor:
@@ -238,7 +238,7 @@ def to_fcn(classifier: nn.Module, *, arch: str, classes: Sequence[str], layer: s
         was_training = fcn.training
         fcn.eval()
         with torch.no_grad():
-            got = fcn.pool(fcn.class_maps(fcn.features(probe)))
+            got = fcn.pool(fcn.class_logits(fcn.features(probe)))
         fcn.train(was_training)
         err = (got - reference).abs().max().item()
         if err > 1e-4 * max(1.0, reference.abs().max().item()):
