@@ -125,6 +125,10 @@ def test_errors_are_one_line_exit_2(case, model_path, image, tmp_path, capsys):
         assert "TorchServe is not reachable at http://127.0.0.1:" in err[0]
     if case == "not an image":
         assert "junk.png: not an image" in err[0]
+    if case == "bad top units":  # the server's own option check, naming the flag
+        assert err[0].endswith("--top-units: 0 is less than the minimum of 1")
+    if case == "bad max side":
+        assert err[0].endswith("--max-side: 8 is less than the minimum of 64")
 
 
 def test_url_and_model_are_exclusive(model_path, image):
