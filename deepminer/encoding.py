@@ -1,4 +1,4 @@
-"""The one encoding of arrays in the HTTP API (DESIGN.md): ``{"shape", "dtype", "data"}`` with
+"""The one encoding of arrays in the HTTP API (docs/api.md): ``{"shape", "dtype", "data"}`` with
 ``data`` the base64 of the array's little-endian bytes. Used by the handler, the client and the CLI."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """CBIS-DDSM import: a TCIA download (four case-description CSVs, full-mammogram and ROI-mask DICOMs)
-into a dataset folder (DESIGN.md contract).
+into a dataset folder (the contract in docs/data.md).
 
 * One manifest row per full mammogram: the abnormalities of the CSVs are grouped by
   ``(patient_id, left or right breast, image view)``, across the mass and calcification sets, so

@@ -1,4 +1,4 @@
-"""The dataset-folder contract (DESIGN.md), written once.
+"""The dataset-folder contract (docs/data.md, docs/architecture.md), written once.
 
 A dataset folder holds ``manifest.csv`` with :data:`MANIFEST_COLUMNS` (paths relative to the folder,
 ``split`` in :data:`SPLITS`, patient-disjoint; ``label`` in :data:`deepminer.CLASSES`) and

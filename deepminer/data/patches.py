@@ -1,6 +1,6 @@
 """DeepMiner patches: the sliding-window patch table that training and unit profiling read.
 
-Rules (DeepMiner, Wu et al. 2018; DESIGN.md):
+Rules (DeepMiner, Wu et al. 2018; docs/data.md):
 
 * the patch side is ``side_frac`` (25%) of the image width; windows move by ``stride_frac`` (50%) of
   the side, and one more window is added flush with the right/bottom edge when the grid stops short

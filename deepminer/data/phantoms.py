@@ -1021,7 +1021,7 @@ def generate_dataset(out: str | os.PathLike, count: int, seed: int, size: int = 
                      splits: dict[str, float] | None = None, label_mix: dict[str, float] | None = None,
                      overlap: float = OVERLAP, jobs: int = 1, progress: bool = False) -> Path:
     """Write a phantom data set of ``count`` images (``ceil(count / 2)`` patients, CC then MLO) into
-    ``out`` (a dataset folder, DESIGN.md contract); the same arguments give the same bytes."""
+    ``out`` (a dataset folder, the contract in docs/data.md); the same arguments give the same bytes."""
     from deepminer.data.dataset import staged_output, write_manifest
 
     if isinstance(count, bool) or int(count) != count or count < 1:

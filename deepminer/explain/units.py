@@ -1,6 +1,6 @@
 """Units of the last convolutional layer as masks: quantile thresholds, upsampling, mask IoU.
 
-The one place for these ideas (DESIGN.md "one idea, one place"):
+The one place for these ideas (docs/architecture.md, "one home per idea"):
 
 * **threshold** of unit k = the ``q`` quantile of its activations over a reference set
   (:data:`QUANTILE` 0.99 as Lu & Perer; :data:`QUANTILE_DISSECTION` 0.995 as Network Dissection);

@@ -7,7 +7,7 @@ mean of its ``k`` highest positions plus ``alpha`` times the mean of its ``k`` l
     score_c = mean(top_k(map_c)) + alpha * mean(bottom_k(map_c))
 
 (The reference implementation additionally halves the sum when ``alpha > 0``; we follow the
-formula above, as in DESIGN.md. A constant factor only rescales the logits.)
+formula above, as in docs/models.md. A constant factor only rescales the logits.)
 
 Same interface as :class:`~deepminer.models.fcn.GAPHead`: ``maps``, ``pool``, ``unit_weights``.
 Because averaging the ``M`` maps is linear, a class map is exactly a 1x1 convolution whose weights
