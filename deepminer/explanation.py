@@ -37,7 +37,7 @@ def class_index(classes: Sequence[str], cls: str | int, *, what: str = "class") 
         if not 0 <= int(cls) < len(classes):
             raise InputError(f"{what} index {cls} out of range 0..{len(classes) - 1}")
         return int(cls)
-    if cls not in classes:
+    if not isinstance(cls, str) or cls not in classes:
         raise InputError(f"{what} {cls!r} not in {'/'.join(classes)}")
     return list(classes).index(cls)
 

@@ -13,6 +13,7 @@ import warnings
 import torch
 
 from deepminer.explain.method_base import SaliencyMethod
+from deepminer.models.fcn import FCN
 
 
 def _input(x: torch.Tensor) -> torch.Tensor:
@@ -38,7 +39,7 @@ class IntegratedGradients(SaliencyMethod):
 
     name = "integrated_gradients"
 
-    def __init__(self, model: torch.nn.Module, steps: int = 32, batch: int = 8):
+    def __init__(self, model: FCN, steps: int = 32, batch: int = 8):
         super().__init__(model)
         self.steps, self.batch = int(steps), int(batch)
 
@@ -59,7 +60,7 @@ class SmoothGrad(SaliencyMethod):
 
     name = "smoothgrad"
 
-    def __init__(self, model: torch.nn.Module, samples: int = 16, noise: float = 0.15, batch: int = 8,
+    def __init__(self, model: FCN, samples: int = 16, noise: float = 0.15, batch: int = 8,
                  seed: int = 0):
         super().__init__(model)
         self.samples, self.noise, self.batch, self.seed = int(samples), float(noise), int(batch), int(seed)

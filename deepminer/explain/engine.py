@@ -33,11 +33,12 @@ from deepminer.explain.sketch import sketch_iou
 from deepminer.explain.units import QUANTILE, quantile_thresholds
 from deepminer.explanation import Explanation, UnitMaps, rank_by_influence
 from deepminer.geometry import DEFAULT_MAX_SIDE
+from deepminer.models.fcn import FCN
 from deepminer.models.fcn import patch_px as model_patch_px
 from deepminer.options import DEFAULTS, UNIT_MAPS
 
 
-def cam_from_features(model: torch.nn.Module, feats: torch.Tensor,
+def cam_from_features(model: FCN, feats: torch.Tensor,
                       class_logits: torch.Tensor | None = None) -> torch.Tensor:
     """Raw CAM ``(B, C, h, w)``: FC weights x unit maps (no bias); a WILDCAT head's class maps."""
     if getattr(model, "head_type", "gap") == "wildcat":
@@ -45,7 +46,7 @@ def cam_from_features(model: torch.nn.Module, feats: torch.Tensor,
     return torch.einsum("ck,bkhw->bchw", model.unit_weights.to(feats.dtype), feats)
 
 
-def image_probabilities(model: torch.nn.Module, class_logits: torch.Tensor, input_hw: tuple[int, int],
+def image_probabilities(model: FCN, class_logits: torch.Tensor, input_hw: tuple[int, int],
                         patch_px: int | None = None
                         ) -> tuple[torch.Tensor, str, tuple[int, int, int, int] | None]:
     """Image-level probabilities ``[C]`` from class-map logits ``(1, C, h, w)``.
@@ -79,11 +80,11 @@ def image_probabilities(model: torch.nn.Module, class_logits: torch.Tensor, inpu
     return probs[:, i, j], rule, (i, j, i + wh, j + ww)
 
 
-def _image_key(image: torch.Tensor, max_side: int | None, model: torch.nn.Module, patch_px: int | None,
+def _image_key(image: torch.Tensor, max_side: int | None, model: FCN, patch_px: int | None,
                content: str | None = None) -> str:
     h = hashlib.sha1()
     if content is None:
-        h.update(memoryview(image.contiguous().numpy()).cast("B"))
+        h.update(image.contiguous().numpy().data)  # the buffer itself, no copy
     else:
         h.update(b"content:" + content.encode())
     h.update(repr((tuple(image.shape), max_side, patch_px, id(model), getattr(model, "arch", ""),
@@ -91,7 +92,7 @@ def _image_key(image: torch.Tensor, max_side: int | None, model: torch.nn.Module
     return h.hexdigest()
 
 
-def explain_image(model: torch.nn.Module, image: Any, *, max_side: int | None = DEFAULT_MAX_SIDE,
+def explain_image(model: FCN, image: Any, *, max_side: int | None = DEFAULT_MAX_SIDE,
                   top_units: int = DEFAULTS["top_units"], unit_maps: str = DEFAULTS["unit_maps"],
                   sketch: Any = None, thresholds: Any = None, cache: Any = None, patch_px: int | None = None,
                   cache_key: str | None = None) -> Explanation:
@@ -115,12 +116,14 @@ def explain_image(model: torch.nn.Module, image: Any, *, max_side: int | None = 
     if isinstance(top_units, bool) or not isinstance(top_units, (int, np.integer)) or top_units < 0:
         raise InputError(f"top_units: must be a whole number >= 0, got {top_units!r}")
     img = as_image(image)
-    sk = _check_sketch(sketch, tuple(img.shape)) if sketch is not None else None
-    key = _image_key(img, max_side, model, patch_px, cache_key) if cache is not None else None
-    core = cache.get(key) if cache is not None else None
-    hit = core is not None
+    sk = _check_sketch(sketch, (int(img.shape[0]), int(img.shape[1]))) if sketch is not None else None
+    key = _image_key(img, max_side, model, patch_px, cache_key) if cache is not None else ""
+    cached: Explanation | None = cache.get(key) if cache is not None else None
+    hit = cached is not None
     timing: dict[str, float] = {"preprocess": 0.0, "forward": 0.0, "maps": 0.0}
-    if not hit:
+    if cached is not None:
+        core = cached
+    else:
         core = _forward(model, img, max_side, patch_px, timing)
         if cache is not None:
             cache.put(key, core)
@@ -165,7 +168,7 @@ def _check_sketch(sketch: Any, shape: tuple[int, int]) -> np.ndarray:
     return s.astype(bool)
 
 
-def _forward(model: torch.nn.Module, img: torch.Tensor, max_side: int | None, patch_px: int | None,
+def _forward(model: FCN, img: torch.Tensor, max_side: int | None, patch_px: int | None,
              timing: dict[str, float]) -> Explanation:
     """The one forward pass and the maths on the unit maps; top units and sketch left empty."""
     t0 = time.perf_counter()
@@ -186,30 +189,30 @@ def _forward(model: torch.nn.Module, img: torch.Tensor, max_side: int | None, pa
             cam = cam_from_features(model, feats, logits)[0]
             unit_max = feats[0].flatten(1).amax(1)
             influence = model.unit_weights.float() * unit_max.float()[None, :]
-            probs, rule, window = image_probabilities(model, logits, tuple(x.shape[-2:]), patch_px)
+            probs, rule, window = image_probabilities(model, logits, (int(x.shape[-2]), int(x.shape[-1])), patch_px)
             arrays = [a.float().cpu().numpy() for a in (class_maps, cam, unit_max, influence, probs)]
-            unit_maps = feats[0].to(torch.float16).cpu().numpy()
+            maps_np = feats[0].to(torch.float16).cpu().numpy()
     finally:
         if was_training:
             model.train()
-    class_maps, cam, unit_max, influence, probs = arrays
-    for a in (*arrays, unit_maps):
+    class_maps_np, cam_np, unit_max_np, influence_np, probs_np = arrays
+    for a in (*arrays, maps_np):
         a.flags.writeable = False  # shared with the cache
     classes = tuple(model.classes)
     timing.update(preprocess=(t1 - t0) * 1000, forward=(t2 - t1) * 1000,
                   maps=(time.perf_counter() - t2) * 1000)
     return Explanation(
         classes=classes,
-        probabilities={c: float(p) for c, p in zip(classes, probs)},
-        prediction=classes[int(np.argmax(probs))],
-        class_maps=class_maps, cam=cam, unit_max=unit_max, influence=influence, top_units={},
-        unit_maps=UnitMaps(unit_maps), sketch_iou=None,
+        probabilities={c: float(p) for c, p in zip(classes, probs_np)},
+        prediction=classes[int(np.argmax(probs_np))],
+        class_maps=class_maps_np, cam=cam_np, unit_max=unit_max_np, influence=influence_np, top_units={},
+        unit_maps=UnitMaps(maps_np), sketch_iou=None,
         input={"height": int(img.shape[0]), "width": int(img.shape[1]), "scale": float(scale),
                "model_height": int(x.shape[-2]), "model_width": int(x.shape[-1]),
-               "map_height": int(cam.shape[-2]), "map_width": int(cam.shape[-1])},
+               "map_height": int(cam_np.shape[-2]), "map_width": int(cam_np.shape[-1])},
         timing_ms={},
         model={"arch": getattr(model, "arch", type(model).__name__),
-                    "layer": getattr(model, "layer", ""), "head": getattr(model, "head_type", "gap"),
-                    "units": int(unit_max.shape[0])},
+               "layer": getattr(model, "layer", ""), "head": getattr(model, "head_type", "gap"),
+               "units": int(unit_max_np.shape[0])},
         probability_rule=rule, window=window,
     )

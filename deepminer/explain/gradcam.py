@@ -12,7 +12,7 @@ from deepminer.explain.method_base import SaliencyMethod
 
 
 def _on_grid(cam_class: type) -> type:
-    class OnGrid(cam_class):  # type: ignore[misc, valid-type]
+    class OnGrid(cam_class):
         def get_target_width_height(self, input_tensor: torch.Tensor) -> tuple[int, int]:
             a = self.activations_and_grads.activations[0]
             return int(a.shape[-1]), int(a.shape[-2])

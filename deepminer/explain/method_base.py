@@ -16,6 +16,7 @@ from torch import nn
 
 from deepminer.errors import InputError
 from deepminer.geometry import fit_size
+from deepminer.models.fcn import FCN
 
 MIN_SIDE = 16  # smallest model-input side accepted (px)
 
@@ -70,7 +71,7 @@ class SaliencyMethod:
 
     name = "base"
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: FCN):
         self.model = model
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._was_training = model.training

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 from deepminer.errors import InputError
 from deepminer.explain.attribution import GuidedBackprop, IntegratedGradients, SmoothGrad
@@ -20,13 +19,14 @@ from deepminer.explain.cam import CAM
 from deepminer.explain.gradcam import GradCAM, GradCAMPlusPlus
 from deepminer.explain.method_base import SaliencyMethod, prepare_image
 from deepminer.explanation import class_index, normalize_map
+from deepminer.models.fcn import FCN
 
 METHODS: dict[str, type[SaliencyMethod]] = {
     m.name: m for m in (CAM, GradCAM, GradCAMPlusPlus, GuidedBackprop, IntegratedGradients, SmoothGrad)
 }
 
 
-def saliency(model: torch.nn.Module, image: Any, method: str = "cam", target_class: int | str | None = None,
+def saliency(model: FCN, image: Any, method: str = "cam", target_class: int | str | None = None,
              *, max_side: int | None = 1024, **options: Any) -> np.ndarray:
     """The ``method`` map ``(h, w)`` of ``target_class`` (index or name; None: the class with the
     highest image logit, the output the gradient methods explain) for a grey image ``(H, W)`` in

@@ -45,7 +45,7 @@ def deepminer_explanation(expl: Any, labels: Mapping[Any, Any], max_units: int =
     p = float(expl.probabilities[cls])
     lab = clean_labels(labels, len(expl.unit_max))
     ranked = expl.ranked_units(cls, among)
-    units = []
+    units: list[dict[str, Any]] = []
     for rank, u in enumerate(ranked, start=1):
         if u in lab and len(units) < max_units:
             units.append({
@@ -71,7 +71,7 @@ def label_report(expl: Any, labels: Mapping[Any, Any]) -> list[dict]:
     groups: dict[str, list[int]] = {}
     for u, label in sorted(lab.items()):
         groups.setdefault(label, []).append(u)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for label, units in groups.items():
         idx = np.asarray(units)
         rows.append({

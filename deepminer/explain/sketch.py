@@ -16,7 +16,7 @@ upsampled maps.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -86,11 +86,11 @@ class _Axis(NamedTuple):
     ``min(j, n-1)`` (weight ``lam = real - floor(real)``); in bands 0 and n (beyond the first /
     last cell centre) PyTorch clamps, so ``lam = 0`` and the value is that cell's exactly.
     ``idx``/``lam``: ``(R, n+1)`` tables of each band's pixels, R the largest band (padding:
-    index 0, ``lam`` NaN); band j is pixels ``start[j] .. start[j] + count[j] - 1``.
+    index 0, ``lam`` NaN); band j is pixels ``start[j] .. start[j] + counts[j] - 1``.
     """
 
     start: np.ndarray
-    count: np.ndarray
+    counts: np.ndarray
     idx: np.ndarray
     lam: np.ndarray
 
@@ -107,7 +107,7 @@ def _axis(n: int, n_out: int) -> _Axis:
     return _Axis(start, count, idx, np.where(valid, lam[idx], np.nan))
 
 
-def _threshold_in(t: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def _threshold_in(t: np.ndarray, dtype: Any) -> np.ndarray:
     """Thresholds (float64) in ``dtype`` such that for x of that dtype ``x > result`` iff ``x > t``:
     for float32, the largest float32 <= t."""
     if dtype == np.float64:
@@ -183,8 +183,8 @@ def sketch_iou(sketch, maps, thresholds, *, work_side: int | None = IOU_SIDE) ->
     # corner cells (rows j-1, j and columns c-1, c, clamped) and its bands' tables
     nq = (h + 1) * (w + 1)
     jq, cq = np.divmod(np.arange(nq), w + 1)
-    npix = (ay.count[:, None] * ax.count[None, :]).reshape(-1)
-    nsk = _box_sums(sk, ay.start, ay.start + ay.count, ax.start, ax.start + ax.count).reshape(-1)
+    npix = (ay.counts[:, None] * ax.counts[None, :]).reshape(-1)
+    nsk = _box_sums(sk, ay.start, ay.start + ay.counts, ax.start, ax.start + ax.counts).reshape(-1)
     r0, r1 = np.maximum(jq - 1, 0) * w, np.minimum(jq, h - 1) * w
     c0, c1 = np.maximum(cq - 1, 0), np.minimum(cq, w - 1)
     corner = np.stack([r0 + c0, r0 + c1, r1 + c0, r1 + c1])  # (4, Q) offsets in a unit's map
@@ -197,11 +197,11 @@ def sketch_iou(sketch, maps, thresholds, *, work_side: int | None = IOU_SIDE) ->
     x_start = ax.start[cq]
     x_lam0s = (np.nan_to_num(ax.lam[0]) / x_step)[cq].astype(work)
     wy_t, ry_t = np.nan_to_num(ay.lam)[:, jq].astype(work), ay.idx[:, jq]  # (R, Q)
-    y_valid = np.arange(ay.idx.shape[0])[:, None] < ay.count[jq][None, :]  # (R, Q)
-    cxr_t = np.where(y_valid, ax.count[cq][None, :], 0).astype(work)  # (R, Q) pixels in a row
-    prefix = np.zeros((hw, ww + 1), np.int64)  # sketch pixels in a working row left of a column
-    np.cumsum(sk, axis=1, out=prefix[:, 1:])
-    prefix = prefix.reshape(-1)
+    y_valid = np.arange(ay.idx.shape[0])[:, None] < ay.counts[jq][None, :]  # (R, Q)
+    cxr_t = np.where(y_valid, ax.counts[cq][None, :], 0).astype(work)  # (R, Q) pixels in a row
+    rows = np.zeros((hw, ww + 1), np.int64)  # sketch pixels in a working row left of a column
+    np.cumsum(sk, axis=1, out=rows[:, 1:])
+    prefix = rows.reshape(-1)
 
     # quads with a corner above the threshold: the only ones that can hold mask pixels. The
     # above-threshold cells go into a zero-bordered grid g (row 0 and column w empty; cell (r, c)

@@ -21,7 +21,8 @@ import hashlib
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -80,7 +81,8 @@ def _guess_body(body: Mapping[str, Any]) -> tuple[str | None, str]:
     """(registry arch or None, description) of a backbone state dict."""
     if "conv1.weight" in body and "layer1.0.conv1.weight" in body:
         blocks = tuple(len({k.split(".")[1] for k in body if k.startswith(f"layer{i}.")}) for i in range(1, 5))
-        depth = _RESNET_DEPTHS.get(blocks + ("layer1.0.conv3.weight" in body,))
+        b1, b2, b3, b4 = blocks
+        depth = _RESNET_DEPTHS.get((b1, b2, b3, b4, "layer1.0.conv3.weight" in body))
         if depth is None:
             return None, f"a ResNet with {blocks} blocks"
         return (f"resnet{depth}" if f"resnet{depth}" in ARCHS else None), f"resnet{depth}"

@@ -11,10 +11,14 @@ model, ``nn.Sequential``) into this form; the WILDCAT head lives in :mod:`deepmi
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from deepminer.models.wildcat import WildcatHead
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -65,12 +69,14 @@ class GAPHead(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "GAPHead":
         head = cls(linear.in_features, linear.out_features)
+        bias = head.fc.bias
+        assert bias is not None  # built with bias=True
         with torch.no_grad():
             head.fc.weight.copy_(linear.weight[:, :, None, None])
             if linear.bias is not None:
-                head.fc.bias.copy_(linear.bias)
+                bias.copy_(linear.bias)
             else:
-                head.fc.bias.zero_()
+                bias.zero_()
         return head
 
 
@@ -82,7 +88,11 @@ class FCN(nn.Module):
     plain values: what a checkpoint recorded about the model; empty for a fresh one).
     """
 
-    def __init__(self, features: nn.Module, head: nn.Module, *, arch: str, classes: Sequence[str],
+    head: GAPHead | WildcatHead
+    mean: torch.Tensor  # normalisation buffers
+    std: torch.Tensor
+
+    def __init__(self, features: nn.Module, head: GAPHead | WildcatHead, *, arch: str, classes: Sequence[str],
                  layer: str, num_units: int, head_type: str = "gap",
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         super().__init__()
@@ -131,7 +141,7 @@ class FCN(nn.Module):
 class TimmFeatures(nn.Module):
     """The feature extractor of a timm model (its classifier removed): ``net.forward_features``."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: Any):  # a timm model (it has forward_features)
         super().__init__()
         self.net = net
 
@@ -139,7 +149,7 @@ class TimmFeatures(nn.Module):
         return self.net.forward_features(x)
 
 
-def _is_gap(module: nn.Module) -> bool:
+def _is_gap(module: nn.Module | None) -> bool:
     return isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1))
 
 
@@ -152,7 +162,7 @@ def _last_param_child(module: nn.Module, skip: Sequence[str] = ()) -> str:
     return names[-1]
 
 
-def _split_classifier(net: nn.Module) -> tuple[nn.Module, nn.Linear, str, tuple | None]:
+def _split_classifier(net: Any) -> tuple[nn.Module, nn.Linear, str, tuple | None]:
     """Split ``net`` into (features, linear, default unit layer, timm mean/std or None).
 
     Mutates ``net`` for timm models (their classifier is reset to identity).
@@ -184,7 +194,9 @@ def _split_classifier(net: nn.Module) -> tuple[nn.Module, nn.Linear, str, tuple 
                 and _is_gap(tail[-3][1]):
             cut = names.index(tail[-3][0])
             feats = nn.Sequential(OrderedDict(children[:cut]))
-            return feats, tail[-1][1], _last_param_child(feats), None
+            last = tail[-1][1]
+            assert isinstance(last, nn.Linear)
+            return feats, last, _last_param_child(feats), None
     raise ValueError(f"to_fcn: {type(net).__name__} is not a classifier with a global-average-pool + "
                      "linear head (torchvision ResNet, timm model, or Sequential ending in "
                      "AdaptiveAvgPool2d(1), Flatten, Linear)")
@@ -234,7 +246,7 @@ def to_fcn(classifier: nn.Module, *, arch: str, classes: Sequence[str], layer: s
               num_units=linear.in_features, head_type="gap", mean=mean, std=std)
     fcn.to(linear.weight.device)  # the normalisation buffers follow the classifier's device
     fcn.train(net.training)
-    if verify:
+    if reference is not None:
         was_training = fcn.training
         fcn.eval()
         with torch.no_grad():
