@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make run` and `make test`. Both set everything up first.
-.PHONY: setup run test test-fast model-store clean
+.PHONY: setup run test test-fast lint model-store clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -15,6 +15,10 @@ run: setup model-store
 
 test: setup model-store
 	@bash scripts/test.sh
+
+# ruff + mypy only (make test runs them first)
+lint: setup
+	@bash scripts/lint.sh
 
 # the suite without the slow / serving / browser cases, for quick iteration
 test-fast: setup

@@ -11,6 +11,7 @@ from deepminer.encoding import decode_array
 from deepminer.errors import InputError
 from deepminer.explain import ExplanationCache, explain_image
 from deepminer.explanation import Explanation
+from modelfixtures import box_sketch, random_image, tiny_model
 from deepminer.models import FCN, GAPHead, build_model
 
 CLASSES = ("normal", "benign", "malignant")
@@ -180,11 +181,8 @@ def test_cache_skips_the_forward_pass():
 
 
 def test_to_json_matches_the_explanation_and_from_json_inverts_it():
-    torch.manual_seed(5)
-    model = build_model("tiny", pretrained=False).eval()
-    img = np.random.default_rng(5).random((200, 150)).astype(np.float32)
-    sketch = np.zeros_like(img, bool)
-    sketch[50:120, 40:100] = True
+    model, img = tiny_model(5), random_image((200, 150), 5)
+    sketch = box_sketch(img.shape, slice(50, 120), slice(40, 100))
     e = explain_image(model, img, max_side=128, sketch=sketch, unit_maps="top", top_units=3)
     body = json.loads(json.dumps(e.to_json()))
     assert set(body) >= {"model", "input", "probabilities", "prediction", "class_maps", "cam", "units",

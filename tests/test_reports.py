@@ -1,11 +1,10 @@
 """DeepMiner and Lu & Perer explanations from a plain unit -> label mapping."""
 import numpy as np
 import pytest
-import torch
 
 from deepminer.errors import InputError
 from deepminer.explain import Explanation, UnitMaps, deepminer_explanation, explain_image, label_report
-from deepminer.models import build_model
+from modelfixtures import box_sketch, random_image, tiny_model
 
 CLASSES = ("normal", "benign", "malignant")
 
@@ -70,11 +69,8 @@ def test_label_report_means_by_hand():
 
 
 def test_reports_on_a_real_explanation():
-    torch.manual_seed(0)
-    model = build_model("tiny", pretrained=False).eval()
-    img = np.random.default_rng(0).random((96, 96)).astype(np.float32)
-    sketch = np.zeros_like(img, bool)
-    sketch[30:60, 30:60] = True
+    model, img = tiny_model(0), random_image((96, 96), 0)
+    sketch = box_sketch(img.shape, slice(30, 60), slice(30, 60))
     e = explain_image(model, img, max_side=None, sketch=sketch)
     top = e.top_units[e.prediction]
     out = deepminer_explanation(e, {top[1]: "spiculation", top[0]: "calcification"})
