@@ -76,7 +76,7 @@ def test_lesion_masks_union_of_rois_benign_1_malignant_2(cbis):
     for image_id in truth["images"]:
         lesion = np.asarray(Image.open(out / "lesions" / f"{image_id}.png"))
         expect = np.zeros_like(lesion)
-        for (iid, kind, abn), m in rois.items():
+        for (iid, kind, _abn), m in rois.items():
             if iid == image_id:
                 label = {"P_00001_LEFT_CC": {"mass": 2, "calc": 1}, "P_00003_LEFT_CC": {"mass": 2}}
                 value = label.get(image_id, {}).get(kind, 1)

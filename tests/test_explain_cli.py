@@ -2,7 +2,6 @@
 The ``--url`` success path runs against a real server in tests/test_client.py."""
 from __future__ import annotations
 
-import io
 import json
 import socket
 from pathlib import Path

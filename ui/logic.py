@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -47,8 +47,8 @@ class Patch:
 
 
 def suspicious_patches(class_maps: np.ndarray, pixels: np.ndarray, classes: Sequence[str], *,
-                       target: str = "malignant", top: int = SUSPICIOUS_TOP, min_tissue: float = 0.5
-                       ) -> list[Patch]:
+                       target: str = "malignant", top: int = SUSPICIOUS_TOP, min_tissue: float = 0.5,
+                       shape: Sequence[int] | None = None) -> list[Patch]:
     """The patches of a whole image most likely to be ``target`` (Lu & Perer's suspicious patches).
 
     Windows follow DeepMiner's patch grid (:func:`deepminer.data.patches.patch_boxes`: side 25% of
@@ -58,22 +58,32 @@ def suspicious_patches(class_maps: np.ndarray, pixels: np.ndarray, classes: Sequ
     sends per-cell probabilities ``p = softmax(z)``; ``log p = z - logsumexp(z)`` differs from the
     logits by a per-cell constant shared by all classes, so the softmax of the window mean of
     ``log p`` equals the softmax of the window mean of ``z`` exactly.
-    """
-    from deepminer.data.patches import patch_boxes
-    from deepminer.data.tissue import tissue_mask
 
+    ``pixels`` may be a scaled-down copy of the image when ``shape`` gives the image's ``(height,
+    width)``: the boxes are in the image's pixels either way. The tissue mask is taken on a copy of
+    at most :data:`deepminer.data.tissue.WORK_SIDE` pixels (where the mask works anyway), never on
+    the full resolution.
+    """
+    import cv2
+
+    from deepminer.data.patches import patch_boxes
+    from deepminer.data.tissue import WORK_SIDE, tissue_mask
+    from deepminer.geometry import fit_scale, fit_size
     from deepminer.overlay import resize_map
 
-    h_img, w_img = pixels.shape[:2]
+    h_img, w_img = (int(shape[0]), int(shape[1])) if shape is not None else pixels.shape[:2]
     boxes = patch_boxes(h_img, w_img)
     if len(boxes) < 2 or target not in classes:
         return []
     # work on a grid of at most 256 px: log-probabilities resized bilinearly, tissue by area
-    f = min(1.0, 256 / max(h_img, w_img))
-    gh, gw = max(1, round(h_img * f)), max(1, round(w_img * f))
+    f = fit_scale(h_img, w_img, 256)
+    gh, gw = fit_size(h_img, w_img, 256)
     logp = np.log(np.clip(np.asarray(class_maps, dtype=np.float32), 1e-7, 1.0))
     logits = np.stack([resize_map(m, (gh, gw)) for m in logp])
-    tissue = resize_map(tissue_mask(pixels).astype(np.float32), (gh, gw))
+    px = np.asarray(pixels, dtype=np.float32)
+    th, tw = fit_size(px.shape[0], px.shape[1], WORK_SIDE, min_side=8)
+    small = px if (th, tw) == px.shape[:2] else np.asarray(cv2.resize(px, (tw, th), interpolation=cv2.INTER_AREA))
+    tissue = resize_map(tissue_mask(small).astype(np.float32), (gh, gw))
     c = list(classes).index(target)
     out = []
     for x0, y0, x1, y1 in boxes:
