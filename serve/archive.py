@@ -6,9 +6,15 @@ unit atlas (``atlas/``, optional), the per-model config (``model-config.yaml``: 
 max batch delay, device type, handler settings) and a ``requirements.txt`` with the third-party
 libraries ``deepminer`` imports besides torch/torchvision (installed by TorchServe only when the host
 sets ``install_py_dep_per_model=true``).
+
+Also the ``deepminer archive`` command (``NAME``, ``HELP``, ``DESCRIPTION``, :func:`add_arguments`,
+:func:`run`): ``pyproject.toml`` declares this module under the ``deepminer.commands`` entry-point
+group, which :mod:`deepminer.cli` reads, so the library never imports ``serve``. Keep module-level
+imports light: ``deepminer --help`` imports this module to list the command.
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import os
 import re
@@ -19,8 +25,6 @@ import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 import deepminer
 from deepminer.errors import InputError
@@ -41,6 +45,8 @@ def model_config(*, workers: int | None = None, batch_size: int | None = None,
                  max_batch_delay: int | None = None, device: str = "auto",
                  response_timeout: int | None = None) -> dict[str, Any]:
     """The per-model config: ``serve/model-config.yaml`` with the given overrides."""
+    import yaml
+
     cfg = yaml.safe_load(MODEL_CONFIG.read_text(encoding="utf-8"))
     if workers is not None:
         if workers < 1:
@@ -122,6 +128,8 @@ def build_mar(model: str | os.PathLike, out_dir: str | os.PathLike, *, name: str
               batch_size: int | None = None, max_batch_delay: int | None = None, device: str = "auto",
               response_timeout: int | None = None, force: bool = True) -> Path:
     """Build ``out_dir/<name>.mar`` and return its path. The archive appears only when complete."""
+    import yaml
+
     model = Path(model)
     atlas = Path(atlas) if atlas is not None else None
     out_dir = Path(out_dir)
@@ -168,9 +176,50 @@ def mar_contents(mar: str | os.PathLike) -> dict[str, Any]:
     """What a ``.mar`` holds: ``files`` (names), ``manifest`` (dict) and ``config`` (the model yaml)."""
     import json
 
+    import yaml
+
     with zipfile.ZipFile(mar) as z:
         names = z.namelist()
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
         cfg_name = manifest["model"].get("configFile")
         cfg = yaml.safe_load(z.read(cfg_name)) if cfg_name else {}
     return {"files": names, "manifest": manifest, "config": cfg}
+
+
+# -- the ``deepminer archive`` command (entry point ``deepminer.commands: archive``) ----------------
+
+NAME = "archive"
+HELP = "build a TorchServe .mar (weights, handler, the deepminer library, unit atlas, per-model config)"
+DESCRIPTION = (
+    "Package a deepminer checkpoint for TorchServe: the weights, the DeepMiner handler, a copy of the "
+    "deepminer library (the .mar serves on a host with torch and torchvision but without this project), "
+    "the unit atlas (thresholds for unit masks and sketch queries) and a per-model config with workers, "
+    "batch size, max batch delay and device type. Writes OUT/NAME.mar (only when complete)."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="deepminer checkpoint (.pt, from train or save_model)")
+    parser.add_argument("--atlas", default=None, help="unit atlas folder (atlas.json + atlas.npz from dissect)")
+    parser.add_argument("--name", default="demo", help="model name: the URL is /predictions/NAME")
+    parser.add_argument("--out", default="model_store", help="folder for NAME.mar")
+    parser.add_argument("--version", default="1.0", help="model version reported by the API")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="workers for this model, spread over the server's GPUs (None: 1, from serve/model-config.yaml)")
+    parser.add_argument("--batch-size", type=int, default=None, help="max requests per batch (None: 4)")
+    parser.add_argument("--max-batch-delay", type=int, default=None, help="ms a request waits for others to fill a batch, >= 1 (None: 1)")
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="deviceType: auto = a GPU when the server has one, else the CPU")
+    parser.add_argument("--no-overwrite", action="store_true", help="fail if OUT/NAME.mar exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    mar = build_mar(args.model, args.out, name=args.name, atlas=args.atlas, version=args.version,
+                    workers=args.workers, batch_size=args.batch_size, max_batch_delay=args.max_batch_delay,
+                    device=args.device, force=not args.no_overwrite)
+    info = mar_contents(mar)
+    cfg = info["config"]
+    print(f"{mar}: {mar.stat().st_size / 2**20:.1f} MiB, {len(info['files'])} files; workers "
+          f"{cfg.get('minWorkers')}, batch {cfg.get('batchSize')}, delay {cfg.get('maxBatchDelay')} ms, "
+          f"device {cfg.get('deviceType', 'auto')}, atlas {'yes' if args.atlas else 'no'}", file=sys.stderr)
+    return 0

@@ -203,3 +203,38 @@ def test_serve_variants_differ_inside_the_tissue_mask():
         pixels = np.asarray(Image.open(io.BytesIO(png)), dtype=np.float32) / 255.0
         masked.append(keep_tissue(pixels)[0].tobytes())
     assert len(set(masked)) == 4
+
+
+# -- start-up rows (subprocess wall times; no assert against the 0.4 s target) ---------------------
+
+def test_command_wall_s_measures_what_runs():
+    import sys
+
+    quick = bench.command_wall_s([sys.executable, "-c", "pass"], repeats=2, warmup=0)
+    slow = bench.command_wall_s([sys.executable, "-c", "import time; time.sleep(0.5)"], repeats=2, warmup=1)
+    assert len(quick) == 2 and len(slow) == 2 and all(t > 0 for t in quick + slow)
+    assert min(slow) >= 0.5 and bench.median(slow) > bench.median(quick)
+    with pytest.raises(bench.InputError, match="failed: SystemExit: boom"):
+        bench.command_wall_s([sys.executable, "-c", "import sys; sys.stderr.write('x\\nSystemExit: boom\\n'); "
+                                                  "sys.exit(3)"], repeats=1, warmup=0)
+
+
+def test_startup_dicom_is_what_inspect_reads(tmp_path):
+    from deepminer.data.io import load_image
+
+    loaded = load_image(bench.startup_dicom(tmp_path / "s.dcm", shape=(450, 300)))
+    assert (loaded.height, loaded.width, loaded.bits_stored, loaded.format) == (450, 300, 16, "dicom")
+    assert (loaded.laterality, loaded.view) == ("L", "CC")
+    assert bench.STARTUP_DICOM == (4500, 3000)
+
+
+def test_cli_startup_rows(capsys):
+    assert main(["bench", "--startup-only", "--repeats", "1", "--warmup", "0", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)["startup"]
+    assert s["startup_help_s"] > 0 and s["startup_inspect_s"] > 0
+    assert s["raw"]["startup_help_s"] == [s["startup_help_s"]]
+    assert s["check"]["startup_help_s"] == bench.check("startup_help_s", s["startup_help_s"])
+    text = "\n".join(bench.format_startup({**s, "startup_help_s": 0.5, "check": {"startup_help_s": "MISS"}}))
+    assert "deepminer --help" in text and "0.50 s MISS (target <= 0.4 s)" in text
+    assert "inspect 4500x3000 16-bit DICOM" in text
+    assert main(["bench", "--startup-only", "--no-startup"]) == 2

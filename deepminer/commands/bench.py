@@ -12,7 +12,10 @@ DESCRIPTION = (
     "medians and ratios of medians are printed with PASS/MISS against the targets (explain/forward <= 1.15, "
     "Grad-CAM/explain >= 2.5, sketch IoU <= 20 ms on the whole image, dissection >= 0.8x forward). "
     "--model and --arch may be repeated (e.g. --model model_store/demo/model.pt --arch resnet50). "
-    "--serve URL adds the HTTP round trip of a 1024x1024 8-bit PNG vs the first model's forward."
+    "--serve URL adds the HTTP round trip of a 1024x1024 8-bit PNG vs the first model's forward. "
+    "Start-up rows (skip with --no-startup, alone with --startup-only): the wall time of fresh "
+    "'python -m deepminer --help' (target <= 0.4 s) and 'deepminer inspect' of a generated 4500x3000 16-bit "
+    "DICOM subprocesses, medians of --repeats runs after --warmup."
 )
 
 
@@ -51,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serve-model", default=None, help="model name on the server [$DEEPMINER_MODEL or demo]")
     parser.add_argument("--key-file", default=None, help="TorchServe key_file.json [$DEEPMINER_KEY_FILE]")
     parser.add_argument("--token", default=None, help="inference token [$DEEPMINER_TOKEN]")
+    parser.add_argument("--no-startup", action="store_true",
+                        help="skip the start-up rows (deepminer --help and inspect as subprocesses)")
+    parser.add_argument("--startup-only", action="store_true",
+                        help="only the start-up rows: no model is loaded")
     parser.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
 
 
@@ -86,6 +93,12 @@ def _round_trip(args: argparse.Namespace):
     return one
 
 
+def _say(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -108,6 +121,13 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--batch-size: must be >= 1, got {args.batch_size}")
     if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
         raise InputError(f"--device: must be auto, cpu or cuda, got {args.device!r}")
+    if args.startup_only:
+        if args.no_startup:
+            raise InputError("--startup-only and --no-startup exclude each other")
+        startup = bench.measure_startup(repeats=args.repeats, warmup=args.warmup, log=_say)
+        print(json.dumps(bench.to_json({"startup": startup}), indent=1) if args.json
+              else "\n".join(bench.format_startup(startup)))
+        return 0
     for s in specs:  # fail fast, before loading anything
         if s.kind == "model" and not Path(s.value).is_file():
             raise InputError(f"{s.value}: no such model file")
@@ -135,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if round_trip is not None:
             round_trip.close()
+    if not args.no_startup:  # last: bad input fails above, before these subprocesses (docs/bench.md)
+        report["startup"] = bench.measure_startup(repeats=args.repeats, warmup=args.warmup, log=_say)
     if args.json:
         print(json.dumps(bench.to_json(report), indent=1))
     else:
