@@ -26,11 +26,12 @@ import json
 import os
 import uuid
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from sqlalchemy import (Boolean, DateTime, Index, Integer, String, Text, create_engine, event, func,
                         select)
@@ -247,7 +248,7 @@ class LabelStore:
         self.url = url or default_url()
         try:
             backend = make_url(self.url).get_backend_name()
-        except Exception as err:  # sqlalchemy raises ArgumentError on a malformed URL
+        except Exception as err:  # noqa: BLE001 - a malformed URL raises ArgumentError, a bad port ValueError
             raise InputError(f"{URL_SETTING}: not a database URL: {self.url!r} ({err})") from None
         self.engine = _sqlite_engine(self.url) if backend == "sqlite" else create_engine(self.url, pool_pre_ping=True)
         self._writer = self.engine.execution_options(write_lock=True)
@@ -357,7 +358,7 @@ class LabelStore:
     def models(self) -> list[tuple[str, str]]:
         """Every (model, weights_hash) that has events."""
         with Session(self.engine) as session:
-            return [tuple(r) for r in session.execute(
+            return [(model, weights_hash) for model, weights_hash in session.execute(
                 select(LabelEvent.model, LabelEvent.weights_hash).distinct().order_by(LabelEvent.model))]
 
     def vocabulary(self, model: str | None = None) -> list[str]:

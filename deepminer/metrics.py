@@ -19,7 +19,7 @@ with AUC 0.872, max 0.2); multiply ours by ``1 - tpr`` to compare.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -34,7 +34,8 @@ def _binary_ok(y: np.ndarray) -> bool:
     return y.size > 0 and 0 < int(y.sum()) < y.size
 
 
-def roc_points(y_true_binary: Sequence[int], score: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def roc_points(y_true_binary: Sequence[int] | np.ndarray,
+               score: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(fpr, tpr)`` of the ROC curve (scikit-learn), both non-decreasing, from (0,0) to (1,1)."""
     from sklearn.metrics import roc_curve
 
@@ -43,7 +44,7 @@ def roc_points(y_true_binary: Sequence[int], score: Sequence[float]) -> tuple[np
     return fpr, tpr
 
 
-def pauc_at_tpr(y_true_binary: Sequence[int], score: Sequence[float], tpr: float = 0.8,
+def pauc_at_tpr(y_true_binary: Sequence[int] | np.ndarray, score: Sequence[float] | np.ndarray, tpr: float = 0.8,
                 *, normalized: bool = True) -> float:
     """Partial AUC over the sensitivity band ``TPR in [tpr, 1]`` (see module docstring).
 
@@ -71,7 +72,8 @@ def pauc_at_tpr(y_true_binary: Sequence[int], score: Sequence[float], tpr: float
     return raw / (1.0 - tpr) if normalized else raw
 
 
-def per_class_auc(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str] = CLASSES) -> dict[str, float]:
+def per_class_auc(y_true: Sequence[int] | np.ndarray, probs: np.ndarray,
+                  classes: Sequence[str] = CLASSES) -> dict[str, float]:
     """One-vs-rest ROC AUC per class: ``{class: auc}`` (NaN where the class is absent or alone).
 
     ``y_true`` holds class indices, ``probs`` is ``(N, C)`` scores (column ``c`` for ``classes[c]``).
@@ -87,7 +89,7 @@ def per_class_auc(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[st
     return out
 
 
-def per_class_pauc(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str] = CLASSES,
+def per_class_pauc(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES,
                    tpr: float = 0.8) -> dict[str, float]:
     """One-vs-rest :func:`pauc_at_tpr` per class (normalised)."""
     y = np.asarray(y_true).astype(int)
@@ -95,7 +97,7 @@ def per_class_pauc(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[s
     return {name: pauc_at_tpr((y == c).astype(int), p[:, c], tpr) for c, name in enumerate(classes)}
 
 
-def classification_report(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str] = CLASSES,
+def classification_report(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES,
                           tpr: float = 0.8) -> dict:
     """``{"n", "counts", "accuracy", "auc", "pauc"}`` for class indices and ``(N, C)`` probabilities."""
     y = np.asarray(y_true).astype(int)

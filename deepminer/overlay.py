@@ -4,8 +4,8 @@ Pure numpy/Pillow: images are ``uint8`` RGB ``(H, W, 3)``; grey inputs are float
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 import numpy as np
 from PIL import Image

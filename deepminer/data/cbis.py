@@ -165,7 +165,7 @@ def read_csv(path: Path, kind: str, cbis_split: str) -> list[tuple[tuple[str, st
     for i, rec in enumerate(records, start=2):
         where = f"{path.name}:{i}"
 
-        def get(name: str) -> str:
+        def get(name: str, rec: dict[str, str] = rec) -> str:
             return _clean(rec.get(col.get(name, ""), ""))
 
         patient = get("patient_id")
@@ -240,7 +240,7 @@ def _header(path: Path):
 
     try:
         return pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - pydicom raises many types for a damaged file
         raise InputError(f"{path}: not a readable DICOM file ({' '.join(str(err).split())[:120]})") from None
 
 

@@ -191,11 +191,12 @@ def _load_raster(data: bytes, fmt: str, source: str, max_pixels: int) -> LoadedI
             im = Image.open(io.BytesIO(data))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             raise _pil_bomb(source, err) from None
-        except Exception as err:  # PIL raises many types for a broken header
+        except Exception as err:  # noqa: BLE001 - PIL raises many types for a broken header
             if fmt == "tiff":
                 return _load_tiff_fallback(data, source, max_pixels, err)
             if fmt == "png" and len(data) >= 24 and data[12:16] == b"IHDR":  # e.g. a 0 x 0 PNG
-                _check_dims(source, *struct.unpack(">II", data[16:24]), max_pixels)
+                png_width, png_height = struct.unpack(">II", data[16:24])
+                _check_dims(source, png_width, png_height, max_pixels)
             raise InputError(f"{source}: not a readable {label} file ({_short(err)})") from None
         width, height = im.size
         _check_dims(source, width, height, max_pixels)
@@ -205,7 +206,7 @@ def _load_raster(data: bytes, fmt: str, source: str, max_pixels: int) -> LoadedI
             im.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             raise _pil_bomb(source, err) from None
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - PIL's decoders raise many types for broken data
             if fmt == "tiff" and "truncated" not in str(err).lower():
                 return _load_tiff_fallback(data, source, max_pixels, err)
             raise InputError(f"{source}: truncated or corrupt {label} data ({_short(err)})") from None
@@ -285,6 +286,8 @@ def _load_tiff_fallback(data: bytes, source: str, max_pixels: int, first: BaseEx
 
         with _quiet("tifffile"), tifffile.TiffFile(io.BytesIO(data)) as tif:
             page = tif.pages[0]
+            if not isinstance(page, tifffile.TiffPage):  # never: the first page is always read as a TiffPage
+                raise ValueError(f"first page is a {type(page).__name__}")
             axes, shape = page.axes, page.shape  # e.g. "YX", "YXS" or planar "SYX"
             if "Y" not in axes or "X" not in axes:
                 raise ValueError(f"no image plane in axes {axes}")
@@ -295,7 +298,7 @@ def _load_tiff_fallback(data: bytes, source: str, max_pixels: int, first: BaseEx
             photometric_code = int(page.photometric)
     except (InputError, TooLargeError):
         raise
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - tifffile raises many types for a damaged file
         raise InputError(f"{source}: not a readable TIFF file ({_short(first)}; {_short(err)})") from None
     grey = _to_grey(arr) if arr.ndim == 3 else arr
     if arr.dtype == np.uint8:
@@ -325,7 +328,7 @@ def _load_dicom(data: bytes, source: str, max_pixels: int) -> LoadedImage:
         with warnings.catch_warnings():  # pydicom warns about what we report in one line anyway
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - pydicom raises many types for a damaged file
         raise InputError(f"{source}: not a readable DICOM file ({_short(err)})") from None
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise InputError(f"{source}: DICOM file has no pixel data")
@@ -345,7 +348,7 @@ def _load_dicom(data: bytes, source: str, max_pixels: int) -> LoadedImage:
             arr = _decode_first_frame(ds, ts)
     except (InputError, TooLargeError):
         raise
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - pydicom's pixel handlers raise many types for bad data
         if "does not support" in str(err):  # e.g. Pillow and 12-bit JPEG
             raise InputError(f"{source}: unsupported DICOM pixel encoding ({_short(err)})") from None
         raise InputError(f"{source}: truncated or corrupt DICOM pixel data ({_short(err)})") from None
@@ -360,7 +363,7 @@ def _load_dicom(data: bytes, source: str, max_pixels: int) -> LoadedImage:
             bits = int(ds.get("BitsStored") or arr.dtype.itemsize * 8)
     except (InputError, TooLargeError):
         raise
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - LUT/window tags of any shape come from the file
         raise InputError(f"{source}: cannot apply the DICOM LUT/window ({_short(err)})") from None
     laterality, view = _dicom_laterality_view(ds)
     return LoadedImage(pixels=pixels, bits_stored=bits, photometric=photometric, format="dicom",
@@ -421,7 +424,7 @@ def _decode_rle_fast(ds) -> np.ndarray | None:
         return None
     try:
         frame = next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames") or 1)))
-    except Exception:
+    except Exception:  # noqa: BLE001 - any damaged encapsulation: pydicom's decoder decides
         return None
     nseg = bits_alloc // 8
     if len(frame) < 64 or struct.unpack("<I", frame[:4])[0] != nseg:
@@ -432,7 +435,7 @@ def _decode_rle_fast(ds) -> np.ndarray | None:
         for k in range(nseg):
             seg = frame[offsets[k]:offsets[k + 1]]
             planes.append(np.asarray(Image.frombytes("L", (cols, rows), seg, "packbits", "L")))
-    except Exception:  # short segment, or packets that cross rows: pydicom's decoder decides
+    except Exception:  # noqa: BLE001 - short segment, or packets that cross rows: pydicom's decoder decides
         return None
     if nseg == 1:
         arr = planes[0]

@@ -20,8 +20,8 @@ DataFrame saved as ``patches.csv`` in the dataset folder. :class:`PatchDataset` 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -115,13 +115,14 @@ def image_patches(tissue: np.ndarray, lesion: np.ndarray | None = None,
         lesion = np.zeros((h, w), dtype=np.uint8)
     lesion = np.asarray(lesion)
     has_lesion = box_sums(lesion > 0, boxes) > 0
-    labels, values, sizes = label_findings(lesion) if has_lesion.any() else (None, None, None)
+    found = label_findings(lesion) if has_lesion.any() else None
     concept_fracs = {k: box_sums(np.asarray(v) > 0, boxes) / area for k, v in (concepts or {}).items()}
     rows = []
     for j in np.flatnonzero(keep):
         x0, y0, x1, y1 = (int(v) for v in boxes[j])
         label = "normal"
-        if has_lesion[j]:
+        if has_lesion[j] and found is not None:  # found is set whenever any box has lesion
+            labels, values, sizes = found
             crop_labels = labels[y0:y1, x0:x1]
             ids, counts = np.unique(crop_labels[crop_labels > 0], return_counts=True)
             findings = [(int(values[i]), float(c) / float(sizes[i])) for i, c in zip(ids, counts)]
@@ -152,7 +153,7 @@ def read_mask(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> 
     try:
         with Image.open(path) as im:
             arr = np.asarray(im)
-    except Exception as err:  # PIL raises many types for broken files
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files
         raise InputError(f"{path}: unreadable mask ({type(err).__name__})") from None
     if arr.ndim == 3:
         arr = arr[..., 0]
@@ -212,7 +213,7 @@ def read_patches(path: str | os.PathLike):
         raise InputError(f"{path}: no such patch table (run 'deepminer patches --data DIR')")
     try:
         df = pd.read_csv(path, dtype={"image_id": str, "patient_id": str, "split": str, "label": str})
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - pandas raises many types (parser, encoding, empty file)
         raise InputError(f"{path}: not a readable CSV ({type(err).__name__})") from None
     missing = [c for c in BASE_COLUMNS if c not in df.columns]
     if missing:
@@ -260,7 +261,7 @@ def cap_per_class(table, n: int | None, seed: int):
     if n is None:
         return table.reset_index(drop=True)
     rng = np.random.default_rng(seed)
-    keep = []
+    keep: list[int] = []
     for _, idx in table.groupby("label").indices.items():
         keep.extend(idx if len(idx) <= n else rng.choice(idx, size=n, replace=False))
     return table.iloc[sorted(int(i) for i in keep)].reset_index(drop=True)

@@ -41,10 +41,10 @@ import io
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -174,8 +174,10 @@ def _rng(seed: int, index: int, stream: int) -> np.random.Generator:
 
 
 def _draw_finding(rng: np.random.Generator, looks: str, pathology: str, kind: str) -> Finding:
-    common = dict(pathology=pathology, u=float(rng.uniform(0.22, 0.78)), v=float(rng.uniform(-0.6, 0.6)),
-                  seed=int(rng.integers(2**31)))
+    # drawn in this order for every kind (u, v, then the detail seed): the phantoms depend on it
+    u = float(rng.uniform(0.22, 0.78))
+    v = float(rng.uniform(-0.6, 0.6))
+    detail_seed = int(rng.integers(2**31))
     if kind == "mass":
         if looks == "benign":
             shape = str(rng.choice(BENIGN_SHAPES))
@@ -183,14 +185,17 @@ def _draw_finding(rng: np.random.Generator, looks: str, pathology: str, kind: st
         else:
             shape = "irregular" if rng.random() < 0.5 else str(rng.choice(BENIGN_SHAPES))
             margin = str(rng.choice(MALIGNANT_MARGINS, p=[0.3, 0.3, 0.4]))
-        return Finding("mass", size=float(rng.uniform(0.05, 0.12)), shape=shape, margin=margin, **common)
+        return Finding("mass", pathology=pathology, size=float(rng.uniform(0.05, 0.12)), u=u, v=v,
+                       seed=detail_seed, shape=shape, margin=margin)
     if kind == "calcification":
         ctype = str(rng.choice(BENIGN_CALCS if looks == "benign" else MALIGNANT_CALCS))
         dist = _CALC_DISTRIBUTION[ctype]
         distribution = dist[0] if len(dist) == 1 else str(rng.choice(dist, p=[0.6, 0.4]))
         size = float(rng.uniform(0.05, 0.1)) if ctype != "vascular" else float(rng.uniform(0.1, 0.16))
-        return Finding("calcification", size=size, calc_type=ctype, distribution=distribution, **common)
-    return Finding("architectural_distortion", size=float(rng.uniform(0.08, 0.13)), **common)
+        return Finding("calcification", pathology=pathology, size=size, u=u, v=v, seed=detail_seed,
+                       calc_type=ctype, distribution=distribution)
+    return Finding("architectural_distortion", pathology=pathology, size=float(rng.uniform(0.08, 0.13)), u=u, v=v,
+                   seed=detail_seed)
 
 
 def draw_patient(seed: int, index: int, label: str | None = None, *, overlap: float = OVERLAP,
@@ -320,7 +325,7 @@ def _hull_region(mask: np.ndarray, pts: np.ndarray, pad: float) -> None:
 
     try:
         hull = ring[ConvexHull(ring).vertices]
-    except Exception:  # degenerate (all points on a line): fall back to discs
+    except Exception:  # noqa: BLE001 - Qhull fails on degenerate input (points on a line): fall back to discs
         hull = ring
     _fill_polygon(mask, hull)
 
@@ -410,7 +415,7 @@ def powerlaw_noise(rng: np.random.Generator, shape: tuple[int, int], beta: float
     out = []
     for part in (field.real, field.imag)[: 2 if pair else 1]:
         small = np.ascontiguousarray(part, dtype=np.float32)
-        out.append(np.asarray(Image.fromarray(small, mode="F").resize((w, h), Image.BILINEAR)))
+        out.append(np.asarray(Image.fromarray(small, mode="F").resize((w, h), Image.Resampling.BILINEAR)))
     return tuple(out)
 
 
@@ -418,7 +423,7 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: tuple
     from PIL import Image
 
     small = rng.standard_normal(cells).astype(np.float32)
-    return np.asarray(Image.fromarray(small, mode="F").resize((shape[1], shape[0]), Image.BICUBIC))
+    return np.asarray(Image.fromarray(small, mode="F").resize((shape[1], shape[0]), Image.Resampling.BICUBIC))
 
 
 @lru_cache(maxsize=4)
@@ -652,7 +657,7 @@ def _calc_group(cv: _Canvas, f: Finding, rng: np.random.Generator, value: int):
     t = f.calc_type
     dots = np.zeros((cv.h, cv.w), bool)
     centres: list[tuple[float, float]] = []
-    bright = lambda: float(rng.uniform(0.22, 0.4))  # noqa: E731
+    bright = lambda: float(rng.uniform(0.22, 0.4))  # noqa: E731 - a fresh brightness draw at each use, kept beside them
     # towards the nipple: the direction of the ducts
     nip = cv.geo.tip
     duct = math.atan2(nip[1] - cy, nip[0] - cx)
@@ -710,13 +715,13 @@ def _calc_group(cv: _Canvas, f: Finding, rng: np.random.Generator, value: int):
         while stack:
             x, y, a, ln, depth = stack.pop()
             k = max(3, int(ln / (4 * s)))
-            st = ln / k
-            pts = [(x, y)]
+            step = ln / k
+            cast: list[tuple[float, float]] = [(x, y)]
             for _ in range(k):
                 a += rng.normal(0, 0.12)
-                x, y = x + st * math.cos(a), y + st * math.sin(a)
-                pts.append((x, y))
-            pts = np.array(pts)
+                x, y = x + step * math.cos(a), y + step * math.sin(a)
+                cast.append((x, y))
+            pts = np.array(cast)
             i = 0
             while i < len(pts) - 1:
                 j = min(len(pts), i + int(rng.integers(2, 4)))
@@ -794,7 +799,7 @@ def _vessels(cv: _Canvas, rng: np.random.Generator) -> None:
         a = math.atan2(geo.tip[1] - y, geo.tip[0] - x) + rng.normal(0, 0.25)
         step = 10 * s + 1
         n = int(geo.w * rng.uniform(0.5, 0.9) / step)
-        pts = [(x, y)]
+        trail = [(x, y)]
         turn = 0.0
         for _ in range(n):
             turn = 0.8 * turn + rng.normal(0, 0.07)
@@ -802,10 +807,10 @@ def _vessels(cv: _Canvas, rng: np.random.Generator) -> None:
             x, y = x + step * math.cos(a), y + step * math.sin(a)
             if geo.depth_at(x, y) < 3 * s:
                 break
-            pts.append((x, y))
-        if len(pts) < 3:
+            trail.append((x, y))
+        if len(trail) < 3:
             continue
-        pts = np.array(pts)
+        pts = np.array(trail)
         t = np.linspace(0, 1, len(pts))
         r0 = max(rng.uniform(1.0, 2.0) * s, 0.5)
         _stroke(cv.lines, None, pts, r0 * (1 - 0.5 * t), float(rng.uniform(0.035, 0.065)) * (1 - 0.4 * t),
@@ -901,10 +906,10 @@ def render_phantom(seed: int, index: int, size: int = 1024, label: str | None = 
     dn += rng.standard_normal((h, w), dtype=np.float32) * np.float32(7.0)
     image = np.clip(dn + 0.5, 0, 2 ** BITS - 1).astype(np.uint16)
 
-    masks = {name: cv.masks.get(name) for name in PHANTOM_CONCEPTS}
+    drawn = {name: cv.masks.get(name) for name in PHANTOM_CONCEPTS}
     zeros = np.zeros((h, w), bool)
     visible = geo.breast & ~geo.pectoral  # the muscle hides what lies under it
-    masks = {k: (m & visible if m is not None else zeros) for k, m in masks.items()}
+    masks = {k: (m & visible if m is not None else zeros) for k, m in drawn.items()}
     lesion = np.where(visible, cv.lesion, 0).astype(np.uint8)
     breast, pect = geo.breast, geo.pectoral
     if lat == "R":  # mirror: chest wall on the right
@@ -988,10 +993,10 @@ def plan_patients(count: int, seed: int, label_mix: dict[str, float] | None = No
     labels = _balanced(rng, n_pat, label_mix or DEFAULT_LABEL_MIX)
     split_of: dict[int, str] = {}
     for lab in CLASSES:
-        idx = [i for i, l in enumerate(labels) if l == lab]
+        idx = [i for i, label in enumerate(labels) if label == lab]
         for i, sp in zip(idx, _balanced(rng, len(idx), splits or DEFAULT_SPLITS)):
             split_of[i] = sp
-    plan = []
+    plan: list[tuple[int, str, str, tuple[str, ...]]] = []
     for i in range(n_pat):
         views = VIEWS if 2 * i + 1 < count else VIEWS[:1]
         plan.append((i, labels[i], split_of[i], views))

@@ -89,14 +89,14 @@ def _mask_work(small: np.ndarray) -> np.ndarray:
     if not fg.any():
         return fg
     disk = _disk(_OPEN_RADIUS).astype(np.uint8)
-    morph = {"borderType": cv2.BORDER_CONSTANT, "borderValue": 0}
-    opened = cv2.morphologyEx(fg.view(np.uint8), cv2.MORPH_OPEN, disk, **morph)
+    opened = cv2.morphologyEx(fg.view(np.uint8), cv2.MORPH_OPEN, disk, borderType=cv2.BORDER_CONSTANT,
+                              borderValue=0)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
     if n <= 1:
         return np.zeros_like(fg)
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     breast = (labels == largest).view(np.uint8)
-    breast = cv2.dilate(breast, disk, iterations=1, **morph).view(bool) & fg
+    breast = cv2.dilate(breast, disk, iterations=1, borderType=cv2.BORDER_CONSTANT, borderValue=0).view(bool) & fg
     return fill_holes(breast)
 
 
