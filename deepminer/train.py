@@ -22,9 +22,10 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +33,7 @@ from deepminer import CLASSES
 from deepminer.data.dataset import atomic_file
 from deepminer.errors import InputError
 from deepminer.metrics import classification_report, histogram_baseline, nan_to_none, pauc_at_tpr
+from deepminer.runtime import resolve_device
 
 LAST, BEST, METRICS, CARD = "last.pt", "best.pt", "metrics.json", "MODEL_CARD.md"
 
@@ -100,17 +102,6 @@ class TrainConfig:
 
 # -- small pieces -------------------------------------------------------------------------------
 
-def resolve_device(name: str = "auto"):
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an :class:`InputError`."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available here")
-    return torch.device(name)
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
     with atomic_file(path, "w") as fh:
         fh.write(text)
@@ -176,8 +167,8 @@ def split_features(model, name: str, *, check_size: int = 64):
     import torch
     from torch import nn
 
-    stages = feature_stages(model.features)
-    names = [n for n, _ in stages] if stages else []
+    stages = feature_stages(model.features) or []
+    names = [n for n, _ in stages]
     if name not in names or names.index(name) == 0:
         raise InputError(f"--cache-features: cannot split {model.arch} features before {name!r}; "
                          f"use --train-from with one of {', '.join(names[1:]) or '(none)'}")
@@ -203,7 +194,7 @@ class _Top:
 
     def __call__(self, feats):
         m = self.model
-        return m.pool(m.class_maps(self.rest(feats)))
+        return m.pool(m.class_logits(self.rest(feats)))
 
 
 class CachedFeatures:
@@ -248,7 +239,7 @@ class CachedFeatures:
                     self = cls.__new__(cls)
                     self.labels, self.flips, self.feats = dataset.labels, key["flips"], obj["feats"]
                     return self
-            except Exception:  # a stale or broken cache is recomputed, never trusted
+            except Exception:  # noqa: BLE001 - a stale or broken cache (any load error) is recomputed, never trusted
                 pass
         self = cls(trunk, model, dataset, **kwargs)
         _atomic_torch_save({"key": key, "feats": self.feats}, path)
@@ -280,7 +271,7 @@ def epoch_sampler(labels: np.ndarray, num_samples: int, *, balance: bool, seed: 
     g = torch.Generator().manual_seed(int(seed))
     if balance:
         counts = np.bincount(labels, minlength=int(labels.max()) + 1).astype(np.float64)
-        weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
+        weights = (1.0 / counts[labels]).tolist()  # float64 -> float: the sampler's double weights unchanged
         return torch.utils.data.WeightedRandomSampler(weights, num_samples, replacement=True, generator=g)
     return torch.randperm(len(labels), generator=g)[:num_samples].tolist()
 
@@ -354,8 +345,8 @@ def baseline_report(train_folder, train_table, test_folder, test_table, *, max_t
 
     tr = PatchDataset(train_folder, subsample(train_table, max_train, seed), classes=classes)
     te = PatchDataset(test_folder, test_table, classes=classes)
-    rep = histogram_baseline([tr.crop(i) for i in range(len(tr))], tr.labels,
-                             [te.crop(i) for i in range(len(te))], te.labels, classes)
+    rep = histogram_baseline([tr.crop(i) for i in range(len(tr))], tr.labels.tolist(),
+                             [te.crop(i) for i in range(len(te))], te.labels.tolist(), classes)
     rep["train_patches"] = len(tr)
     return rep
 
@@ -374,43 +365,118 @@ def _fmt(v: Any) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
+@dataclass
+class _Run:
+    """One training session: the model and its data (:func:`_setup`) and the run's progress so far
+    (restored from ``last.pt`` on ``--resume``)."""
+
+    cfg: TrainConfig
+    out: Path
+    device: Any
+    model: Any
+    opt: Any
+    frozen: list[str]
+    table: Any
+    source: str
+    train_tab: Any
+    train_ds: Any
+    forward: Any
+    train_data: Any
+    val_data: Any
+    prep_seconds: float
+    history: list[dict] = field(default_factory=list)
+    best_val: float = math.inf
+    start: int = 1
+    initial: dict | None = None
+    train_seconds: float = 0.0
+
+    @property
+    def eval_batch(self) -> int:
+        return max(self.cfg.batch_size, 64)
+
+    @property
+    def workers(self) -> int:
+        """DataLoader workers: none over cached features (they are in memory)."""
+        return 0 if self.cfg.cache_features else self.cfg.workers
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
     """Fine-tune ``cfg.arch`` on the patches of ``cfg.data``; write the run folder; return metrics."""
-    import torch
-    import torch.nn.functional as F
-    from tqdm import tqdm
-
-    from deepminer.data.patches import PatchDataset, cap_per_class, load_or_extract, split_table, subsample
-    from deepminer.models import build_model, load_model, save_model
-    from deepminer.models.checkpoints import torch_load
-
     cfg.check()
     out = Path(cfg.out)
+    state = _saved_state(cfg, out, resume)
+    run = _setup(cfg, out, state, progress)
+    if state is not None:
+        _restore(run, state)
+    out.mkdir(parents=True, exist_ok=True)
+    if run.initial is None:
+        probs, labels, loss = predict(run.model, run.val_data, batch_size=run.eval_batch, device=run.device,
+                                      forward=run.forward, workers=cfg.workers, progress=progress,
+                                      desc="val (before training)")
+        run.initial = {"val_loss": loss, "val": nan_to_none(classification_report(labels, probs, run.model.classes))}
+    t_start = time.time()
+    for epoch in range(run.start, cfg.epochs + 1):
+        if _stalled(run.history, cfg.patience, epoch - 1):
+            print(f"stopping before epoch {epoch}: validation loss has not improved for {cfg.patience} epochs",
+                  file=sys.stderr)
+            break
+        _epoch(run, epoch, progress)
+    metrics = _run_metrics(run)
+    metrics.update(_test_reports(run, progress))
+    metrics["wall_seconds_this_session"] = round(time.time() - t_start, 1)
+    _atomic_write_text(out / METRICS, json.dumps(nan_to_none(metrics), indent=2) + "\n")
+    _atomic_write_text(out / CARD, model_card(metrics))
+    return metrics
+
+
+def _saved_state(cfg: TrainConfig, out: Path, resume: bool) -> dict | None:
+    """``last.pt`` of the run in ``out`` when resuming (checked against ``cfg``), else None; a
+    one-line error for a run folder that does not fit the request."""
+    from deepminer.models.checkpoints import torch_load
+
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a run folder")
     last_path = out / LAST
-    state = None
-    if resume:
-        if not last_path.is_file():
-            raise InputError(f"{last_path}: nothing to resume (no last.pt in the run folder)")
-        state = torch_load(last_path)
-        saved = state.get("config", {}) if isinstance(state, dict) else {}
-        for key in ("arch", "head", "patch_size"):
-            if saved.get(key) != getattr(cfg, key):
-                raise InputError(f"{last_path}: the run used --{key.replace('_', '-')} {saved.get(key)}, "
-                                 f"not {getattr(cfg, key)}")
-    elif last_path.exists():
-        raise InputError(f"{out}: already holds a run (last.pt); pass --resume to continue it or choose another --out")
+    if not resume:
+        if last_path.exists():
+            raise InputError(f"{out}: already holds a run (last.pt); pass --resume to continue it or choose "
+                             "another --out")
+        return None
+    if not last_path.is_file():
+        raise InputError(f"{last_path}: nothing to resume (no last.pt in the run folder)")
+    state = torch_load(last_path)
+    saved = state.get("config", {}) if isinstance(state, dict) else {}
+    for key in ("arch", "head", "patch_size"):
+        if saved.get(key) != getattr(cfg, key):
+            raise InputError(f"{last_path}: the run used --{key.replace('_', '-')} {saved.get(key)}, "
+                             f"not {getattr(cfg, key)}")
+    return state
 
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+
+def _split_tables(cfg: TrainConfig, progress: bool):
+    """``(patch table, its source, train table, val table)``, capped per class as configured."""
+    from deepminer.data.patches import cap_per_class, load_or_extract, split_table
+
     table = load_or_extract(cfg.data, cfg.patches, progress=progress)
     source = cfg.patches or f"{cfg.data} patches"
     train_tab = cap_per_class(split_table(table, "train", source), cfg.max_train_patches_per_class, cfg.seed)
     val_tab = cap_per_class(split_table(table, "val", source), cfg.max_val_patches_per_class, cfg.seed)
     if train_tab["label"].nunique() < 2:
         raise InputError(f"{source}: the train split has only {train_tab['label'].iloc[0]} patches")
+    return table, source, train_tab, val_tab
 
+
+def _setup(cfg: TrainConfig, out: Path, state: dict | None, progress: bool) -> _Run:
+    """Seed, tables, model (frozen up to ``--train-from``), SGD, the preloaded patch sets and, with
+    ``--cache-features``, the frozen trunk's cached outputs."""
+    import torch
+
+    from deepminer.data.patches import PatchDataset
+    from deepminer.models import build_model
+
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    table, source, train_tab, val_tab = _split_tables(cfg, progress)
     model = build_model(cfg.arch, head=cfg.head, num_classes=len(CLASSES), pretrained=cfg.pretrained)
     frozen = freeze_before(model, cfg.train_from)
     model.to(device)
@@ -418,127 +484,181 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     train_ds = PatchDataset(cfg.data, train_tab, size=cfg.patch_size, augment=True).preload(progress)
     val_ds = PatchDataset(cfg.data, val_tab, size=cfg.patch_size).preload(progress)
-    forward, train_data, val_data = model, train_ds, val_ds
-    eval_bs = max(cfg.batch_size, 64)
     t_prep = time.time()
-    if cfg.cache_features:
-        trunk, rest = split_features(model, cfg.train_from)
-        forward = _Top(model, rest)
-        out.mkdir(parents=True, exist_ok=True)
-        key = {"arch": cfg.arch, "train_from": cfg.train_from, "patch_size": cfg.patch_size,
-               "pretrained": cfg.pretrained, "data": str(Path(cfg.data).resolve())}
-        train_data = CachedFeatures.cached(out / "features_train.pt", key, train_tab, trunk, model, train_ds,
-                                           flips=True, batch_size=eval_bs, device=device, progress=progress,
-                                           desc="caching train features (4 flips)")
-        val_data = CachedFeatures.cached(out / "features_val.pt", key, val_tab, trunk, model, val_ds,
-                                         flips=False, batch_size=eval_bs, device=device, progress=progress,
-                                         desc="caching val features")
-
+    forward, train_data, val_data = _inputs(cfg, out, model, (train_tab, train_ds), (val_tab, val_ds), device,
+                                            progress)
     prep_seconds = time.time() - t_prep + (float(state.get("prep_seconds", 0.0)) if state else 0.0)
-    history: list[dict] = []
-    best_val = math.inf
-    start = 1
-    initial = None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        history = list(state.get("history", []))
-        best_val = float(state.get("best_val_loss", math.inf))
-        start = int(state["epoch"]) + 1
-        initial = state.get("initial")
+    return _Run(cfg=cfg, out=out, device=device, model=model, opt=opt, frozen=frozen, table=table, source=source,
+                train_tab=train_tab, train_ds=train_ds, forward=forward, train_data=train_data, val_data=val_data,
+                prep_seconds=prep_seconds)
+
+
+def _inputs(cfg: TrainConfig, out: Path, model, train: tuple[Any, Any], val: tuple[Any, Any], device,
+            progress: bool) -> tuple[Any, Any, Any]:
+    """``(forward, train data, val data)``: the model on the patch sets (``(table, dataset)`` each),
+    or with ``--cache-features`` the model's top on the frozen trunk's outputs, computed once per
+    run folder (:meth:`CachedFeatures.cached`)."""
+    (train_tab, train_ds), (val_tab, val_ds) = train, val
+    if not cfg.cache_features:
+        return model, train_ds, val_ds
+    trunk, rest = split_features(model, str(cfg.train_from))  # check(): --cache-features has --train-from
     out.mkdir(parents=True, exist_ok=True)
-    if initial is None:
-        probs, labels, loss = predict(model, val_data, batch_size=eval_bs, device=device, forward=forward,
-                                      workers=cfg.workers, progress=progress, desc="val (before training)")
-        initial = {"val_loss": loss, "val": nan_to_none(classification_report(labels, probs, model.classes))}
+    key = {"arch": cfg.arch, "train_from": cfg.train_from, "patch_size": cfg.patch_size,
+           "pretrained": cfg.pretrained, "data": str(Path(cfg.data).resolve())}
+    eval_bs = max(cfg.batch_size, 64)
+    train_data = CachedFeatures.cached(out / "features_train.pt", key, train_tab, trunk, model, train_ds,
+                                       flips=True, batch_size=eval_bs, device=device, progress=progress,
+                                       desc="caching train features (4 flips)")
+    val_data = CachedFeatures.cached(out / "features_val.pt", key, val_tab, trunk, model, val_ds,
+                                     flips=False, batch_size=eval_bs, device=device, progress=progress,
+                                     desc="caching val features")
+    return _Top(model, rest), train_data, val_data
 
-    n_per_epoch = min(len(train_ds), cfg.max_patches_per_epoch or len(train_ds))
-    # image_width: the width at which the model saw images (a patch = 25% of it), for whole-image use
-    meta = {"patch_size": cfg.patch_size, "image_width": int(round(cfg.patch_size / 0.25)),
+
+def _restore(run: _Run, state: dict) -> None:
+    """Model, optimizer and the run's progress from ``last.pt``."""
+    run.model.load_state_dict(state["model"])
+    run.opt.load_state_dict(state["optimizer"])
+    run.history = list(state.get("history", []))
+    run.best_val = float(state.get("best_val_loss", math.inf))
+    run.start = int(state["epoch"]) + 1
+    run.initial = state.get("initial")
+    run.train_seconds = float(state.get("train_seconds", 0.0))
+
+
+def _stalled(history: list[dict], patience: int | None, last_epoch: int) -> bool:
+    """Whether ``patience`` epochs have passed since the last best one (up to ``last_epoch``)."""
+    best_epochs = [e["epoch"] for e in history if e.get("best")]
+    return bool(patience and best_epochs and last_epoch - best_epochs[-1] >= patience)
+
+
+def _fit_epoch(run: _Run, epoch: int, t0: float, progress: bool) -> tuple[list[float], int]:
+    """One epoch of SGD on a seeded draw of training patches: ``(batch losses, patches seen)``."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    cfg = run.cfg
+    n_per_epoch = min(len(run.train_ds), cfg.max_patches_per_epoch or len(run.train_ds))
+    sampler = epoch_sampler(run.train_ds.labels, n_per_epoch, balance=cfg.balance, seed=cfg.seed * 1000 + epoch)
+    torch.manual_seed(cfg.seed * 1000 + epoch)  # flips
+    loader = _loader(run.train_data, cfg.batch_size, run.workers, sampler, run.device)
+    set_train_mode(run.model)
+    losses: list[float] = []
+    seen = 0
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress,
+               file=sys.stderr, leave=False)
+    for x, y in bar:
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        loss = F.cross_entropy(run.forward(x), y)
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        run.opt.step()
+        losses.append(loss.item())
+        seen += len(y)
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", rate=f"{seen / max(1e-9, time.time() - t0):.1f} patch/s")
+    bar.close()
+    return losses, seen
+
+
+def _epoch(run: _Run, epoch: int, progress: bool) -> None:
+    """Train one epoch, validate, keep ``best.pt`` when the validation loss is the lowest so far,
+    rewrite ``last.pt`` and print one line."""
+    from deepminer.models import save_model
+
+    cfg = run.cfg
+    t0 = time.time()
+    losses, seen = _fit_epoch(run, epoch, t0, progress)
+    probs, labels, val_loss = predict(run.model, run.val_data, batch_size=run.eval_batch, device=run.device,
+                                      forward=run.forward, workers=run.workers, progress=progress,
+                                      desc=f"val {epoch}")
+    rep = classification_report(labels, probs, run.model.classes)
+    seconds = time.time() - t0
+    run.train_seconds += seconds
+    entry = _epoch_entry(epoch, losses, seen, val_loss, rep, seconds)
+    is_best = val_loss < run.best_val
+    if is_best:
+        run.best_val = val_loss
+        save_model(run.model, run.out / BEST, half=cfg.half, epoch=epoch, val_loss=val_loss, **_best_meta(cfg))
+    entry["best"] = is_best
+    run.history.append(entry)
+    _save_last(run, epoch)
+    print(f"epoch {epoch}/{cfg.epochs}: train loss {entry['train_loss']:.4f}, val loss {val_loss:.4f}, "
+          f"val AUC " + ", ".join(f"{c} {_fmt(v)}" for c, v in rep["auc"].items())
+          + (" (best)" if is_best else "") + f", {seconds:.0f} s", file=sys.stderr)
+
+
+def _epoch_entry(epoch: int, losses: list[float], seen: int, val_loss: float, rep: dict, seconds: float) -> dict:
+    """One epoch of ``metrics.json``: training losses (all, first and last fifth), validation."""
+    k = max(1, len(losses) // 5)
+    return {"epoch": epoch, "train_loss": float(np.mean(losses)),
+            "train_loss_first": float(np.mean(losses[:k])), "train_loss_last": float(np.mean(losses[-k:])),
+            "patches": seen, "val_loss": val_loss, "val": nan_to_none(rep), "seconds": round(seconds, 1)}
+
+
+def _best_meta(cfg: TrainConfig) -> dict:
+    """What ``best.pt`` records of the run; ``image_width``: the width at which the model saw images
+    (a patch = 25% of it), for whole-image use."""
+    return {"patch_size": cfg.patch_size, "image_width": int(round(cfg.patch_size / 0.25)),
             "data": str(cfg.data), "recipe": _recipe(cfg), "seed": cfg.seed}
-    t_start = time.time()
-    train_seconds = float(state.get("train_seconds", 0.0)) if state else 0.0
-    def stalled(last_epoch: int) -> bool:
-        best_epochs = [e["epoch"] for e in history if e.get("best")]
-        return bool(cfg.patience and best_epochs and last_epoch - best_epochs[-1] >= cfg.patience)
 
-    for epoch in range(start, cfg.epochs + 1):
-        if stalled(epoch - 1):
-            print(f"stopping before epoch {epoch}: validation loss has not improved for {cfg.patience} epochs",
-                  file=sys.stderr)
-            break
-        t0 = time.time()
-        sampler = epoch_sampler(train_ds.labels, n_per_epoch, balance=cfg.balance, seed=cfg.seed * 1000 + epoch)
-        torch.manual_seed(cfg.seed * 1000 + epoch)  # flips
-        loader = _loader(train_data, cfg.batch_size, 0 if cfg.cache_features else cfg.workers, sampler, device)
-        set_train_mode(model)
-        losses, seen = [], 0
-        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress,
-                   file=sys.stderr, leave=False)
-        for x, y in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = F.cross_entropy(forward(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            seen += len(y)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", rate=f"{seen / max(1e-9, time.time() - t0):.1f} patch/s")
-        bar.close()
-        k = max(1, len(losses) // 5)
-        probs, labels, val_loss = predict(model, val_data, batch_size=eval_bs, device=device, forward=forward,
-                                          workers=0 if cfg.cache_features else cfg.workers, progress=progress,
-                                          desc=f"val {epoch}")
-        rep = classification_report(labels, probs, model.classes)
-        seconds = time.time() - t0
-        train_seconds += seconds
-        entry = {"epoch": epoch, "train_loss": float(np.mean(losses)),
-                 "train_loss_first": float(np.mean(losses[:k])), "train_loss_last": float(np.mean(losses[-k:])),
-                 "patches": seen, "val_loss": val_loss, "val": nan_to_none(rep), "seconds": round(seconds, 1)}
-        is_best = val_loss < best_val
-        if is_best:
-            best_val = val_loss
-            save_model(model, out / BEST, half=cfg.half, epoch=epoch, val_loss=val_loss, **meta)
-        entry["best"] = is_best
-        history.append(entry)
-        _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                            "config": asdict(cfg), "history": nan_to_none(history), "best_val_loss": best_val,
-                            "initial": initial, "train_seconds": train_seconds, "prep_seconds": prep_seconds},
-                           last_path)
-        print(f"epoch {epoch}/{cfg.epochs}: train loss {entry['train_loss']:.4f}, val loss {val_loss:.4f}, "
-              f"val AUC " + ", ".join(f"{c} {_fmt(v)}" for c, v in rep["auc"].items())
-              + (" (best)" if is_best else "") + f", {seconds:.0f} s", file=sys.stderr)
 
-    metrics = {"config": asdict(cfg), "frozen_parameters": len(frozen), "data": _summary(table),
-               "initial": initial, "epochs": nan_to_none(history), "best_epoch": None,
-               "train_seconds": round(train_seconds, 1), "cache_seconds": round(prep_seconds, 1),
-               "device": str(device)}
-    best = [e for e in history if e.get("best")]
+def _save_last(run: _Run, epoch: int) -> None:
+    """``last.pt``: everything ``--resume`` needs to continue after ``epoch``."""
+    _atomic_torch_save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "epoch": epoch,
+                        "config": asdict(run.cfg), "history": nan_to_none(run.history),
+                        "best_val_loss": run.best_val, "initial": run.initial, "train_seconds": run.train_seconds,
+                        "prep_seconds": run.prep_seconds}, run.out / LAST)
+
+
+def _run_metrics(run: _Run) -> dict:
+    """``metrics.json`` before the test sets: config, data, curve, best epoch, times."""
+    metrics = {"config": asdict(run.cfg), "frozen_parameters": len(run.frozen), "data": _summary(run.table),
+               "initial": run.initial, "epochs": nan_to_none(run.history), "best_epoch": None,
+               "train_seconds": round(run.train_seconds, 1), "cache_seconds": round(run.prep_seconds, 1),
+               "device": str(run.device)}
+    best = [e for e in run.history if e.get("best")]
     if best:
         metrics["best_epoch"] = best[-1]["epoch"]
-    if (out / BEST).is_file():
-        best_model = load_model(out / BEST, map_location=device)
-        test_sets = []
-        if (table["split"] == "test").any():
-            test_sets.append(("test", cfg.data, split_table(table, "test", source)))
-        if cfg.test_data:
-            fresh = load_or_extract(cfg.test_data, progress=progress)
-            if fresh.empty:
-                raise InputError(f"{cfg.test_data}: no patches")
-            test_sets.append(("fresh_test", cfg.test_data, fresh))
-        for key, folder, tab in test_sets:
-            tab = subsample(tab, cfg.max_test_patches, cfg.seed)
-            rep = evaluate_table(best_model, folder, tab, patch_size=cfg.patch_size,
-                                 batch_size=max(cfg.batch_size, 64), device=device, workers=cfg.workers,
-                                 progress=progress, desc=key)
-            if cfg.baseline:
-                rep["baseline"] = baseline_report(cfg.data, train_tab, folder, tab, seed=cfg.seed)
-            rep["data"] = str(folder)
-            metrics[key] = nan_to_none(rep)
-    metrics["wall_seconds_this_session"] = round(time.time() - t_start, 1)
-    _atomic_write_text(out / METRICS, json.dumps(nan_to_none(metrics), indent=2) + "\n")
-    _atomic_write_text(out / CARD, model_card(metrics))
     return metrics
+
+
+def _test_sets(run: _Run, progress: bool) -> list[tuple[str, str, Any]]:
+    """``(key, folder, table)`` of the test split (when the table has one) and of ``--test-data``."""
+    from deepminer.data.patches import load_or_extract, split_table
+
+    cfg = run.cfg
+    sets = []
+    if (run.table["split"] == "test").any():
+        sets.append(("test", cfg.data, split_table(run.table, "test", run.source)))
+    if cfg.test_data:
+        fresh = load_or_extract(cfg.test_data, progress=progress)
+        if fresh.empty:
+            raise InputError(f"{cfg.test_data}: no patches")
+        sets.append(("fresh_test", cfg.test_data, fresh))
+    return sets
+
+
+def _test_reports(run: _Run, progress: bool) -> dict:
+    """``best.pt`` on every test set (a seeded sample with ``--max-test-patches``), with the
+    histogram baseline unless ``--no-baseline``."""
+    from deepminer.data.patches import subsample
+    from deepminer.models import load_model
+
+    cfg = run.cfg
+    if not (run.out / BEST).is_file():
+        return {}
+    best_model = load_model(run.out / BEST, map_location=run.device)
+    reports = {}
+    for key, folder, tab in _test_sets(run, progress):
+        tab = subsample(tab, cfg.max_test_patches, cfg.seed)
+        rep = evaluate_table(best_model, folder, tab, patch_size=cfg.patch_size, batch_size=run.eval_batch,
+                             device=run.device, workers=cfg.workers, progress=progress, desc=key)
+        if cfg.baseline:
+            rep["baseline"] = baseline_report(cfg.data, run.train_tab, folder, tab, seed=cfg.seed)
+        rep["data"] = str(folder)
+        reports[key] = nan_to_none(rep)
+    return reports
 
 
 def _recipe(cfg: TrainConfig) -> dict:

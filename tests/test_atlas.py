@@ -301,3 +301,44 @@ def test_memory_budget_samples_thresholds(phantoms, recomputed, tmp_path):
     top = small.arrays["topk_activation"]  # galleries stay exact
     item_max = recomputed[0].amax(dim=(2, 3)).numpy()
     np.testing.assert_allclose(top, -np.sort(-item_max.T, axis=1)[:, :5], rtol=1e-6)
+
+
+def test_profile_batch_one_by_one_equals_dissect(phantoms, tmp_path):
+    """The public per-batch step: a tiny model's patches fed batch by batch through profile_batch
+    give dissect()'s thresholds, maxima, galleries, influence counts, embedding and predictions, and
+    thresholds equal to np.quantile over all the unit maps."""
+    from deepminer.atlas import ProfileState, profile_batch
+    from deepminer.data.patches import PatchDataset
+
+    torch.manual_seed(1)
+    model = build_model("tiny", pretrained=False).eval()
+    a = dissect(model, phantoms, "test", tmp_path / "a", patch_size=PATCH, topk=4, batch_size=16, progress=False)
+    refs = a.references                                   # the atlas's order: grouped by image
+    ds = PatchDataset(phantoms, refs, size=PATCH)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    state = ProfileState(model, len(refs), refs["image_index"].to_numpy(), topk=4, device="cpu")
+    preds = torch.cat([profile_batch(model, x[i:i + 16], state) for i in range(0, len(refs), 16)])
+    res = state.result()
+    assert state.seen == len(refs) == a.meta["counts"]["references"]
+    np.testing.assert_array_equal(res.thresholds, a.thresholds)
+    np.testing.assert_array_equal(res.counts, a.arrays["frequency"])
+    np.testing.assert_array_equal(res.sums, a.arrays["influence_sum"])
+    np.testing.assert_array_equal(res.scores[:, 0].numpy(), a.arrays["max"])
+    np.testing.assert_array_equal(res.index[:, :4].numpy(), a.arrays["topk_index"])
+    np.testing.assert_array_equal(res.embedding, a.embedding)
+    assert [CLASSES[p] for p in preds.tolist()] == refs["pred"].tolist() == [CLASSES[p] for p in res.preds]
+    # independently of dissect(): the exact quantile over every activation, the influence by a loop
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        pred = model(x).argmax(1)
+    values = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).numpy()
+    np.testing.assert_allclose(res.thresholds, np.quantile(values, 0.99, axis=0), rtol=1e-5, atol=1e-6)
+    item_max, w = feats.amax(dim=(2, 3)), model.unit_weights.detach()
+    counts = np.zeros_like(res.counts)
+    for b in range(len(pred)):
+        for u in np.argsort(-(item_max[b] * w[pred[b]]).numpy(), kind="stable")[:8]:
+            counts[pred[b], u] += 1
+    np.testing.assert_array_equal(res.counts, counts)
+    assert counts.sum() == 8 * len(refs)
+    with pytest.raises(ValueError, match="more than the"):
+        profile_batch(model, x[:1], state)

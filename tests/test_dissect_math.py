@@ -7,7 +7,8 @@ import torch
 from sklearn.decomposition import PCA
 
 from deepminer.atlas.stats import (TailQuantile, TopItems, coverage, influence_counts, iou_from_counts,
-                                   pca_2d, quantile_from_tail, rank_units, sample_per_item, tail_length)
+                                   pca_2d, quantile_from_tail, rank_by_frequency, sample_per_item,
+                                   tail_length)
 
 
 def _stream(tq: TailQuantile, data: np.ndarray, batch: int) -> None:
@@ -107,7 +108,7 @@ def test_influence_counts_hand_worked():
 def test_rank_and_coverage():
     counts = np.array([[3, 0, 3, 1], [0, 0, 0, 0]])
     sums = np.array([[1.0, 9.0, 2.0, 0.0], [0.0, 0.5, 0.2, 0.1]])
-    order = rank_units(counts, sums)
+    order = rank_by_frequency(counts, sums)
     assert order[0].tolist() == [2, 0, 3, 1]       # tie 0/2 broken by summed influence
     assert order[1].tolist() == [1, 2, 3, 0]       # nothing counted: by influence
     cov = coverage(counts, order[:, :2], items=np.array([4, 0]), slots=2)

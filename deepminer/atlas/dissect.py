@@ -1,8 +1,9 @@
 """Unit dissection: profile every unit of a model's last convolutional layer over a reference set.
 
 One pass over the DeepMiner patches of a split (:func:`deepminer.data.patches.load_or_extract`),
-forward only, batch by batch (tqdm bar). Per batch, on the unit maps ``(B, K, h, w)`` and nothing
-else (cheap tensor ops, no second forward):
+forward only, batch by batch (tqdm bar). Each batch is one call of :func:`profile_batch`, which
+works on the unit maps ``(B, K, h, w)`` and nothing else (cheap tensor ops, no second forward) and
+folds them into a :class:`ProfileState`:
 
 * every activation goes into :class:`~deepminer.atlas.stats.TailQuantile` (per-unit threshold at
   ``quantile``, exact while it fits the memory budget);
@@ -19,10 +20,11 @@ unit) and the concept masks, read once per image. See ``docs/atlas.md``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,64 +33,28 @@ import torch
 import torch.nn.functional as F
 
 from deepminer import __version__
+from deepminer.atlas.stats import (TailQuantile, TopItems, coverage, influence_counts, pca_2d, rank_by_frequency,
+                                   sample_per_item, tail_length)
 from deepminer.errors import InputError
+from deepminer.explain.units import QUANTILE
+from deepminer.models.fcn import patch_px
+from deepminer.runtime import resolve_device
 
 FORMAT = "deepminer-atlas/1"
-QUANTILE = 0.99
 TOPK = 16
 INFLUENCE_TOP = 8          # DeepMiner: the top 8 units of each patch
 TOP_UNITS = 20             # DeepMiner: the 20 most frequently influential units per class
 IOU_SIZE = 64              # concept grid of the IoU (per patch, s x s cells)
 MIN_LABEL_IOU = 0.04       # Network Dissection: a unit is a detector of its best concept above this
-DEFAULT_PATCH_SIZE = 224
 MEMORY_MB = 1024
 
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def state_sha256(model: torch.nn.Module) -> str:
-    """sha256 over the state dict (names, dtypes, shapes, float32 CPU bytes), sorted by name."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        t = v.detach().cpu()
-        t = t.float() if t.is_floating_point() else t
-        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    from deepminer.train import resolve_device
-
-    if isinstance(device, torch.device):
-        device = str(device)
-    try:
-        dev = resolve_device(device or "auto")
-    except RuntimeError as err:
-        raise InputError(f"--device {device}: {str(err).splitlines()[0]}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA device is available here")
-    return dev
-
-
-def _patch_size(model, patch_size: int | None) -> int:
-    if patch_size:
-        return int(patch_size)
-    meta = getattr(model, "meta", None) or {}
-    for key in ("patch_size", "input_size", "size"):
-        if isinstance(meta.get(key), int) and meta[key] > 0:
-            return int(meta[key])
-    return DEFAULT_PATCH_SIZE
+__all__ = ["FORMAT", "IOU_SIZE", "MEMORY_MB", "QUANTILE", "TOPK", "ProfileResult", "ProfileState", "check_writable",
+           "concept_fractions", "dissect", "heap_plan", "profile_batch"]
 
 
 def _load_model(model) -> tuple[Any, dict]:
     from deepminer.models import FCN, load_model
+    from deepminer.models.checkpoints import file_sha256, weights_sha256
 
     info: dict[str, Any] = {}
     if isinstance(model, (str, os.PathLike)):
@@ -104,7 +70,7 @@ def _load_model(model) -> tuple[Any, dict]:
     else:
         raise InputError(f"model: expected an FCN or a checkpoint path, got {type(model).__name__}")
     info.update(arch=net.arch, layer=net.layer, head=net.head_type, classes=list(net.classes),
-                num_units=int(net.num_units), weights_sha256=state_sha256(net))
+                num_units=int(net.num_units), weights_sha256=weights_sha256(net))
     return net, info
 
 
@@ -231,6 +197,134 @@ class _OneImageAtATime(torch.utils.data.Dataset):
         return self.ds[i]
 
 
+# -- the streaming pass: one batch at a time ------------------------------------------------------
+
+def heap_plan(units: int, positions: int, items: int, quantile: float, topk: int, budget: int
+              ) -> tuple[int, torch.dtype]:
+    """Capacity and map dtype of the per-unit heaps within 3/4 of ``budget`` bytes: enough patches
+    for every activation above the ``quantile`` threshold (what exact IoU needs), at least ``topk``,
+    at most ``items``; float32 maps when the heaps fit (x2 while merging), else float16, else fewer
+    patches."""
+    need = min(items, tail_length(items * positions, quantile))
+    share = budget * 3 // 4
+    dtype = torch.float32 if 2 * 4 * units * positions * need <= share else torch.float16
+    cap_mem = share // (2 * dtype.itemsize * units * positions)
+    return min(items, max(topk, min(need, cap_mem))), dtype
+
+
+@dataclass
+class ProfileResult:
+    """What a finished pass gives (:meth:`ProfileState.result`), on the CPU."""
+
+    thresholds: np.ndarray     # (K,) float32
+    scores: torch.Tensor       # (K, M) the heaps: max activation per patch, descending
+    index: torch.Tensor        # (K, M) reference rows of the heap entries
+    maps: torch.Tensor         # (K, M, h, w) their unit maps
+    complete: np.ndarray       # (K,) bool: every patch above the threshold is in the heap
+    counts: np.ndarray         # (C, K) int64 influence frequency
+    sums: np.ndarray           # (C, K) float64 summed influence
+    preds: np.ndarray          # (N,) int64 predicted class per patch
+    embedding: np.ndarray      # (n_images, K) float16 max activation per image
+    threshold_method: str
+    heap_patches: int
+    heap_dtype: str
+    map_hw: tuple[int, int]
+
+
+class ProfileState:
+    """The streaming statistics of one dissection pass over ``items`` reference patches of ``net``
+    (on ``device``, default the model's), updated batch by batch by :func:`profile_batch`.
+
+    ``image_index (items,)``: the image each patch comes from, ``0..n_images-1`` (default: all from
+    one image). Memory stays within ``memory_mb`` (threshold tails 1/4, map heaps 3/4); both are
+    sized on the first batch, when the unit-map size is known."""
+
+    def __init__(self, net, items: int, image_index: Sequence[int] | np.ndarray | None = None, *,
+                 quantile: float = QUANTILE, topk: int = TOPK, memory_mb: float = MEMORY_MB, seed: int = 0,
+                 device: str | torch.device | None = None):
+        self.device = torch.device(device) if device is not None else net.device
+        self.units, self.classes, self.items = int(net.num_units), len(net.classes), int(items)
+        index = np.zeros(self.items, dtype=np.int64) if image_index is None else np.asarray(image_index)
+        self.image_index = torch.from_numpy(index.astype(np.int64))
+        self.quantile, self.topk, self.seed = float(quantile), int(topk), int(seed)
+        self.budget = int(memory_mb * (1 << 20))
+        self.weights = net.unit_weights.detach().float().to(self.device)
+        self.slots = min(INFLUENCE_TOP, self.units)
+        self.tails: TailQuantile | None = None
+        self.heap: TopItems | None = None
+        self.map_hw: tuple[int, int] = (0, 0)
+        n_images = int(index.max()) + 1 if self.items else 0
+        self.counts = torch.zeros(self.classes, self.units, dtype=torch.long, device=self.device)
+        self.sums = torch.zeros(self.classes, self.units, dtype=torch.float64, device=self.device)
+        self.emb = torch.full((n_images, self.units), -float("inf"), device=self.device)
+        self.preds = torch.empty(self.items, dtype=torch.long)
+        self.seen = 0
+
+    def _start(self, map_hw: tuple[int, int]) -> tuple[TailQuantile, TopItems]:
+        self.map_hw = map_hw
+        pos = map_hw[0] * map_hw[1]
+        per_item = sample_per_item(pos, self.items, self.units, self.quantile, self.budget // 4)
+        self.tails = TailQuantile(self.units, self.quantile, self.items, pos, per_item=per_item, seed=self.seed,
+                                  device=self.device)
+        capacity, dtype = heap_plan(self.units, pos, self.items, self.quantile, self.topk, self.budget)
+        self.heap = TopItems(self.units, capacity, map_hw, device=self.device, dtype=dtype)
+        return self.tails, self.heap
+
+    def update(self, feats: torch.Tensor, pred: torch.Tensor) -> None:
+        """Fold one batch in: unit maps ``feats (B, K, h, w)`` of the next ``B`` patches and their
+        predicted classes ``pred (B,)``."""
+        if self.tails is None or self.heap is None:
+            tails, heap = self._start((int(feats.shape[2]), int(feats.shape[3])))
+        else:
+            tails, heap = self.tails, self.heap
+        b, start = feats.shape[0], self.seen
+        if start + b > self.items:
+            raise ValueError(f"profile: more than the {self.items} patches announced")
+        idx = torch.arange(start, start + b)
+        item_max = feats.amax(dim=(2, 3))                           # (B, K)
+        tails.update(feats.transpose(0, 1).reshape(self.units, b, -1))
+        heap.update(item_max, idx.to(self.device), feats)
+        c, s = influence_counts(item_max, self.weights, pred, top=self.slots)
+        self.counts += c
+        self.sums += s
+        self.emb.scatter_reduce_(0, self.image_index[idx].to(self.device)[:, None].expand(-1, self.units),
+                                 item_max.float(), reduce="amax")
+        self.preds[start:start + b] = pred.cpu()
+        self.seen += b
+
+    def result(self) -> ProfileResult:
+        """Thresholds, heaps, influence counts, predictions and embedding of everything seen."""
+        if self.tails is None or self.heap is None:
+            raise ValueError("profile: no batch was profiled")
+        tails, heap = self.tails, self.heap
+        thresholds = tails.result().float().numpy()
+        scores, index, maps = (t.cpu() for t in heap.result())
+        complete = (heap.capacity >= self.items) | (scores[:, -1].numpy() <= thresholds)
+        method = "exact" if tails.exact else f"sampled: {tails.per_item} of {tails.positions} positions per patch"
+        return ProfileResult(thresholds=thresholds, scores=scores, index=index, maps=maps, complete=complete,
+                             counts=self.counts.cpu().numpy(), sums=self.sums.cpu().numpy(),
+                             preds=self.preds.numpy(), embedding=self.emb.cpu().numpy().astype(np.float16),
+                             threshold_method=method, heap_patches=int(heap.capacity),
+                             heap_dtype=str(heap.dtype).replace("torch.", ""), map_hw=self.map_hw)
+
+
+def profile_batch(net, x: torch.Tensor, state: ProfileState) -> torch.Tensor:
+    """One dissection step: forward a batch of patches ``x (B, 1, H, W)`` through ``net`` (the
+    unit maps and the predicted class of each patch, one forward under ``torch.inference_mode``)
+    and fold it into ``state``: the streaming per-unit quantile tails, the top-k heaps with their
+    unit maps, DeepMiner's influence counts for the predicted class, the per-image embedding.
+
+    Batches must come in the order of the state's patches (``image_index``). Calling this on every
+    batch and then :meth:`ProfileState.result` is exactly the pass :func:`dissect` makes. Returns the
+    predicted classes ``(B,)``."""
+    with torch.inference_mode():
+        x = x.to(state.device, non_blocking=True)
+        feats = net.forward_features(x)                            # (B, K, h, w)
+        pred = net.pool(net.class_logits(feats)).argmax(dim=1)
+        state.update(feats, pred)
+    return pred
+
+
 def dissect(model, data: str | os.PathLike, split: str = "test", out: str | os.PathLike = "atlas", *,
             quantile: float = QUANTILE, topk: int = TOPK, batch_size: int = 32,
             device: str | torch.device | None = None, patch_size: int | None = None,
@@ -246,7 +340,6 @@ def dissect(model, data: str | os.PathLike, split: str = "test", out: str | os.P
     :class:`~deepminer.atlas.Atlas`.
     """
     from deepminer.atlas.atlas import Atlas
-    from deepminer.data.dataset import staged_output
 
     if not 0.0 < quantile < 1.0:
         raise InputError(f"quantile: must be in (0, 1), got {quantile}")
@@ -254,11 +347,19 @@ def dissect(model, data: str | os.PathLike, split: str = "test", out: str | os.P
         raise InputError("topk, batch_size, iou_size and memory_mb must be positive")
     out = Path(out)
     check_writable(out)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     net, model_info = _load_model(model)
     meta, arrays, refs_out = _profile(net, model_info, Path(data), split, dev, quantile=quantile, topk=topk,
                                       batch_size=batch_size, patch_size=patch_size, patches=patches, iou_size=iou_size,
                                       memory_mb=memory_mb, progress=progress, seed=seed)
+    _write_atlas(out, meta, arrays, refs_out)
+    return Atlas.load(out)
+
+
+def _write_atlas(out: Path, meta: dict, arrays: dict[str, Any], refs_out) -> None:
+    """The three atlas files, staged beside ``out`` and moved into place; a one-line error if not."""
+    from deepminer.data.dataset import staged_output
+
     try:
         with staged_output(out) as stage:
             np.savez_compressed(stage / "atlas.npz", **arrays)
@@ -268,19 +369,52 @@ def dissect(model, data: str | os.PathLike, split: str = "test", out: str | os.P
                 fh.write("\n")
     except OSError as err:
         raise InputError(f"{out}: cannot write ({err.strerror or type(err).__name__})") from None
-    return Atlas.load(out)
 
 
 def _profile(net, model_info: dict, data: Path, split: str, dev: torch.device, *, quantile: float, topk: int,
              batch_size: int, patch_size: int | None, patches, iou_size: int, memory_mb: float, progress: bool,
              seed: int):
     """The pass over the references and everything computed from it: ``(meta, arrays, references)``."""
-    from tqdm import tqdm
+    from deepminer.data.dataset import concepts_in
 
-    from deepminer.atlas.stats import (TailQuantile, TopItems, coverage, influence_counts, pca_2d, rank_units,
-                                       sample_per_item, tail_length)
-    from deepminer.data.dataset import concepts_in, read_manifest
-    from deepminer.data.patches import PatchDataset, load_or_extract, split_table
+    image_paths, refs, image_ids, image_index = _reference_set(data, split, patches, progress)
+    concepts = concepts_in(data)
+    psize = patch_px(net, patch_size)
+    loader = _patch_loader(data, refs, psize, batch_size)
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    net = net.to(dev).eval()
+    state = ProfileState(net, len(refs), image_index, quantile=quantile, topk=topk, memory_mb=memory_mb, seed=seed,
+                         device=dev)
+    _stream(net, loader, state, progress)
+    pass_s, pass_cpu = time.perf_counter() - t0, time.process_time() - c0
+    res = state.result()
+    iou = np.zeros((state.units, len(concepts)), dtype=np.float32)
+    if concepts:
+        iou = _dissect_iou(data, refs, concepts, res.thresholds, res.scores, res.index, res.maps, iou_size,
+                           progress)[0].astype(np.float32)
+    n_pred = np.bincount(res.preds, minlength=state.classes)
+    top_units = rank_by_frequency(res.counts, res.sums)[:, :min(TOP_UNITS, state.units)]
+    cover = coverage(res.counts, top_units, n_pred, state.slots)
+    pca = pca_2d(res.embedding.T.astype(np.float64)).astype(np.float32)  # the PCA of the values as stored
+    total_s = time.perf_counter() - t0
+
+    arrays = _atlas_arrays(res, iou, pca, refs, topk)
+    timing = {"pass_s": round(pass_s, 3), "total_s": round(total_s, 3), "pass_cpu_s": round(pass_cpu, 3),
+              "patches_per_s": round(len(refs) / max(pass_s, 1e-9), 2), "device": str(dev),
+              "batch_size": batch_size}
+    source = {"folder": str(data.resolve()), "split": split, "patch_size": psize,
+              "patches": str(Path(patches).resolve()) if patches else None, "concepts": concepts}
+    meta = _atlas_meta(model_info, list(net.classes), source, quantile, state, res, arrays, top_units, cover, n_pred,
+                       iou_size, refs["label"].tolist(), image_ids, timing)
+    return meta, arrays, _references_out(refs, image_paths, list(net.classes), res.preds, image_index)
+
+
+def _reference_set(data: Path, split: str, patches, progress: bool):
+    """``(image paths by id, references grouped by image, image ids, image index per reference)``:
+    the patches of ``split``, rows of one image together (first-seen image order kept)."""
+    from deepminer.data.dataset import read_manifest
+    from deepminer.data.patches import load_or_extract, split_table
 
     manifest = read_manifest(data)
     image_paths = {r["image_id"]: r["image"] for r in manifest}
@@ -288,136 +422,110 @@ def _profile(net, model_info: dict, data: Path, split: str, dev: torch.device, *
     refs = split_table(table, split, source=str(patches) if patches else f"{data} patches")
     image_ids = list(dict.fromkeys(refs["image_id"]))
     code = {v: j for j, v in enumerate(image_ids)}
-    image_index_np = refs["image_id"].map(code).to_numpy(dtype=np.int64)
-    order = np.argsort(image_index_np, kind="stable")            # group patches by image
-    refs, image_index_np = refs.iloc[order].reset_index(drop=True), image_index_np[order]
-    image_index = torch.from_numpy(image_index_np)
-    concepts = concepts_in(data)
-    psize = _patch_size(net, patch_size)
-    ds = PatchDataset(data, refs, size=psize, augment=False)
-    n_items = len(ds)
-    loader = torch.utils.data.DataLoader(_OneImageAtATime(ds), batch_size=batch_size, shuffle=False,
-                                         num_workers=0)
+    image_index = refs["image_id"].map(code).to_numpy(dtype=np.int64)
+    order = np.argsort(image_index, kind="stable")               # group patches by image
+    return image_paths, refs.iloc[order].reset_index(drop=True), image_ids, image_index[order]
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    net = net.to(dev).eval()
-    weights = net.unit_weights.detach().float()
-    k_units, n_cls = int(net.num_units), len(net.classes)
-    budget = int(memory_mb * (1 << 20))
-    tq = heap = None
-    counts = torch.zeros(n_cls, k_units, dtype=torch.long, device=dev)
-    sums = torch.zeros(n_cls, k_units, dtype=torch.float64, device=dev)
-    emb = torch.full((len(image_ids), k_units), -float("inf"), device=dev)
-    preds = torch.empty(n_items, dtype=torch.long)
-    slots = min(INFLUENCE_TOP, k_units)
-    map_hw: tuple[int, ...] = (0, 0)
-    start = 0
-    with torch.inference_mode():
-        for x, _ in tqdm(loader, desc="dissect", unit="batch", disable=not progress):
-            x = x.to(dev, non_blocking=True)
-            b = x.shape[0]
-            feats = net.forward_features(x)                            # (B, K, h, w)
-            pred = net.pool(net.class_maps(feats)).argmax(dim=1)
-            if tq is None:
-                map_hw = tuple(feats.shape[2:])
-                pos = map_hw[0] * map_hw[1]
-                per_item = sample_per_item(pos, n_items, k_units, quantile, budget // 4)
-                tq = TailQuantile(k_units, quantile, n_items, pos, per_item=per_item, seed=seed, device=dev)
-                need = min(n_items, tail_length(n_items * pos, quantile))
-                # float32 maps when the heaps fit the budget (x2 while merging), else float16, else fewer
-                dtype = torch.float32 if 2 * 4 * k_units * pos * need <= budget * 3 // 4 else torch.float16
-                cap_mem = (budget * 3 // 4) // (2 * dtype.itemsize * k_units * pos)
-                heap = TopItems(k_units, min(n_items, max(topk, min(need, cap_mem))), map_hw,
-                                device=dev, dtype=dtype)
-            idx = torch.arange(start, start + b)
-            item_max = feats.amax(dim=(2, 3))                           # (B, K)
-            tq.update(feats.transpose(0, 1).reshape(k_units, b, -1))
-            heap.update(item_max, idx.to(dev), feats)
-            c, s = influence_counts(item_max, weights, pred, top=slots)
-            counts += c
-            sums += s
-            emb.scatter_reduce_(0, image_index[idx].to(dev)[:, None].expand(-1, k_units), item_max.float(),
-                                reduce="amax")
-            preds[start:start + b] = pred.cpu()
-            start += b
-    pass_s, pass_cpu = time.perf_counter() - t0, time.process_time() - c0
-    thresholds = tq.result().float().numpy()
-    scores, index, maps = (t.cpu() for t in heap.result())
-    complete = (heap.capacity >= n_items) | (scores[:, -1].numpy() <= thresholds)
-    iou = np.zeros((k_units, len(concepts)), dtype=np.float32)
-    if concepts:
-        iou = _dissect_iou(data, refs, concepts, thresholds, scores, index, maps, iou_size,
-                           progress)[0].astype(np.float32)
-    counts_np, sums_np = counts.cpu().numpy(), sums.cpu().numpy()
-    n_pred = np.bincount(preds.numpy(), minlength=n_cls)
-    top_units = rank_units(counts_np, sums_np)[:, :min(TOP_UNITS, k_units)]
-    cover = coverage(counts_np, top_units, n_pred, slots)
-    embedding = emb.cpu().numpy().astype(np.float16)   # as stored; the PCA is of exactly these values
-    pca = pca_2d(embedding.T.astype(np.float64)).astype(np.float32)
-    total_s = time.perf_counter() - t0
 
-    kk = min(topk, scores.shape[1])
+def _patch_loader(data: Path, refs, size: int, batch_size: int):
+    """Batches of the reference patches resized to ``size``, in order, one image decoded at a time."""
+    from deepminer.data.patches import PatchDataset
+
+    ds = PatchDataset(data, refs, size=size, augment=False)
+    return torch.utils.data.DataLoader(_OneImageAtATime(ds), batch_size=batch_size, shuffle=False, num_workers=0)
+
+
+def _stream(net, loader, state: ProfileState, progress: bool) -> None:
+    """:func:`profile_batch` on every batch of ``loader`` (tqdm bar)."""
+    from tqdm import tqdm
+
+    for x, _ in tqdm(loader, desc="dissect", unit="batch", disable=not progress):
+        profile_batch(net, x, state)
+
+
+def _atlas_arrays(res: ProfileResult, iou: np.ndarray, pca: np.ndarray, refs, topk: int) -> dict[str, np.ndarray]:
+    """The arrays of ``atlas.npz`` (the first ``topk`` heap entries are the galleries)."""
+    kk = min(topk, res.scores.shape[1])
+    top = res.index[:, :kk].numpy()
     boxes = refs[["x0", "y0", "x1", "y1"]].to_numpy(dtype=np.int32)
-    arrays = {
-        "thresholds": thresholds.astype(np.float32),
-        "max": scores[:, 0].numpy().astype(np.float32),
-        "embedding": embedding,
+    return {
+        "thresholds": res.thresholds.astype(np.float32),
+        "max": res.scores[:, 0].numpy().astype(np.float32),
+        "embedding": res.embedding,
         "pca": pca,
-        "topk_index": index[:, :kk].numpy().astype(np.int32),
-        "topk_box": boxes[index[:, :kk].numpy()],
-        "topk_activation": scores[:, :kk].numpy().astype(np.float32),
-        "topk_maps": maps[:, :kk].numpy().astype(np.float16),
-        "frequency": counts_np.astype(np.int64),
-        "influence_sum": sums_np.astype(np.float64),
+        "topk_index": top.astype(np.int32),
+        "topk_box": boxes[top],
+        "topk_activation": res.scores[:, :kk].numpy().astype(np.float32),
+        "topk_maps": res.maps[:, :kk].numpy().astype(np.float16),
+        "frequency": res.counts.astype(np.int64),
+        "influence_sum": res.sums.astype(np.float64),
         "iou": iou,
-        "iou_complete": complete.astype(bool),
+        "iou_complete": res.complete.astype(bool),
     }
+
+
+def _unit_entries(arrays: dict[str, np.ndarray], concepts: list[str]) -> list[dict[str, Any]]:
+    """``atlas.json`` ``units``: threshold, max and best concept (with its IoU) of every unit."""
+    iou, complete = arrays["iou"], arrays["iou_complete"]
+    best = iou.argmax(axis=1) if concepts else np.zeros(len(arrays["thresholds"]), dtype=np.int64)
     units = []
-    best = iou.argmax(axis=1) if concepts else np.zeros(k_units, dtype=np.int64)
-    for u in range(k_units):
-        entry: dict[str, Any] = {"unit": u, "threshold": float(thresholds[u]), "max": float(arrays["max"][u]),
-                                 "concept": None, "iou": 0.0}
+    for u in range(len(arrays["thresholds"])):
+        entry: dict[str, Any] = {"unit": u, "threshold": float(arrays["thresholds"][u]),
+                                 "max": float(arrays["max"][u]), "concept": None, "iou": 0.0}
         if concepts:
             entry.update(concept=concepts[best[u]], iou=round(float(iou[u, best[u]]), 6),
                          iou_complete=bool(complete[u]))
         units.append(entry)
-    per_class = {}
-    for c, name in enumerate(net.classes):
+    return units
+
+
+def _per_class(classes: list[str], top_units: np.ndarray, counts: np.ndarray, cover: np.ndarray,
+               n_pred: np.ndarray) -> dict[str, dict[str, Any]]:
+    """``atlas.json`` ``per_class``: predicted patches, top units, their frequency, coverage."""
+    out = {}
+    for c, name in enumerate(classes):
         top = top_units[c].tolist()
-        per_class[name] = {"predicted_patches": int(n_pred[c]), "top_units": top,
-                           "frequency": [int(counts_np[c, u]) for u in top],
-                           "coverage": None if np.isnan(cover[c]) else round(float(cover[c]), 6)}
-    labels = refs["label"].tolist()
-    meta = {
+        out[name] = {"predicted_patches": int(n_pred[c]), "top_units": top,
+                     "frequency": [int(counts[c, u]) for u in top],
+                     "coverage": None if np.isnan(cover[c]) else round(float(cover[c]), 6)}
+    return out
+
+
+def _atlas_meta(model_info: dict, classes: list[str], source: dict, quantile: float, state: ProfileState,
+                res: ProfileResult, arrays: dict[str, np.ndarray], top_units: np.ndarray, cover: np.ndarray,
+                n_pred: np.ndarray, iou_size: int, labels: list[str], image_ids: list[str], timing: dict) -> dict:
+    """The content of ``atlas.json``."""
+    return {
         "format": FORMAT,
         "deepminer_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": model_info,
-        "classes": list(net.classes),
-        "data": {"folder": str(data.resolve()), "split": split, "patch_size": psize,
-                 "patches": str(Path(patches).resolve()) if patches else None, "concepts": concepts},
+        "classes": classes,
+        "data": source,
         "quantile": quantile,
-        "threshold_method": "exact" if tq.exact else
-        f"sampled: {tq.per_item} of {tq.positions} positions per patch",
-        "influence": {"top": slots, "top_units": int(top_units.shape[1]),
+        "threshold_method": res.threshold_method,
+        "influence": {"top": state.slots, "top_units": int(top_units.shape[1]),
                       "counted_for": "the class each patch is predicted as"},
-        "iou": {"grid": iou_size, "min_label_iou": MIN_LABEL_IOU, "heap_patches": int(heap.capacity),
-                "heap_dtype": str(heap.dtype).replace("torch.", ""),
-                "complete_units": int(complete.sum())},
-        "counts": {"references": n_items, "images": len(image_ids), "units": k_units,
-                   "map_size": list(map_hw), "topk": kk,
-                   "labels": {n: labels.count(n) for n in net.classes},
-                   "predicted": {n: int(n_pred[c]) for c, n in enumerate(net.classes)}},
-        "per_class": per_class,
-        "units": units,
+        "iou": {"grid": iou_size, "min_label_iou": MIN_LABEL_IOU, "heap_patches": res.heap_patches,
+                "heap_dtype": res.heap_dtype, "complete_units": int(res.complete.sum())},
+        "counts": {"references": state.items, "images": len(image_ids), "units": state.units,
+                   "map_size": list(res.map_hw), "topk": int(arrays["topk_index"].shape[1]),
+                   "labels": {n: labels.count(n) for n in classes},
+                   "predicted": {n: int(n_pred[c]) for c, n in enumerate(classes)}},
+        "per_class": _per_class(classes, top_units, res.counts, cover, n_pred),
+        "units": _unit_entries(arrays, source["concepts"]),
         "images": image_ids,
-        "timing": {"pass_s": round(pass_s, 3), "total_s": round(total_s, 3), "pass_cpu_s": round(pass_cpu, 3),
-                   "patches_per_s": round(n_items / max(pass_s, 1e-9), 2), "device": str(dev),
-                   "batch_size": batch_size},
+        "timing": timing,
     }
-    refs_out = refs[["image_id", "x0", "y0", "x1", "y1", "label"]].copy()
-    refs_out.insert(0, "index", np.arange(n_items))
-    refs_out.insert(2, "image", [image_paths[i] for i in refs["image_id"]])
-    refs_out["pred"] = [net.classes[p] for p in preds.tolist()]
-    refs_out["image_index"] = image_index_np
-    return meta, arrays, refs_out
+
+
+def _references_out(refs, image_paths: dict[str, str], classes: list[str], preds: np.ndarray,
+                    image_index: np.ndarray):
+    """``references.csv``: the reference patches in atlas order with their image, prediction and
+    embedding row."""
+    out = refs[["image_id", "x0", "y0", "x1", "y1", "label"]].copy()
+    out.insert(0, "index", np.arange(len(refs)))
+    out.insert(2, "image", [image_paths[i] for i in refs["image_id"]])
+    out["pred"] = [classes[p] for p in preds.tolist()]
+    out["image_index"] = image_index
+    return out

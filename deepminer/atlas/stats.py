@@ -10,7 +10,7 @@ Everything here works on torch tensors of unit activations and never holds all m
   for the error bound).
 * :class:`TopItems` — per-unit top-``M`` heap of reference items by their maximum activation, with the
   items' small unit maps as payload (the top-k galleries, and the maps that IoU needs).
-* :func:`influence_counts`, :func:`rank_units`, :func:`coverage` — DeepMiner's influence ranking.
+* :func:`influence_counts`, :func:`rank_by_frequency`, :func:`coverage` — DeepMiner's influence ranking.
 * :func:`iou_from_counts` — Network Dissection IoU from intersection and area counts summed over a
   set (the unit masks themselves come from :func:`deepminer.explain.units.unit_masks`).
 * :func:`pca_2d` — the unit embedding projected to two dimensions.
@@ -201,9 +201,11 @@ def influence_counts(max_act: torch.Tensor, weights: torch.Tensor, pred: torch.T
     return counts, sums
 
 
-def rank_units(counts: np.ndarray, sums: np.ndarray) -> np.ndarray:
-    """``(C, K)`` unit ids per class, most frequently influential first; ties broken by summed
-    influence (higher first), then by unit id."""
+def rank_by_frequency(counts: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """``(C, K)`` unit ids per class, most frequently influential first (DeepMiner: how often the
+    unit is among a patch's top-8 influential units, :func:`influence_counts`); ties broken by summed
+    influence (higher first), then by unit id. (The explain package ranks units by one image's
+    influence instead.)"""
     counts, sums = np.asarray(counts), np.asarray(sums)
     units = np.arange(counts.shape[1])
     return np.stack([np.lexsort((units, -sums[c], -counts[c])) for c in range(counts.shape[0])])

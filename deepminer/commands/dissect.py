@@ -16,21 +16,23 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from deepminer.atlas.dissect import IOU_SIZE, MEMORY_MB, QUANTILE, TOPK
+
     parser.add_argument("--model", required=True,
                         help="model checkpoint (deepminer-fcn/1, e.g. model_store/demo/model.pt)")
     parser.add_argument("--data", required=True, help="dataset folder (with manifest.csv)")
     parser.add_argument("--split", default="test", help="split whose patches are the reference set")
     parser.add_argument("--out", required=True, help="atlas folder to write (replaced if it exists)")
-    parser.add_argument("--quantile", type=float, default=0.99,
+    parser.add_argument("--quantile", type=float, default=QUANTILE,
                         help="activation quantile of a unit's threshold (0.99 Lu & Perer; 0.995 Network Dissection)")
-    parser.add_argument("--topk", type=int, default=16, help="top-activating patches kept per unit")
+    parser.add_argument("--topk", type=int, default=TOPK, help="top-activating patches kept per unit")
     parser.add_argument("--batch-size", type=int, default=32, help="patches per forward pass")
     parser.add_argument("--patch-size", type=int, default=None,
                         help="patch side in pixels fed to the model; unset: the checkpoint's patch_size, else 224")
     parser.add_argument("--patches", default=None, help="patch table CSV; unset: DATA/patches.csv, else extracted now")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--iou-size", type=int, default=64, help="grid (cells per patch side) of the concept IoU")
-    parser.add_argument("--memory-mb", type=float, default=1024, help="memory budget of the streaming statistics")
+    parser.add_argument("--iou-size", type=int, default=IOU_SIZE, help="grid (cells per patch side) of the concept IoU")
+    parser.add_argument("--memory-mb", type=float, default=MEMORY_MB, help="memory budget of the streaming statistics")
 
 
 def run(args: argparse.Namespace) -> int:

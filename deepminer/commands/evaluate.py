@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from deepminer.errors import InputError
     from deepminer.metrics import nan_to_none
     from deepminer.models import load_model
-    from deepminer.train import baseline_report, evaluate_table, resolve_device
+    from deepminer.runtime import resolve_device
+    from deepminer.train import baseline_report, evaluate_table
 
     if not Path(args.data).is_dir():
         raise InputError(f"{args.data}: no such dataset folder")
