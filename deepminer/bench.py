@@ -14,13 +14,11 @@ For each model and each case (a 224 px patch, a 1536 x 908 whole image) the same
 Repetitions are interleaved (forward, explain, gradcam, sketch IoU, forward, ...) so machine load
 affects every method alike; medians are reported and every ratio is a ratio of medians.
 
-**Dissection** throughput (items/s) is compared with bare forward throughput on the same 224 px
-patches at the same batch size, interleaved (dissect, forward, dissect, ...). :mod:`deepminer.atlas`
-has no callable per-batch step yet, so the atlas's own :func:`~deepminer.atlas.dissect` runs on a
-small temporary phantom data set and its pass throughput (``atlas.meta['timing']``: loading the
-patches + features + streaming statistics) is compared with a forward over the same patches through
-the same loading (:class:`~deepminer.data.patches.PatchDataset`, same batches). The value is per
-model; it is reported under both cases.
+**Dissection** throughput (items/s) of the atlas's per-batch step,
+:func:`deepminer.atlas.profile_batch` (forward + streaming quantile tails, top-k heaps, influence
+counts, embedding), is compared with the bare ``model(x)`` on the same in-memory batches of 224 px
+phantom patches (read once before timing: no loading on either side), interleaved (profile, forward,
+profile, ...). The value is per model; it is reported under both cases.
 
 **Serving** (``--serve``): :func:`measure_serve` takes the HTTP client's round-trip function (the
 library never imports ``serve/``) and compares its p50 for a 1024 x 1024 8-bit PNG with the bare
@@ -358,68 +356,75 @@ def phantom_patches(min_items: int, *, image_px: int = DISSECT_IMAGE_PX, seed: i
     return PhantomPatches(folder, len(table), int(table["image_id"].nunique()), tmp)
 
 
-def _forward_pass(model: torch.nn.Module, folder: Path, batch_size: int, patch_px: int,
-                  device: torch.device) -> tuple[float, int]:
-    """Seconds and items of a bare forward over the ``test`` patches of ``folder``, loaded the way
-    dissection loads them (a fresh :class:`PatchDataset`, same order, same batches)."""
+def _patch_batches(folder: Path, batch_size: int, patch_px: int, device: torch.device
+                   ) -> tuple[list[torch.Tensor], np.ndarray]:
+    """The ``test`` patches of ``folder`` in dissection order (grouped by image), read once and kept
+    on ``device`` as batches of ``batch_size``, and the image index of each patch."""
     from deepminer.data.patches import PATCHES_CSV, PatchDataset, read_patches, split_table
 
     refs = split_table(read_patches(folder / PATCHES_CSV), "test")
-    order = np.argsort(refs["image_id"].map({v: j for j, v in enumerate(dict.fromkeys(refs["image_id"]))})
-                       .to_numpy(), kind="stable")
-    refs = refs.iloc[order].reset_index(drop=True)
-    ds = PatchDataset(folder, refs, size=patch_px, augment=False)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
-    n = 0
-    _sync(device)
-    t0 = time.perf_counter()
+    codes = refs["image_id"].map({v: j for j, v in enumerate(dict.fromkeys(refs["image_id"]))}).to_numpy()
+    order = np.argsort(codes, kind="stable")
+    ds = PatchDataset(folder, refs.iloc[order].reset_index(drop=True), size=patch_px, augment=False)
+    x = torch.stack([ds[i][0] for i in range(len(ds))]).to(device)
+    return list(x.split(batch_size)), codes[order].astype(np.int64)
+
+
+def _profile_all(model: torch.nn.Module, batches: Sequence[torch.Tensor], state: Any) -> None:
+    from deepminer.atlas import profile_batch
+
+    for xb in batches:
+        profile_batch(model, xb, state)
+
+
+def _forward_all(model: torch.nn.Module, batches: Sequence[torch.Tensor]) -> None:
     with torch.inference_mode():
-        for xb, _ in loader:
-            model(xb.to(device, non_blocking=True))
-            n += xb.shape[0]
-    _sync(device)
-    return time.perf_counter() - t0, n
+        for xb in batches:
+            model(xb)
 
 
 def measure_dissect(model: torch.nn.Module, device: torch.device, *, batch_size: int, repeats: int,
                     warmup: int, patch_px: int = 224, image_px: int = DISSECT_IMAGE_PX,
                     batches: int = DISSECT_BATCHES, log: Callable[[str], None] | None = None, label: str = "",
                     workdir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Dissection pass throughput vs bare forward throughput (items/s) on the same patches and
-    batches, interleaved; see the module docstring."""
-    from deepminer.atlas import dissect
+    """Dissection's per-batch step (:func:`deepminer.atlas.profile_batch`) vs the bare forward
+    ``model(x)``, items/s over the same in-memory batches of phantom patches, interleaved (a fresh
+    :class:`~deepminer.atlas.ProfileState` each repetition, made before the clock starts); see the
+    module docstring."""
+    from functools import partial
+
+    from deepminer.atlas import ProfileState
 
     data = phantom_patches(batch_size * batches, image_px=image_px, workdir=workdir)
-    raw: dict[str, list[float]] = {"dissect_items_per_s": [], "forward_items_per_s": [], "dissect_total_s": []}
     try:
-        for i in range(warmup + repeats):
-            out = data.folder.parent / f"atlas{i}"
-            t0 = time.perf_counter()
-            atlas = dissect(model, data.folder, "test", out, batch_size=batch_size, device=device,
-                            patch_size=patch_px, progress=False)
-            total = time.perf_counter() - t0
-            timing = atlas.meta["timing"]
-            n_items = int(atlas.meta["counts"]["references"])
-            model.to(device).eval()
-            fwd_s, n_fwd = _forward_pass(model, data.folder, batch_size, patch_px, device)
-            if n_fwd != n_items:
-                raise RuntimeError(f"bench: dissection saw {n_items} patches, the forward {n_fwd}")
-            got = {"dissect_items_per_s": n_items / max(float(timing["pass_s"]), 1e-9),
-                   "forward_items_per_s": n_fwd / max(fwd_s, 1e-9), "dissect_total_s": total}
-            if i >= warmup:
-                for key, v in got.items():
-                    raw[key].append(v)
-            _log_rep(log, f"{label} dissection", i, warmup, repeats, got)
+        xs, image_index = _patch_batches(data.folder, batch_size, patch_px, device)
     finally:
         data.cleanup()
+    n = sum(int(xb.shape[0]) for xb in xs)
+    raw: dict[str, list[float]] = {"dissect_items_per_s": [], "forward_items_per_s": []}
+    raw_cpu: dict[str, list[float]] = {"dissect_ms": [], "forward_ms": []}
+    for i in range(warmup + repeats):
+        state = ProfileState(model, n, image_index, device=device)
+        d_ms, d_cpu = timed(partial(_profile_all, model, xs, state), device)
+        f_ms, f_cpu = timed(partial(_forward_all, model, xs), device)
+        got = {"dissect_items_per_s": n / max(d_ms / 1000.0, 1e-12),
+               "forward_items_per_s": n / max(f_ms / 1000.0, 1e-12)}
+        if i >= warmup:
+            for key, v in got.items():
+                raw[key].append(v)
+            raw_cpu["dissect_ms"].append(d_cpu)
+            raw_cpu["forward_ms"].append(f_cpu)
+        _log_rep(log, f"{label} dissection", i, warmup, repeats, got)
     med = {k: median(v) for k, v in raw.items()}
+    cpu = {k: median(v) for k, v in raw_cpu.items()}
     return {
-        "method": "dissect() pass (atlas timing: patch loading + features + streaming statistics) vs "
-                  "forward over the same patches and loading",
-        "items": data.items, "images": data.images, "batch_size": batch_size, "patch_px": patch_px,
+        "method": "deepminer.atlas.profile_batch (forward + streaming quantile tails, top-k heaps, influence "
+                  "counts, embedding) vs model(x), on the same in-memory batches",
+        "items": n, "images": data.images, "batch_size": batch_size, "patch_px": patch_px,
         **med,
         "dissect_vs_forward": med["dissect_items_per_s"] / med["forward_items_per_s"],
-        "raw": raw,
+        "cpu": {**cpu, "dissect_vs_forward": cpu["forward_ms"] / max(cpu["dissect_ms"], 1e-9)},
+        "raw": raw, "raw_cpu": raw_cpu,
     }
 
 
@@ -548,16 +553,9 @@ def _bench(specs: Sequence[ModelSpec], *, cases: Sequence[str], repeats: int, wa
            device: str, round_trip: Callable[[bytes], float] | None, serve_url: str | None, dissect: bool,
            progress: bool, dissect_image_px: int, serve_warmup: int,
            log: Callable[[str], None] | None) -> dict[str, Any]:
-    from deepminer.train import resolve_device
-
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     rep_log = say if progress else None
-    try:
-        dev = resolve_device(device)
-    except RuntimeError as err:
-        raise InputError(f"--device {device}: {str(err).splitlines()[0]}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA device is available here")
+    dev = runtime.resolve_device(device)  # a one-line InputError for an unknown or absent device
     env = environment(dev)  # the load average as the run starts
     if env["load_average"] and env["load_average"][0] > (env["cpu_count"] or 1) and torch.get_num_threads() > 1:
         say(f"bench: note: load average {env['load_average'][0]} on {env['cpu_count']} CPUs with "
