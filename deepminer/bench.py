@@ -51,6 +51,7 @@ import torch
 
 from deepminer import runtime
 from deepminer.errors import InputError
+from deepminer.models.fcn import FCN
 
 CASES: dict[str, tuple[int, int]] = {"patch": (224, 224), "whole": (1536, 908)}  # (height, width)
 SERVE_SIZE = (1024, 1024)
@@ -214,7 +215,7 @@ def default_specs(root: Path | None = None) -> list[ModelSpec]:
     return [ModelSpec("arch", DEFAULT_ARCH)]
 
 
-def load_spec(spec: ModelSpec, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_spec(spec: ModelSpec, device: torch.device) -> tuple[FCN, dict[str, Any]]:
     """The FCN of ``spec`` on ``device`` (eval mode) and what to say about it."""
     from deepminer.models import build_model, load_model
 
@@ -224,7 +225,7 @@ def load_spec(spec: ModelSpec, device: torch.device) -> tuple[torch.nn.Module, d
             raise InputError(f"{path}: no such model file")
         model = load_model(path)
         name = path.parent.name if path.stem == "model" else path.stem
-        info = {"name": name, "source": str(path), "weights": "checkpoint"}
+        info: dict[str, Any] = {"name": name, "source": str(path), "weights": "checkpoint"}
     elif spec.kind == "arch":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -262,7 +263,7 @@ def _gradcam(model: torch.nn.Module, x: torch.Tensor, target: int) -> np.ndarray
     return out
 
 
-def measure_case(model: torch.nn.Module, image: np.ndarray, device: torch.device, *, repeats: int,
+def measure_case(model: FCN, image: np.ndarray, device: torch.device, *, repeats: int,
                  warmup: int, log: Callable[[str], None] | None = None, label: str = "") -> dict[str, Any]:
     """Forward, explain, Grad-CAM and sketch IoU on one image, interleaved; medians and ratios."""
     import pytorch_grad_cam  # noqa: F401 - imported before any timing (its import takes seconds)
@@ -276,8 +277,8 @@ def measure_case(model: torch.nn.Module, image: np.ndarray, device: torch.device
         raise RuntimeError(f"bench: the model input {tuple(x.shape[-2:])} differs from the image {(h, w)}")
     with torch.inference_mode():
         pred = int(model(x)[0].argmax())
-    exp = explain_image(model, image, max_side=side)
-    maps = exp.unit_maps_  # (K, h, w) float16: what the engine hands to sketch_iou
+    # (K, h, w) float16: what the engine hands to sketch_iou
+    maps = explain_image(model, image, max_side=side, unit_maps="all").unit_maps.stack
     thr = quantile_thresholds(maps.reshape(maps.shape[0], -1).T.astype(np.float32), SKETCH_QUANTILE)
     sketch = rectangle_sketch((h, w))
 
@@ -297,9 +298,9 @@ def measure_case(model: torch.nn.Module, image: np.ndarray, device: torch.device
         got = {key: timed(fn, device) for key, fn in steps.items()}
         model.zero_grad(set_to_none=True)  # free Grad-CAM's parameter gradients (not timed)
         if i >= warmup:
-            for key, (ms, cpu) in got.items():
+            for key, (ms, cpu_ms) in got.items():
                 raw[key].append(ms)
-                raw_cpu[key].append(cpu)
+                raw_cpu[key].append(cpu_ms)
         _log_rep(log, label, i, warmup, repeats, {k: v[0] for k, v in got.items()})
     med = {k: median(v) for k, v in raw.items()}
     cpu = {k: median(v) for k, v in raw_cpu.items()}

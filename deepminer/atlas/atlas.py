@@ -20,6 +20,11 @@ from deepminer.explanation import class_index
 ATLAS_FILES = ("atlas.json", "atlas.npz", "references.csv")
 
 
+def _box(values: Any) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = (int(v) for v in values)
+    return x0, y0, x1, y1
+
+
 @dataclass
 class TopPatch:
     """One entry of a unit's gallery."""
@@ -57,7 +62,7 @@ class Atlas:
         try:
             with np.load(path / "atlas.npz", allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
-        except Exception as err:  # zipfile/ValueError/OSError
+        except Exception as err:  # noqa: BLE001 - a damaged npz raises zipfile, ValueError, OSError or EOFError
             raise InputError(f"{path / 'atlas.npz'}: unreadable ({type(err).__name__})") from None
         refs = pd.read_csv(path / "references.csv", dtype={"image_id": str, "image": str})
         return cls(path, meta, arrays, refs)
@@ -129,7 +134,7 @@ class Atlas:
         for r, (ref, act) in enumerate(zip(self.arrays["topk_index"][u], self.arrays["topk_activation"][u])):
             row = self.references.iloc[int(ref)]
             out.append(TopPatch(rank=r, reference=int(ref), image_id=str(row["image_id"]), image=str(row["image"]),
-                                box=tuple(int(v) for v in self.arrays["topk_box"][u, r]), activation=float(act)))
+                                box=_box(self.arrays["topk_box"][u, r]), activation=float(act)))
         return out
 
     def render_topk(self, unit: int, data_root: str | os.PathLike | None = None, size: int = 128,

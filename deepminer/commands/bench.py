@@ -63,15 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _round_trip(args: argparse.Namespace):
     """``png -> {"ms", "server_forward_ms", "threads", "device"}``: one timed request through the
-    serving colleague's client (one keep-alive session for the whole run), with what the server
+    project's client (one keep-alive session for the whole run), with what the server
     says of its own forward pass and threads."""
     import os
     import time
 
-    from deepminer.commands.explain import import_serve
+    from deepminer import client
     from deepminer.errors import InputError
 
-    client = import_serve("client")
     name = args.serve_model or os.environ.get(client.ENV_MODEL) or client.DEFAULT_MODEL
     session = client.Client.from_env(url=args.serve, model=name, token=args.token, key_file=args.key_file)
 
@@ -137,9 +136,8 @@ def run(args: argparse.Namespace) -> int:
             arch_spec(s.value)
     round_trip = _round_trip(args) if args.serve else None
     if round_trip is not None:  # is the server there? (one untimed request, before the long work)
-        from deepminer.commands.explain import import_serve
+        from deepminer import client
 
-        client = import_serve("client")
         with client.Client.from_env(url=args.serve, model=args.serve_model, token=args.token,
                                     key_file=args.key_file) as c:
             if not c.ping():
