@@ -36,17 +36,11 @@ from deepminer import __version__
 from deepminer.atlas.stats import (TailQuantile, TopItems, coverage, influence_counts, pca_2d, rank_by_frequency,
                                    sample_per_item, tail_length)
 from deepminer.errors import InputError
-from deepminer.explain.units import QUANTILE
+from deepminer.defaults import INFLUENCE_TOP, IOU_SIZE, MEMORY_MB, MIN_LABEL_IOU, QUANTILE, TOP_UNITS, TOPK
 from deepminer.models.fcn import patch_px
 from deepminer.runtime import resolve_device
 
 FORMAT = "deepminer-atlas/1"
-TOPK = 16
-INFLUENCE_TOP = 8          # DeepMiner: the top 8 units of each patch
-TOP_UNITS = 20             # DeepMiner: the 20 most frequently influential units per class
-IOU_SIZE = 64              # concept grid of the IoU (per patch, s x s cells)
-MIN_LABEL_IOU = 0.04       # Network Dissection: a unit is a detector of its best concept above this
-MEMORY_MB = 1024
 
 __all__ = ["FORMAT", "IOU_SIZE", "MEMORY_MB", "QUANTILE", "TOPK", "ProfileResult", "ProfileState", "check_writable",
            "concept_fractions", "dissect", "heap_plan", "profile_batch"]

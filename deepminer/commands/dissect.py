@@ -16,7 +16,7 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from deepminer.atlas.dissect import IOU_SIZE, MEMORY_MB, QUANTILE, TOPK
+    from deepminer.defaults import IOU_SIZE, MEMORY_MB, QUANTILE, TOPK
 
     parser.add_argument("--model", required=True,
                         help="model checkpoint (deepminer-fcn/1, e.g. model_store/demo/model.pt)")

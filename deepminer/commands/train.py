@@ -16,10 +16,10 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from deepminer.models import ARCHS
+    from deepminer.defaults import ARCH_NAMES
 
     parser.add_argument("--data", required=True, help="dataset folder (with manifest.csv)")
-    parser.add_argument("--arch", required=True, help=f"backbone: {', '.join(ARCHS)}")
+    parser.add_argument("--arch", required=True, help=f"backbone: {', '.join(ARCH_NAMES)}")
     parser.add_argument("--out", required=True, help="run folder to write (last.pt, best.pt, metrics.json, MODEL_CARD.md)")
     parser.add_argument("--head", default="gap", choices=["gap", "wildcat"], help="classification head")
     parser.add_argument("--epochs", type=int, default=10, help="train until this epoch (counting resumed ones)")

@@ -10,15 +10,8 @@ from deepminer.explain.method_base import prepare_image
 from deepminer.explain.peers import METHODS, saliency
 from deepminer.explain.reports import deepminer_explanation, label_report
 from deepminer.explain.sketch import IOU_SIDE, MATCH_IOU, matching_units, sketch_iou
-from deepminer.explain.units import (
-                                     QUANTILE,
-                                     QUANTILE_DISSECTION,
-                                     mask_iou,
-                                     quantile_thresholds,
-                                     unit_masks,
-                                     unit_thresholds,
-                                     upsample_maps,
-)
+from deepminer.defaults import QUANTILE, QUANTILE_DISSECTION
+from deepminer.explain.units import mask_iou, quantile_thresholds, unit_masks, unit_thresholds, upsample_maps
 from deepminer.explanation import Explanation, UnitMaps, normalize_map, rank_by_influence
 
 __all__ = [

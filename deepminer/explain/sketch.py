@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from deepminer.explain.units import as_numpy
+from deepminer.defaults import MATCH_IOU
 from deepminer.geometry import fit_size
 
-MATCH_IOU = 0.2
 IOU_SIDE = 256
 _CHUNK = 1 << 21  # sub-pixels evaluated per step in sketch_iou (bounds memory)
 

