@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from deepminer.geometry import DEFAULT_MAX_SIDE, MAX_SIDE_RANGE
