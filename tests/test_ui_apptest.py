@@ -1,5 +1,5 @@
 """The workbench pages under Streamlit's AppTest, on a real tiny model, a real atlas and a real SQLite
-label store (explanations in-process: ``DEEPMINER_BACKEND=local``, the same ``ExplainResult`` the HTTP
+label store (explanations in-process: ``DEEPMINER_BACKEND=local``, the same ``Explanation`` the HTTP
 client returns). The canvas is an unknown element to AppTest: the sketch is set in session state
 here and drawn for real in ``test_ui_browser.py``."""
 from __future__ import annotations
@@ -73,6 +73,13 @@ def _captions(at) -> list[str]:
     return [c for im in at.get("image") for c in im.captions]
 
 
+def _sess(at):
+    """The session's typed state (:class:`ui.state.Session`)."""
+    from ui.state import SESSION_KEY
+
+    return at.session_state[SESSION_KEY]
+
+
 def _key(env):
     from deepminer.atlas import Atlas
 
@@ -106,32 +113,49 @@ def test_explain_upload_sample_recent_and_cam_switch(app_env):
     text = _texts(at)
     assert "Prediction: " in text and "DeepMiner explanation" in text
     # the sentence is the library's, for this image and (no) labels
-    from serve.client import local_explain
+    from deepminer.client import local_explain
 
     res = local_explain(Path(app_env["model_dir"]) / "model.pt", data, max_side=512, name="demo")
     assert f"Prediction: {res.prediction} ({res.probabilities[res.prediction]:.2f})" in text
     sentence = [t.value for t in at.text]
     assert sentence == [f"{res.prediction.capitalize()} ({res.probabilities[res.prediction]:.2f}): none of its 8 "
                         "most influential units is labelled yet."]
-    # CAM class switch changes the overlay caption; probabilities drawn for every class
-    at.radio(key="cam_class").set_value("benign").run()
-    assert any(c.startswith("CAM of benign") for c in _captions(at)), _captions(at)
+    # CAM class switch changes the overlay caption (a class predicted for neither this image nor the
+    # sample picked below); the choice holds over a rerun (the other radio's)
+    from ui.state import Keys
+
+    ref = _sess(at).image
+    _, data2 = _png(app_env, 1)
+    res2 = local_explain(Path(app_env["model_dir"]) / "model.pt", data2, max_side=512, name="demo")
+    other = next(c for c in res.classes if c not in (res.prediction, res2.prediction))
+    assert at.radio(key=Keys.cam_class(ref)).value == res.prediction
+    at.radio(key=Keys.cam_class(ref)).set_value(other).run()
+    at.radio(key=Keys.prob_class(ref)).set_value(other).run()
+    assert at.radio(key=Keys.cam_class(ref)).value == other
+    assert any(c.startswith(f"CAM of {other}") for c in _captions(at)), _captions(at)
+    assert f"P({other}) per position (blue 0, red 1)" in _captions(at)
     probs = _bars(at, "probs")
     assert probs == pytest.approx({c: res.probabilities[c] for c in res.classes}, abs=1e-6)
     # suspicious patches: a table, and the most influential units with maps
     assert "Suspicious patches" in _texts(at)
     assert f"Most influential units for {res.prediction}" in _texts(at)
-    assert [c for c in _captions(at) if c.startswith("unit ")] == [f"unit {u}" for u in res.top[res.prediction]]
-    # a sample, then back to the recent upload
+    assert [c for c in _captions(at) if c.startswith("unit ")] == [f"unit {u}" for u in res.top_units[res.prediction]]
+    # a sample: its radios start at its own prediction; then back to the recent upload, whose radios
+    # start at its prediction again (a choice holds only while the image stays)
     sample = at.selectbox(key="sample")
     assert len(sample.options) == 2
     sample.select(sample.options[1]).run()
     assert not at.exception
-    assert "P00000_R_MLO" in at.session_state["image"].name
+    ref2 = _sess(at).image
+    assert "P00000_R_MLO" in ref2.name and ref2.data == data2
+    assert at.radio(key=Keys.cam_class(ref2)).value == res2.prediction
+    assert at.radio(key=Keys.prob_class(ref2)).value == res2.prediction
+    assert any(c.startswith(f"CAM of {res2.prediction}") for c in _captions(at)), _captions(at)
     recent = at.selectbox(key="recent_pick")
     assert recent.options == [name]
     recent.select(name).run()
-    assert at.session_state["image"].name == name
+    assert _sess(at).image.name == name
+    assert at.radio(key=Keys.cam_class(ref)).value == res.prediction
 
 
 def test_explain_bad_upload_and_server_down_are_messages(app_env, monkeypatch):
@@ -171,9 +195,10 @@ def _with_image(app_env, page: str | None = None, annotator: str | None = "alice
 
 def test_sketch_ranks_units_by_iou_and_labels_several_at_once(app_env):
     from deepminer.atlas import Atlas
-    from deepminer.explain.units import mask_iou, sketch_at, unit_masks
+    from deepminer.explain.sketch import sketch_at
+    from deepminer.explain.units import mask_iou, unit_masks
     from deepminer.labels import LabelStore
-    from serve.client import local_explain
+    from deepminer.client import local_explain
     from ui.logic import rect_mask
 
     # bob already used a label with HTML in it: it is in the dropdown (AppTest cannot type a new
@@ -183,11 +208,10 @@ def test_sketch_ranks_units_by_iou_and_labels_several_at_once(app_env):
     store.set_labels(model, weights, [0], "<b>Spiculated</b> margin", "bob")
     at, data = _with_image(app_env, "pages/sketch.py")
     assert "Draw a rectangle" in _texts(at)
-    digest = at.session_state["image"].digest
+    digest = _sess(at).image.digest
     pixels_shape = (256, 151)
     sketch = rect_mask(pixels_shape, (20, 60, 110, 170))
-    at.session_state["sketch"] = sketch
-    at.session_state["sketch_for"] = (digest, None)
+    _sess(at).sketch, _sess(at).sketch_for = sketch, (digest, None)
     at.run()
     assert not at.exception, at.exception
     assert "Units ranked by IoU" in _texts(at)
@@ -248,34 +272,48 @@ def test_suspicious_patch_clicked_on_explain_goes_to_sketch(app_env):
     assert list(rows["#"]) == list(range(1, len(rows) + 1)) and len(rows) > 1
     assert list(rows["P(malignant)"]) == sorted(rows["P(malignant)"], reverse=True)
     # click the second row: the patch is outlined (highlighted) and can be taken to the canvas
-    at.session_state["patches_table"] = {"selection": {"rows": [1], "columns": [], "cells": []}}
+    from ui.state import Keys
+
+    ref = _sess(at).image
+    at.session_state[Keys.patches_table(ref)] = {"selection": {"rows": [1], "columns": [], "cells": []}}
     at.run()
     assert not at.exception, at.exception
-    assert at.session_state["patch_pick"] == 1
+    assert _sess(at).patch_pick == 1
     assert "patch 2" in _captions(at)
     at.button(key="to_sketch").click().run()
     assert not at.exception, at.exception
-    box = at.session_state["patch"]
+    box = _sess(at).patch
     assert box is not None and box[2] - box[0] == round(0.25 * 151)
     at.switch_page("pages/sketch.py").run()
     assert not at.exception, at.exception
-    target = at.selectbox(key=f"target_{at.session_state['image'].digest[:12]}")
+    target = at.selectbox(key=Keys.target(ref))
     assert target.value == box and target.options[0].startswith("Whole image")
-    assert at.session_state["patch"] == box
+    assert _sess(at).patch == box
     # and back to the whole image
     assert target.format_func(target.value) == target.options[target.index]
     target.select("whole image").run()
-    assert at.session_state["patch"] is None
-    assert at.selectbox(key=f"target_{at.session_state['image'].digest[:12]}").value == "whole image"
+    assert _sess(at).patch is None
+    assert at.selectbox(key=Keys.target(ref)).value == "whole image"
+    # a new image resets what belonged to the old one (the typed session state, one list)
+    at.selectbox(key=Keys.target(ref)).select(box).run()
+    sess = _sess(at)
+    assert sess.patch == box
+    sess.sketch, sess.sketch_for = np.ones((4, 4), bool), (ref.digest, box)
+    at.switch_page("pages/explain.py").run()
+    at.selectbox(key="sample").select(at.selectbox(key="sample").options[1]).run()
+    assert not at.exception, at.exception
+    sess = _sess(at)
+    assert sess.image.digest != ref.digest
+    assert (sess.patch, sess.patch_pick, sess.sketch, sess.sketch_for) == (None, None, None, None)
 
 
 def test_explanation_names_labelled_units_and_reports_by_label(app_env):
     from deepminer.labels import LabelStore
-    from serve.client import local_explain
+    from deepminer.client import local_explain
 
     name, data = _png(app_env, 0)
     res = local_explain(Path(app_env["model_dir"]) / "model.pt", data, max_side=512, name="demo")
-    top = res.top[res.prediction]
+    top = res.top_units[res.prediction]
     model, weights = _key(app_env)
     store = LabelStore(app_env["url"])
     store.set_labels(model, weights, top[:2], "Spiculated margin", "alice")
@@ -413,7 +451,7 @@ def test_suspicious_patch_probability_is_the_fcn_on_the_patch(ui_fixture):
     px = load_image(data).pixels
     x = torch.from_numpy(px)[None, None]
     with torch.no_grad():
-        logits = model.class_maps(model.forward_features(x))  # (1, C, h, w)
+        logits = model.class_logits(model.forward_features(x))  # (1, C, h, w)
     probs = torch.softmax(logits, 1)[0].numpy()
     got = suspicious_patches(probs, px, model.classes, top=100, min_tissue=0.0)
     up = F.interpolate(logits.double(), size=px.shape, mode="bilinear", align_corners=False)[0]

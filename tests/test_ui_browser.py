@@ -3,8 +3,10 @@
 
 Upload a 1024 x 1024 image, see the CAM, draw a rectangle on the canvas, see the ranked units, label
 two units (a new concept typed in, with HTML in it), reload the page, find the labels kept and named
-in the explanation. Saves a screenshot of each page (``test-artifacts/ui-*.png``) and the time from
-upload to explanation (``test-artifacts/ui-timing.json``).
+in the explanation. Then upload a full-field 4,500 x 3,000 16-bit RLE DICOM, and check that the class
+radios of a new image start at its own prediction (not at the previous image's choice). Saves a
+screenshot of each page (``test-artifacts/ui-*.png``) and the times from upload to explanation
+(``test-artifacts/ui-timing.json``; the DICOM's also in ``ui-timing-dicom.json``).
 
 The model is the bundled demo (``model_store/demo``: ``model.pt`` + ``atlas/``) when it is there,
 else a tiny model profiled on a few phantoms.
@@ -58,6 +60,33 @@ def _square_mammogram(seed: int, index: int, side: int = 1024) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(canvas.astype(np.uint16)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+DICOM_SHAPE = (4500, 3000)  # height x width: a full-field digital mammogram (13.5 MP)
+
+
+@pytest.fixture(scope="module")
+def full_field_dicoms(tmp_path_factory) -> list[Path]:
+    """Two 4,500 x 3,000 16-bit (12 stored) RLE Lossless DICOMs of a phantom, compressed by pydicom's
+    own encoder (~13 MB each, like a real full-field file). The second differs in its header only
+    (another SOP instance), so neither the server's feature cache nor the UI's decode cache knows it."""
+    import pydicom
+    from dicomfixtures import write_dicom
+    from pydicom.uid import generate_uid
+
+    from deepminer.data.phantoms import render_phantom
+
+    folder = tmp_path_factory.mktemp("dicom")
+    img = np.asarray(render_phantom(5, 0, size=DICOM_SHAPE[0]).image)
+    values = np.zeros(DICOM_SHAPE, dtype=np.uint16)
+    h, w = min(img.shape[0], DICOM_SHAPE[0]), min(img.shape[1], DICOM_SHAPE[1])
+    values[:h, :w] = np.clip(img[:h, :w], 0, 4095)
+    first = write_dicom(folder / "full-field-1.dcm", values, bits_stored=12, rle=True, laterality="R", view="CC")
+    ds = pydicom.dcmread(first)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    second = folder / "full-field-2.dcm"
+    ds.save_as(second, enforce_file_format=True)
+    return [first, second]
 
 
 @pytest.fixture(scope="module")
@@ -171,13 +200,14 @@ def _shot(page, path: Path) -> None:
     page.wait_for_timeout(300)
 
 
-def _upload(page, path: Path) -> float:
-    """Upload ``path`` on the Explain page; seconds until the page shows this image's explanation
-    completely (caption with its name, CAM, sentence; the script finished)."""
+def _upload(page, path: Path, size: tuple[int, int] = (1024, 1024)) -> float:
+    """Upload ``path`` (``size`` = width, height) on the Explain page; seconds until the page shows
+    this image's explanation completely (caption with its name and size, CAM, sentence; the script
+    finished)."""
     t0 = time.perf_counter()
     page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(path))
     try:
-        page.get_by_text(f"{path.name} · 1024 x 1024 px").wait_for(timeout=60_000)
+        page.get_by_text(f"{path.name} · {size[0]} x {size[1]} px").wait_for(timeout=120_000)
         page.wait_for_function(_NOT_RUNNING, timeout=60_000)
         elapsed = time.perf_counter() - t0
         page.get_by_text("DeepMiner explanation", exact=True).wait_for(timeout=5_000)
@@ -188,13 +218,27 @@ def _upload(page, path: Path) -> float:
     return elapsed
 
 
-def test_workbench_end_to_end(workbench, torchserve, artifacts_dir, tmp_path):
+def _radio(page, label: str):
+    return page.locator('[data-testid="stRadio"]', has_text=label).first
+
+
+def _radio_value(page, label: str) -> str:
+    """The option shown as chosen in the radio group ``label``."""
+    return _radio(page, label).locator("label:has(input:checked)").inner_text().strip()
+
+
+def _choose(page, label: str, option: str) -> None:
+    _radio(page, label).locator("label:has(input)", has_text=re.compile(rf"^{re.escape(option)}$")).click()
+    _after_input(page)
+
+
+def test_workbench_end_to_end(workbench, torchserve, full_field_dicoms, artifacts_dir, tmp_path):
     chromium = shutil.which("chromium")
     assert chromium, "Debian chromium is missing: run `bash scripts/setup.sh` (as root) first"
     from playwright.sync_api import sync_playwright
 
     from deepminer.labels import LabelStore
-    from serve.client import Client
+    from deepminer.client import Client
 
     # two images the server has never seen (it caches features by content); a third warms it up
     images = [tmp_path / "mammo-a.png", tmp_path / "mammo-b.png"]
@@ -227,7 +271,16 @@ def test_workbench_end_to_end(workbench, torchserve, artifacts_dir, tmp_path):
         # which units the server finds most influential (to label two the explanation will name)
         with Client(torchserve.inference_url, model="demo", timeout=120) as c:
             ref = c.explain(images[0].read_bytes(), max_side=1024)
-        pick = ref.top[ref.prediction][:2]
+            # an image the model predicts otherwise than mammo-a (for the class radios, step 7)
+            pred_a = ref.prediction
+            other = tmp_path / "mammo-c.png"
+            for i in (7, 2, 3, 4, 5, 6, 8, 9):
+                other.write_bytes(_square_mammogram(11, i))
+                pred_c = c.explain(other.read_bytes(), max_side=1024).prediction
+                if pred_c != pred_a:
+                    break
+        assert pred_c != pred_a, f"no phantom found that the model predicts otherwise than {pred_a}"
+        pick = ref.top_units[ref.prediction][:2]
         assert page.get_by_text(f"Prediction: {ref.prediction}").count() == 1
         assert page.get_by_text(re.compile(r"1024 x 1024 px")).count() == 1
         _shot(page, artifacts_dir / "ui-explain.png")
@@ -295,6 +348,52 @@ def test_workbench_end_to_end(workbench, torchserve, artifacts_dir, tmp_path):
         _idle(page)
         _shot(page, artifacts_dir / "ui-labels.png")
         steps["atlas_labels"] = time.perf_counter() - t0
+
+        # 6. a full-field 4,500 x 3,000 16-bit RLE DICOM (13 MB): upload -> explanation, twice (the
+        # second file differs in its header only: both are decoded and explained from scratch)
+        _nav(page, "Explain")
+        _idle(page)
+        dicom_s = []
+        for path in full_field_dicoms:
+            dicom_s.append(_upload(page, path, size=(DICOM_SHAPE[1], DICOM_SHAPE[0])))
+            _idle(page)
+            assert page.get_by_text(re.compile(r"^Prediction: \w+ \(\d\.\d\d\)$")).count() == 1
+            assert page.get_by_text(re.compile(r"^CAM of ")).count() >= 1
+        timing["upload_to_explanation_dicom_first_s"], timing["upload_to_explanation_dicom_s"] = dicom_s
+        timing["explain_call_dicom_ms"] = _explain_ms(page)
+        dicom = {"image": f"{DICOM_SHAPE[1]} x {DICOM_SHAPE[0]} (width x height) 16-bit (12 stored) RLE Lossless "
+                          "DICOM, pydicom's encoder",
+                 "bytes": full_field_dicoms[0].stat().st_size,
+                 "upload_to_explanation_s": dicom_s, "explain_call_ms": timing["explain_call_dicom_ms"]}
+        (artifacts_dir / "ui-timing-dicom.json").write_text(json.dumps(dicom, indent=1) + "\n")
+        print(f"\nupload -> explanation ({DICOM_SHAPE[1]} x {DICOM_SHAPE[0]} RLE DICOM, "
+              f"{dicom['bytes'] / 1e6:.1f} MB): {dicom_s[0]:.2f} s, {dicom_s[1]:.2f} s")
+        _shot(page, artifacts_dir / "ui-explain-dicom.png")
+        steps["dicom"] = time.perf_counter() - t0
+
+        # 7. the class radios follow the image: choose a class the model did not predict for mammo-a,
+        # keep it over a rerun, then a new image (predicted otherwise) starts at its own prediction
+        _upload(page, images[0])
+        _idle(page)
+        assert page.get_by_text(f"Prediction: {pred_a}").count() == 1
+        assert _radio_value(page, "CAM of class") == pred_a
+        assert _radio_value(page, "Class probability map") == pred_a
+        classes = [t.strip() for t in _radio(page, "CAM of class").locator("label:has(input)").all_inner_texts()]
+        not_a = next(c for c in classes if c not in (pred_a, pred_c))  # predicted for neither image
+        _choose(page, "CAM of class", not_a)
+        _choose(page, "Class probability map", not_a)  # (a rerun: the CAM choice holds)
+        assert _radio_value(page, "CAM of class") == not_a
+        assert _radio_value(page, "Class probability map") == not_a
+        assert page.get_by_text(f"CAM of {not_a}").count() >= 1
+        _shot(page, artifacts_dir / "ui-explain-chosen-class.png")
+        _upload(page, other)
+        _idle(page)
+        assert page.get_by_text(f"Prediction: {pred_c}").count() == 1
+        _shot(page, artifacts_dir / "ui-explain-new-image.png")
+        assert _radio_value(page, "CAM of class") == pred_c
+        assert _radio_value(page, "Class probability map") == pred_c
+        assert page.get_by_text(re.compile(rf"^CAM of {pred_c}\b")).count() == 1
+        assert page.get_by_text(f"P({pred_c}) per position (blue 0, red 1)").count() == 1
         browser.close()
 
     store = LabelStore(workbench["labels_url"])
@@ -303,6 +402,7 @@ def test_workbench_end_to_end(workbench, torchserve, artifacts_dir, tmp_path):
     assert store.labels_for(model, weights) == {u: LABEL for u in pick}
     assert {r.annotator for r in store.history()} == {"Dr. Playwright"}
     timing["image"] = "1024 x 1024 16-bit PNG"
+    timing["image_dicom"] = dicom["image"]
     timing["steps_s_since_page_open"] = steps
     (artifacts_dir / "ui-timing.json").write_text(json.dumps(timing, indent=1) + "\n")
     print(f"\nupload -> explanation (1024 x 1024): {timing['upload_to_explanation_s']:.2f} s "

@@ -6,11 +6,12 @@ them directly. Images are ``uint8`` RGB ``(H, W, 3)``; grey inputs are float ``[
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from deepminer.geometry import fit_size
 from deepminer.overlay import colorize, heat_overlay, resize_map, to_rgb  # noqa: F401 (re-exported)
 
 #: label colours (Plotly's qualitative "Safe" palette)
@@ -38,15 +39,15 @@ def jpeg(img: np.ndarray, quality: int = 90) -> bytes:
 
 
 def fit(img: np.ndarray, max_side: int) -> np.ndarray:
-    """``img`` scaled down (area) so its long side is at most ``max_side``; never enlarged."""
+    """``img`` scaled down (area) so its long side is at most ``max_side``
+    (:func:`deepminer.geometry.fit_size`); never enlarged."""
     h, w = img.shape[:2]
-    f = max_side / max(h, w)
-    if f >= 1:
+    nh, nw = fit_size(h, w, max_side)
+    if (nh, nw) == (h, w):
         return img
-    size = (max(1, round(w * f)), max(1, round(h * f)))
     if img.dtype == np.uint8:
-        return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BOX))
-    return np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize(size, Image.Resampling.BOX))
+        return np.asarray(Image.fromarray(img).resize((nw, nh), Image.Resampling.BOX))
+    return np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize((nw, nh), Image.Resampling.BOX))
 
 
 def mask_overlay(base: np.ndarray, mask: np.ndarray, *, color: Sequence[int] = RED, alpha: float = 0.35,
@@ -94,7 +95,7 @@ def tile(crop: np.ndarray, mask: np.ndarray | None = None, size: int = 128) -> n
     return np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR))
 
 
-def label_colors(labels: Sequence[str]) -> dict[str, str]:
+def label_colors(labels: Iterable[str]) -> dict[str, str]:
     """A stable colour per distinct label (sorted case-insensitively)."""
     names = sorted({str(x) for x in labels}, key=str.casefold)
     return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}

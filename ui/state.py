@@ -2,8 +2,11 @@
 
 * resources (one per process, ``st.cache_resource``): settings, the label store, the HTTP client,
   the unit atlas, the sample images;
-* per session (``st.session_state``): the annotator's name, the current image and recent uploads,
-  the chosen patch, the sketch, the selected units;
+* per session: one :class:`Session` object in ``st.session_state`` (the current image and recent
+  uploads, the chosen patch, the sketch; :meth:`Session.new_image` / :meth:`Session.new_patch` reset
+  what depends on them) and the values of the widgets, under the keys named in :class:`Keys`;
+* decoded images (one per content, process-wide): decoded in a worker thread, at full resolution and
+  as a preview of at most :data:`PREVIEW_SIDE` pixels that the pages draw on (:func:`decoded`);
 * explanations go through :func:`explain`, which calls TorchServe (or the in-process engine when
   ``DEEPMINER_BACKEND=local``), caches answers per image, and turns every failure into a message
   (:class:`Failure`) instead of a traceback.
@@ -13,8 +16,13 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import streamlit as st
@@ -25,6 +33,8 @@ from ui.render import md_escape
 from ui.settings import DEMO_REFERENCE, Settings, load_settings
 
 RECENT_MAX = 5
+DECODED_MAX = 4  #: decoded images kept per process (a 4,500 x 3,000 image is ~58 MB decoded)
+PREVIEW_SIDE = 1024  #: long side of the copy of an image the pages draw on
 SAMPLE_COUNT, SAMPLE_SEED, SAMPLE_SIZE = 6, 7, 1024
 _ALLOWED_UPLOADS = ("png", "jpg", "jpeg", "tif", "tiff", "dcm", "dicom")
 
@@ -55,7 +65,7 @@ def store():
 @st.cache_resource(show_spinner=False)
 def _client(url: str, model: str, key_file: str | None, token: str | None, timeout: float,
             management_url: str | None):
-    from serve.client import Client
+    from deepminer.client import Client
 
     return Client(url, model=model, key_file=key_file, token=token, timeout=timeout, management_url=management_url)
 
@@ -138,12 +148,12 @@ def samples() -> list[dict]:
 # -- annotator ------------------------------------------------------------------------------------
 
 def annotator() -> str:
-    return str(st.session_state.get("annotator", "")).strip()
+    return str(st.session_state.get(Keys.ANNOTATOR, "")).strip()
 
 
 def annotator_box() -> None:
     """The sidebar field where a person enters their name once per session."""
-    st.sidebar.text_input("Your name (stored with every label)", key="annotator", max_chars=100,
+    st.sidebar.text_input("Your name (stored with every label)", key=Keys.ANNOTATOR, max_chars=100,
                           placeholder="e.g. Dr. Lee")
 
 
@@ -158,52 +168,236 @@ def require_annotator() -> str | None:
 
 # -- the current image ----------------------------------------------------------------------------
 
+Box = tuple[int, int, int, int]  #: (x0, y0, x1, y1) in image pixels, x1/y1 exclusive
+
+
 @dataclass(frozen=True)
 class ImageRef:
     name: str
     data: bytes
 
-    @property
+    @cached_property
     def digest(self) -> str:
+        """sha1 of the file (computed once: a full-field DICOM is 10-30 MB)."""
         return hashlib.sha1(self.data).hexdigest()
 
 
+class Keys:
+    """The keys of the widgets whose values the code reads or sets, named once. Streamlit keeps a
+    widget's value under its key (everything else a session holds is in :class:`Session`). Widgets
+    that belong to one image carry its digest in their key: a keyed widget ignores ``index=`` once
+    its key exists, so a new image's radios and selections start afresh (at its own prediction)
+    while the choices made for an image hold as long as it stays."""
+
+    ANNOTATOR = "annotator"
+    UPLOAD = "upload"
+    SAMPLE = "sample"
+    RECENT = "recent_pick"
+    TOOL = "tool"
+    UNIT_MAP = "unit_map"
+    SELECT_MATCHING = "select_matching"
+    LABEL_UNITS = "label_units"
+    LABEL_CONCEPT = "label_concept"
+    INSPECT_UNIT = "inspect_unit"
+    #: the widgets that belong to the sketch target (the image or one of its patches): a new image or
+    #: a new patch drops their values (:meth:`Session.new_image`, :meth:`Session.new_patch`)
+    PER_TARGET = (LABEL_UNITS, INSPECT_UNIT)
+
+    @staticmethod
+    def of_image(name: str, ref: ImageRef) -> str:
+        return f"{name}_{ref.digest[:12]}"
+
+    @classmethod
+    def cam_class(cls, ref: ImageRef) -> str:
+        """The Explain page's "CAM of class" radio."""
+        return cls.of_image("cam_class", ref)
+
+    @classmethod
+    def prob_class(cls, ref: ImageRef) -> str:
+        """The Explain page's "Class probability map" radio."""
+        return cls.of_image("prob_class", ref)
+
+    @classmethod
+    def patches_table(cls, ref: ImageRef) -> str:
+        """The Explain page's table of suspicious patches (its selected row)."""
+        return cls.of_image("patches_table", ref)
+
+    @classmethod
+    def target(cls, ref: ImageRef) -> str:
+        """The Sketch page's "Sketch on" choice."""
+        return cls.of_image("target", ref)
+
+    @classmethod
+    def canvas(cls, ref: ImageRef, box: Box | None) -> str:
+        """The Sketch page's drawing canvas (one per image and patch)."""
+        return f"{cls.of_image('canvas', ref)}_{box}"
+
+
+@dataclass
+class Session:
+    """What one browser session holds besides its widgets' values; one object in
+    ``st.session_state`` (:func:`session`). What depends on the image or on the sketch target is reset
+    by :meth:`new_image` and :meth:`new_patch`, in one place (:meth:`_new_target`)."""
+
+    image: ImageRef | None = None
+    recent: list[ImageRef] = field(default_factory=list)  #: this session's uploads, newest first
+    patch_pick: int | None = None  #: the suspicious patch picked on the Explain page (its row)
+    patch: Box | None = None  #: what the Sketch page sketches on (None: the whole image)
+    sketch: np.ndarray | None = None  #: bool mask of the sketch target
+    sketch_for: tuple[str, Box | None] | None = None  #: the target the sketch was drawn on: (digest, box)
+    sketch_result: Any = None  #: the explanation of the target with the sketch
+    explain_ms: float = 0.0  #: wall time of the Explain page's last explain call
+    flash: str | None = None  #: a success message to show after the next rerun
+
+    def new_image(self, ref: ImageRef, *, upload: bool = False) -> bool:
+        """Make ``ref`` the current image (an upload also goes first in :attr:`recent`); resets the
+        patch and everything of the sketch target. False when it already was the current image."""
+        if self.image is not None and self.image.digest == ref.digest:
+            return False
+        self.image = ref
+        if upload:
+            self.recent = [ref, *(r for r in self.recent if r.digest != ref.digest)][:RECENT_MAX]
+        self.patch_pick = None
+        self.patch = None
+        self._new_target()
+        return True
+
+    def new_patch(self, box: Box | None) -> bool:
+        """Sketch on ``box`` of the current image (None: the whole image); resets the sketch and the
+        selected units. False when it already was the target."""
+        if box == self.patch:
+            return False
+        self.patch = box
+        self._new_target()
+        return True
+
+    def set_sketch(self, mask: np.ndarray | None, target: tuple[str, Box | None]) -> None:
+        """The sketch drawn on ``target`` (None: nothing drawn). A changed sketch drops the selected
+        units: it proposes its own matching ones."""
+        if mask is None:
+            self.sketch = self.sketch_for = self.sketch_result = None
+            return
+        old = self.sketch if self.sketch_for == target else None
+        if old is None or old.shape != mask.shape or not np.array_equal(old, mask):
+            self.sketch, self.sketch_for, self.sketch_result = mask, target, None
+            st.session_state.pop(Keys.LABEL_UNITS, None)
+
+    def sketch_on(self, target: tuple[str, Box | None]) -> np.ndarray | None:
+        """The sketch when it was drawn on ``target``, else None."""
+        return self.sketch if self.sketch_for == target else None
+
+    def _new_target(self) -> None:
+        self.sketch = self.sketch_for = self.sketch_result = None
+        for key in Keys.PER_TARGET:
+            st.session_state.pop(key, None)
+
+
+SESSION_KEY = "session"  #: where the :class:`Session` lives in ``st.session_state``
+
+
+def session() -> Session:
+    """This browser session's :class:`Session` (made on first use)."""
+    s = st.session_state.get(SESSION_KEY)
+    if not isinstance(s, Session):
+        s = Session()
+        st.session_state[SESSION_KEY] = s
+    return s
+
+
 def set_image(name: str, data: bytes, *, upload: bool = False) -> None:
-    """Make ``data`` the current image (resets the patch, sketch and unit selection)."""
+    """Make ``data`` the current image (resets the patch, sketch and unit selection) and start
+    decoding it."""
     ref = ImageRef(name, bytes(data))
-    cur: ImageRef | None = st.session_state.get("image")
-    if cur is not None and cur.digest == ref.digest:
-        return
-    st.session_state["image"] = ref
-    for k in ("patch", "patch_pick", "sketch", "sketch_for", "label_units", "inspect_unit"):
-        st.session_state.pop(k, None)
-    if upload:
-        recent = [r for r in st.session_state.get("recent", []) if r.digest != ref.digest]
-        st.session_state["recent"] = [ref, *recent][:RECENT_MAX]
+    if session().new_image(ref, upload=upload):
+        prefetch(ref)
 
 
 def image() -> ImageRef | None:
-    return st.session_state.get("image")
+    return session().image
 
 
 def recent() -> list[ImageRef]:
-    return list(st.session_state.get("recent", []))
+    return list(session().recent)
 
 
-@st.cache_data(show_spinner=False, max_entries=8)
-def _pixels(data: bytes) -> np.ndarray:
+@dataclass(frozen=True)
+class Decoded:
+    """An image decoded once: ``pixels`` at full resolution (for crops) and ``preview``, the same
+    scaled down to at most :data:`PREVIEW_SIDE` pixels on the long side (what the pages draw on and
+    colour). Both float [0, 1] and read-only: every session of the process shares them."""
+
+    pixels: np.ndarray
+    preview: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the image."""
+        return int(self.pixels.shape[0]), int(self.pixels.shape[1])
+
+    @property
+    def scale(self) -> float:
+        """preview pixels per image pixel (<= 1)."""
+        return self.preview.shape[0] / self.pixels.shape[0]
+
+
+def _decode(data: bytes) -> Decoded:
     from deepminer.data.io import load_image
+    from ui.render import fit
 
-    return load_image(data).pixels
+    pixels = load_image(data).pixels
+    preview = fit(pixels, PREVIEW_SIDE)
+    pixels.setflags(write=False)
+    preview.setflags(write=False)
+    return Decoded(pixels, preview)
 
 
-def pixels(ref: ImageRef) -> np.ndarray | None:
-    """The decoded image (float [0, 1]); None after showing why it could not be read."""
+class _Decoder:
+    """Decodes images in worker threads, once per content (the last :data:`DECODED_MAX` are kept).
+    The Explain page starts the decode before it waits for the model server, so both run at once."""
+
+    def __init__(self, size: int = DECODED_MAX) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deepminer-decode")
+        self._lock = threading.Lock()
+        self._jobs: OrderedDict[str, Future[Decoded]] = OrderedDict()
+        self._size = size
+
+    def submit(self, ref: ImageRef) -> Future[Decoded]:
+        with self._lock:
+            job = self._jobs.get(ref.digest)
+            if job is None:
+                job = self._pool.submit(_decode, ref.data)
+                self._jobs[ref.digest] = job
+                while len(self._jobs) > self._size:
+                    self._jobs.popitem(last=False)
+            else:
+                self._jobs.move_to_end(ref.digest)
+            return job
+
+
+@st.cache_resource(show_spinner=False)
+def _decoder() -> _Decoder:
+    return _Decoder()
+
+
+def prefetch(ref: ImageRef) -> None:
+    """Start decoding ``ref`` in a worker thread (nothing when it is decoded or on its way)."""
+    _decoder().submit(ref)
+
+
+def decoded(ref: ImageRef) -> Decoded | None:
+    """The decoded image (waits for its decode); None after showing why it could not be read."""
     try:
-        return _pixels(ref.data)
+        return _decoder().submit(ref).result()
     except DeepMinerError as err:
         st.error(f"Cannot read {md_escape(ref.name)}: {md_escape(err)}")
         return None
+
+
+def pixels(ref: ImageRef) -> np.ndarray | None:
+    """The decoded image at full resolution (float [0, 1], read-only); None after showing why it
+    could not be read."""
+    d = decoded(ref)
+    return None if d is None else d.pixels
 
 
 # -- explanations ---------------------------------------------------------------------------------
@@ -220,7 +414,7 @@ class Failure:
 def _explain(data: bytes, sketch: np.ndarray | None, unit_maps: str, backend: str, top_units: int):
     s = settings()
     if backend == "local":
-        from serve.client import local_explain
+        from deepminer.client import local_explain
 
         return local_explain(s.model_path, data, top_units=top_units, unit_maps=unit_maps, sketch=sketch,
                              max_side=s.max_side, name=s.model)
@@ -229,7 +423,7 @@ def _explain(data: bytes, sketch: np.ndarray | None, unit_maps: str, backend: st
 
 def explain(data: bytes, *, sketch: np.ndarray | None = None, unit_maps: str = "top", top_units: int = 8):
     """The explanation of ``data`` (cached per image, sketch and options), or a :class:`Failure`."""
-    from serve.client import ServeError, ServeUnavailable
+    from deepminer.client import ServeError, ServeUnavailable
 
     s = settings()
     try:
@@ -257,11 +451,11 @@ def show_failure(f: Failure) -> None:
 
 
 def timed_explain(data: bytes, **kw):
-    """:func:`explain` with a spinner, recording the wall time in ``st.session_state['explain_ms']``."""
+    """:func:`explain` with a spinner, recording the wall time in :attr:`Session.explain_ms`."""
     t0 = time.perf_counter()
     with st.spinner("Explaining the image..."):
         out = explain(data, **kw)
-    st.session_state["explain_ms"] = (time.perf_counter() - t0) * 1000
+    session().explain_ms = (time.perf_counter() - t0) * 1000
     return out
 
 
@@ -270,26 +464,18 @@ def timed_explain(data: bytes, **kw):
 WHOLE = "whole image"  # the Sketch page's choice meaning "no patch" (a selectbox shows None as empty)
 
 
-def target_key(ref: ImageRef) -> str:
-    """Session key of the Sketch page's "Sketch on" choice for this image."""
-    return f"target_{ref.digest[:12]}"
-
-
-def set_patch(box: tuple[int, int, int, int] | None, *, from_widget: bool = False) -> None:
+def set_patch(box: Sequence[int] | None, *, from_widget: bool = False) -> None:
     """Sketch on ``box`` of the current image (None: the whole image); resets the sketch. Other
     pages also preset the Sketch page's choice (``from_widget=False``)."""
-    box = None if box is None else tuple(int(v) for v in box)
+    target: Box | None = None if box is None else (int(box[0]), int(box[1]), int(box[2]), int(box[3]))
     ref = image()
     if ref is not None and not from_widget:
-        st.session_state[target_key(ref)] = WHOLE if box is None else box
-    if st.session_state.get("patch") != box:
-        st.session_state["patch"] = box
-        for k in ("sketch", "sketch_for", "label_units", "inspect_unit"):
-            st.session_state.pop(k, None)
+        st.session_state[Keys.target(ref)] = WHOLE if target is None else target
+    session().new_patch(target)
 
 
-def patch() -> tuple[int, int, int, int] | None:
-    return st.session_state.get("patch")
+def patch() -> Box | None:
+    return session().patch
 
 
 # -- warm-up --------------------------------------------------------------------------------------
@@ -301,11 +487,11 @@ def _warm_up() -> threading.Thread:
             import pandas  # noqa: F401 - tables
             import plotly.graph_objects as go
 
-            import deepminer.atlas  # noqa: F401
+            import deepminer.atlas  # noqa: F401 - the atlas and its arrays
             import deepminer.labels  # noqa: F401 - SQLAlchemy
-            import serve.client  # noqa: F401 - requests
+            import deepminer.client  # noqa: F401 - requests
             from deepminer.concepts import birads_terms
-            from deepminer.data.io import load_image  # noqa: F401
+            from deepminer.data.io import load_image  # noqa: F401 - PIL and pydicom decoders
             from deepminer.data.tissue import tissue_mask
             from ui import render
 
@@ -335,10 +521,11 @@ def warm_up() -> None:
 
 def flash(message: str) -> None:
     """Show ``message`` (a success) after the next rerun, e.g. once a save has redrawn the page."""
-    st.session_state["flash"] = message
+    session().flash = message
 
 
 def show_flash() -> None:
-    msg = st.session_state.pop("flash", None)
+    s = session()
+    msg, s.flash = s.flash, None
     if msg:
         st.success(msg)

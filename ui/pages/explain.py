@@ -7,6 +7,7 @@ import streamlit as st
 from ui import logic, render, state
 
 MAX_H, MAX_W = 560, 470  # the main image: legible, and inside its column in a 1280 x 800 window
+K = state.Keys
 
 st.title("Explain")
 
@@ -14,13 +15,13 @@ st.title("Explain")
 
 
 def _on_upload() -> None:
-    f = st.session_state.get("upload")
+    f = st.session_state.get(K.UPLOAD)
     if f is not None:
         state.set_image(f.name, f.getvalue(), upload=True)
 
 
 def _on_sample() -> None:
-    name = st.session_state.get("sample")
+    name = st.session_state.get(K.SAMPLE)
     for s in state.samples():
         if s["name"] == name:
             with open(s["path"], "rb") as fh:
@@ -28,18 +29,18 @@ def _on_sample() -> None:
 
 
 def _on_recent() -> None:
-    name = st.session_state.get("recent_pick")
+    name = st.session_state.get(K.RECENT)
     for r in state.recent():
         if r.name == name:
             state.set_image(r.name, r.data)
 
 
 c_up, c_sample, c_recent = st.columns([2, 1, 1])
-c_up.file_uploader("Upload a mammogram (PNG, JPEG, TIFF or DICOM)", key="upload", on_change=_on_upload,
+c_up.file_uploader("Upload a mammogram (PNG, JPEG, TIFF or DICOM)", key=K.UPLOAD, on_change=_on_upload,
                    help="8- or 16-bit grey; DICOM with or without the .dcm extension.")
-c_sample.selectbox("...or pick a sample", [s["name"] for s in state.samples()], index=None, key="sample",
+c_sample.selectbox("...or pick a sample", [s["name"] for s in state.samples()], index=None, key=K.SAMPLE,
                    on_change=_on_sample, placeholder="phantom test images")
-c_recent.selectbox("...or a recent upload", [r.name for r in state.recent()], index=None, key="recent_pick",
+c_recent.selectbox("...or a recent upload", [r.name for r in state.recent()], index=None, key=K.RECENT,
                    on_change=_on_recent, placeholder="this session's uploads")
 
 ref = state.image()
@@ -47,10 +48,12 @@ if ref is None:
     st.info("Upload an image or pick a sample to see what the model sees.")
     st.stop()
 
-pixels = state.pixels(ref)
-if pixels is None:
-    st.stop()
+state.prefetch(ref)  # decoding (a worker thread) runs while the model server explains
 result = state.timed_explain(ref.data)
+img = state.decoded(ref)
+if img is None:
+    st.stop()
+view = img.preview  # everything drawn on the page is drawn from this copy (long side <= 1024)
 if isinstance(result, state.Failure):
     state.show_failure(result)
     st.stop()
@@ -61,30 +64,31 @@ classes = result.classes
 atlas = state.atlas()
 
 # -- prediction, CAM and probability map ----------------------------------------------------------
-st.caption(f"{render.md_escape(ref.name)} · {pixels.shape[1]} x {pixels.shape[0]} px · explained in "
-           f"{st.session_state.get('explain_ms', 0):.0f} ms")
+st.caption(f"{render.md_escape(ref.name)} · {img.shape[1]} x {img.shape[0]} px · explained in "
+           f"{state.session().explain_ms:.0f} ms")
 left, right = st.columns([3, 2], gap="medium")
 with right:
     st.subheader(f"Prediction: {result.prediction} ({result.probabilities[result.prediction]:.2f})")
     st.markdown("**DeepMiner explanation**")
     st.text(logic.explanation(result, labels)["sentence"])
     st.plotly_chart(render.probability_bars(result.probabilities, result.prediction), key="probs")
+    # keyed per image: a new image starts at its own prediction, a choice holds while the image stays
     prob_class = st.radio("Class probability map", classes, index=classes.index(result.prediction),
-                          horizontal=True, key="prob_class")
-    pmap = render.heat_overlay(render.fit(pixels, 512), result.class_maps[classes.index(prob_class)], vmin=0, vmax=1,
+                          horizontal=True, key=K.prob_class(ref))
+    pmap = render.heat_overlay(render.fit(view, 512), result.class_maps[classes.index(prob_class)], vmin=0, vmax=1,
                                alpha=0.5)
     st.image(pmap, caption=f"P({prob_class}) per position (blue 0, red 1)",
              width=int(min(360, 360 * pmap.shape[1] / pmap.shape[0])), output_format="JPEG")
 
-patches = logic.suspicious_patches(result.class_maps, pixels, classes)
+patches = logic.suspicious_patches(result.class_maps, view, classes, shape=img.shape)
 with left:
     cam_class = st.radio("CAM of class", classes, index=classes.index(result.prediction), horizontal=True,
-                         key="cam_class")
-    base = render.fit(pixels, 2 * MAX_W)
+                         key=K.cam_class(ref))
+    base = render.fit(view, 2 * MAX_W)
     shown = render.heat_overlay(base, result.cam[classes.index(cam_class)])
-    chosen = st.session_state.get("patch_pick")
+    chosen = state.session().patch_pick
     if patches:
-        f = base.shape[0] / pixels.shape[0]
+        f = base.shape[0] / img.shape[0]
         sel = chosen if chosen is not None and chosen < len(patches) else None
         shown = render.draw_boxes(shown, [[v * f for v in p.box] for p in patches],
                                   labels=[str(i + 1) for i in range(len(patches))], highlight=sel)
@@ -95,17 +99,20 @@ with left:
 if patches:
     st.subheader("Suspicious patches")
     rows = [{"#": i + 1, "P(malignant)": round(p.score, 3), "where": p.name} for i, p in enumerate(patches)]
-    ev = st.dataframe(rows, key="patches_table", on_select="rerun", selection_mode="single-row", hide_index=True,
-                      width=420)
+    ev = st.dataframe(rows, key=K.patches_table(ref), on_select="rerun", selection_mode="single-row",
+                      hide_index=True, width=420)
     picked = ev.selection.rows[0] if ev and ev.selection.rows else None
-    if picked != st.session_state.get("patch_pick"):
-        st.session_state["patch_pick"] = picked
+    if picked is not None and picked >= len(patches):
+        picked = None
+    if picked != state.session().patch_pick:
+        state.session().patch_pick = picked
         st.rerun()
     if picked is not None:
         p = patches[picked]
         c1, c2 = st.columns([1, 3])
-        c1.image(render.to_rgb(pixels[p.box[1]:p.box[3], p.box[0]:p.box[2]]), caption=f"patch {picked + 1}",
-                 width=220, output_format="JPEG")
+        crop = img.pixels[p.box[1]:p.box[3], p.box[0]:p.box[2]]
+        c1.image(render.to_rgb(render.fit(crop, 440)), caption=f"patch {picked + 1}", width=220,
+                 output_format="JPEG")
         if c2.button("Sketch on this patch", key="to_sketch"):
             state.set_patch(p.box)
             st.switch_page("pages/sketch.py")
@@ -114,7 +121,7 @@ if patches:
 st.subheader(f"Most influential units for {result.prediction}")
 rows = logic.top_unit_rows(result, result.prediction, labels)
 tiles, caps = [], []
-small = render.fit(pixels, 256)
+small = render.fit(view, 256)
 for r in rows:
     m = result.unit_maps.get(r["unit"])
     if m is None:
@@ -125,9 +132,9 @@ if tiles:
     st.image(tiles, caption=caps, width=140, output_format="JPEG")
 st.dataframe(rows, hide_index=True, key="top_units_table")
 
-sketch = st.session_state.get("sketch") if st.session_state.get("sketch_for") == (ref.digest, None) else None
-report = logic.label_report_rows(result, labels, sketch_result=st.session_state.get("sketch_result")
-                                 if sketch is not None else None)
+sess = state.session()
+sketch_result = sess.sketch_result if sess.sketch_on((ref.digest, None)) is not None else None
+report = logic.label_report_rows(result, labels, sketch_result=sketch_result)
 st.subheader("Reports by label (Lu & Perer)")
 if not report:
     st.info("No unit carries a label yet: label units on the Sketch & label or Unit atlas pages.")

@@ -6,11 +6,12 @@ import numpy as np
 import streamlit as st
 from streamlit_drawable_canvas import st_canvas
 
-from deepminer.explain.units import MATCH_IOU
+from deepminer.explain.sketch import MATCH_IOU
 from ui import logic, render, state
 
 CANVAS_MAX = (420, 560)  # width, height in CSS pixels: fits the left column of a 1280 x 800 window
 MODES = {"Rectangle": "rect", "Free draw": "freedraw", "Polygon": "polygon"}
+K = state.Keys
 
 st.title("Sketch & label")
 ref = state.image()
@@ -18,32 +19,35 @@ if ref is None:
     st.info("Choose an image on the Explain page first.")
     st.page_link("pages/explain.py", label="Go to Explain", icon=":material/image_search:")
     st.stop()
-pixels = state.pixels(ref)
-if pixels is None:
-    st.stop()
+state.prefetch(ref)  # decoding (a worker thread) runs while the model server explains
 with st.spinner("Explaining the image..."):
     whole = state.explain(ref.data)
+img = state.decoded(ref)
+if img is None:
+    st.stop()
+sess = state.session()
 if isinstance(whole, state.Failure):
     state.show_failure(whole)
     st.stop()
 
 # -- what to sketch on: the image or one of its suspicious patches --------------------------------
-patches = logic.suspicious_patches(whole.class_maps, pixels, whole.classes)
+patches = logic.suspicious_patches(whole.class_maps, img.preview, whole.classes, shape=img.shape)
 names: dict = {state.WHOLE: f"Whole image ({ref.name})"}
 names.update({p.box: f"Patch {i + 1}: P(malignant) {p.score:.2f}, {p.name}" for i, p in enumerate(patches)})
 cur = state.patch()
 if cur is not None and cur not in names:
     names[cur] = f"Patch x {cur[0]}-{cur[2]}, y {cur[1]}-{cur[3]}"
-tkey = state.target_key(ref)
+tkey = K.target(ref)
 if st.session_state.get(tkey) not in names:
     st.session_state[tkey] = state.WHOLE if cur is None else cur
 choice = st.selectbox("Sketch on", list(names), key=tkey, format_func=names.get)
 box = None if choice == state.WHOLE else choice
 state.set_patch(box, from_widget=True)
 if box is None:
-    t_pixels, t_bytes = pixels, ref.data
+    t_pixels, t_bytes, t_view = img.pixels, ref.data, img.preview
 else:
-    t_pixels, t_bytes = pixels[box[1]:box[3], box[0]:box[2]], logic.crop_png(pixels, box)
+    t_pixels, t_bytes = img.pixels[box[1]:box[3], box[0]:box[2]], logic.crop_png(img.pixels, box)
+    t_view = render.fit(t_pixels, state.PREVIEW_SIDE)  # what is drawn (never the full resolution)
 target_id = (ref.digest, box)
 
 key = state.current_key(whole)
@@ -54,29 +58,21 @@ atlas = state.atlas()
 # -- the canvas -----------------------------------------------------------------------------------
 left, right = st.columns([5, 4], gap="medium")
 with left:
-    mode = st.radio("Tool", list(MODES), horizontal=True, key="tool",
+    mode = st.radio("Tool", list(MODES), horizontal=True, key=K.TOOL,
                     help="Rectangle: drag. Free draw: paint over the region. Polygon: click the corners, "
                          "then click the first one again to close it.")
     h, w = t_pixels.shape[:2]
     scale = min(CANVAS_MAX[0] / w, CANVAS_MAX[1] / h)
     cw, ch = max(32, round(w * scale)), max(32, round(h * scale))
     st.space("small")  # room for the canvas's toolbar
-    bg = render.jpeg(render.to_rgb(render.fit(t_pixels, max(cw, ch) * 2)))
+    bg = render.jpeg(render.to_rgb(render.fit(t_view, max(cw, ch) * 2)))
     canvas = st_canvas(fill_color="rgba(255, 60, 60, 0.30)", stroke_width=3 if MODES[mode] != "freedraw" else 18,
                        stroke_color="#ff3c3c", background_image=bg, drawing_mode=MODES[mode], width=cw, height=ch,
-                       return_image_data=True, key=f"canvas_{ref.digest[:12]}_{box}")
+                       return_image_data=True, key=K.canvas(ref, box))
     drawn = canvas.image_data
     if drawn is not None:  # the canvas sent its drawing layer: it is the sketch (or an empty one)
-        mask = logic.canvas_mask(drawn, (h, w))
-        old = st.session_state.get("sketch")
-        if mask is None:
-            st.session_state.pop("sketch", None)
-        elif old is None or old.shape != mask.shape or not np.array_equal(old, mask):
-            st.session_state["sketch"], st.session_state["sketch_for"] = mask, target_id
-            st.session_state.pop("label_units", None)  # a new sketch proposes its own matching units
-    if st.session_state.get("sketch_for") != target_id:
-        st.session_state.pop("sketch", None)
-    sketch = st.session_state.get("sketch")
+        sess.set_sketch(logic.canvas_mask(drawn, (h, w)), target_id)
+    sketch = sess.sketch_on(target_id)
     st.caption("Draw the region you care about; units whose binarized maps overlap it (IoU > "
                f"{MATCH_IOU}) are enlarged on the unit map.")
 
@@ -88,7 +84,7 @@ if sketch is not None:
         state.show_failure(result)
         result = None
     else:
-        st.session_state["sketch_result"] = result
+        sess.sketch_result = result
 else:
     with st.spinner("Explaining..."):
         result = state.explain(t_bytes, unit_maps="all")
@@ -110,12 +106,12 @@ with right:
         st.dataframe([{"unit": r.unit, "IoU": round(r.iou, 3), "match": "yes" if r.matches else "",
                        "label": r.label} for r in ranked], hide_index=True, key="ranked_table", height=260)
         if thresholds is not None:
-            small = render.fit(t_pixels, 160)
+            small = render.fit(t_view, 160)
+            with_sketch = render.mask_overlay(small, sketch, color=(60, 160, 255), alpha=0.2)
             tiles, caps = [], []
             for r in ranked[:6]:
                 m = logic.unit_mask_on(result, r.unit, thresholds, small.shape[:2])
                 if m is not None:
-                    with_sketch = render.mask_overlay(small, sketch, color=(60, 160, 255), alpha=0.2)
                     tiles.append(render.mask_overlay(with_sketch, m))
                     caps.append(f"unit {r.unit} · IoU {r.iou:.2f}")
             if tiles:
@@ -128,7 +124,7 @@ st.subheader("Unit map")
 
 
 def _on_select() -> None:
-    ev = st.session_state.get("unit_map")
+    ev = st.session_state.get(K.UNIT_MAP)
     pts = (ev or {}).get("selection", {}).get("points", []) if isinstance(ev, dict) else \
         (ev.selection.points if ev else [])
     ids = []
@@ -137,16 +133,16 @@ def _on_select() -> None:
         if cd is not None:
             ids.append(int(cd[0] if isinstance(cd, (list, tuple)) else cd))
     if ids:
-        st.session_state["label_units"] = sorted(set(ids))
-        st.session_state["inspect_unit"] = ids[0]
+        st.session_state[K.LABEL_UNITS] = sorted(set(ids))
+        st.session_state[K.INSPECT_UNIT] = ids[0]
 
 
 def _select_matching() -> None:
-    st.session_state["label_units"] = [r.unit for r in logic.rank_by_iou(iou, labels, top=len(iou)) if r.matches]
+    st.session_state[K.LABEL_UNITS] = [r.unit for r in logic.rank_by_iou(iou, labels, top=len(iou)) if r.matches]
 
 
 num_units = atlas.num_units if atlas is not None else (len(result.unit_max) if result is not None else 0)
-selected = [int(u) for u in st.session_state.get("label_units", [])]
+selected = [int(u) for u in st.session_state.get(K.LABEL_UNITS, [])]
 m1, m2 = st.columns([3, 2], gap="medium")
 with m1:
     if atlas is None:
@@ -154,25 +150,26 @@ with m1:
     else:
         fig = render.unit_scatter(atlas.unit_coords, labels=labels, iou=iou, selected=selected,
                                   match_iou=MATCH_IOU)
-        st.plotly_chart(fig, key="unit_map", on_select=_on_select, selection_mode=("points", "box", "lasso"))
+        st.plotly_chart(fig, key=K.UNIT_MAP, on_select=_on_select, selection_mode=("points", "box", "lasso"))
         st.caption("Each dot is a unit (PCA of its max activations over the reference set). Bigger: matches "
                    "your sketch. Colour: its label. Click or lasso units to select them.")
         if iou is not None and bool((np.asarray(iou) > MATCH_IOU).any()):
-            st.button("Select the matching units", on_click=_select_matching, key="select_matching")
+            st.button("Select the matching units", on_click=_select_matching, key=K.SELECT_MATCHING)
 
 # -- inspect one unit -----------------------------------------------------------------------------
 with m2:
     options = list(range(num_units))
-    if "inspect_unit" not in st.session_state and selected:
-        st.session_state["inspect_unit"] = selected[0]
-    unit = st.selectbox("Inspect unit", options, index=None, key="inspect_unit", placeholder="click a unit or pick one",
+    if K.INSPECT_UNIT not in st.session_state and selected:
+        st.session_state[K.INSPECT_UNIT] = selected[0]
+    unit = st.selectbox("Inspect unit", options, index=None, key=K.INSPECT_UNIT, placeholder="click a unit or pick one",
                         format_func=lambda u: f"unit {u}" + (f" - {labels[u]}" if u in labels else ""))
     if unit is not None:
         if result is not None and thresholds is not None:
-            m = logic.unit_mask_on(result, unit, thresholds, render.fit(t_pixels, 320).shape[:2])
+            t_320 = render.fit(t_view, 320)
+            m = logic.unit_mask_on(result, unit, thresholds, t_320.shape[:2])
             amap = result.unit_maps.get(int(unit))
             if amap is not None:
-                heat = render.heat_overlay(render.fit(t_pixels, 320), amap, alpha=0.45)
+                heat = render.heat_overlay(t_320, amap, alpha=0.45)
                 st.image(render.mask_overlay(heat, m, alpha=0.0), width=300, output_format="JPEG",
                          caption=f"unit {unit} on this image (outline: above its threshold)")
         if atlas is not None:
@@ -192,12 +189,12 @@ if key is None:
     st.stop()
 with st.form("label_form", clear_on_submit=False, border=True):
     c1, c2 = st.columns([3, 2])
-    chosen = c1.multiselect("Units", options=list(range(num_units)), key="label_units",
+    chosen = c1.multiselect("Units", options=list(range(num_units)), key=K.LABEL_UNITS,
                             format_func=lambda u: f"unit {u}" + (f" (IoU {iou[u]:.2f})" if iou is not None else "")
                             + (f" - {labels[u]}" if u in labels else ""))
     concept = c2.selectbox("Concept (BI-RADS term, an existing label, or type a new one)",
                            logic.label_options(store.vocabulary()), index=None, accept_new_options=True,
-                           key="label_concept", placeholder="choose or type")
+                           key=K.LABEL_CONCEPT, placeholder="choose or type")
     submitted = st.form_submit_button("Label the selected units", type="primary")
 if submitted:
     name = state.require_annotator()
