@@ -128,10 +128,10 @@ def test_explain_upload_sample_recent_and_cam_switch(app_env):
     _, data2 = _png(app_env, 1)
     res2 = local_explain(Path(app_env["model_dir"]) / "model.pt", data2, max_side=512, name="demo")
     other = next(c for c in res.classes if c not in (res.prediction, res2.prediction))
-    assert at.radio(key=Keys.cam_class(ref)).value == res.prediction
-    at.radio(key=Keys.cam_class(ref)).set_value(other).run()
-    at.radio(key=Keys.prob_class(ref)).set_value(other).run()
-    assert at.radio(key=Keys.cam_class(ref)).value == other
+    assert at.radio(key=Keys.of_image(Keys.CAM_CLASS, ref)).value == res.prediction
+    at.radio(key=Keys.of_image(Keys.CAM_CLASS, ref)).set_value(other).run()
+    at.radio(key=Keys.of_image(Keys.PROB_CLASS, ref)).set_value(other).run()
+    assert at.radio(key=Keys.of_image(Keys.CAM_CLASS, ref)).value == other
     assert any(c.startswith(f"CAM of {other}") for c in _captions(at)), _captions(at)
     assert f"P({other}) per position (blue 0, red 1)" in _captions(at)
     probs = _bars(at, "probs")
@@ -148,14 +148,14 @@ def test_explain_upload_sample_recent_and_cam_switch(app_env):
     assert not at.exception
     ref2 = _sess(at).image
     assert "P00000_R_MLO" in ref2.name and ref2.data == data2
-    assert at.radio(key=Keys.cam_class(ref2)).value == res2.prediction
-    assert at.radio(key=Keys.prob_class(ref2)).value == res2.prediction
+    assert at.radio(key=Keys.of_image(Keys.CAM_CLASS, ref2)).value == res2.prediction
+    assert at.radio(key=Keys.of_image(Keys.PROB_CLASS, ref2)).value == res2.prediction
     assert any(c.startswith(f"CAM of {res2.prediction}") for c in _captions(at)), _captions(at)
     recent = at.selectbox(key="recent_pick")
     assert recent.options == [name]
     recent.select(name).run()
     assert _sess(at).image.name == name
-    assert at.radio(key=Keys.cam_class(ref)).value == res.prediction
+    assert at.radio(key=Keys.of_image(Keys.CAM_CLASS, ref)).value == res.prediction
 
 
 def test_explain_bad_upload_and_server_down_are_messages(app_env, monkeypatch):
@@ -275,7 +275,7 @@ def test_suspicious_patch_clicked_on_explain_goes_to_sketch(app_env):
     from ui.state import Keys
 
     ref = _sess(at).image
-    at.session_state[Keys.patches_table(ref)] = {"selection": {"rows": [1], "columns": [], "cells": []}}
+    at.session_state[Keys.of_image(Keys.PATCHES_TABLE, ref)] = {"selection": {"rows": [1], "columns": [], "cells": []}}
     at.run()
     assert not at.exception, at.exception
     assert _sess(at).patch_pick == 1
@@ -286,16 +286,16 @@ def test_suspicious_patch_clicked_on_explain_goes_to_sketch(app_env):
     assert box is not None and box[2] - box[0] == round(0.25 * 151)
     at.switch_page("pages/sketch.py").run()
     assert not at.exception, at.exception
-    target = at.selectbox(key=Keys.target(ref))
+    target = at.selectbox(key=Keys.of_image(Keys.TARGET, ref))
     assert target.value == box and target.options[0].startswith("Whole image")
     assert _sess(at).patch == box
     # and back to the whole image
     assert target.format_func(target.value) == target.options[target.index]
     target.select("whole image").run()
     assert _sess(at).patch is None
-    assert at.selectbox(key=Keys.target(ref)).value == "whole image"
+    assert at.selectbox(key=Keys.of_image(Keys.TARGET, ref)).value == "whole image"
     # a new image resets what belonged to the old one (the typed session state, one list)
-    at.selectbox(key=Keys.target(ref)).select(box).run()
+    at.selectbox(key=Keys.of_image(Keys.TARGET, ref)).select(box).run()
     sess = _sess(at)
     assert sess.patch == box
     sess.sketch, sess.sketch_for = np.ones((4, 4), bool), (ref.digest, box)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,8 +22,7 @@ SUSPICIOUS_TOP = 5
 RANKED_TOP = 12
 
 
-@dataclass(frozen=True)
-class ModelKey:
+class ModelKey(NamedTuple):
     """What labels are keyed by: the model name and the sha256 of its weights."""
 
     name: str

@@ -203,29 +203,15 @@ class Keys:
     #: a new patch drops their values (:meth:`Session.new_image`, :meth:`Session.new_patch`)
     PER_TARGET = (LABEL_UNITS, INSPECT_UNIT)
 
+    #: per-image widgets (key = name + the image's digest, :meth:`of_image`): the Explain page's
+    #: "CAM of class" and "Class probability map" radios and its table of suspicious patches (the
+    #: selected row), the Sketch page's "Sketch on" choice
+    CAM_CLASS, PROB_CLASS, PATCHES_TABLE, TARGET = "cam_class", "prob_class", "patches_table", "target"
+
     @staticmethod
     def of_image(name: str, ref: ImageRef) -> str:
+        """The key of widget ``name`` for the image ``ref``."""
         return f"{name}_{ref.digest[:12]}"
-
-    @classmethod
-    def cam_class(cls, ref: ImageRef) -> str:
-        """The Explain page's "CAM of class" radio."""
-        return cls.of_image("cam_class", ref)
-
-    @classmethod
-    def prob_class(cls, ref: ImageRef) -> str:
-        """The Explain page's "Class probability map" radio."""
-        return cls.of_image("prob_class", ref)
-
-    @classmethod
-    def patches_table(cls, ref: ImageRef) -> str:
-        """The Explain page's table of suspicious patches (its selected row)."""
-        return cls.of_image("patches_table", ref)
-
-    @classmethod
-    def target(cls, ref: ImageRef) -> str:
-        """The Sketch page's "Sketch on" choice."""
-        return cls.of_image("target", ref)
 
     @classmethod
     def canvas(cls, ref: ImageRef, box: Box | None) -> str:
@@ -470,7 +456,7 @@ def set_patch(box: Sequence[int] | None, *, from_widget: bool = False) -> None:
     target: Box | None = None if box is None else (int(box[0]), int(box[1]), int(box[2]), int(box[3]))
     ref = image()
     if ref is not None and not from_widget:
-        st.session_state[Keys.target(ref)] = WHOLE if target is None else target
+        st.session_state[Keys.of_image(Keys.TARGET, ref)] = WHOLE if target is None else target
     session().new_patch(target)
 
 

@@ -74,7 +74,7 @@ with right:
     st.plotly_chart(render.probability_bars(result.probabilities, result.prediction), key="probs")
     # keyed per image: a new image starts at its own prediction, a choice holds while the image stays
     prob_class = st.radio("Class probability map", classes, index=classes.index(result.prediction),
-                          horizontal=True, key=K.prob_class(ref))
+                          horizontal=True, key=K.of_image(K.PROB_CLASS, ref))
     pmap = render.heat_overlay(render.fit(view, 512), result.class_maps[classes.index(prob_class)], vmin=0, vmax=1,
                                alpha=0.5)
     st.image(pmap, caption=f"P({prob_class}) per position (blue 0, red 1)",
@@ -83,7 +83,7 @@ with right:
 patches = logic.suspicious_patches(result.class_maps, view, classes, shape=img.shape)
 with left:
     cam_class = st.radio("CAM of class", classes, index=classes.index(result.prediction), horizontal=True,
-                         key=K.cam_class(ref))
+                         key=K.of_image(K.CAM_CLASS, ref))
     base = render.fit(view, 2 * MAX_W)
     shown = render.heat_overlay(base, result.cam[classes.index(cam_class)])
     chosen = state.session().patch_pick
@@ -99,7 +99,7 @@ with left:
 if patches:
     st.subheader("Suspicious patches")
     rows = [{"#": i + 1, "P(malignant)": round(p.score, 3), "where": p.name} for i, p in enumerate(patches)]
-    ev = st.dataframe(rows, key=K.patches_table(ref), on_select="rerun", selection_mode="single-row",
+    ev = st.dataframe(rows, key=K.of_image(K.PATCHES_TABLE, ref), on_select="rerun", selection_mode="single-row",
                       hide_index=True, width=420)
     picked = ev.selection.rows[0] if ev and ev.selection.rows else None
     if picked is not None and picked >= len(patches):

@@ -37,7 +37,7 @@ names.update({p.box: f"Patch {i + 1}: P(malignant) {p.score:.2f}, {p.name}" for 
 cur = state.patch()
 if cur is not None and cur not in names:
     names[cur] = f"Patch x {cur[0]}-{cur[2]}, y {cur[1]}-{cur[3]}"
-tkey = K.target(ref)
+tkey = K.of_image(K.TARGET, ref)
 if st.session_state.get(tkey) not in names:
     st.session_state[tkey] = state.WHOLE if cur is None else cur
 choice = st.selectbox("Sketch on", list(names), key=tkey, format_func=names.get)
