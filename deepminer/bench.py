@@ -730,8 +730,9 @@ def format_table(report: dict[str, Any]) -> str:
                          _mark(r["gradcam_vs_explain"], c.get("gradcam_vs_explain")),
                          _mark(r.get("dissect_vs_forward"), c.get("dissect_vs_forward"))])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    line = lambda cells: "  ".join(str(v).ljust(wd) if i < 3 else str(v).rjust(wd)  # noqa: E731
-                                   for i, (v, wd) in enumerate(zip(cells, widths)))
+    def line(cells: Sequence[Any]) -> str:
+        return "  ".join(str(v).ljust(wd) if i < 3 else str(v).rjust(wd) for i, (v, wd) in enumerate(zip(cells, widths)))
+
     out = [f"deepminer bench: torch {env['torch']}, device {env['device']}"
            + (f" ({env['gpu']})" if env.get("gpu") else "")
            + f", {env['torch_threads']} threads, {env['cpu_count']} CPUs, load average "

@@ -52,7 +52,9 @@ def test_birads_terms_are_cid_6004_to_6015_deduplicated():
 
 
 def test_reports_map_to_concepts():
-    names = lambda r: [c.name for c in C.concepts_from_report(r)]  # noqa: E731
+    def names(report: str) -> list[str]:
+        return [c.name for c in C.concepts_from_report(report)]
+
     assert names("LESION_TYPE MASS SHAPE IRREGULAR MARGINS SPICULATED") == [
         "mass_irregular", "mass_spiculated_margin", "mass"]
     assert names("LESION_TYPE CALCIFICATION TYPE PLEOMORPHIC DISTRIBUTION CLUSTERED") == [

@@ -371,7 +371,7 @@ def test_load_8_clients_x_25_requests(server):
                 except ServeError as err:
                     code = err.status
                     errors.append(str(err))
-                except Exception as err:  # noqa: BLE001
+                except Exception as err:  # noqa: BLE001 - any other failure is counted as a lost request
                     code = -1
                     errors.append(repr(err))
                 with lock:

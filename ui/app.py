@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `streamlit run ui/app.py` puts ui/ on the path, not the repo root
     sys.path.insert(0, str(ROOT))
 
-import streamlit as st  # noqa: E402
+import streamlit as st  # noqa: E402 - after the sys.path line above
 
-from ui import state  # noqa: E402
+from ui import state  # noqa: E402 - after the sys.path line above
 
 HERE = Path(__file__).resolve().parent
 

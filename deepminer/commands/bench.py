@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 NAME = "bench"
 HELP = "time forward, one-pass explain, Grad-CAM, sketch IoU and dissection side by side"
@@ -61,10 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
 
 
-def _round_trip(args: argparse.Namespace):
-    """``png -> {"ms", "server_forward_ms", "threads", "device"}``: one timed request through the
-    project's client (one keep-alive session for the whole run), with what the server
-    says of its own forward pass and threads."""
+def _round_trip(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``(one, client)``: ``one(png) -> {"ms", "server_forward_ms", "threads", "device"}`` times one
+    request through the project's client (one keep-alive session for the whole run, closed by the
+    caller), with what the server says of its own forward pass and threads."""
     import os
     import time
 
@@ -88,8 +89,7 @@ def _round_trip(args: argparse.Namespace):
         return {"ms": ms, "server_forward_ms": (body.get("timing_ms") or {}).get("forward"),
                 "threads": server.get("threads"), "device": server.get("device")}
 
-    one.close = session.close  # type: ignore[attr-defined]
-    return one
+    return one, session
 
 
 def _say(msg: str) -> None:
@@ -134,25 +134,25 @@ def run(args: argparse.Namespace) -> int:
             from deepminer.models import arch_spec
 
             arch_spec(s.value)
-    round_trip = _round_trip(args) if args.serve else None
-    if round_trip is not None:  # is the server there? (one untimed request, before the long work)
-        from deepminer import client
-
-        with client.Client.from_env(url=args.serve, model=args.serve_model, token=args.token,
-                                    key_file=args.key_file) as c:
-            if not c.ping():
-                raise InputError(f"--serve: TorchServe is not reachable at {args.serve} (no Healthy /ping); "
-                                 "start it with `make run`")
-        round_trip(bench.png8_variants(np.full((64, 64), 0.5, np.float32), 1)[0])  # model name, token
+    round_trip, serve_client = _round_trip(args) if args.serve else (None, None)
     try:
+        if round_trip is not None:  # is the server there? (one untimed request, before the long work)
+            from deepminer import client
+
+            with client.Client.from_env(url=args.serve, model=args.serve_model, token=args.token,
+                                        key_file=args.key_file) as c:
+                if not c.ping():
+                    raise InputError(f"--serve: TorchServe is not reachable at {args.serve} (no Healthy /ping); "
+                                     "start it with `make run`")
+            round_trip(bench.png8_variants(np.full((64, 64), 0.5, np.float32), 1)[0])  # model name, token
         report = bench.run_bench(specs, cases=cases, repeats=args.repeats, warmup=args.warmup,
                                  batch_size=args.batch_size, device=args.device, threads=args.threads,
                                  round_trip=round_trip, serve_url=args.serve, dissect=not args.no_dissect,
                                  serve_warmup=(bench.SERVE_JIT_WARMUP if args.serve_warmup is None
                                                else args.serve_warmup), progress=True)
     finally:
-        if round_trip is not None:
-            round_trip.close()
+        if serve_client is not None:
+            serve_client.close()
     if not args.no_startup:  # last: bad input fails above, before these subprocesses (docs/bench.md)
         report["startup"] = bench.measure_startup(repeats=args.repeats, warmup=args.warmup, log=_say)
     if args.json:
