@@ -599,8 +599,11 @@ def _epoch_entry(epoch: int, losses: list[float], seen: int, val_loss: float, re
 def _best_meta(cfg: TrainConfig) -> dict:
     """What ``best.pt`` records of the run; ``image_width``: the width at which the model saw images
     (a patch = 25% of it), for whole-image use."""
+    from deepminer.data.dataset import describe_dataset
+
     return {"patch_size": cfg.patch_size, "image_width": int(round(cfg.patch_size / 0.25)),
-            "data": str(cfg.data), "recipe": _recipe(cfg), "seed": cfg.seed}
+            "data": str(cfg.data), "trained_on": describe_dataset(cfg.data), "recipe": _recipe(cfg),
+            "seed": cfg.seed}
 
 
 def _save_last(run: _Run, epoch: int) -> None:

@@ -187,7 +187,8 @@ def test_to_json_matches_the_explanation_and_from_json_inverts_it():
     body = json.loads(json.dumps(e.to_json()))
     assert set(body) >= {"model", "input", "probabilities", "prediction", "class_maps", "cam", "units",
                          "sketch_iou", "timing_ms", "window", "probability_rule"}
-    assert body["model"] == {"arch": "tiny", "layer": "block4", "head": "gap", "units": 32, "classes": list(CLASSES)}
+    assert body["model"] == {"arch": "tiny", "layer": "block4", "head": "gap", "units": 32, "classes": list(CLASSES),
+                             "trained_on": "not recorded in the checkpoint"}
     assert body["input"]["height"] == 200 and body["input"]["model_height"] == 128
     assert body["prediction"] == e.prediction and body["probabilities"] == e.probabilities
     for name in ("class_maps", "cam"):

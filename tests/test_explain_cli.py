@@ -39,7 +39,8 @@ def test_local_text_output(model_path, image, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"{image}: ") and any(c in out[0] for c in ("normal", "benign", "malignant"))
     assert out[1].split()[0] == "probabilities" and len(out[1].split()) == 7
-    assert out[2].strip().startswith("top units for") and out[2].count("(") == 1 + 3  # "(influence)" + 3 units
+    assert out[2].split()[:3] == ["model", "trained", "on"] and "not recorded" in out[2]  # says what it knows
+    assert out[3].strip().startswith("top units for") and out[3].count("(") == 1 + 3  # "(influence)" + 3 units
 
 
 def test_local_json_and_overlays(model_path, image, tmp_path, capsys):

@@ -93,6 +93,9 @@ def test_best_checkpoint_reloads_with_same_outputs(tiny_run):
     run, _ = tiny_run
     best = load_model(run / "best.pt")
     assert best.meta["patch_size"] == PATCH and best.meta["epoch"] == 1
+    from deepminer.data.dataset import SYNTHETIC_PHANTOMS
+
+    assert best.meta["trained_on"] == SYNTHETIC_PHANTOMS  # phantoms.json in the training folder
     last = torch_load(run / "last.pt")
     ref = build_model("tiny", pretrained=False)
     ref.load_state_dict(last["model"])     # best epoch == last epoch here

@@ -117,6 +117,10 @@ def test_explain_upload_sample_recent_and_cam_switch(app_env):
 
     res = local_explain(Path(app_env["model_dir"]) / "model.pt", data, max_side=512, name="demo")
     assert f"Prediction: {res.prediction} ({res.probabilities[res.prediction]:.2f})" in text
+    # every prediction says what the model was trained on (this test model's checkpoint does not say)
+    from ui.logic import trained_on_note
+
+    assert trained_on_note(res.model) in [c.value for c in at.caption] and "not recorded" in trained_on_note(res.model)
     sentence = [t.value for t in at.text]
     assert sentence == [f"{res.prediction.capitalize()} ({res.probabilities[res.prediction]:.2f}): none of its 8 "
                         "most influential units is labelled yet."]
@@ -473,3 +477,15 @@ def test_settings_and_text_escaping(monkeypatch):
     assert load_settings({"DEEPMINER_BACKEND": "nonsense"}).backend == "serve"
     assert load_settings({}).max_side == 1024
     assert md_escape("<b>x</b> **y**") == "&lt;b&gt;x&lt;/b&gt; \\*\\*y\\*\\*"
+
+
+def test_trained_on_note_says_phantom_output_is_not_meaningful():
+    from deepminer.data.dataset import SYNTHETIC_PHANTOMS
+    from deepminer.models import load_model
+    from ui.logic import trained_on_note
+
+    demo = load_model(Path(__file__).resolve().parents[1] / "model_store" / "demo" / "model.pt")
+    assert demo.meta["trained_on"] == SYNTHETIC_PHANTOMS  # the bundled model says so in its checkpoint
+    assert "not meaningful" in trained_on_note({"trained_on": SYNTHETIC_PHANTOMS})
+    assert trained_on_note({"trained_on": "CBIS-DDSM (deepminer import-cbis)"}).startswith("Trained on CBIS-DDSM")
+    assert "not recorded" in trained_on_note({})

@@ -188,6 +188,18 @@ def label_options(vocabulary: Iterable[str], extra: Iterable[str] = ()) -> list[
     return out
 
 
+def trained_on_note(model: Mapping | None) -> str:
+    """What the model was trained on, said next to every prediction: a model trained on synthetic
+    phantoms says plainly that its output on a real mammogram is not meaningful."""
+    trained_on = str((model or {}).get("trained_on") or "").strip()
+    if "phantom" in trained_on.lower():
+        return ("Trained on synthetic phantoms only: on a real mammogram this output is not meaningful "
+                "(a demonstration of the method, not a diagnosis).")
+    if not trained_on or trained_on.startswith("not recorded"):
+        return "What this model was trained on is not recorded: treat its output as unvalidated."
+    return f"Trained on {trained_on}; not validated for diagnosis."
+
+
 def model_key(name: str, atlas_meta: Mapping | None, result_model: Mapping | None = None) -> ModelKey | None:
     """The key labels are stored under: the configured model ``name`` and the sha256 of its weights,
     taken from the explanation when the server sends one (``weights_sha256``), else from the atlas

@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     probs = "  ".join(f"{c} {p:.3f}" for c, p in res.probabilities.items())
     print(f"{image_path}: {res.prediction} (p = {res.probabilities[res.prediction]:.3f})")
     print(f"  probabilities  {probs}")
+    print(f"  model trained on  {res.model.get('trained_on', 'not recorded')} (not a diagnosis)")
     units = ", ".join(f"{t['unit']} ({t['influence']:+.3g})" for t in summary["top_units"])
     print(f"  top units for {res.prediction} (influence)  {units}")
     if "sketch_matches" in summary:

@@ -105,3 +105,18 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+#: what a model's ``trained_on`` says of data made by ``deepminer phantoms``
+SYNTHETIC_PHANTOMS = "synthetic phantoms (deepminer phantoms)"
+
+
+def describe_dataset(folder: str | os.PathLike) -> str:
+    """What a dataset folder holds, in words, for a model's ``trained_on``: synthetic phantoms (the
+    folder has ``phantoms.json``), a CBIS-DDSM import (``cbis_import.json``), else its name."""
+    root = Path(folder)
+    if (root / "phantoms.json").is_file():
+        return SYNTHETIC_PHANTOMS
+    if (root / "cbis_import.json").is_file():
+        return "CBIS-DDSM (deepminer import-cbis)"
+    return f"the dataset folder {root.name!r}"

@@ -37,6 +37,8 @@ from deepminer.models.fcn import FCN
 from deepminer.models.fcn import patch_px as model_patch_px
 from deepminer.options import DEFAULTS, UNIT_MAPS
 
+NOT_RECORDED = "not recorded in the checkpoint"  #: ``model.trained_on`` of a checkpoint that does not say
+
 
 def cam_from_features(model: FCN, feats: torch.Tensor,
                       class_logits: torch.Tensor | None = None) -> torch.Tensor:
@@ -213,6 +215,7 @@ def _forward(model: FCN, img: torch.Tensor, max_side: int | None, patch_px: int 
         timing_ms={},
         model={"arch": getattr(model, "arch", type(model).__name__),
                "layer": getattr(model, "layer", ""), "head": getattr(model, "head_type", "gap"),
-               "units": int(unit_max_np.shape[0])},
+               "units": int(unit_max_np.shape[0]),
+               "trained_on": str((getattr(model, "meta", None) or {}).get("trained_on") or NOT_RECORDED)},
         probability_rule=rule, window=window,
     )

@@ -69,6 +69,7 @@ st.caption(f"{render.md_escape(ref.name)} · {img.shape[1]} x {img.shape[0]} px 
 left, right = st.columns([3, 2], gap="medium")
 with right:
     st.subheader(f"Prediction: {result.prediction} ({result.probabilities[result.prediction]:.2f})")
+    st.caption(logic.trained_on_note(result.model))
     st.markdown("**DeepMiner explanation**")
     st.text(logic.explanation(result, labels)["sentence"])
     st.plotly_chart(render.probability_bars(result.probabilities, result.prediction), key="probs")
