@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything `make run` / `make test` need, idempotently: system packages (as root), the
 # .venv with the pinned requirements, and the project itself (editable). A second run is fast:
-# it compares a stamp of requirements.txt + pyproject.toml and the system-package list.
+# it compares a stamp of requirements.txt + pyproject.toml + the --no-deps pins, and the system-package list.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +25,8 @@ if ((${#need_apt[@]})); then
 fi
 command -v java >/dev/null || { echo "setup: error: TorchServe needs Java 17 (apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
 
-want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+# the stamp also covers the --no-deps pins below (quantus: its opencv-python would clash with our headless build)
+want=$(cat requirements.txt pyproject.toml <(grep '^"$VENV/bin/pip" .*--no-deps' scripts/setup.sh) | sha256sum | cut -d' ' -f1)
 if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
 fi
@@ -33,6 +34,7 @@ fi
 echo "setup: installing pinned requirements into $VENV (first run takes a few minutes)"
 "$VENV/bin/pip" install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
 "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "is ignored" || true
+"$VENV/bin/pip" install -q --disable-pip-version-check --no-deps "quantus==0.6.0" 2>&1 | grep -v "is ignored" || true
 "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored" || true
 "$VENV/bin/python" -c "import deepminer, torch, torchvision, timm, pydicom; assert torch.__version__.startswith('2.13.0'), torch.__version__" \
   || { echo "setup: error: the venv does not import (see above)" >&2; exit 1; }
