@@ -70,6 +70,7 @@ TARGETS: dict[str, tuple[str, float, tuple[str, ...]]] = {
     "dissect_vs_forward": (">=", 0.8, ("patch", "whole")),
     "serve_vs_forward_ms": ("<=", 50.0, ()),
     "startup_help_s": ("<=", 0.4, ()),
+    "eval_cam_vs_forward": ("<=", 1.25, ()),
 }
 
 
@@ -766,6 +767,10 @@ def format_table(report: dict[str, Any]) -> str:
             out.append(f"  server {s.get('server_device')}, {s.get('server_threads')} threads: its own forward "
                        f"{s['server_forward_ms']:.1f} ms; round trip - own forward, median "
                        f"{s['serve_overhead_ms']:.1f} ms (decode, tissue mask, encoding, TorchServe, HTTP)")
+    if report.get("eval"):
+        from deepminer.evaluation.cost import format_eval_cost
+
+        out += format_eval_cost(report["eval"], report["eval"]["check"]["eval_cam_vs_forward"])
     if report.get("startup"):
         out += format_startup(report["startup"])
     return "\n".join(out)

@@ -23,6 +23,7 @@ from deepminer.commands import (
     bench,
     dissect,
     evaluate,
+    evaluate_explanations,
     explain,
     import_cbis,
     inspect,
@@ -32,9 +33,18 @@ from deepminer.commands import (
 )
 from deepminer.errors import DeepMinerError
 
-COMMANDS: tuple[ModuleType, ...] = (bench, dissect, evaluate, explain, import_cbis, inspect, patches, phantoms,
-                                    train)
+COMMANDS: tuple[ModuleType, ...] = (bench, dissect, evaluate, evaluate_explanations, explain, import_cbis, inspect,
+                                    patches, phantoms, train)
 ENTRY_POINT_GROUP = "deepminer.commands"
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Option defaults in the help; an ``EPILOG`` (a command's list, one item per line) kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:  # a list written line by line (EPILOG): keep its lines
+            return "\n".join(indent + line for line in text.splitlines())
+        return super()._fill_text(text, width, indent)
 
 
 def plugin_commands() -> list[ModuleType]:
@@ -81,7 +91,7 @@ def build_parser(argv: Sequence[str] | None = None, *, full: Iterable[str] = ())
         wanted.add(str(_chosen(argv)))
     for mod in commands(argv):
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           epilog=getattr(mod, "EPILOG", None), formatter_class=_Formatter)
         if mod.NAME in wanted:
             mod.add_arguments(p)
         p.set_defaults(_run=mod.run)

@@ -147,7 +147,8 @@ def test_serve_measure_matches_the_workers_threads_and_reports_overhead(tiny_rep
 
 
 def test_cli_json_and_table(capsys):
-    argv = ["bench", "--arch", "tiny", "--cases", "patch", "--repeats", "1", "--warmup", "0", "--no-dissect"]
+    argv = ["bench", "--arch", "tiny", "--cases", "patch", "--repeats", "1", "--warmup", "0", "--no-dissect",
+            "--no-eval"]
     assert main(argv + ["--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     r = out["models"]["tiny"]["cases"]["patch"]
@@ -163,7 +164,7 @@ def test_two_models_in_one_run(tmp_path, capsys):
     path.parent.mkdir()
     save_model(build_model("tiny", pretrained=False), path)
     argv = ["bench", "--model", str(path), "--arch", "tiny", "--cases", "patch", "--repeats", "1",
-            "--warmup", "0", "--no-dissect", "--json"]
+            "--warmup", "0", "--no-dissect", "--no-eval", "--json"]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert list(out["models"]) == ["demo", "tiny"]
@@ -238,3 +239,22 @@ def test_cli_startup_rows(capsys):
     assert "deepminer --help" in text and "0.50 s MISS (target <= 0.4 s)" in text
     assert "inspect 4500x3000 16-bit DICOM" in text
     assert main(["bench", "--startup-only", "--no-startup"]) == 2
+
+
+def test_evaluation_cost_rows(capsys):
+    """The evaluation-cost rows: CAM-family localization evaluation vs the bare forward on the same
+    phantoms, each peer, faithfulness and sanity; checked against the 1.25x target."""
+    argv = ["bench", "--arch", "tiny", "--cases", "patch", "--repeats", "1", "--warmup", "0", "--no-dissect",
+            "--no-startup", "--json"]
+    assert main(argv) == 0
+    ev = json.loads(capsys.readouterr().out)["eval"]
+    assert ev["images"] == 3 and ev["forward_ms"] > 0 and ev["eval_cam_ms"] > 0
+    assert ev["eval_cam_vs_forward"] == pytest.approx(ev["eval_cam_ms"] / ev["forward_ms"], rel=1e-3)
+    assert set(ev["peers_vs_forward"]) == {"gradcam", "gradcam++", "guided_backprop", "integrated_gradients",
+                                           "smoothgrad"}
+    assert ev["check"]["eval_cam_vs_forward"] in ("PASS", "MISS") and ev["sanity_ms"] > ev["forward_ms"]
+    assert len(ev["raw"]["forward_ms"]) == 3  # 3 images x 1 repeat, every step timed on each
+    from deepminer.evaluation.cost import format_eval_cost
+
+    text = "\n".join(format_eval_cost(ev, ev["check"]["eval_cam_vs_forward"]))
+    assert "CAM/probability map/top units eval" in text and "target <= 1.25x" in text

@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serve-model", default=None, help="model name on the server [$DEEPMINER_MODEL or demo]")
     parser.add_argument("--key-file", default=None, help="TorchServe key_file.json [$DEEPMINER_KEY_FILE]")
     parser.add_argument("--token", default=None, help="inference token [$DEEPMINER_TOKEN]")
+    parser.add_argument("--no-eval", action="store_true",
+                        help="skip the evaluation-cost rows (CAM localization evaluation vs forward, peers, "
+                             "faithfulness, sanity; on the first model)")
     parser.add_argument("--no-startup", action="store_true",
                         help="skip the start-up rows (deepminer --help and inspect as subprocesses)")
     parser.add_argument("--startup-only", action="store_true",
@@ -153,6 +156,14 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if serve_client is not None:
             serve_client.close()
+    if not args.no_eval:
+        from deepminer.evaluation.cost import measure_eval_cost
+        from deepminer.runtime import resolve_device
+
+        model, _ = bench.load_spec(specs[0], resolve_device(args.device))
+        ev = measure_eval_cost(model, repeats=args.repeats, log=_say)
+        ev["check"] = {"eval_cam_vs_forward": bench.check("eval_cam_vs_forward", ev["eval_cam_vs_forward"])}
+        report["eval"] = ev
     if not args.no_startup:  # last: bad input fails above, before these subprocesses (docs/bench.md)
         report["startup"] = bench.measure_startup(repeats=args.repeats, warmup=args.warmup, log=_say)
     if args.json:

@@ -356,7 +356,7 @@ def gallery(cases: list[dict], path: str | os.PathLike[str], *, title: str) -> P
         notes.append("No cases.")
     fig.suptitle(_wrap(title, 70), fontsize=11)
     _note(fig, notes)
-    fig.tight_layout(rect=(0, 0.03 if notes else 0, 1, 1))
+    fig.tight_layout(rect=(0, 0.03 if notes else 0, 1, 0.97))  # room for the suptitle
     return _save(fig, path, notes)
 
 
@@ -383,11 +383,13 @@ def sanity_plot(results: dict[str, list[float]], steps: list[str], bound: float,
         ax.plot(x, y, color=colour, linestyle=ls, marker="o", markersize=4, linewidth=1.5, label=m)
     ax.axhline(bound, color="#444444", linestyle="--", linewidth=1.2, label=f"pass bound ({bound:g})")
     ax.set_xticks(x)
-    ax.set_xticklabels(steps, rotation=30 if len(steps) > 4 else 0, ha="right" if len(steps) > 4 else "center")
+    long = len(steps) > 4 or max((len(st) for st in steps), default=0) > 12
+    ax.set_xticklabels(steps, rotation=25 if long else 0, ha="right" if long else "center")
     ax.set_xlim(-0.3, max(0, len(steps) - 1) + 0.3)
     ax.set_xlabel("randomization step (cumulative, from the output layer down)")
     ax.set_ylabel("Spearman ρ with the original saliency")
-    ax.set_ylim(min(-0.1, bound - 0.1), 1.05)
+    finite = [v for vals in results.values() for v in vals if v is not None and np.isfinite(v)]
+    ax.set_ylim(min(-0.1, bound - 0.1, *(v - 0.05 for v in finite)), 1.05)
     ax.grid(alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)

@@ -1,0 +1,149 @@
+"""``deepminer evaluate-explanations`` end to end on a tiny model and a small phantom set: the report
+files, the numbers against the per-image records, resume after a kill, and bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deepminer.cli import main
+
+FAST = "cam,class_map,top_units,gradcam,random,tissue_prior"
+
+
+@pytest.fixture(scope="module")
+def eval_data(tiny_demo, tmp_path_factory) -> dict:
+    """8 phantoms (192 px), all in the test split, mostly abnormal; the session's tiny model + atlas."""
+    from deepminer.data.phantoms import generate_dataset
+
+    root = tmp_path_factory.mktemp("eval")
+    data = generate_dataset(root / "data", 8, 11, 192, splits={"test": 1.0},
+                            label_mix={"normal": 0.25, "benign": 0.35, "malignant": 0.4})
+    return {"data": data, "model": tiny_demo["model_dir"] / "model.pt", "root": root}
+
+
+def _run(eval_data, out: Path, *extra: str) -> int:
+    return main(["evaluate-explanations", "--model", str(eval_data["model"]), "--data", str(eval_data["data"]),
+                 "--out", str(out), "--quiet", "--bootstrap", "200", *extra])
+
+
+@pytest.fixture(scope="module")
+def report_dir(eval_data) -> Path:
+    out = eval_data["root"] / "report"
+    assert _run(eval_data, out, "--methods", FAST, "--sanity-images", "1") == 0
+    return out
+
+
+def test_report_files_and_numbers(report_dir, eval_data, capsys):
+    report = json.loads((report_dir / "report.json").read_text())
+    rows = list(csv.DictReader(open(report_dir / "per_image.csv")))
+    summary = list(csv.DictReader(open(report_dir / "summary.csv")))
+    manifest = list(csv.DictReader(open(eval_data["data"] / "manifest.csv")))
+    abnormal = [r for r in manifest if r["label"] != "normal"]
+    c = report["counts"]
+    assert c["images"] == 8 and c["abnormal"] == len(abnormal) and c["normal_not_evaluated"] == 8 - len(abnormal)
+    assert report["model"]["weights_sha256"] and report["data"]["manifest_sha256"] and report["reference"] == "cam"
+    assert report["methods"] == FAST.split(",")
+    # every summary mean is the mean of the per-image values it summarises (truth view, all abnormal)
+    for metric in ("auprc", "pointing", "iou", "relevance_mass", "deletion", "insertion"):
+        for method in ("cam", "random", "tissue_prior"):
+            vals = [float(r[metric]) for r in rows if r["method"] == method and r["view"] == "truth" and r[metric] != ""]
+            s = next(x for x in summary if x["method"] == method and x["metric"] == metric and x["view"] == "truth"
+                     and x["subset"] == "abnormal")
+            assert int(s["n"]) == len(vals) and float(s["mean"]) == pytest.approx(np.mean(vals), abs=1e-9)
+            assert float(s["lo"]) <= float(s["mean"]) <= float(s["hi"])
+    # baselines and the reference's paired differences are there
+    assert {"random", "tissue_prior"} <= {s["method"] for s in summary if s["baseline"] == "True"}
+    assert all(s["diff_vs"] == "cam" for s in summary if s["method"] != "cam" and int(s["n"]) > 0)
+    # sanity on one image: the baselines ignore the model (correlation 1 at every step: they fail), CAM's
+    # map moves with the model (the pass/fail of CAM itself is checked on a structured case in test_eval_sanity)
+    sanity = report["sanity"]["methods"]
+    assert report["sanity"]["images"] == 1
+    for baseline in ("random", "tissue_prior"):
+        assert sanity[baseline]["passes"] is False and sanity[baseline]["spearman"][1] == pytest.approx(1.0)
+    assert sanity["cam"]["spearman"][1] < 0.9 and sanity["cam"]["steps"][0] == "head"
+    for name in ("bars_auprc.png", "pr_curves.png", "deletion_insertion.png", "sanity.png", "gallery_cam.png"):
+        assert (report_dir / "figures" / name).stat().st_size > 1000
+    assert not any(p.name.startswith(".") for p in report_dir.parent.iterdir() if "report" in p.name)  # no resume left
+
+
+def test_resume_skips_kept_images_and_refuses_other_settings(eval_data, tmp_path, monkeypatch, capsys):
+    from deepminer.evaluation import runner
+
+    out = tmp_path / "r"
+    calls: list[str] = []
+    kill_at = {"n": 3}
+    real = runner.evaluate_image
+
+    def counting(ctx, row, index, *, sanity):
+        calls.append(row["image_id"])
+        if len(calls) == kill_at["n"]:
+            raise KeyboardInterrupt  # a kill during the third image
+        return real(ctx, row, index, sanity=sanity)
+
+    monkeypatch.setattr(runner, "evaluate_image", counting)
+    args = ("--methods", "cam,random", "--metrics", "auprc,pointing", "--limit", "5")
+    assert _run(eval_data, out, *args) == 130
+    assert not out.exists() and len((runner.resume_dir(out) / "records.jsonl").read_text().splitlines()) == 2
+    calls.clear()
+    kill_at["n"] = 0
+    assert _run(eval_data, out, *args) == 0
+    assert len(calls) == 3  # the two kept images were not evaluated again
+    assert json.loads((out / "report.json").read_text())["counts"]["images"] == 5
+    assert not runner.resume_dir(out).exists()  # removed once the report is in place
+    # resume data kept by a run with other settings is refused, not mixed in
+    calls.clear()
+    kill_at["n"] = 3
+    assert _run(eval_data, tmp_path / "s", *args) == 130
+    rc = _run(eval_data, tmp_path / "s", "--methods", "cam", "--metrics", "auprc", "--limit", "5")
+    assert rc == 2 and "other settings" in capsys.readouterr().err
+    calls.clear()
+    kill_at["n"] = 0
+    assert _run(eval_data, tmp_path / "s", "--methods", "cam", "--metrics", "auprc", "--limit", "5", "--fresh") == 0
+    assert len(calls) == 5  # --fresh: the other run's kept images are dropped, every image runs
+
+
+@pytest.mark.parametrize("case", ["no lesion masks", "mask size", "unknown method", "unknown metric", "empty split",
+                                  "classes"])
+def test_bad_input_is_one_line_and_writes_nothing(case, eval_data, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(eval_data["data"], data)
+    rows = list(csv.DictReader(open(data / "manifest.csv")))
+    extra: list[str] = []
+    if case == "no lesion masks":
+        for r in rows:
+            r["lesion_mask"] = ""
+    elif case == "mask size":
+        from PIL import Image
+
+        first = next(r for r in rows if r["lesion_mask"])
+        Image.new("L", (10, 12)).save(data / first["lesion_mask"])
+    elif case == "unknown method":
+        extra = ["--methods", "cam,lime"]
+    elif case == "unknown metric":
+        extra = ["--metrics", "auprc,accuracy"]
+    elif case == "empty split":
+        extra = ["--split", "holdout"]
+    elif case == "classes":
+        for r in rows:
+            r["label"] = "cancer" if r["label"] == "malignant" else r["label"]
+    with open(data / "manifest.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "out"
+    chosen = {"--methods": "cam", "--metrics": "auprc"}
+    chosen.update(dict(zip(extra[::2], extra[1::2])))
+    rc = main(["evaluate-explanations", "--model", str(eval_data["model"]), "--data", str(data), "--out", str(out),
+               "--quiet", *(x for kv in chosen.items() for x in kv)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("deepminer evaluate-explanations: error:"), err
+    expect = {"no lesion masks": "no lesion mask", "mask size": "differs from its image",
+              "unknown method": "known: cam", "unknown metric": "known: auprc", "empty split": "is empty",
+              "classes": "cancer"}[case]
+    assert expect in err[0]
+    assert not out.exists()
