@@ -11,10 +11,11 @@ module imports neither torch nor TorchServe.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -145,17 +146,29 @@ class Client:
         except ValueError:
             return False
 
-    def explain_raw(self, image: bytes | str | os.PathLike, options: Mapping[str, Any] | None = None) -> dict:
-        """POST an image (+ options) and return the JSON body; raises :class:`ServeError` on 4xx/5xx."""
+    def explain_raw(self, image: bytes | str | os.PathLike, options: Mapping[str, Any] | None = None, *,
+                    explanations: bool = False) -> dict:
+        """POST an image (+ options) to ``/predictions/<model>`` (``explanations``:
+        ``/explanations/<model>``) and return the JSON body; raises :class:`ServeError` on 4xx/5xx."""
         data = _read_image(image)
+        path = f"/{'explanations' if explanations else 'predictions'}/{self.model}"
         if options:
             files = {"data": ("image", data, "application/octet-stream"),
                      "options": (None, json.dumps(dict(options)), "application/json")}
-            r = self._request("POST", f"/predictions/{self.model}", files=files)
+            r = self._request("POST", path, files=files)
         else:  # the bare body: TorchServe skips decoding a multipart form (about 3 ms for 200 KB)
-            r = self._request("POST", f"/predictions/{self.model}", data=data,
-                              headers={"Content-Type": "application/octet-stream"})
+            r = self._request("POST", path, data=data, headers={"Content-Type": "application/octet-stream"})
         return _body_or_raise(r)
+
+    def explain_methods(self, image: bytes | str | os.PathLike, methods: Sequence[str], *, target: str | None = None,
+                        options: ExplainOptions | None = None) -> Explanation:
+        """``POST /explanations/<model>``: the explanation plus the saliency map of each of
+        ``methods`` (``cam``, ``class_map``, ``gradcam``, ``gradcam++``, ``guided_backprop``,
+        ``integrated_gradients``, ``smoothgrad``) for ``target`` (None: the prediction) on the CAM
+        grid, in :attr:`Explanation.method_maps` (cost in ``method_ms``). ``options`` carries the
+        other options; ``methods``/``target`` given here win. Unknown names are refused before sending."""
+        opts = _with_methods(options, methods, target)
+        return Explanation.from_json(self.explain_raw(image, opts.to_json(), explanations=True))
 
     def explain(self, image: bytes | str | os.PathLike, options: ExplainOptions | None = None, *,
                 top_units: int = DEFAULTS["top_units"], unit_maps: str = DEFAULTS["unit_maps"],
@@ -220,15 +233,30 @@ def local_service(model_path: str | os.PathLike, atlas: str | os.PathLike | None
     return _SERVICES[key]
 
 
+def _with_methods(options: ExplainOptions | None, methods: Sequence[str] | None,
+                  target: str | None) -> ExplainOptions:
+    """``options`` with ``methods``/``target`` set (None: kept), validated like a request."""
+    opts = options or ExplainOptions()
+    if methods is not None:
+        opts = dataclasses.replace(opts, methods=(methods,) if isinstance(methods, str) else tuple(methods))
+    if target is not None:
+        opts = dataclasses.replace(opts, target=target)
+    return ExplainOptions.parse(opts.to_json())
+
+
 def local_explain(model_path: str | os.PathLike, image: bytes | str | os.PathLike,
                   options: ExplainOptions | None = None, *, top_units: int = DEFAULTS["top_units"],
                   unit_maps: str = DEFAULTS["unit_maps"], sketch: np.ndarray | None = None,
                   max_side: int | None = None, atlas: str | os.PathLike | None = None,
-                  name: str | None = None) -> Explanation:
+                  name: str | None = None, methods: Sequence[str] | None = None,
+                  target: str | None = None) -> Explanation:
     """The same :class:`~deepminer.explanation.Explanation` as :meth:`Client.explain`, computed in
     this process by the server's own request path (same option checks, sketch decoding, tissue
     mask, engine) and passed through the API's encoding, so it equals the served answer. ``atlas``
-    defaults to an ``atlas/`` folder beside the model file when there is one."""
+    defaults to an ``atlas/`` folder beside the model file when there is one.
+
+    ``methods`` (or ``target``, or options carrying them): the answer of :meth:`Client.explain_methods`
+    (``POST /explanations``) instead, saliency maps included."""
     model_path = Path(model_path)
     if atlas is None and (model_path.parent / "atlas" / "atlas.json").is_file():
         atlas = model_path.parent / "atlas"
@@ -237,5 +265,9 @@ def local_explain(model_path: str | os.PathLike, image: bytes | str | os.PathLik
     if options is None:
         options = ExplainOptions.build(top_units=top_units, unit_maps=unit_maps, sketch=sketch, max_side=max_side,
                                        num_units=service.num_units)
-    exp = service.explain(_read_image(image), options, name=label)
+    if methods is not None or target is not None or options.methods or options.target is not None:
+        options = _with_methods(options, methods, target)
+        exp = service.explain_methods(_read_image(image), options, name=label)
+    else:
+        exp = service.explain(_read_image(image), options, name=label)
     return Explanation.from_json(exp.to_json())

@@ -14,7 +14,10 @@ Names mean one thing everywhere (the engine, the API, the docs):
 * ``unit_max`` ``[K]``; ``influence`` ``(C, K)`` = max activation x FC weight (DeepMiner);
 * ``top_units`` ``{class: [unit ids]}``, by descending influence;
 * ``unit_maps`` (:class:`UnitMaps`): the activation maps ``(h, w)`` of the units that were kept, by
-  unit id (all, the top units of every class, or none: the ``unit_maps`` option).
+  unit id (all, the top units of every class, or none: the ``unit_maps`` option);
+* ``method_maps`` ``{method: (h, w)}``: saliency maps of ``target`` by the methods an
+  ``POST /explanations/<model>`` request named (``cam``/``class_map`` rows of the pass above, the
+  gradient peers of :mod:`deepminer.explain.peers` normalised to [0, 1]), ``method_ms`` their cost.
 """
 from __future__ import annotations
 
@@ -114,6 +117,8 @@ class Explanation:
     ``(i0, j0, i1, j1)`` (end exclusive) of the window the rule picked, when it picks one.
     ``sketch_iou`` [K]: every unit's IoU with a sketch, at the thresholds ``thresholds_source`` names.
     ``server``: who answered (device, batch, pid, threads, cache_hit), when it came over HTTP.
+    ``target``, ``method_maps``, ``method_ms``: the class and the saliency maps ``(h, w)`` on the
+    CAM grid (with their cost in ms) of an explanations request; None and empty otherwise.
 
     Geometry: the ``h x w`` cells of every map tile the ORIGINAL image uniformly: cell ``(i, j)``
     covers rows ``[i*H/h, (i+1)*H/h)`` and columns ``[j*W/w, (j+1)*W/w)`` (:meth:`cell_box`), the
@@ -138,6 +143,9 @@ class Explanation:
     thresholds_source: str | None = None
     server: dict[str, Any] = field(default_factory=dict)
     cache_hit: bool = False
+    target: str | None = None
+    method_maps: dict[str, np.ndarray] = field(default_factory=dict)
+    method_ms: dict[str, float] = field(default_factory=dict)
 
     # -- geometry ---------------------------------------------------------------------------------
     @property
@@ -209,6 +217,11 @@ class Explanation:
             out["thresholds_source"] = self.thresholds_source
         if self.server:
             out["server"] = dict(self.server)
+        if self.target is not None:
+            out["target"] = self.target
+        if self.method_maps:
+            out["methods"] = {m: {"map": encode_array(a, dtype=WIRE_DTYPE), "ms": float(self.method_ms.get(m, 0.0))}
+                              for m, a in self.method_maps.items()}
         return out
 
     @classmethod
@@ -239,6 +252,8 @@ class Explanation:
         influence = units.get("influence") or {}
         iou = body.get("sketch_iou")
         window = body.get("window")
+        methods = body.get("methods") or {}
+        target = body.get("target")
         return cls(
             classes=classes,
             probabilities=probabilities,
@@ -259,4 +274,7 @@ class Explanation:
             thresholds_source=body.get("thresholds_source"),
             server=dict(body.get("server") or {}),
             cache_hit=bool((body.get("server") or {}).get("cache_hit", False)),
+            target=None if target is None else str(target),
+            method_maps={str(m): arr(v["map"]) for m, v in methods.items()},
+            method_ms={str(m): float(v.get("ms", 0.0)) for m, v in methods.items()},
         )

@@ -14,6 +14,7 @@ import base64
 import binascii
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,13 +25,20 @@ if TYPE_CHECKING:
     import numpy as np
 
 UNIT_MAPS = ("none", "top", "all")  #: which unit maps an answer carries
+#: the maps ``POST /explanations/<model>`` returns: these two come free with the explanation pass,
+FREE_METHODS = ("cam", "class_map")
+#: these are the gradient peers of :data:`deepminer.explain.peers.METHODS` (one or more backward passes each)
+GRADIENT_METHODS = ("gradcam", "gradcam++", "guided_backprop", "integrated_gradients", "smoothgrad")
+EXPLAIN_METHODS = FREE_METHODS + GRADIENT_METHODS
+EXPLAIN_ONLY = ("methods", "target")  #: options of ``POST /explanations/<model>`` only
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 OPTIONS_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": "https://deepminer.studio/schemas/explain-options.json",
     "title": "options",
-    "description": "Options of POST /predictions/<model> (multipart part 'options', a JSON object).",
+    "description": "Options of POST /predictions/<model> and POST /explanations/<model> (multipart part "
+                   "'options', a JSON object).",
     "type": "object",
     "additionalProperties": False,
     "properties": {
@@ -45,6 +53,13 @@ OPTIONS_SCHEMA: dict[str, Any] = {
         "max_side": {"type": ["integer", "null"], "minimum": MAX_SIDE_RANGE[0], "maximum": MAX_SIDE_RANGE[1],
                      "default": None,
                      "description": "long side (px) the image is explained at (null: the server's default)"},
+        "methods": {"type": "array", "items": {"enum": list(EXPLAIN_METHODS)}, "uniqueItems": True, "default": [],
+                    "description": "POST /explanations/<model> only: the saliency maps returned for the target "
+                                   "(empty: cam); cam and class_map come from the explanation pass, the others "
+                                   "are gradient methods (at most the server's max_gradient_methods, default 3)"},
+        "target": {"type": ["string", "null"], "default": None,
+                   "description": "POST /explanations/<model> only: the class the maps explain "
+                                  "(null: the prediction)"},
     },
 }
 
@@ -102,13 +117,17 @@ class ExplainOptions:
     """Validated options of one explanation request (see :data:`OPTIONS_SCHEMA`).
 
     ``sketch``: the PNG bytes of a sketch mask (:func:`mask_to_png`), or None; decode it at the
-    image's size with :meth:`sketch_mask`. ``max_side`` None: the server's default.
+    image's size with :meth:`sketch_mask`. ``max_side`` None: the server's default. ``methods`` and
+    ``target`` (the saliency maps and the class they explain) belong to ``POST /explanations`` only
+    (:meth:`check_endpoint`).
     """
 
     top_units: int = DEFAULTS["top_units"]
     unit_maps: str = DEFAULTS["unit_maps"]
     sketch: bytes | None = None
     max_side: int | None = None
+    methods: tuple[str, ...] = ()
+    target: str | None = None
 
     @classmethod
     def parse(cls, raw: Any = None, *, num_units: int | None = None, flags: bool = False) -> ExplainOptions:
@@ -136,17 +155,35 @@ class ExplainOptions:
                 raise InputError(f"{_name('sketch', flags)}: not a PNG image")
         unit_maps = data.get("unit_maps")
         return cls(top_units=top, unit_maps=DEFAULTS["unit_maps"] if unit_maps is None else str(unit_maps),
-                   sketch=png, max_side=data.get("max_side"))
+                   sketch=png, max_side=data.get("max_side"), methods=tuple(data.get("methods") or ()),
+                   target=data.get("target"))
 
     @classmethod
     def build(cls, *, top_units: int = DEFAULTS["top_units"], unit_maps: str = DEFAULTS["unit_maps"],
-              sketch: Any = None, max_side: int | None = None, num_units: int | None = None,
-              flags: bool = False) -> ExplainOptions:
+              sketch: Any = None, max_side: int | None = None, methods: Sequence[str] | None = None,
+              target: str | None = None, num_units: int | None = None, flags: bool = False) -> ExplainOptions:
         """Options from Python values (``sketch`` a bool mask), validated like a request."""
         raw: dict[str, Any] = {"top_units": top_units, "unit_maps": unit_maps, "max_side": max_side}
         if sketch is not None:
             raw["sketch"] = base64.b64encode(mask_to_png(sketch)).decode("ascii")
+        if methods is not None:
+            raw["methods"] = [methods] if isinstance(methods, str) else list(methods)
+        if target is not None:
+            raw["target"] = target
         return cls.parse(raw, num_units=num_units, flags=flags)
+
+    def check_endpoint(self, explain: bool) -> None:
+        """``methods``/``target`` are options of ``POST /explanations/<model>`` only: a one-line
+        :class:`InputError` when a ``/predictions`` request (``explain`` False) sends one."""
+        if not explain:
+            for option in EXPLAIN_ONLY:
+                if getattr(self, option) not in ((), None):
+                    raise InputError(f"options.{option}: only for POST /explanations/<model>")
+
+    @property
+    def gradient_methods(self) -> tuple[str, ...]:
+        """The requested methods that need backward passes (not from the explanation pass)."""
+        return tuple(m for m in self.methods if m in GRADIENT_METHODS)
 
     def to_json(self) -> dict[str, Any]:
         """The ``options`` JSON object of a request (defaults left out)."""
@@ -155,6 +192,10 @@ class ExplainOptions:
             out["max_side"] = self.max_side
         if self.sketch is not None:
             out["sketch"] = base64.b64encode(self.sketch).decode("ascii")
+        if self.methods:
+            out["methods"] = list(self.methods)
+        if self.target is not None:
+            out["target"] = self.target
         return out
 
     @property

@@ -5,6 +5,11 @@ request (image bytes as the body or multipart part ``data``, optional part ``opt
 its cache, options validated by :class:`deepminer.options.ExplainOptions`) ->
 :meth:`deepminer.explanation.Explanation.to_json` (arrays as float16 ``{"shape","dtype","data"}``).
 
+``POST /explanations/<model>`` reaches the same handler with the request header ``explain`` =
+``"True"`` (set by TorchServe's frontend, per request): such a request goes to
+:meth:`~deepminer.explain.service.ExplainService.explain_methods` (the ``methods``/``target``
+options: saliency maps on the CAM grid), any other to ``explain``.
+
 Bad input answers its own 4xx JSON ``{"code","type","message"}``
 (:func:`deepminer.explain.service.error_json`; per request, also inside a batch) and the worker keeps
 serving. The ``.mar`` ships the ``deepminer`` library next to this file, so the host needs
@@ -102,7 +107,8 @@ class DeepMinerHandler:
             status = 200
             row = row if isinstance(row, dict) else {"data": row}
             try:
-                body = self.service.explain(request_image(row), row.get("options"), batch=len(rows)).to_json()
+                run = self.service.explain_methods if self._is_explain(context, idx) else self.service.explain
+                body = run(request_image(row), row.get("options"), batch=len(rows)).to_json()
             except Exception as err:  # noqa: BLE001 - every failure becomes this request's answer; the worker keeps serving
                 status, body = error_json(err)
                 if status >= 500:
@@ -112,6 +118,15 @@ class DeepMinerHandler:
             self._respond(context, idx, status)
             out.append(body)
         return out
+
+    @staticmethod
+    def _is_explain(context: Any, idx: int) -> bool:
+        """Request ``idx`` came to ``/explanations/<model>`` (header ``explain: True``, as
+        TorchServe's own ``BaseHandler._is_explain`` reads it, but per request of the batch)."""
+        try:
+            return context.get_request_header(idx, "explain") == "True"
+        except (AttributeError, IndexError, KeyError, TypeError):  # no request headers (e.g. an envelope's rows)
+            return False
 
     @staticmethod
     def _respond(context: Any, idx: int, status: int) -> None:

@@ -7,6 +7,11 @@ bytes -> :func:`deepminer.data.io.load_image` -> :func:`deepminer.data.tissue.ke
 (CAM, unit influence, unit maps, sketch IoU at the atlas thresholds, with a cache of whole
 explanations) -> an Explanation carrying the model's name, version and weights hash, the input's
 format and the server's timings.
+
+:meth:`ExplainService.explain_methods` (``POST /explanations/<model>``) runs the same path and then
+the saliency maps the request names (``methods``) for its ``target`` on the CAM grid: ``cam`` and
+``class_map`` from the explanation, the gradient peers by :func:`deepminer.explain.peers.saliency`
+(at most ``max_gradient_methods`` per request), leaving the model as it found it.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from deepminer.options import ExplainOptions
 #: the service's settings (the ``handler:`` section of serve/model-config.yaml), with defaults
 SETTINGS: dict[str, Any] = {"model_file": "model.pt", "atlas": "atlas", "max_pixels": 60_000_000,
                             "cache_mb": 256, "default_max_side": DEFAULT_MAX_SIDE, "torch_threads": 0,
-                            "tissue": True, "keep_freed_memory": True}
+                            "tissue": True, "keep_freed_memory": True, "max_gradient_methods": 3}
 
 
 def error_json(err: BaseException) -> tuple[int, dict[str, Any]]:
@@ -92,7 +97,86 @@ class ExplainService:
         """Explain the image file ``image`` (PNG/JPEG/TIFF/DICOM bytes) with ``options`` (an
         :class:`ExplainOptions`, or the raw JSON object / text of a request's ``options`` part).
         Bad input raises a one-line :class:`~deepminer.errors.DeepMinerError`; ``name`` names the
-        image in it."""
+        image in it. ``methods``/``target`` are refused here (:meth:`explain_methods` takes them)."""
+        opts = self.options(options)
+        opts.check_endpoint(explain=False)
+        return self._explain(image, opts, name=name, batch=batch)[0]
+
+    def options(self, options: Any) -> ExplainOptions:
+        """``options`` (ExplainOptions, or a request's raw JSON) validated for this model."""
+        if not isinstance(options, ExplainOptions):
+            return ExplainOptions.parse(options, num_units=self.num_units)
+        if options.top_units > self.num_units:
+            raise InputError(f"options.top_units: must be at most the model's {self.num_units} units, "
+                             f"got {options.top_units}")
+        return options
+
+    def explain_methods(self, image: bytes, options: Any = None, *, name: str = "image",
+                        batch: int = 1) -> Explanation:
+        """``POST /explanations/<model>``: :meth:`explain` (the cache applies), then the map of each
+        of ``options.methods`` (none: ``cam``) for ``options.target`` (None: the prediction) on the
+        CAM grid: ``cam``/``class_map`` the explanation's rows, the gradient methods normalised to
+        [0, 1]. More than ``max_gradient_methods`` gradient methods, an unknown method or target:
+        a one-line :class:`InputError` before any work."""
+        import numpy as np
+
+        opts = self.options(options)
+        limit = int(self.settings["max_gradient_methods"])
+        grads = opts.gradient_methods
+        if len(grads) > limit:
+            raise InputError(f"options.methods: at most {limit} gradient methods per request "
+                             f"(the server's max_gradient_methods), got {len(grads)}: {', '.join(grads)}")
+        classes = tuple(self.model.classes)
+        if opts.target is not None and opts.target not in classes:
+            raise InputError(f"options.target: {opts.target!r} is not a class of the model "
+                             f"(known: {', '.join(classes)})")
+        exp, pixels, max_side = self._explain(image, opts, name=name, batch=batch)
+        t0 = time.perf_counter()
+        target = opts.target or exp.prediction
+        t = classes.index(target)
+        maps: dict[str, np.ndarray] = {}
+        ms: dict[str, float] = {}
+        for method in opts.methods or ("cam",):
+            s = time.perf_counter()
+            if method == "cam":
+                maps[method] = np.array(exp.cam[t], dtype=np.float32)
+            elif method == "class_map":
+                maps[method] = np.array(exp.class_maps[t], dtype=np.float32)
+            else:
+                maps[method] = self._gradient_map(method, pixels, t, max_side)
+                if maps[method].shape != exp.map_size:
+                    raise RuntimeError(f"{method}: map {maps[method].shape} is not on the CAM grid {exp.map_size}")
+            ms[method] = round((time.perf_counter() - s) * 1000, 2)
+        # new objects, not edits: a cached explanation shares its dicts with this one
+        exp.target, exp.method_maps, exp.method_ms = target, maps, ms
+        methods_ms = (time.perf_counter() - t0) * 1000
+        exp.timing_ms = {**exp.timing_ms, "methods": round(methods_ms, 2),
+                         "handler": round(exp.timing_ms.get("handler", 0.0) + methods_ms, 2)}
+        return exp
+
+    def _gradient_map(self, method: str, pixels: Any, target: int, max_side: int) -> Any:
+        """One gradient method's map, the model given back as found: eval/train mode and every
+        parameter's ``requires_grad`` restored, gradients dropped (``.grad`` None), no autograd
+        graph left (the map is a detached float32 array)."""
+        import numpy as np
+        import torch
+
+        from deepminer.explain.peers import saliency
+
+        model = self.model
+        training = model.training
+        requires = [p.requires_grad for p in model.parameters()]
+        try:
+            with torch.enable_grad():
+                return np.array(saliency(model, pixels, method, target, max_side=max_side), dtype=np.float32)
+        finally:
+            model.train(training)
+            for p, r in zip(model.parameters(), requires):
+                p.requires_grad_(r)
+            model.zero_grad(set_to_none=True)
+
+    def _explain(self, image: bytes, opts: ExplainOptions, *, name: str, batch: int) -> tuple[Explanation, Any, int]:
+        """The explanation, the (tissue-masked) pixels it was computed from and the ``max_side`` used."""
         import torch
 
         from deepminer.data.io import load_image
@@ -100,13 +184,6 @@ class ExplainService:
         from deepminer.explain.engine import explain_image
 
         t0 = time.perf_counter()
-        if isinstance(options, ExplainOptions):
-            opts = options
-            if opts.top_units > self.num_units:
-                raise InputError(f"options.top_units: must be at most the model's {self.num_units} units, "
-                                 f"got {opts.top_units}")
-        else:
-            opts = ExplainOptions.parse(options, num_units=self.num_units)
         loaded = load_image(image, max_pixels=int(self.settings["max_pixels"]), name=name)
         sketch = opts.sketch_mask(loaded.pixels.shape)
         t1 = time.perf_counter()
@@ -118,7 +195,8 @@ class ExplainService:
         # the cache key hashes the request's file (0.6 ms for a 1024 x 1024 PNG) rather than the
         # decoded pixels (3.5 ms); the pixels follow from the file and the tissue setting
         content = f"{hashlib.sha1(image).hexdigest()}:tissue={use_tissue}"
-        exp = explain_image(self.model, pixels, max_side=opts.max_side or int(self.settings["default_max_side"]),
+        max_side = opts.max_side or int(self.settings["default_max_side"])
+        exp = explain_image(self.model, pixels, max_side=max_side,
                             top_units=opts.top_units, unit_maps=opts.unit_maps, sketch=sketch,
                             thresholds=self.thresholds, cache=self.cache, cache_key=content)
         exp.model = {"name": self.name, "version": self.version, **exp.model, "weights_sha256": self.weights_sha256}
@@ -128,7 +206,7 @@ class ExplainService:
                          "handler": round((time.perf_counter() - t0) * 1000, 2)}
         exp.server = {"device": str(self.device), "batch": batch, "pid": os.getpid(),
                       "threads": torch.get_num_threads(), "cache_hit": bool(exp.cache_hit)}
-        return exp
+        return exp, pixels, max_side
 
     def warm_up(self) -> None:
         """One explanation of a synthetic image, so the first real request does not pay for lazy
