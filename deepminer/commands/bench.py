@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+EVAL_REPEATS = 2  # the evaluation-cost rows: at most 2 repeats of 3 images (a peer like IG takes seconds)
+
 NAME = "bench"
 HELP = "time forward, one-pass explain, Grad-CAM, sketch IoU and dissection side by side"
 DESCRIPTION = (
@@ -16,7 +18,10 @@ DESCRIPTION = (
     "--serve URL adds the HTTP round trip of a 1024x1024 8-bit PNG vs the first model's forward. "
     "Start-up rows (skip with --no-startup, alone with --startup-only): the wall time of fresh "
     "'python -m deepminer --help' (target <= 0.4 s) and 'deepminer inspect' of a generated 4500x3000 16-bit "
-    "DICOM subprocesses, medians of --repeats runs after --warmup."
+    "DICOM subprocesses, medians of --repeats runs after --warmup. "
+    "Evaluation-cost rows (skip with --no-eval; first model, 3 abnormal 512 px phantoms, at most 2 repeats): "
+    "the CAM / probability map / top units localization evaluation vs the bare forward (target <= 1.25x), "
+    "each post-hoc peer, and the extra cost of deletion/insertion and of a sanity cascade."
 )
 
 
@@ -161,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         from deepminer.runtime import resolve_device
 
         model, _ = bench.load_spec(specs[0], resolve_device(args.device))
-        ev = measure_eval_cost(model, repeats=args.repeats, log=_say)
+        ev = measure_eval_cost(model, repeats=min(args.repeats, EVAL_REPEATS), log=_say)
         ev["check"] = {"eval_cam_vs_forward": bench.check("eval_cam_vs_forward", ev["eval_cam_vs_forward"])}
         report["eval"] = ev
     if not args.no_startup:  # last: bad input fails above, before these subprocesses (docs/bench.md)
