@@ -36,9 +36,9 @@ def eval_images(n: int = EVAL_IMAGES, size: int = EVAL_SIZE, seed: int = 0) -> l
     return out
 
 
-def _ms(fn: Callable[[], Any]) -> float:
+def _ms(fn: Callable[[dict], Any], im: dict) -> float:
     t0 = time.perf_counter()
-    fn()
+    fn(im)
     return (time.perf_counter() - t0) * 1000
 
 
@@ -47,7 +47,7 @@ def measure_eval_cost(model: Any, *, repeats: int = 3, peers: tuple[str, ...] = 
     """Per-image milliseconds (medians) of: the bare forward, the CAM-family evaluation, each peer's
     map, faithfulness (CAM) and one sanity cascade (CAM); and ``eval_cam_vs_forward``."""
     from deepminer.evaluation.faithfulness import deletion_insertion
-    from deepminer.evaluation.localization import localization_metrics, to_image
+    from deepminer.evaluation.localization import LesionTarget, localization_metrics, to_image
     from deepminer.evaluation.methods import one_pass_map
     from deepminer.evaluation.runner import SANITY_STEPS
     from deepminer.evaluation.sanity import cascading_randomization
@@ -66,18 +66,24 @@ def measure_eval_cost(model: Any, *, repeats: int = 3, peers: tuple[str, ...] = 
         with torch.inference_mode():
             model(x)
 
-    def cam_eval(im: dict) -> None:
+    def cam_eval(im: dict) -> None:  # what the evaluation does per image for these three methods
         exp = explain_image(model, im["pixels"], max_side=side, unit_maps="top")
+        scored = LesionTarget.make(im["lesion"], im["tissue"])
         for method in ("cam", "class_map", "top_units"):
             sal = to_image(one_pass_map(method, exp, target, None), im["pixels"].shape)
-            localization_metrics(sal, im["lesion"], im["tissue"])
+            localization_metrics(sal, scored, pr=True)
 
     def cam_map(im: dict) -> np.ndarray:
         return np.asarray(explain_image(model, im["pixels"], max_side=side, unit_maps="none").cam[target])
 
     steps: dict[str, Callable[[dict], Any]] = {"forward_ms": forward, "eval_cam_ms": cam_eval}
+    def peer(name: str) -> Callable[[dict], Any]:
+        def run(im: dict) -> Any:
+            return saliency(model, im["pixels"], name, target, max_side=side)
+        return run
+
     for p in peers:
-        steps[f"peer_{p}_ms"] = lambda im, p=p: saliency(model, im["pixels"], p, target, max_side=side)
+        steps[f"peer_{p}_ms"] = peer(p)
     steps["faithfulness_ms"] = lambda im: deletion_insertion(model, im["pixels"], cam_map(im), target, im["tissue"],
                                                             max_side=side)
     if sanity:
@@ -92,7 +98,7 @@ def measure_eval_cost(model: Any, *, repeats: int = 3, peers: tuple[str, ...] = 
     for r in range(repeats):
         for im in images:
             for key, fn in steps.items():
-                raw[key].append(_ms(lambda fn=fn, im=im: fn(im)))
+                raw[key].append(_ms(fn, im))
         if log is not None:
             log(f"bench: evaluation cost, repeat {r + 1}/{repeats}")
     med = {k: float(np.median(v)) for k, v in raw.items()}

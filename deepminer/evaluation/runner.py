@@ -218,8 +218,11 @@ def evaluate_image(ctx: Context, row: dict, index: int, *, sanity: bool) -> dict
     lesion = _lesion(data, row, pixels.shape)
     rec["lesion_pixels"] = int(lesion.sum())
     targets = {"truth": model_index(ctx.model, label), "predicted": model_index(ctx.model, exp.prediction)}
+    from deepminer.evaluation.localization import LesionTarget
+
+    scored = LesionTarget.make(lesion, tissue)  # the lesion's side of every metric, once per image
     for method in ctx.methods:
-        rec["methods"][method] = _method_record(ctx, method, pixels, tissue, lesion, exp, targets, index)
+        rec["methods"][method] = _method_record(ctx, method, pixels, tissue, lesion, scored, exp, targets, index)
     if "gms" in ctx.metrics:
         rec["gms"] = _gms_record(ctx, exp, targets["truth"], rec["report"])
     if sanity and "sanity" in ctx.metrics:
@@ -233,8 +236,8 @@ def model_index(model: Any, cls: str) -> int:
 
 
 def _method_record(ctx: Context, method: str, pixels: np.ndarray, tissue: np.ndarray, lesion: np.ndarray,
-                   exp: Any, targets: dict[str, int], index: int) -> dict[str, Any]:
-    from deepminer.evaluation.localization import localization_metrics, pr_curve, to_image
+                   scored: Any, exp: Any, targets: dict[str, int], index: int) -> dict[str, Any]:
+    from deepminer.evaluation.localization import localization_metrics, to_image
     from deepminer.evaluation.methods import method_map
 
     out: dict[str, Any] = {}
@@ -248,11 +251,11 @@ def _method_record(ctx: Context, method: str, pixels: np.ndarray, tissue: np.nda
         map_ms = (time.perf_counter() - t0) * 1000
         v: dict[str, Any] = {"target": ctx.model.classes[target], "map_ms": map_ms}
         if any(m in ctx.metrics for m in LOCALIZATION):
-            sal = to_image(cell, pixels.shape)
-            v.update({k: _num(x) for k, x in localization_metrics(sal, lesion, tissue,
-                                                                   tolerance_px=ctx.cfg.tolerance_px).items()})
-            if view == "truth":
-                v["pr"] = [_num(x) for x in pr_curve(sal, lesion, tissue)]
+            got = localization_metrics(to_image(cell, pixels.shape), scored, tolerance_px=ctx.cfg.tolerance_px,
+                                       pr=view == "truth")
+            if "pr" in got:
+                v["pr"] = [_num(x) for x in got.pop("pr")]
+            v.update({k: _num(x) for k, x in got.items()})
         if view == "truth" and any(m in ctx.metrics for m in FAITHFULNESS):
             from deepminer.evaluation.faithfulness import deletion_insertion
 
