@@ -147,3 +147,22 @@ def test_bad_input_is_one_line_and_writes_nothing(case, eval_data, tmp_path, cap
               "classes": "cancer"}[case]
     assert expect in err[0]
     assert not out.exists()
+
+
+def test_an_abnormal_image_without_a_mask_is_counted_not_evaluated(eval_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(eval_data["data"], data)
+    rows = list(csv.DictReader(open(data / "manifest.csv")))
+    dropped = next(r for r in rows if r["lesion_mask"])
+    dropped["lesion_mask"] = ""
+    with open(data / "manifest.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "out"
+    assert main(["evaluate-explanations", "--model", str(eval_data["model"]), "--data", str(data), "--out", str(out),
+                 "--quiet", "--methods", "cam", "--metrics", "auprc", "--bootstrap", "200"]) == 0
+    c = json.loads((out / "report.json").read_text())["counts"]
+    with_masks = sum(1 for r in rows if r["label"] != "normal" and r["lesion_mask"])
+    assert c["abnormal_without_mask"] == 1 and c["abnormal"] == with_masks
+    assert c["normal_not_evaluated"] == sum(1 for r in rows if r["label"] == "normal")

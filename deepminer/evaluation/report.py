@@ -109,7 +109,8 @@ def build_report(ctx: Context, records: list[dict], *, seconds: float) -> dict[s
         **ctx.identity,
         "methods": ctx.methods, "reference": ctx.reference, "metrics": {m: METRICS[m] for m in ctx.metrics},
         "counts": {"images": len(records), "abnormal": len(abnormal),
-                   "normal_not_evaluated": len(records) - len(abnormal),
+                   "normal_not_evaluated": sum(1 for r in records if r["label"] == "normal"),
+                   "abnormal_without_mask": sum(1 for r in records if r.get("skipped")),
                    "true_positive": sum(1 for r in abnormal if r["prediction"] == r["label"]),
                    "accuracy_abnormal": (sum(1 for r in abnormal if r["prediction"] == r["label"]) / len(abnormal))
                    if abnormal else None},
@@ -286,9 +287,11 @@ def format_table(report: dict[str, Any]) -> str:
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)) for row in table]
     c = report["counts"]
     model = report["model"]
+    skipped = (f"{c['abnormal_without_mask']} abnormal without a lesion mask skipped; "
+               if c.get("abnormal_without_mask") else "")
     lines.insert(0, f"{model['name']} ({model['arch']}, {model['head']} head, trained on {model.get('trained_on')}) "
                     f"on {c['abnormal']} abnormal images ({c['normal_not_evaluated']} normal counted, not evaluated; "
-                    f"{c['true_positive']} true positives); ground-truth class; mean [95% CI]; "
+                    f"{skipped}{c['true_positive']} true positives); ground-truth class; mean [95% CI]; "
                     f"* = paired difference vs {report['reference']} excludes 0")
     if report.get("gms"):
         g = report["gms"]

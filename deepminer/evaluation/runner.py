@@ -212,7 +212,9 @@ def evaluate_image(ctx: Context, row: dict, index: int, *, sanity: bool) -> dict
     rec: dict[str, Any] = {"image_id": row["image_id"], "label": label, "prediction": exp.prediction,
                            "probabilities": exp.probabilities, "abnormal": label != "normal",
                            "report": row.get("report") or "", "methods": {}}
-    if label == "normal":
+    if label == "normal" or not row.get("lesion_mask"):
+        if label != "normal":  # an abnormal image without a lesion mask: counted, not evaluated
+            rec["abnormal"], rec["skipped"] = False, "no lesion_mask in manifest.csv"
         rec["seconds"] = time.perf_counter() - t0
         return rec
     lesion = _lesion(data, row, pixels.shape)
