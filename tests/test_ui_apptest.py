@@ -489,3 +489,162 @@ def test_trained_on_note_says_phantom_output_is_not_meaningful():
     assert "not meaningful" in trained_on_note({"trained_on": SYNTHETIC_PHANTOMS})
     assert trained_on_note({"trained_on": "CBIS-DDSM (deepminer import-cbis)"}).startswith("Trained on CBIS-DDSM")
     assert "not recorded" in trained_on_note({})
+
+
+# -- the Evaluate page ----------------------------------------------------------------------------
+
+def _mask_png(mask: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _frames(at) -> list:
+    return [d.value for d in at.dataframe]
+
+
+def test_evaluate_without_an_image_is_a_hint(app_env):
+    at = _app("pages/evaluate.py")
+    assert "Choose an image on the Explain page first" in _texts(at)
+    assert not at.error
+
+
+def test_evaluate_mask_upload_scores_every_method_with_the_baselines(app_env):
+    from deepminer.client import local_explain
+    from deepminer.data.tissue import tissue_mask
+    from deepminer.evaluation.localization import LesionTarget, localization_metrics, to_image
+    from ui.state import Keys
+
+    at, data = _with_image(app_env, "pages/evaluate.py")
+    assert "Outline the finding" in _texts(at)
+    ref = _sess(at).image
+    # a lesion inside the breast: a square around the tissue's centre, as a mask PNG of half the size
+    from deepminer.data.io import load_image
+
+    px = load_image(data).pixels
+    tissue = tissue_mask(px)
+    ys, xs = np.nonzero(tissue)
+    cy, cx = int(ys.mean()), int(xs.mean())
+    lesion = np.zeros(px.shape, bool)
+    lesion[cy - 20:cy + 20, cx - 20:cx + 20] = True
+    half = lesion[::2, ::2]
+    at.file_uploader(key=Keys.of_image(Keys.EVAL_MASK, ref)).upload("mask.png", _mask_png(half), "image/png").run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    table = _frames(at)[0]
+    methods = list(table["method"])
+    assert methods[-2:] in (["random (baseline)", "tissue prior (baseline)"],
+                            ["tissue prior (baseline)", "random (baseline)"])
+    assert list(table["baseline"]) == [False] * (len(methods) - 2) + [True, True]
+    assert {"CAM", "probability map", "Grad-CAM", "Grad-CAM++", "guided backprop", "integrated gradients",
+            "SmoothGrad"} <= set(methods)
+    auprc = [a for a, b in zip(table["AUPRC"], table["baseline"]) if not b]
+    assert auprc == sorted(auprc, reverse=True)
+    # the CAM's AUPRC is the engine's, on the image as the page scores it (the preview, here 256 px)
+    res = local_explain(Path(app_env["model_dir"]) / "model.pt", data, max_side=512, name="demo")
+    from ui.evaluate import lesion_mask
+
+    les = lesion_mask(half, px.shape)
+    want = localization_metrics(to_image(res.cam[res.classes.index(res.prediction)], px.shape),
+                                LesionTarget.make(les, tissue))
+    got = dict(zip(table["method"], table["AUPRC"]))["CAM"]
+    assert got == pytest.approx(round(want["auprc"], 3))
+    assert any("AUPRC" in c for c in _captions(at))
+
+
+def test_evaluate_a_zip_lists_skipped_runs_and_exports(app_env, tmp_path):
+    from evalzip import eval_zip
+
+    from ui.state import Keys
+
+    data, ids, bad = eval_zip(tmp_path / "set", count=4)
+    at = _app("pages/evaluate.py")
+    at.radio(key=Keys.EVAL_MODE).set_value("A set of images with masks").run()
+    assert not at.exception, at.exception
+    at.file_uploader(key=Keys.EVAL_ZIP).upload("set.zip", data, "application/zip").run()
+    assert not at.exception, at.exception
+    skipped = [m.value for m in at.markdown if m.value.startswith("- **")][0]
+    assert "\\.\\./evil\\.png" in skipped and bad.replace("_", "\\_") in skipped, skipped
+    tmp = _sess(at).eval_set.tmp
+    assert tmp is not None and tmp.is_dir()
+    at.button(key=Keys.EVAL_RUN).click().run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    run = _sess(at).eval_run
+    assert run.done == len(ids) and not run.running and [r.image_id for r in run.records] == ids
+    assert not tmp.exists()  # the extracted zip is removed after the run
+    text = _texts(at)
+    assert f"Summary over {len(ids)} images" in text, text
+    assert "weights sha256" in text and "set\\.zip" in text, text
+    summary = [f for f in _frames(at) if "auprc" in getattr(f, "columns", [])][0]
+    assert list(summary["method"])[-2:] == ["random (baseline)", "tissue prior (baseline)"] or \
+        set(list(summary["method"])[-2:]) == {"random (baseline)", "tissue prior (baseline)"}
+    assert len(at.get("download_button")) == 3
+    from ui.evaluate import per_image_csv
+
+    csv_text = per_image_csv(run.records)
+    assert len(csv_text.splitlines()) == 1 + 4 * len(ids) and csv_text.startswith("image_id,")
+    # a cancelled run shows what it had, said to be partial
+    run.cancelled, run.records, run.done = True, run.records[:2], 2
+    at.run()
+    assert not at.exception, at.exception
+    assert any(f"Cancelled after 2 of {len(ids)} images" in w.value for w in at.warning)
+    assert "Summary over 2 images" in _texts(at)
+    # a bad zip is one line, no traceback
+    at.file_uploader(key=Keys.EVAL_ZIP).upload("bad.zip", b"not a zip", "application/zip").run()
+    assert not at.exception, at.exception
+    assert any("Cannot use this set" in e.value for e in at.error)
+
+
+def test_evaluate_logic_sorting_baselines_and_intervals():
+    from deepminer.evaluation.stats import bootstrap_ci
+    from ui import evaluate as ev
+
+    def m(a: float) -> dict:
+        return {"auprc": a, "pointing": 1.0 if a > 0.3 else 0.0, "iou": a / 2, "dice": a, "relevance_mass": a / 3,
+                "pr": np.full(101, a)}
+
+    rows = ev.ranked_rows({"cam": m(0.4), "random": m(0.1), "gradcam": m(0.6), "tissue_prior": m(0.2),
+                           "class_map": m(0.15), "smoothgrad": m(float("nan"))})
+    assert [r["key"] for r in rows] == ["gradcam", "cam", "class_map", "smoothgrad", "tissue_prior", "random"]
+    assert [r["baseline"] for r in rows] == [False, False, False, False, True, True]
+    assert rows[2]["note"] == "below the baseline floor" and rows[0]["note"] == ""
+    assert rows[0]["pointing"] == "hit" and rows[2]["pointing"] == "miss" and rows[3]["AUPRC"] is None
+
+    rng = np.random.default_rng(0)
+    recs = [ev.ImageRecord(f"i{k}", "benign", scores={"cam": m(float(rng.random())), "random": m(float(rng.random())),
+                                                      "tissue_prior": m(float(rng.random()))}) for k in range(9)]
+    recs[3].scores["cam"]["auprc"] = float("nan")
+    summary = ev.summary_rows(recs)
+    for r in summary:
+        values = [x.scores[r["method"]][r["metric"]] for x in recs]
+        want = bootstrap_ci(values)
+        assert (r["mean"], r["lo"], r["hi"], r["n"]) == (want.mean, want.lo, want.hi, want.n)
+        assert r["baseline"] == (r["method"] in ("random", "tissue_prior"))
+    assert {r["method"] for r in summary} == {"cam", "random", "tissue_prior"}
+    table = ev.summary_table(summary)
+    assert [t["baseline"] for t in table] == [False, True, True]
+    csv_rows = ev.per_image_csv(recs).splitlines()
+    assert len(csv_rows) == 1 + 9 * 3 and csv_rows[0].startswith("image_id,label,prediction,target,method")
+    assert ev.requests_for(["cam", "class_map"]) == []
+    assert ev.requests_for(list(ev.PEERS)) == [list(ev.PEERS_FAST), list(ev.PEERS_SLOW)]
+    assert ev.eta_s(0, 10, 1.0) is None and ev.eta_s(2, 10, 1.0) == pytest.approx(4.0)
+    best, worst = ev.best_worst(recs, k=2)
+    assert len(best) == 2 and len(worst) == 2 and best[0].scores["cam"]["auprc"] >= worst[0].scores["cam"]["auprc"]
+    p = ev.provenance({"trained_on": "synthetic phantoms (deepminer phantoms)", "weights_sha256": "ab"})
+    assert "mean nothing" in p["warning"] and p["weights_sha256"] == "ab"
+    import json
+
+    doc = json.loads(ev.report_json(summary, {"dataset": "bundled phantoms"}))
+    assert doc["settings"]["dataset"] == "bundled phantoms" and len(doc["summary"]) == len(summary)
+
+
+def test_evaluate_settings_folder(monkeypatch, tmp_path):
+    from ui.settings import load_settings
+
+    assert load_settings({}).eval_folder is None
+    assert load_settings({"DEEPMINER_EVAL_FOLDER": str(tmp_path)}).eval_folder == tmp_path

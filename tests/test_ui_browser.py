@@ -408,3 +408,127 @@ def test_workbench_end_to_end(workbench, torchserve, full_field_dicoms, artifact
     print(f"\nupload -> explanation (1024 x 1024): {timing['upload_to_explanation_s']:.2f} s "
           f"(first upload of the UI process: {timing['upload_to_explanation_first_s']:.2f} s)")
     assert timing["upload_to_explanation_s"] < 10, timing
+
+
+def test_evaluate_page(workbench, torchserve, artifacts_dir, tmp_path):
+    """The Evaluate page: (a) a zip of phantoms with masks (one mask of the wrong size, one ``../``
+    member), the skipped members named, a CAM-only run, the summary, the per-image CSV downloaded;
+    (b) a lesion outlined on the canvas, the per-method scores. Times in ``ui-timing-evaluate.json``:
+    the run vs the same number of plain ``/predictions`` calls, and outline -> CAM scores."""
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian chromium is missing: run `bash scripts/setup.sh` (as root) first"
+    import csv
+    import zipfile
+
+    from evalzip import eval_zip
+    from playwright.sync_api import sync_playwright
+
+    from deepminer.client import Client
+    from deepminer.data.phantoms import render_phantom
+
+    data, ids, bad = eval_zip(tmp_path / "set", count=7, seed=31)
+    zpath = tmp_path / "phantoms-eval.zip"
+    zpath.write_bytes(data)
+    with zipfile.ZipFile(zpath) as z:
+        images = [z.read(f"images/{i}.png") for i in ids]
+
+    def plain_calls(repeats: int = 1) -> float:
+        """The best of ``repeats`` passes of plain ``/predictions`` calls over the images."""
+        best = float("inf")
+        with Client(torchserve.inference_url, model="demo", timeout=120) as c:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for b in images:
+                    c.explain(b, max_side=1024)
+                best = min(best, time.perf_counter() - t0)
+        return best
+
+    timing: dict[str, object] = {"images": len(ids), "image_size": "256 px phantoms (151 x 256)"}
+    timing["plain_predictions_cold_s"] = plain_calls()  # also warms the server's cache of these images
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport=VIEWPORT, accept_downloads=True)
+        page.goto(workbench["url"])
+        page.get_by_text("Upload a mammogram").wait_for(timeout=120_000)
+        _idle(page, 120_000)
+        _nav(page, "Evaluate")
+        page.get_by_text("Evaluate explanations", exact=True).wait_for(timeout=60_000)
+        _idle(page)
+        assert page.get_by_text("Choose an image on the Explain page first").count() == 1
+
+        # (a) a set from a zip
+        page.locator('[data-testid="stRadio"] label', has_text="A set of images with masks").click()
+        _after_input(page)
+        page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(zpath))
+        page.get_by_text(re.compile(rf"^{len(ids)} image\(s\) with a mask")).wait_for(timeout=60_000)
+        _idle(page)
+        skipped = page.locator('[data-testid="stExpander"]', has_text="Skipped: 2")
+        skipped.wait_for(timeout=10_000)
+        shown = skipped.inner_text()
+        assert "../evil.png" in shown and bad in shown, shown
+        runs, clicks = [], []
+        for _ in range(2):  # the first run of a UI process also opens its connections; the second is steady
+            t0 = time.perf_counter()
+            page.get_by_role("button", name="Run", exact=True).click()
+            _after_input(page)  # (the second time the first run's summary is on the page until the rerun)
+            page.get_by_text(re.compile(rf"^Summary over {len(ids)} images")).wait_for(timeout=120_000)
+            page.wait_for_function(_NOT_RUNNING, timeout=60_000)
+            clicks.append(time.perf_counter() - t0)
+            _idle(page)
+            text = page.get_by_text(re.compile(r"^Evaluated \d+ images in")).first.inner_text()
+            runs.append(float(re.search(r"in ([\d.]+) s", text).group(1)))
+        timing["evaluate_run_s"], timing["evaluate_click_to_summary_s"] = runs, clicks
+        timing["plain_predictions_s"] = plain = plain_calls(3)
+        timing["ratio_run_vs_plain"] = [round(r / plain, 2) for r in runs]
+        timing["ratio_click_to_summary_vs_plain"] = [round(c / plain, 2) for c in clicks]
+        assert page.get_by_text(re.compile(r"weights sha256 [0-9a-f]{64}")).count() == 1
+        assert page.get_by_text("phantoms-eval.zip", exact=False).count() >= 1
+        with page.expect_download() as dl:
+            page.get_by_role("button", name="Per-image CSV").click()
+        csv_path = tmp_path / "per-image.csv"
+        dl.value.save_as(csv_path)
+        rows = list(csv.DictReader(csv_path.open()))
+        assert sorted({r["image_id"] for r in rows}) == sorted(ids)
+        assert {r["method"] for r in rows} == {"cam", "class_map", "random", "tissue_prior"}
+        assert len(rows) == 4 * len(ids) and all(r["auprc"] for r in rows)
+        _shot(page, artifacts_dir / "ui-evaluate-set.png")
+
+        # (b) one image, outlined on the canvas: a malignant phantom, its lesion's box
+        ph = render_phantom(11, 2, size=1024)
+        img = tmp_path / "mammo-lesion.png"
+        img.write_bytes(_square_mammogram(11, 2))
+        ys, xs = np.nonzero(np.asarray(ph.lesion))
+        _nav(page, "Explain")
+        _idle(page)
+        _upload(page, img)
+        _idle(page)
+        page.get_by_text("Evaluate this map against your outline").click()
+        page.get_by_text("Outline the finding").wait_for(timeout=60_000)
+        _idle(page)
+        _choose(page, "Outline with", "Rectangle")
+        canvas = page.locator("canvas.upper-canvas").first
+        canvas.wait_for(timeout=30_000)
+        bb = canvas.bounding_box()
+        fx, fy = bb["width"] / 1024, bb["height"] / 1024
+        page.mouse.move(bb["x"] + (xs.min() - 4) * fx, bb["y"] + (ys.min() - 4) * fy)
+        page.mouse.down()
+        page.mouse.move(bb["x"] + (xs.max() + 4) * fx, bb["y"] + (ys.max() + 4) * fy, steps=8)
+        t1 = time.perf_counter()
+        page.mouse.up()
+        page.get_by_text(re.compile(r"^CAM and probability map scored in")).wait_for(timeout=30_000)
+        timing["outline_to_cam_scores_s"] = time.perf_counter() - t1
+        page.wait_for_function(_NOT_RUNNING, timeout=180_000)
+        timing["outline_to_all_scores_s"] = time.perf_counter() - t1
+        _idle(page)
+        caps = page.get_by_text(re.compile(r" · AUPRC ")).all_inner_texts()
+        names = [c.split(" · ")[0] for c in caps]
+        assert {"CAM", "probability map", "Grad-CAM", "random (baseline)", "tissue prior (baseline)"} <= set(names), caps
+        assert names[-2:] in (["random (baseline)", "tissue prior (baseline)"],
+                              ["tissue prior (baseline)", "random (baseline)"]), names
+        assert page.locator('[data-testid="stException"]').count() == 0
+        _shot(page, artifacts_dir / "ui-evaluate-outline.png")
+        browser.close()
+    (artifacts_dir / "ui-timing-evaluate.json").write_text(json.dumps(timing, indent=1) + "\n")
+    print(f"\nevaluate {len(ids)} images (CAM only): runs {timing['evaluate_run_s']} s vs "
+          f"{timing['plain_predictions_s']:.2f} s of plain /predictions ({timing['ratio_run_vs_plain']}x); "
+          f"outline -> CAM scores {timing['outline_to_cam_scores_s']:.2f} s")

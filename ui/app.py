@@ -1,6 +1,6 @@
 """DeepMiner Studio workbench: ``streamlit run ui/app.py``.
 
-Four pages under ``st.navigation`` (one file each in ``ui/pages/``); the sidebar holds the
+Five pages under ``st.navigation`` (one file each in ``ui/pages/``); the sidebar holds the
 annotator's name and the model server's status. Settings: see :mod:`ui.settings`.
 """
 from __future__ import annotations
@@ -24,6 +24,8 @@ PAGES = [
     st.Page(str(HERE / "pages" / "explain.py"), title="Explain", icon=":material/image_search:", default=True,
             url_path="explain"),
     st.Page(str(HERE / "pages" / "sketch.py"), title="Sketch & label", icon=":material/draw:", url_path="sketch"),
+    st.Page(str(HERE / "pages" / "evaluate.py"), title="Evaluate", icon=":material/fact_check:",
+            url_path="evaluate"),
     st.Page(str(HERE / "pages" / "atlas.py"), title="Unit atlas", icon=":material/grid_view:", url_path="atlas"),
     st.Page(str(HERE / "pages" / "labels.py"), title="Labels", icon=":material/label:", url_path="labels"),
 ]

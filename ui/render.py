@@ -170,3 +170,44 @@ def unit_scatter(coords: np.ndarray, *, labels: Mapping[int, str], iou: np.ndarr
                       xaxis=dict(title="PC 1", zeroline=False), yaxis=dict(title="PC 2", zeroline=False),
                       dragmode="select", clickmode="event+select")
     return fig
+
+
+# -- the Evaluate page ----------------------------------------------------------------------------
+
+def metric_interval_bars(rows: Sequence[Mapping], metric: str, names: Mapping[str, str] | None = None):
+    """One bar per method: the mean of ``metric`` with its interval (``lo``..``hi``) as whiskers, best
+    first; baselines grey, after the methods (rows as :func:`ui.evaluate.summary_rows` gives them)."""
+    import plotly.graph_objects as go
+
+    names = names or {}
+    keep = [r for r in rows if r["metric"] == metric and np.isfinite(float(r["mean"]))]
+    keep.sort(key=lambda r: (bool(r["baseline"]), -float(r["mean"])))
+    x = [_plain(names.get(r["method"], r["method"])) for r in keep]
+    y = [float(r["mean"]) for r in keep]
+    fig = go.Figure(go.Bar(
+        x=x, y=y, marker_color=["#B0B0B0" if r["baseline"] else "#3366AA" for r in keep],
+        error_y=dict(type="data", symmetric=False, array=[float(r["hi"]) - float(r["mean"]) for r in keep],
+                     arrayminus=[float(r["mean"]) - float(r["lo"]) for r in keep]),
+        text=[f"{v:.2f}" for v in y], textposition="inside",
+        hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
+    fig.update_layout(title=dict(text=_plain(metric), font=dict(size=14)), height=280,
+                      margin=dict(l=0, r=10, t=40, b=10), yaxis=dict(range=[0, 1.05]))
+    return fig
+
+
+def pr_lines(curves: Mapping[str, np.ndarray], recall: np.ndarray, names: Mapping[str, str] | None = None,
+             baselines: Iterable[str] = ()):
+    """Mean precision-recall curve per method (baselines grey and dashed)."""
+    import plotly.graph_objects as go
+
+    names, base = names or {}, set(baselines)
+    fig = go.Figure()
+    for m, prec in curves.items():
+        fig.add_trace(go.Scatter(x=np.asarray(recall), y=np.asarray(prec), mode="lines",
+                                 name=_plain(names.get(m, m)),
+                                 line=dict(dash="dash", color="#999999") if m in base else dict()))
+    fig.update_layout(height=360, margin=dict(l=0, r=10, t=30, b=10), title=dict(text="Mean PR curves",
+                      font=dict(size=14)), xaxis=dict(title="recall", range=[0, 1]),
+                      yaxis=dict(title="precision", range=[0, 1.02]),
+                      legend=dict(orientation="h", y=-0.3, font=dict(size=10)))
+    return fig

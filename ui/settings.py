@@ -13,6 +13,7 @@
 | ``DEEPMINER_SAMPLES`` | ``var/samples`` | dataset folder of sample images (phantoms made on first use) |
 | ``DEEPMINER_LABELS_URL`` | ``sqlite:///var/labels.db`` | label store (any SQLAlchemy URL) |
 | ``DEEPMINER_TIMEOUT`` | ``60`` | seconds per explain request |
+| ``DEEPMINER_EVAL_FOLDER`` | (none) | a lab's evaluation set on the server (Evaluate page; absent: not offered) |
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ class Settings:
     timeout: float = 60.0
     #: the longest side sent to the model (None: as uploaded); keeps a 4k x 3k DICOM interactive
     max_side: int | None = 1024
+    #: a folder of (image, lesion mask) pairs on the server the Evaluate page offers (None: not offered)
+    eval_folder: Path | None = None
 
     @property
     def model_path(self) -> Path:
@@ -95,4 +98,5 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         labels_url=labels_url,
         timeout=timeout,
         max_side=int(max_side) if max_side.isdigit() and int(max_side) > 0 else None,
+        eval_folder=_path(env["DEEPMINER_EVAL_FOLDER"]) if env.get("DEEPMINER_EVAL_FOLDER", "").strip() else None,
     )

@@ -208,6 +208,12 @@ class Keys:
     #: selected row), the Sketch page's "Sketch on" choice
     CAM_CLASS, PROB_CLASS, PATCHES_TABLE, TARGET = "cam_class", "prob_class", "patches_table", "target"
 
+    #: the Evaluate page: the outline tool, a mask file, the explained class (per image), the peer
+    #: methods, the set's source and zip upload, the set's method checkboxes, Run and Cancel
+    EVAL_TOOL, EVAL_MASK, EVAL_CLASS, EVAL_PEERS = "eval_tool", "eval_mask", "eval_class", "eval_peers"
+    EVAL_SOURCE, EVAL_ZIP, EVAL_SET_PEERS = "eval_source", "eval_zip", "eval_set_peers"
+    EVAL_RUN, EVAL_CANCEL, EVAL_MODE = "eval_run", "eval_cancel", "eval_mode"
+
     @staticmethod
     def of_image(name: str, ref: ImageRef) -> str:
         """The key of widget ``name`` for the image ``ref``."""
@@ -234,6 +240,10 @@ class Session:
     sketch_result: Any = None  #: the explanation of the target with the sketch
     explain_ms: float = 0.0  #: wall time of the Explain page's last explain call
     flash: str | None = None  #: a success message to show after the next rerun
+    eval_outline: np.ndarray | None = None  #: the Evaluate page's lesion outline (bool, preview size)
+    eval_outline_for: str | None = None  #: the digest of the image it was drawn on
+    eval_set: Any = None  #: the Evaluate page's set (:class:`ui.evaluate.EvalSet`)
+    eval_run: Any = None  #: its run, carried on across reruns (:class:`ui.evaluate.SetRun`)
 
     def new_image(self, ref: ImageRef, *, upload: bool = False) -> bool:
         """Make ``ref`` the current image (an upload also goes first in :attr:`recent`); resets the
@@ -430,6 +440,55 @@ def explain(data: bytes, *, sketch: np.ndarray | None = None, unit_maps: str = "
         return Failure(md_escape(err))
     except (OSError, ValueError) as err:  # model files missing in local mode, malformed answers
         return Failure(f"{type(err).__name__}: {md_escape(err)}")
+
+
+def failure_of(err: Exception) -> Failure | None:
+    """The words for a failed model call (as :func:`explain` says them); None for an error that is
+    not a model call's."""
+    from deepminer.client import ServeError, ServeUnavailable
+
+    s = settings()
+    if isinstance(err, ServeUnavailable):
+        return Failure(f"TorchServe is not reachable at {s.serve_url}. Start everything with `make run` "
+                       "(or set DEEPMINER_SERVE_URL / DEEPMINER_BACKEND=local).", "unavailable")
+    if isinstance(err, ServeError):
+        if err.status == 401:
+            return Failure(f"TorchServe refused the request (401): set DEEPMINER_KEY_FILE to its key_file.json "
+                           f"or DEEPMINER_TOKEN. ({md_escape(err.message)})")
+        if err.status >= 500:
+            return Failure(f"The model server failed ({err.status} {md_escape(err.type)}): {md_escape(err.message)}")
+        return Failure(f"The request was refused ({err.status}): {md_escape(err.message)}")
+    if isinstance(err, DeepMinerError):
+        return Failure(md_escape(err))
+    if isinstance(err, (OSError, ValueError)):
+        return Failure(f"{type(err).__name__}: {md_escape(err)}")
+    return None
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _explain_methods(data: bytes, methods: tuple[str, ...], target: str | None, backend: str):
+    s = settings()
+    if backend == "local":
+        from deepminer.client import local_explain
+
+        return local_explain(s.model_path, data, max_side=s.max_side, name=s.model, methods=list(methods),
+                             target=target)
+    from deepminer.options import ExplainOptions
+
+    return client().explain_methods(data, list(methods), target=target,
+                                    options=ExplainOptions.build(max_side=s.max_side))
+
+
+def explain_methods(data: bytes, methods: Sequence[str], *, target: str | None = None):
+    """``POST /explanations``: the saliency maps of ``methods`` (at most 3 gradient methods a request)
+    for class ``target`` in ``.method_maps`` (cached per image, methods and class), or a :class:`Failure`."""
+    try:
+        return _explain_methods(data, tuple(methods), target, settings().backend)
+    except Exception as err:  # noqa: BLE001 - worded below; anything else is re-raised
+        f = failure_of(err)
+        if f is None:
+            raise
+        return f
 
 
 def show_failure(f: Failure) -> None:

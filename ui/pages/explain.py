@@ -95,6 +95,7 @@ with left:
                                   labels=[str(i + 1) for i in range(len(patches))], highlight=sel)
     st.image(shown, caption=f"CAM of {cam_class}" + (" · suspicious patches outlined" if patches else ""),
              width=int(min(MAX_W, MAX_H * shown.shape[1] / shown.shape[0])), output_format="JPEG")
+    st.page_link("pages/evaluate.py", label="Evaluate this map against your outline", icon=":material/fact_check:")
 
 # -- suspicious patches ---------------------------------------------------------------------------
 if patches:

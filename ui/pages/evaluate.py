@@ -1,0 +1,474 @@
+"""Evaluate: how well the served model's saliency maps point at a lesion. One image against your
+outline (or a mask file), or a set (a zip upload, a lab folder, the bundled phantoms) with intervals,
+charts and exports. The metrics, baselines and intervals are the engine's (:mod:`ui.evaluate`)."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+from streamlit_drawable_canvas import st_canvas
+
+from deepminer.errors import DeepMinerError
+from ui import evaluate as ev
+from ui import logic, render, state
+
+CANVAS_MAX = (420, 520)  # width, height in CSS pixels
+LOOKAHEAD = 3  # images of a run in flight at once (calls and scoring overlap; the server queues the calls)
+MODES = {"Free draw": "freedraw", "Rectangle": "rect", "Polygon": "polygon"}
+K = state.Keys
+ONE, SET = "One image, your outline", "A set of images with masks"
+TARGETS = {"prediction": "the predicted class", "label": "the image's label (when it names a class)"}
+
+st.title("Evaluate explanations")
+st.caption("How well each saliency map of the model being served points at the lesion: AUPRC, pointing game, "
+           "IoU (Otsu), Dice, relevance mass, inside the breast; random and tissue-prior maps are the floor. "
+           "Metrics: `deepminer.evaluation` (docs/evaluation.md).")
+mode = st.radio("Evaluate", [ONE, SET], horizontal=True, key=K.EVAL_MODE, label_visibility="collapsed")
+sess = state.session()
+
+
+def _names() -> dict[str, str]:
+    return dict(ev.METHOD_NAMES)
+
+
+def _model_note(model: dict | None) -> None:
+    p = ev.provenance(model)
+    st.caption(f"Model `{render.md_escape(p.get('model') or state.settings().model)}` · weights sha256 "
+               f"`{p.get('weights_sha256') or 'unknown'}` · trained on "
+               f"{render.md_escape(p.get('trained_on') or 'not recorded')}")
+    if "warning" in p:
+        st.warning(p["warning"])
+
+
+# == one image ======================================================================================
+
+def one_image() -> None:
+    ref = state.image()
+    if ref is None:
+        st.info("Choose an image on the Explain page first, then outline the finding here.")
+        st.page_link("pages/explain.py", label="Go to Explain", icon=":material/image_search:")
+        return
+    state.prefetch(ref)
+    with st.spinner("Explaining the image..."):
+        exp = state.explain(ref.data)
+    img = state.decoded(ref)
+    if img is None:
+        return
+    if isinstance(exp, state.Failure):
+        state.show_failure(exp)
+        return
+    view = img.preview
+    classes = list(exp.classes)
+    c1, c2 = st.columns([2, 3])
+    cls = c1.selectbox("Explained class", classes, index=classes.index(exp.prediction),
+                       key=K.of_image(K.EVAL_CLASS, ref), help="Default: the prediction.")
+    peers = c2.toggle("Also the gradient peers (Grad-CAM, Grad-CAM++, guided backprop; integrated gradients and "
+                      "SmoothGrad take seconds)", value=True, key=K.EVAL_PEERS)
+    left, right = st.columns([5, 6], gap="medium")
+    with left:
+        tool = st.radio("Outline with", list(MODES), horizontal=True, key=K.EVAL_TOOL,
+                        help="Free draw: paint over the finding. Rectangle: drag. Polygon: click the corners, "
+                             "then the first one again.")
+        h, w = view.shape[:2]
+        scale = min(CANVAS_MAX[0] / w, CANVAS_MAX[1] / h)
+        cw, ch = max(32, round(w * scale)), max(32, round(h * scale))
+        st.space("small")
+        bg = render.jpeg(render.to_rgb(render.fit(view, max(cw, ch) * 2)))
+        canvas = st_canvas(fill_color="rgba(57, 255, 20, 0.30)", stroke_width=3 if MODES[tool] != "freedraw" else 14,
+                           stroke_color="#39ff14", background_image=bg, drawing_mode=MODES[tool], width=cw,
+                           height=ch, return_image_data=True, key=f"{K.of_image('eval_canvas', ref)}")
+        drawn = canvas.image_data
+        if drawn is not None:
+            m = logic.canvas_mask(drawn, (h, w))
+            sess.eval_outline, sess.eval_outline_for = (m, ref.digest) if m is not None else (None, None)
+        up = st.file_uploader("...or upload a lesion mask (PNG/TIFF; non-zero = lesion; resized to the image)",
+                              type=["png", "tif", "tiff"], key=K.of_image(K.EVAL_MASK, ref))
+    outline = sess.eval_outline if sess.eval_outline_for == ref.digest else None
+    if up is not None:
+        try:
+            outline = ev.decode_mask(up.getvalue(), (h, w))
+        except DeepMinerError as err:
+            right.error(f"Mask refused: {render.md_escape(err)}")
+            return
+        if not outline.any():
+            right.error("The mask has no lesion pixel (every pixel is 0).")
+            return
+    with right:
+        if outline is None:
+            st.info("Outline the finding on the image (or upload its mask) to score every map against it.")
+            return
+        try:
+            scene = ev.Scene.make(view, outline)
+        except DeepMinerError as err:
+            st.error(render.md_escape(err))
+            return
+        if not scene.scorable:
+            st.error("The outline has no pixel inside the breast: nothing can be scored.")
+            return
+        t0 = time.perf_counter()
+        maps = {**ev.one_pass_maps(exp, cls), **ev.baseline_maps(scene.tissue, exp.cam.shape[1:], ev.seed_of(ref.digest))}
+        scores = ev.score_maps(maps, scene)
+        slot = st.empty()
+        took = f"{(time.perf_counter() - t0) * 1000:.0f} ms"
+        _show_scores(slot, scores, maps, scene, took)
+        if peers:
+            for batch in ev.requests_for(ev.PEERS):
+                slow = any(m in ev.PEERS_SLOW for m in batch)
+                with st.spinner(f"Computing {', '.join(ev.method_name(m) for m in batch)}"
+                                + (" (seconds)..." if slow else "...")):
+                    got = state.explain_methods(ref.data, batch, target=cls)
+                if isinstance(got, state.Failure):
+                    state.show_failure(got)
+                    break
+                extra = {m: got.method_maps[m] for m in batch if m in got.method_maps}
+                maps.update(extra)
+                scores.update(ev.score_maps(extra, scene))
+                _show_scores(slot, scores, maps, scene, took)
+    _model_note(exp.model)
+
+
+def _show_scores(slot, scores: dict, maps: dict, scene: ev.Scene, took: str) -> None:
+    rows = ev.ranked_rows(scores)
+    with slot.container():
+        st.subheader(f"Scores against your outline: {len(rows) - len(ev.BASELINES)} maps + 2 baselines")
+        st.caption(f"CAM and probability map scored in {took}")  # (every redraw: the same elements)
+        st.dataframe([{k: v for k, v in r.items() if k != "key"} for r in rows], hide_index=True,
+                     key=None, column_config={"baseline": st.column_config.CheckboxColumn("baseline")})
+        small = render.fit(scene.pixels, 200)
+        tiles, caps = [], []
+        for r in rows:
+            heat = render.heat_overlay(small, maps[r["key"]], alpha=0.5)
+            tiles.append(render.mask_overlay(heat, scene.lesion, color=(57, 255, 20), alpha=0.0))
+            a = "n/a" if r["AUPRC"] is None else f"{r['AUPRC']:.2f}"
+            caps.append(f"{r['method']} · AUPRC {a} · {r['pointing'] or '-'} · IoU "
+                        f"{'n/a' if r['IoU'] is None else format(r['IoU'], '.2f')}")
+        st.image(tiles, caption=caps, width=150, output_format="JPEG")
+        st.caption("Green outline: your ground truth. Sorted best AUPRC first; the baselines are the floor.")
+
+
+# == a set ==========================================================================================
+
+def _limit_mb() -> int:
+    from deepminer.data.uploads import MAX_UPLOAD_BYTES
+
+    return min(int(st.get_option("server.maxUploadSize")), MAX_UPLOAD_BYTES // 2**20)
+
+
+def _set_eval_set(new: ev.EvalSet | None) -> None:
+    old = sess.eval_set
+    if isinstance(old, ev.EvalSet):
+        old.cleanup()
+    sess.eval_set = new
+
+
+def _extract(name: str, data: bytes) -> ev.EvalSet:
+    from deepminer.data.uploads import extract_eval_zip
+
+    digest = hashlib.sha256(data).hexdigest()
+    tmp = Path(tempfile.mkdtemp(prefix="deepminer-eval-"))
+    try:
+        items, skipped = extract_eval_zip(data, tmp / "set")
+    except DeepMinerError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return ev.EvalSet([], [], f"zip {name} (sha256 {digest})", "zip", digest, error=str(err).splitlines()[0])
+    except Exception as err:  # noqa: BLE001 - an untrusted upload: one line, never a traceback
+        shutil.rmtree(tmp, ignore_errors=True)
+        return ev.EvalSet([], [], f"zip {name}", "zip", digest, error=f"cannot read the zip ({type(err).__name__})")
+    return ev.EvalSet(items, skipped, f"zip {name} (sha256 {digest})", "zip", digest, tmp)
+
+
+def _on_zip() -> None:
+    f = st.session_state.get(K.EVAL_ZIP)
+    _set_eval_set(_extract(f.name, f.getvalue()) if f is not None else None)
+    sess.eval_run = None
+
+
+def _folder_set(folder: Path, kind: str, source: str) -> ev.EvalSet:
+    from deepminer.data.uploads import folder_items
+
+    try:
+        items, skipped = folder_items(folder)
+    except DeepMinerError as err:
+        return ev.EvalSet([], [], source, kind, error=str(err).splitlines()[0])
+    return ev.EvalSet(items, skipped, source, kind)
+
+
+def _on_cancel() -> None:
+    run = sess.eval_run
+    if isinstance(run, ev.SetRun) and run.running:
+        run.cancelled, run.running = True, False
+
+
+def _start(es: ev.EvalSet, methods: tuple[str, ...], target: str) -> str | None:
+    """Start a run over ``es`` (a zip extracted again when its folder was removed); why not, or None."""
+    if not es.available and es.kind == "zip":  # its folder was removed after the last run: extract again
+        f = st.session_state.get(K.EVAL_ZIP)
+        if f is None:
+            return "The zip is gone (a new session or page): upload it again."
+        _set_eval_set(_extract(f.name, f.getvalue()))
+        es = sess.eval_set
+        if es.error:
+            return es.error
+    ds = {"source": es.source, "kind": es.kind, "sha256": es.sha256, "images": len(es.items),
+          "skipped": [{"name": s.name, "reason": s.reason} for s in es.skipped]}
+    sess.eval_run = ev.SetRun(list(es.items), methods, target, ds)
+    return None
+
+
+def _work(item, methods: tuple[str, ...], target: str, predict, explain_methods):
+    """One image's calls and scores (no Streamlit: runs in a worker thread)."""
+    t0 = time.perf_counter()
+    data = Path(item.image).read_bytes()
+    requests = ev.requests_for(methods)
+    extra: dict = {}
+    if requests:
+        exp = None
+        for batch in requests:
+            got = explain_methods(data, batch)
+            exp = exp or got
+            extra.update({m: got.method_maps[m] for m in batch if m in got.method_maps})
+    else:
+        exp = predict(data)
+    waited = time.perf_counter() - t0
+    pixels = ev.load_pixels(item.image)
+    lesion = ev.load_mask(item.mask, pixels.shape[:2])
+    cls = item.label if target == "label" and item.label in exp.classes else None
+    if extra and cls not in (None, exp.prediction):
+        extra = {}  # the peers were computed for the prediction; never score them against another class
+    scene = ev.Scene.make(pixels, lesion)
+    rec = ev.evaluate_item(item.image_id, item.label, pixels, lesion, exp, extra, cls=cls, scene=scene)
+    rec.seconds = time.perf_counter() - t0
+    th = ev.thumb(scene, exp.cam[ev.class_index(exp, cls)]) if rec.scores else None
+    return rec, th, dict(exp.model or {}), waited
+
+
+def _callers():
+    """``predict(data)`` and ``explain_methods(data, methods)`` that touch no Streamlit (thread-safe)."""
+    s = state.settings()
+    if s.backend == "local":
+        from deepminer.client import local_explain
+
+        return (lambda d: local_explain(s.model_path, d, max_side=s.max_side, name=s.model),
+                lambda d, m: local_explain(s.model_path, d, max_side=s.max_side, name=s.model, methods=m))
+    from deepminer.options import ExplainOptions
+
+    c = state.client()
+    return (lambda d: c.explain(d, max_side=s.max_side),
+            lambda d, m: c.explain_methods(d, m, options=ExplainOptions.build(max_side=s.max_side)))
+
+
+@st.cache_resource(show_spinner=False)
+def _pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(4, thread_name_prefix="deepminer-eval")
+
+
+def _advance(run: ev.SetRun, bar) -> None:
+    """Process the rest of the run, image by image, the next image's calls already in flight while
+    one is scored. A click (Cancel or any widget) stops this script at its next Streamlit call; what
+    was done is kept in ``run`` and the next rerun carries on (or stops, when cancelled)."""
+    predict, explain_methods = _callers()
+    pool = _pool()
+    t_start = time.perf_counter() - run.elapsed_s
+    pending = {}
+    shown = 0.0  # when the progress bar was last drawn (at most 4 times a second: each draw costs the browser)
+    try:
+        while run.running and run.done < run.total:
+            for j in range(run.done, min(run.total, run.done + LOOKAHEAD)):
+                if j not in pending:
+                    pending[j] = pool.submit(_work, run.items[j], run.methods, run.target, predict, explain_methods)
+            fut = pending.pop(run.done)
+            item = run.items[run.done]
+            try:
+                rec, th, model, waited = fut.result()
+            except DeepMinerError as err:
+                f = state.failure_of(err)
+                msg = f.message if f is not None else render.md_escape(err)
+                if f is not None and f.kind == "unavailable" or getattr(err, "status", 400) >= 500 \
+                        or getattr(err, "status", 400) == 401:
+                    run.error, run.running = msg, False
+                    break
+                rec, th, model, waited = ev.ImageRecord(item.image_id, item.label, problem=str(err).splitlines()[0]), \
+                    None, {}, 0.0
+            run.records.append(rec)
+            if th is not None:
+                run.thumbs[rec.image_id] = th
+            run.model = run.model or model
+            run.request_s += waited
+            run.done += 1
+            run.elapsed_s = time.perf_counter() - t_start
+            if run.elapsed_s - shown < 0.25 and run.done < run.total:
+                continue
+            shown = run.elapsed_s
+            eta = ev.eta_s(run.done, run.total, run.elapsed_s)
+            bar.progress(run.done / run.total, text=f"{run.done} of {run.total} images · {run.elapsed_s:.1f} s"
+                         + (f" · about {eta:.0f} s left" if eta else ""))
+        else:
+            run.running = False
+    except Exception as err:  # noqa: BLE001 - stop the run with a message, never a traceback (a click's
+        # rerun is a BaseException: it passes, and the next rerun carries on)
+        run.error, run.running = f"The run stopped: {type(err).__name__}: {render.md_escape(err)}", False
+    finally:
+        for f in pending.values():
+            f.cancel()
+        if not run.running:
+            es = sess.eval_set
+            if isinstance(es, ev.EvalSet) and es.kind == "zip":
+                es.cleanup()  # the extracted zip is not needed any more (Run extracts it again)
+
+
+@st.cache_resource(show_spinner=False)
+def _warm() -> bool:
+    """Import what a run needs once per process, before Run is clicked (not inside the timed run)."""
+    import deepminer.data.io  # noqa: F401 - the decoder
+    import deepminer.evaluation.localization  # noqa: F401 - the metrics
+    import deepminer.evaluation.methods  # noqa: F401 - the baselines
+    import deepminer.evaluation.stats  # noqa: F401 - the intervals
+    from deepminer.data.tissue import tissue_mask
+
+    tissue_mask(np.zeros((64, 64), np.float32))
+    return True
+
+
+def a_set() -> None:
+    _warm()
+    s = state.settings()
+    sources = ["Upload a zip"] + (["Lab folder on the server"] if s.eval_folder else []) + ["Bundled phantom test set"]
+    source = st.radio("Images", sources, horizontal=True, key=K.EVAL_SOURCE)
+    es = sess.eval_set if isinstance(sess.eval_set, ev.EvalSet) else None
+    if source == "Upload a zip":
+        limit = _limit_mb()
+        st.file_uploader(f"A zip of images with lesion masks (at most {limit} MB)", type=["zip"], key=K.EVAL_ZIP,
+                         on_change=_on_zip)
+        st.caption("Two layouts: **a dataset folder** (`manifest.csv` with the columns `image`, `lesion_mask`, "
+                   "optionally `label`; as `deepminer generate` writes it), or **`images/` + `masks/`** with the same "
+                   "stems (`images/a.png` + `masks/a.png`; non-zero mask pixels are lesion; a mask must have its "
+                   "image's size). Either may sit inside one top-level folder. Normal images (no mask) are skipped.")
+        if es is not None and es.kind != "zip":
+            es = None
+    elif source == "Lab folder on the server" and s.eval_folder is not None:
+        if es is None or es.kind != "folder":
+            es = _folder_set(s.eval_folder, "folder", f"folder {s.eval_folder}")
+            _set_eval_set(es)
+    else:
+        if es is None or es.kind != "bundled":
+            state.samples()  # made on first use
+            es = _folder_set(s.samples, "bundled", "bundled phantoms")
+            _set_eval_set(es)
+    if es is None:
+        return
+    if es.error:
+        st.error(f"Cannot use this set: {render.md_escape(es.error)}")
+        return
+    st.markdown(f"**{len(es.items)} image(s) with a mask** in {render.md_escape(es.source)}")
+    if es.skipped:
+        with st.expander(f"Skipped: {len(es.skipped)}", expanded=True):
+            st.markdown("\n".join(f"- **{render.md_escape(x.name)}**: {render.md_escape(x.reason)}"
+                                   for x in es.skipped))
+    if not es.items:
+        return
+    c1, c2 = st.columns([3, 2])
+    with c1:
+        st.markdown("Methods: **CAM and probability map** (one `/predictions` call per image)")
+        chosen = st.multiselect("Add the gradient peers (`/explanations`, slower)", list(ev.PEERS), default=[],
+                                key=K.EVAL_SET_PEERS, format_func=ev.method_name)
+    target = c2.selectbox("Explained class", list(TARGETS), format_func=TARGETS.get, key="eval_set_target")
+    run = sess.eval_run if isinstance(sess.eval_run, ev.SetRun) else None
+    b1, b2 = st.columns([1, 5])
+    if b1.button("Run", type="primary", key=K.EVAL_RUN, disabled=run is not None and run.running):
+        problem = _start(es, tuple(["cam", "class_map", *chosen]), target)
+        if problem:
+            st.error(render.md_escape(problem))
+        run = sess.eval_run
+    if run is not None and run.running:
+        b2.button("Cancel", key=K.EVAL_CANCEL, on_click=_on_cancel)
+        bar = st.progress(run.done / max(1, run.total), text=f"{run.done} of {run.total} images")
+        _advance(run, bar)
+        st.rerun()  # draw the results without the Cancel button
+    if run is not None:
+        _results(run)
+
+
+def _results(run: ev.SetRun) -> None:
+    from deepminer.evaluation.localization import RECALL_GRID
+
+    if run.error:
+        st.error(run.error)
+    if run.cancelled:
+        st.warning(f"Cancelled after {run.done} of {run.total} images: the results below are partial.")
+    scored = [r for r in run.records if r.scores]
+    per = run.elapsed_s / max(1, run.done)
+    st.caption(f"Evaluated {run.done} images in {run.elapsed_s:.2f} s ({per * 1000:.0f} ms per image; "
+               f"{run.request_s:.2f} s waiting for the model server)")
+    problems = [r for r in run.records if r.problem]
+    if problems:
+        st.dataframe([{"image": r.image_id, "not scored": r.problem} for r in problems], hide_index=True,
+                     key="eval_problems")
+    if not scored:
+        st.info("No image was scored yet.")
+        return
+    _model_note(run.model)
+    st.caption(f"Data set: {render.md_escape(run.dataset['source'])}")
+    summary = ev.summary_rows(scored)
+    st.subheader(f"Summary over {len(scored)} images (mean [95% bootstrap interval])")
+    st.dataframe(ev.summary_table(summary), hide_index=True, key="eval_summary")
+    cols = st.columns(3)
+    for i, metric in enumerate(ev.METRICS):
+        cols[i % 3].plotly_chart(render.metric_interval_bars(summary, metric, _names()), key=f"eval_bars_{metric}")
+    cols[len(ev.METRICS) % 3].plotly_chart(render.pr_lines(ev.mean_pr(scored), RECALL_GRID, _names(), ev.BASELINES),
+                                           key="eval_pr")
+    best, worst = ev.best_worst(scored)
+    cases = []
+    if best:
+        st.subheader("Best and worst cases (CAM AUPRC)")
+        tiles, caps = [], []
+        for tag, group in (("best", best), ("worst", worst)):
+            for r in group:
+                t = run.thumbs.get(r.image_id)
+                if t is None:
+                    continue
+                heat = render.heat_overlay(t.pixels, t.cam, alpha=0.45)
+                tiles.append(render.mask_overlay(heat, t.lesion, color=(57, 255, 20), alpha=0.0))
+                caps.append(f"{tag}: {r.image_id} · AUPRC {r.scores['cam']['auprc']:.2f}")
+                cases.append({"title": f"{tag}: {r.image_id}", "image": t.pixels, "lesion": t.lesion,
+                              "saliency": _unit(t.cam), "subtitle": f"AUPRC {r.scores['cam']['auprc']:.2f}"})
+        st.image(tiles, caption=caps, width=150, output_format="JPEG")
+        st.caption("Green outline: the ground truth; heat: the CAM of the explained class.")
+    st.subheader("Export")
+    d1, d2, d3 = st.columns(3)
+    d1.download_button("Per-image CSV", ev.per_image_csv(run.records), file_name="evaluation-per-image.csv",
+                       mime="text/csv", key="eval_csv", on_click="ignore")
+    d2.download_button("Summary JSON", ev.report_json(summary, run.settings()), file_name="evaluation-summary.json",
+                       mime="application/json", key="eval_json", on_click="ignore")
+    records = list(run.records)
+
+    def figures() -> bytes:
+        tmp = Path(tempfile.mkdtemp(prefix="deepminer-figs-"))
+        try:
+            return ev.figures_zip(records, summary, cases, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    d3.download_button("Figures (PNG, zip)", figures, file_name="evaluation-figures.zip", mime="application/zip",
+                       key="eval_png", on_click="ignore")
+
+
+def _unit(m: np.ndarray) -> np.ndarray:
+    m = np.asarray(m, np.float32)
+    lo, hi = float(m.min()), float(m.max())
+    return (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+
+
+try:
+    if mode == ONE:
+        one_image()
+    else:
+        a_set()
+except DeepMinerError as err:
+    st.error(render.md_escape(str(err).splitlines()[0] if str(err) else type(err).__name__))
