@@ -226,10 +226,11 @@ def _work(item, methods: tuple[str, ...], target: str, predict, explain_methods)
     data = Path(item.image).read_bytes()
     requests = ev.requests_for(methods)
     extra: dict = {}
+    wanted = item.label if target == "label" and item.label else None  # None: the prediction
     if requests:
         exp = None
-        for batch in requests:
-            got = explain_methods(data, batch)
+        for batch in requests:  # the peers of the explained class (the server refuses a label it does not know)
+            got = explain_methods(data, batch, wanted)
             exp = exp or got
             extra.update({m: got.method_maps[m] for m in batch if m in got.method_maps})
     else:
@@ -237,9 +238,7 @@ def _work(item, methods: tuple[str, ...], target: str, predict, explain_methods)
     waited = time.perf_counter() - t0
     pixels = ev.load_pixels(item.image)
     lesion = ev.load_mask(item.mask, pixels.shape[:2])
-    cls = item.label if target == "label" and item.label in exp.classes else None
-    if extra and cls not in (None, exp.prediction):
-        extra = {}  # the peers were computed for the prediction; never score them against another class
+    cls = wanted if wanted in exp.classes else None
     scene = ev.Scene.make(pixels, lesion)
     rec = ev.evaluate_item(item.image_id, item.label, pixels, lesion, exp, extra, cls=cls, scene=scene)
     rec.seconds = time.perf_counter() - t0
@@ -248,18 +247,18 @@ def _work(item, methods: tuple[str, ...], target: str, predict, explain_methods)
 
 
 def _callers():
-    """``predict(data)`` and ``explain_methods(data, methods)`` that touch no Streamlit (thread-safe)."""
+    """``predict(data)`` and ``explain_methods(data, methods, target)`` that touch no Streamlit (thread-safe)."""
     s = state.settings()
     if s.backend == "local":
         from deepminer.client import local_explain
 
         return (lambda d: local_explain(s.model_path, d, max_side=s.max_side, name=s.model),
-                lambda d, m: local_explain(s.model_path, d, max_side=s.max_side, name=s.model, methods=m))
+                lambda d, m, t: local_explain(s.model_path, d, max_side=s.max_side, name=s.model, methods=m, target=t))
     from deepminer.options import ExplainOptions
 
     c = state.client()
     return (lambda d: c.explain(d, max_side=s.max_side),
-            lambda d, m: c.explain_methods(d, m, options=ExplainOptions.build(max_side=s.max_side)))
+            lambda d, m, t: c.explain_methods(d, m, target=t, options=ExplainOptions.build(max_side=s.max_side)))
 
 
 @st.cache_resource(show_spinner=False)
