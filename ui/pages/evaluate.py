@@ -346,7 +346,7 @@ def a_set() -> None:
         st.file_uploader(f"A zip of images with lesion masks (at most {limit} MB)", type=["zip"], key=K.EVAL_ZIP,
                          on_change=_on_zip)
         st.caption("Two layouts: **a dataset folder** (`manifest.csv` with the columns `image`, `lesion_mask`, "
-                   "optionally `label`; as `deepminer generate` writes it), or **`images/` + `masks/`** with the same "
+                   "optionally `label`; as `deepminer phantoms` and `deepminer import-cbis` write it), or **`images/` + `masks/`** with the same "
                    "stems (`images/a.png` + `masks/a.png`; non-zero mask pixels are lesion; a mask must have its "
                    "image's size). Either may sit inside one top-level folder. Normal images (no mask) are skipped.")
         if es is not None and es.kind != "zip":
