@@ -24,3 +24,26 @@ def box_sketch(shape: tuple[int, int], rows: slice, cols: slice) -> np.ndarray:
     mask = np.zeros(shape, bool)
     mask[rows, cols] = True
     return mask
+
+
+def tiny_checkpoint(folder, seed: int = 1):
+    """The tiny model (random weights from ``seed``) saved as ``folder/model.pt``."""
+    from pathlib import Path
+
+    from deepminer.models import save_model
+
+    return save_model(tiny_model(seed), Path(folder) / "model.pt")
+
+
+def start_tiny_server(tmp_path_factory, model_path, name: str, *, env=None, **mar_options):
+    """A real TorchServe (demo profile) serving ``model_path`` as ``name`` (archived with
+    ``mar_options``), started; the caller stops it."""
+    from serve.archive import build_mar
+    from serve.launch import TorchServe
+
+    store = tmp_path_factory.mktemp("store")
+    build_mar(model_path, store, name=name, **mar_options)
+    ts = TorchServe(store, {name: f"{name}.mar"}, tmp_path_factory.mktemp("ts"), profile="demo", env=env)
+    ts.start(timeout=300)
+    print(f"\nTorchServe (demo profile) ready in {ts.started_s:.1f} s")
+    return ts

@@ -10,17 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from deepminer.cli import main
-from deepminer.models import build_model, save_model
 from deepminer.client import Client, ServeError, ServeUnavailable, local_explain
 from deepminer.errors import InputError
 from deepminer.explanation import Explanation
 from deepminer.options import ExplainOptions, mask_to_png
-from serve.archive import build_mar
-from serve.launch import TorchServe
+from modelfixtures import start_tiny_server, tiny_checkpoint
 
 MODEL = "tiny"
 
@@ -43,18 +40,12 @@ def closed_port() -> int:
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("model")
-    torch.manual_seed(1)
-    return save_model(build_model("tiny", pretrained=False), d / "model.pt")
+    return tiny_checkpoint(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_path):
-    store = tmp_path_factory.mktemp("store")
-    build_mar(model_path, store, name=MODEL, max_batch_delay=5)
-    ts = TorchServe(store, {MODEL: f"{MODEL}.mar"}, tmp_path_factory.mktemp("ts"), profile="demo")
-    ts.start(timeout=300)
-    print(f"\nTorchServe (demo profile) ready in {ts.started_s:.1f} s")
+    ts = start_tiny_server(tmp_path_factory, model_path, MODEL, max_batch_delay=5)
     yield ts
     ts.stop()
 

@@ -13,9 +13,7 @@ import pytest
 import torch
 
 from deepminer.client import Client, ServeError, local_explain
-from deepminer.models import build_model, save_model
-from serve.archive import build_mar
-from serve.launch import TorchServe
+from modelfixtures import start_tiny_server, tiny_checkpoint
 from test_explain_methods import breast_png
 
 pytestmark = pytest.mark.serve
@@ -24,21 +22,15 @@ MODEL = "tiny"
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("model")
-    torch.manual_seed(1)
-    return save_model(build_model("tiny", pretrained=False), d / "model.pt")
+    return tiny_checkpoint(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_path):
-    store = tmp_path_factory.mktemp("store")
-    build_mar(model_path, store, name=MODEL)  # the shipped model-config.yaml: max_gradient_methods 3
-    # one intra-op thread: on a small shared test machine (2 cores, other jobs) torch's default of one
-    # thread per core oversubscribes it and the tiny model's forward+backward gets ~100x slower
-    ts = TorchServe(store, {MODEL: f"{MODEL}.mar"}, tmp_path_factory.mktemp("ts"), profile="demo",
-                    env={**os.environ, "OMP_NUM_THREADS": "1"})
-    ts.start(timeout=300)
-    print(f"\nTorchServe (demo profile) ready in {ts.started_s:.1f} s")
+    # the shipped model-config.yaml (max_gradient_methods 3); one intra-op thread: on a small shared
+    # test machine (2 cores, other jobs) torch's default of one thread per core oversubscribes it and
+    # the tiny model's forward+backward gets ~100x slower
+    ts = start_tiny_server(tmp_path_factory, model_path, MODEL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     yield ts
     ts.stop()
 

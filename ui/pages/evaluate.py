@@ -11,15 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import streamlit as st
-from streamlit_drawable_canvas import st_canvas
 
 from deepminer.errors import DeepMinerError
 from ui import evaluate as ev
-from ui import logic, render, state
+from ui import render, state, widgets
 
 CANVAS_MAX = (420, 520)  # width, height in CSS pixels
 LOOKAHEAD = 3  # images of a run in flight at once (calls and scoring overlap; the server queues the calls)
-MODES = {"Free draw": "freedraw", "Rectangle": "rect", "Polygon": "polygon"}
 K = state.Keys
 ONE, SET = "One image, your outline", "A set of images with masks"
 TARGETS = {"prediction": "the predicted class", "label": "the image's label (when it names a class)"}
@@ -71,20 +69,14 @@ def one_image() -> None:
                       "SmoothGrad take seconds)", value=True, key=K.EVAL_PEERS)
     left, right = st.columns([5, 6], gap="medium")
     with left:
-        tool = st.radio("Outline with", list(MODES), horizontal=True, key=K.EVAL_TOOL,
-                        help="Free draw: paint over the finding. Rectangle: drag. Polygon: click the corners, "
-                             "then the first one again.")
         h, w = view.shape[:2]
-        scale = min(CANVAS_MAX[0] / w, CANVAS_MAX[1] / h)
-        cw, ch = max(32, round(w * scale)), max(32, round(h * scale))
-        st.space("small")
-        bg = render.jpeg(render.to_rgb(render.fit(view, max(cw, ch) * 2)))
-        canvas = st_canvas(fill_color="rgba(57, 255, 20, 0.30)", stroke_width=3 if MODES[tool] != "freedraw" else 14,
-                           stroke_color="#39ff14", background_image=bg, drawing_mode=MODES[tool], width=cw,
-                           height=ch, return_image_data=True, key=f"{K.of_image('eval_canvas', ref)}")
-        drawn = canvas.image_data
-        if drawn is not None:
-            m = logic.canvas_mask(drawn, (h, w))
+        sent, m = widgets.draw_mask(view, (h, w), tools=("Free draw", "Rectangle", "Polygon"),
+                                    tool_label="Outline with", tool_key=K.EVAL_TOOL,
+                                    tool_help="Free draw: paint over the finding. Rectangle: drag. Polygon: click "
+                                              "the corners, then the first one again.",
+                                    key=K.of_image("eval_canvas", ref), rgb=(57, 255, 20), max_size=CANVAS_MAX,
+                                    brush=14)
+        if sent:
             sess.eval_outline, sess.eval_outline_for = (m, ref.digest) if m is not None else (None, None)
         up = st.file_uploader("...or upload a lesion mask (PNG/TIFF; non-zero = lesion; resized to the image)",
                               type=["png", "tif", "tiff"], key=K.of_image(K.EVAL_MASK, ref))

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import streamlit as st
-from streamlit_drawable_canvas import st_canvas
 
 from deepminer.explain.sketch import MATCH_IOU
-from ui import logic, render, state
+from ui import logic, render, state, widgets
+from ui.widgets import MODES
 
 CANVAS_MAX = (420, 560)  # width, height in CSS pixels: fits the left column of a 1280 x 800 window
-MODES = {"Rectangle": "rect", "Free draw": "freedraw", "Polygon": "polygon"}
 K = state.Keys
 
 st.title("Sketch & label")
@@ -58,20 +57,13 @@ atlas = state.atlas()
 # -- the canvas -----------------------------------------------------------------------------------
 left, right = st.columns([5, 4], gap="medium")
 with left:
-    mode = st.radio("Tool", list(MODES), horizontal=True, key=K.TOOL,
-                    help="Rectangle: drag. Free draw: paint over the region. Polygon: click the corners, "
-                         "then click the first one again to close it.")
     h, w = t_pixels.shape[:2]
-    scale = min(CANVAS_MAX[0] / w, CANVAS_MAX[1] / h)
-    cw, ch = max(32, round(w * scale)), max(32, round(h * scale))
-    st.space("small")  # room for the canvas's toolbar
-    bg = render.jpeg(render.to_rgb(render.fit(t_view, max(cw, ch) * 2)))
-    canvas = st_canvas(fill_color="rgba(255, 60, 60, 0.30)", stroke_width=3 if MODES[mode] != "freedraw" else 18,
-                       stroke_color="#ff3c3c", background_image=bg, drawing_mode=MODES[mode], width=cw, height=ch,
-                       return_image_data=True, key=K.canvas(ref, box))
-    drawn = canvas.image_data
-    if drawn is not None:  # the canvas sent its drawing layer: it is the sketch (or an empty one)
-        sess.set_sketch(logic.canvas_mask(drawn, (h, w)), target_id)
+    sent, mask = widgets.draw_mask(t_view, (h, w), tools=tuple(MODES), tool_label="Tool", tool_key=K.TOOL,
+                                   tool_help="Rectangle: drag. Free draw: paint over the region. Polygon: click the "
+                                             "corners, then click the first one again to close it.",
+                                   key=K.canvas(ref, box), rgb=(255, 60, 60), max_size=CANVAS_MAX, brush=18)
+    if sent:  # the canvas sent its drawing layer: it is the sketch (or an empty one)
+        sess.set_sketch(mask, target_id)
     sketch = sess.sketch_on(target_id)
     st.caption("Draw the region you care about; units whose binarized maps overlap it (IoU > "
                f"{MATCH_IOU}) are enlarged on the unit map.")
