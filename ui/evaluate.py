@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from deepminer.explanation import Explanation
+from ui.logic import trained_on_phantoms
 
 ONE_PASS = ("cam", "class_map")  #: maps every explanation carries (no extra request)
 PEERS_FAST = ("gradcam", "gradcam++", "guided_backprop")  #: one ``/explanations`` request
@@ -111,8 +112,10 @@ def class_index(exp: Explanation, cls: str | None) -> int:
 
 def one_pass_maps(exp: Explanation, cls: str | None = None) -> dict[str, np.ndarray]:
     """CAM and probability map of class ``cls`` (None: the prediction), on the CAM grid."""
+    from deepminer.evaluation.methods import one_pass_map
+
     i = class_index(exp, cls)
-    return {"cam": np.asarray(exp.cam[i], np.float32), "class_map": np.asarray(exp.class_maps[i], np.float32)}
+    return {m: one_pass_map(m, exp, i, None) for m in ("cam", "class_map")}
 
 
 def baseline_maps(tissue: np.ndarray, grid: Sequence[int], seed: int) -> dict[str, np.ndarray]:
@@ -317,11 +320,6 @@ def _csv_num(v: Any) -> str:
 def _json_num(v: Any) -> float | None:
     f = float(v)
     return f if math.isfinite(f) else None
-
-
-def trained_on_phantoms(model: Mapping[str, Any] | None) -> bool:
-    t = str((model or {}).get("trained_on") or "").lower()
-    return "phantom" in t or "synthetic" in t
 
 
 def provenance(model: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -188,11 +188,17 @@ def label_options(vocabulary: Iterable[str], extra: Iterable[str] = ()) -> list[
     return out
 
 
+def trained_on_phantoms(model: Mapping | None) -> bool:
+    """Whether the model says it was trained on synthetic phantoms (its ``trained_on``)."""
+    t = str((model or {}).get("trained_on") or "").lower()
+    return "phantom" in t or "synthetic" in t
+
+
 def trained_on_note(model: Mapping | None) -> str:
     """What the model was trained on, said next to every prediction: a model trained on synthetic
     phantoms says plainly that its output on a real mammogram is not meaningful."""
     trained_on = str((model or {}).get("trained_on") or "").strip()
-    if "phantom" in trained_on.lower():
+    if trained_on_phantoms(model):
         return ("Trained on synthetic phantoms only: on a real mammogram this output is not meaningful "
                 "(a demonstration of the method, not a diagnosis).")
     if not trained_on or trained_on.startswith("not recorded"):

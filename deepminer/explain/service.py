@@ -120,6 +120,8 @@ class ExplainService:
         a one-line :class:`InputError` before any work."""
         import numpy as np
 
+        from deepminer.evaluation.methods import one_pass_map
+
         opts = self.options(options)
         limit = int(self.settings["max_gradient_methods"])
         grads = opts.gradient_methods
@@ -138,10 +140,8 @@ class ExplainService:
         ms: dict[str, float] = {}
         for method in opts.methods or ("cam",):
             s = time.perf_counter()
-            if method == "cam":
-                maps[method] = np.array(exp.cam[t], dtype=np.float32)
-            elif method == "class_map":
-                maps[method] = np.array(exp.class_maps[t], dtype=np.float32)
+            if method in ("cam", "class_map"):
+                maps[method] = one_pass_map(method, exp, t, None)
             else:
                 maps[method] = self._gradient_map(method, pixels, t, max_side)
                 if maps[method].shape != exp.map_size:
