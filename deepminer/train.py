@@ -114,13 +114,22 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
         torch.save(obj, fh)
 
 
+PROBE = "head"
+"""``--train-from head``: freeze the whole backbone and train only the head (a linear probe)."""
+
+
 def freeze_before(model, name: str | None) -> list[str]:
     """Freeze every parameter of ``model.features`` registered before the first one whose name
-    starts with ``name`` (e.g. ``net.blocks.5``); returns the frozen parameter names. Frozen
+    starts with ``name`` (e.g. ``net.blocks.5``); returns the frozen parameter names. ``head``
+    (:data:`PROBE`) freezes the whole backbone: only the head is trained (a linear probe). Frozen
     BatchNorm layers are kept in eval mode by :func:`set_train_mode`."""
     if not name:
         return []
     names = [n for n, _ in model.features.named_parameters()]
+    if name == PROBE:
+        for p in model.features.parameters():
+            p.requires_grad_(False)
+        return names
     first = next((i for i, n in enumerate(names) if n == name or n.startswith(name + ".")), None)
     if first is None:
         tops = sorted({".".join(n.split(".")[:3]) for n in names})
@@ -168,6 +177,8 @@ def split_features(model, name: str, *, check_size: int = 64):
     from torch import nn
 
     stages = feature_stages(model.features) or []
+    if name == PROBE:  # the whole backbone is the trunk: the cache holds the unit maps themselves
+        return model.features, nn.Identity()
     names = [n for n, _ in stages]
     if name not in names or names.index(name) == 0:
         raise InputError(f"--cache-features: cannot split {model.arch} features before {name!r}; "
@@ -684,6 +695,15 @@ def _metric_rows(rep: dict, name: str) -> list[str]:
     return rows
 
 
+def _frozen_text(cfg: dict, metrics: dict) -> str:
+    n = metrics.get("frozen_parameters")
+    if cfg.get("train_from") == PROBE:
+        return f"the whole ImageNet backbone ({n} tensors): only the head was trained (a linear probe)"
+    if cfg.get("train_from"):
+        return f"layers before `{cfg['train_from']}` ({n} tensors)"
+    return "nothing (all layers fine-tuned)"
+
+
 def model_card(metrics: dict) -> str:
     """The Markdown model card of a run (from its ``metrics.json`` content)."""
     cfg = metrics["config"]
@@ -708,7 +728,7 @@ def model_card(metrics: dict) -> str:
            + (f" of {cfg['max_patches_per_epoch']} patches" if cfg.get("max_patches_per_epoch") else ""),
            f"- sampler: {'class-balanced (1/count weights, with replacement)' if cfg['balance'] else 'shuffled'}; "
            "augmentation: random horizontal and vertical flips",
-           f"- frozen: {'layers before `' + cfg['train_from'] + '` (' + str(metrics.get('frozen_parameters')) + ' tensors)' if cfg.get('train_from') else 'nothing (all layers fine-tuned)'}"
+           f"- frozen: {_frozen_text(cfg, metrics)}"
            + ("; the frozen trunk's outputs for every training patch and its 4 flips were computed once and cached "
               "(float16)" if cfg.get("cache_features") else ""),
            (f"- training patches capped at {cfg['max_train_patches_per_class']} per class (seeded draw)"

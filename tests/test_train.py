@@ -168,6 +168,31 @@ def test_train_with_cached_features_runs(phantom_folder, tmp_path):
     assert "cached" in (run / "MODEL_CARD.md").read_text()
 
 
+def test_linear_probe_trains_only_the_head(phantom_folder, tmp_path):
+    """--train-from head: the backbone is frozen bit for bit, only the head moves; the card says so."""
+    from deepminer.models import build_model, load_model
+    from deepminer.train import freeze_before, split_features
+
+    run = tmp_path / "probe"
+    assert main(["train", "--data", str(phantom_folder), "--arch", "tiny", "--out", str(run), "--epochs", "1",
+                 "--patch-size", str(PATCH), "--lr", "0.05", "--max-patches-per-epoch", "64", "--seed", "3",
+                 "--train-from", "head", "--cache-features", "--max-train-patches-per-class", "30",
+                 "--no-baseline", "--no-pretrained"]) == 0
+    trained = load_model(run / "best.pt")
+    torch.manual_seed(3)
+    fresh = build_model("tiny", pretrained=False)
+    for (name, a), b in zip(trained.features.state_dict().items(), fresh.features.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert not torch.equal(next(iter(trained.head.state_dict().values())), next(iter(fresh.head.state_dict().values())))
+    card = (run / "MODEL_CARD.md").read_text()
+    assert "linear probe" in card
+    model = build_model("tiny", pretrained=False)
+    assert freeze_before(model, "head") == [n for n, _ in model.features.named_parameters()]
+    trunk, rest = split_features(model, "head")
+    x = model.normalize(torch.rand(1, 1, 64, 64))
+    assert torch.equal(rest(trunk(x)), model.features(x))
+
+
 def test_evaluate_command_matches_an_independent_computation(tiny_run, phantom_folder, capsys):
     from sklearn.metrics import roc_auc_score
 

@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                         help="random initialisation instead of ImageNet weights")
     parser.add_argument("--train-from", default=None, metavar="LAYER",
-                        help="freeze the backbone layers before LAYER (e.g. net.blocks.5) and train the rest")
+                        help="freeze the backbone layers before LAYER (e.g. net.blocks.5) and train the rest; "
+                             "'head' freezes the whole backbone and trains only the head (a linear probe)")
     parser.add_argument("--cache-features", action="store_true",
                         help="with --train-from: compute the frozen trunk's outputs once (4 flips each) and train "
                              "the rest on them (same result, much faster on CPU)")
