@@ -46,6 +46,9 @@ class TrainConfig:
     arch: str
     out: str
     head: str = "gap"
+    wildcat_maps: int = 4
+    wildcat_k: float = 0.1
+    wildcat_alpha: float = 0.7
     epochs: int = 10
     lr: float = 1e-4
     momentum: float = 0.9
@@ -89,6 +92,12 @@ class TrainConfig:
             raise InputError("--cache-features: needs --train-from LAYER (only a frozen trunk can be cached)")
         if self.head not in ("gap", "wildcat"):
             raise InputError(f"--head: unknown head {self.head!r}; known: gap, wildcat")
+        if self.wildcat_maps < 1:
+            raise InputError("--wildcat-maps: must be at least 1")
+        if self.wildcat_k <= 0:
+            raise InputError("--wildcat-k: must be positive (a fraction in (0, 1) or a count >= 1)")
+        if self.wildcat_alpha < 0:
+            raise InputError("--wildcat-alpha: must be 0 or more")
         if self.device not in ("auto", "cpu", "cuda"):
             raise InputError(f"--device: {self.device!r} is not auto, cpu or cuda")
         from deepminer.models import arch_spec
@@ -477,6 +486,13 @@ def _split_tables(cfg: TrainConfig, progress: bool):
     return table, source, train_tab, val_tab
 
 
+def _head_kwargs(cfg: TrainConfig) -> dict:
+    """``build_model`` keywords of the head (the WILDCAT settings; none for GAP)."""
+    if cfg.head != "wildcat":
+        return {}
+    return {"wildcat_maps": cfg.wildcat_maps, "wildcat_k": cfg.wildcat_k, "wildcat_alpha": cfg.wildcat_alpha}
+
+
 def _setup(cfg: TrainConfig, out: Path, state: dict | None, progress: bool) -> _Run:
     """Seed, tables, model (frozen up to ``--train-from``), SGD, the preloaded patch sets and, with
     ``--cache-features``, the frozen trunk's cached outputs."""
@@ -488,7 +504,8 @@ def _setup(cfg: TrainConfig, out: Path, state: dict | None, progress: bool) -> _
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     table, source, train_tab, val_tab = _split_tables(cfg, progress)
-    model = build_model(cfg.arch, head=cfg.head, num_classes=len(CLASSES), pretrained=cfg.pretrained)
+    model = build_model(cfg.arch, head=cfg.head, num_classes=len(CLASSES), pretrained=cfg.pretrained,
+                        **_head_kwargs(cfg))
     frozen = freeze_before(model, cfg.train_from)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -721,7 +738,9 @@ def model_card(metrics: dict) -> str:
 
     weights = cfg["pretrained"] and cfg["arch"] in ARCHS and ARCHS[cfg["arch"]].weights
     rec = [f"- architecture `{cfg['arch']}` ({'ImageNet-pretrained' if weights else 'random init'}), "
-           f"head `{cfg['head']}`, patch size {cfg['patch_size']} px (grey, resized crops)",
+           f"head `{cfg['head']}`" + (f" ({cfg.get('wildcat_maps')} maps per class, k {cfg.get('wildcat_k')}, "
+                                       f"alpha {cfg.get('wildcat_alpha')})" if cfg['head'] == "wildcat" else "")
+           + f", patch size {cfg['patch_size']} px (grey, resized crops)",
            f"- SGD lr {cfg['lr']}, momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}, "
            f"batch {cfg['batch_size']}, at most {cfg['epochs']} epochs"
            + (f" (stopped after {cfg['patience']} epochs without a lower validation loss)" if cfg.get("patience") else "")

@@ -193,6 +193,22 @@ def test_linear_probe_trains_only_the_head(phantom_folder, tmp_path):
     assert torch.equal(rest(trunk(x)), model.features(x))
 
 
+def test_wildcat_settings_reach_the_checkpoint_and_the_card(phantom_folder, tmp_path):
+    from deepminer.models import load_model
+
+    run = tmp_path / "wildcat"
+    assert main(["train", "--data", str(phantom_folder), "--arch", "tiny", "--out", str(run), "--epochs", "1",
+                 "--patch-size", str(PATCH), "--lr", "0.05", "--max-patches-per-epoch", "32", "--head", "wildcat",
+                 "--wildcat-maps", "2", "--wildcat-k", "0.3", "--wildcat-alpha", "0", "--no-baseline",
+                 "--no-pretrained"]) == 0
+    head = load_model(run / "best.pt").head
+    assert (head.num_maps, head.k, head.alpha) == (2, 0.3, 0.0)
+    card = (run / "MODEL_CARD.md").read_text()
+    assert "2 maps per class, k 0.3, alpha 0.0" in card and "--wildcat-maps 2" in card
+    assert main(["train", "--data", str(phantom_folder), "--arch", "tiny", "--out", str(run), "--head", "wildcat",
+                 "--wildcat-maps", "0"]) == 2
+
+
 def test_evaluate_command_matches_an_independent_computation(tiny_run, phantom_folder, capsys):
     from sklearn.metrics import roc_auc_score
 

@@ -22,6 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", required=True, help=f"backbone: {', '.join(ARCH_NAMES)}")
     parser.add_argument("--out", required=True, help="run folder to write (last.pt, best.pt, metrics.json, MODEL_CARD.md)")
     parser.add_argument("--head", default="gap", choices=["gap", "wildcat"], help="classification head")
+    parser.add_argument("--wildcat-maps", type=int, default=4, metavar="M",
+                        help="with --head wildcat: maps per class (a class map is their mean)")
+    parser.add_argument("--wildcat-k", type=float, default=0.1, metavar="K",
+                        help="with --head wildcat: positions pooled at each end (a fraction in (0, 1) or a count)")
+    parser.add_argument("--wildcat-alpha", type=float, default=0.7, metavar="ALPHA",
+                        help="with --head wildcat: weight of the k lowest positions in the pooled score")
     parser.add_argument("--epochs", type=int, default=10, help="train until this epoch (counting resumed ones)")
     parser.add_argument("--lr", type=float, default=1e-4, help="SGD learning rate")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
