@@ -1,0 +1,268 @@
+"""The Studies page end to end in a real browser (Debian chromium, Playwright) against a real Orthanc
+(DICOMweb), a real TorchServe (the tiny model fixture) and ``streamlit run``.
+
+A 4-view exam of 4,500 x 3,000 16-bit (12 stored) uncompressed MG DICOMs (phantoms, 3x enlarged) is
+stored in Orthanc; the page lists it (search by accession), opens it: four CAMs hung RCC/LCC over
+RMLO/LMLO and the exam score per breast; the time from the click to all four explanations on screen
+goes to ``test-artifacts/studies-timing.json``. The results are stored back (STOW-RS) and read from
+Orthanc: dciodvfy clean, the SEG's CAM equal to the one TorchServe gives for that view. Then a study
+without mammograms, four uploaded files as an exam, and the PACS down: a message each, the page keeps
+working. Screenshots: ``test-artifacts/ui-studies*.png``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+from test_ui_browser import CHROMIUM_ARGS, VIEWPORT, _after_input, _free_port, _idle, _nav, _NOT_RUNNING, _shot
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.serve]
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = (4500, 3000)
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory):
+    from modelfixtures import start_tiny_server, tiny_checkpoint
+
+    model_dir = tmp_path_factory.mktemp("tiny") / "demo"
+    path = tiny_checkpoint(model_dir)
+    ts = start_tiny_server(tmp_path_factory, path, "demo")
+    yield {"ts": ts, "model_dir": model_dir}
+    ts.stop()
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    from dicomfixtures import SECONDARY_CAPTURE, write_dicom, write_exam
+
+    from deepminer.pacs import Orthanc, Pacs
+
+    orth = Orthanc(tmp_path_factory.mktemp("orthanc"), _free_port()).start(timeout=60)
+    folder = tmp_path_factory.mktemp("exams")
+    big = write_exam(folder / "big", seed=9, patients=(2, 3), height=SHAPE[0], width=SHAPE[1], upscale=3,
+                     patient_id="FULLFIELD", accession="ACC-FULL")
+    small = write_exam(folder / "small", seed=9, patients=(4, 5), height=768, patient_id="UPLOAD")
+    other = write_dicom(folder / "ot.dcm", np.zeros((16, 16), np.uint8), patient_id="NO-MAMMO", accession="ACC-OT",
+                        sop_class=SECONDARY_CAPTURE)
+    ds = pydicom.dcmread(other)
+    ds.Modality = "OT"
+    with Pacs(orth.dicomweb_url) as p:
+        p.store([pydicom.dcmread(f) for f in big.values()] + [ds])
+    yield {"orthanc": orth, "big": big, "small": small}
+    orth.stop()
+
+
+@pytest.fixture(scope="module")
+def studies_app(tiny_server, pacs, tmp_path_factory):
+    work = tmp_path_factory.mktemp("studies-app")
+    port = _free_port()
+    env = {**os.environ, "DEEPMINER_SERVE_URL": tiny_server["ts"].inference_url, "DEEPMINER_MODEL": "demo",
+           "DEEPMINER_BACKEND": "serve", "DEEPMINER_MODEL_DIR": str(tiny_server["model_dir"]),
+           "DEEPMINER_LABELS_URL": f"sqlite:///{work / 'labels.db'}", "DEEPMINER_SAMPLES": str(work / "samples"),
+           "DEEPMINER_MAX_SIDE": "1024", "DEEPMINER_DICOMWEB_URL": pacs["orthanc"].dicomweb_url}
+    for k in ("DEEPMINER_KEY_FILE", "DEEPMINER_TOKEN", "DEEPMINER_PACS"):
+        env.pop(k, None)
+    log = open(work / "streamlit.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "ui" / "app.py"), "--server.address", "127.0.0.1",
+         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+         "--server.fileWatcherType", "none"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (work / "streamlit.log").read_text(errors="replace")
+            try:
+                if requests.get(f"{url}/_stcore/health", timeout=2).text.strip() == "ok":
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "streamlit did not come up"
+            time.sleep(0.3)
+        yield {"url": url, "log": work / "streamlit.log"}
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)
+        log.close()
+
+
+def _pick_study(page, text: str) -> None:
+    box = page.locator('[data-testid="stSelectbox"]', has_text="Study to open").first
+    box.click()
+    page.get_by_role("option", name=re.compile(re.escape(text))).first.click()
+    _after_input(page)
+
+
+def _search(page, accession: str) -> None:
+    page.get_by_role("textbox", name="Accession number").fill(accession)
+    page.get_by_role("button", name="Search studies", exact=True).click()
+    _after_input(page)
+
+
+def _page_times(page) -> tuple[float, float]:
+    """(total, fetch + decode) seconds as the page reports them under the exam."""
+    shown = page.locator('[data-testid="stMarkdownContainer"]', has_text="4 of 4 views explained").first.inner_text()
+    m = re.search(r"in ([\d.]+) s \(images fetched and decoded in ([\d.]+) s\)", shown)
+    assert m, shown
+    return float(m.group(1)), float(m.group(2))
+
+
+def _views_on_screen(page) -> int:
+    return page.evaluate("""() => [...document.querySelectorAll('[data-testid="stImage"] img')]
+        .filter(i => i.complete && i.naturalWidth > 0).length""")
+
+
+def test_studies_page(studies_app, tiny_server, pacs, artifacts_dir, tmp_path):
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian chromium is missing: run `bash scripts/setup.sh` (as root) first"
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from playwright.sync_api import sync_playwright
+    from test_dicom_results import dciodvfy_errors
+
+    import highdicom as hd
+
+    from deepminer.client import Client
+    from deepminer.data.io import load_image
+    from deepminer.dicom_results import cam_for_seg
+    from deepminer.pacs import Pacs
+    from ui.studies import model_input
+
+    timing: dict[str, object] = {"image": f"4 views, {SHAPE[1]} x {SHAPE[0]} (width x height) 16-bit (12 stored) "
+                                          "uncompressed MG DICOM each, in Orthanc (DICOMweb)",
+                                 "model": "tiny test model (TorchServe, batchSize 4)"}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport=VIEWPORT)
+        page.goto(studies_app["url"])
+        page.get_by_text("Upload a mammogram").wait_for(timeout=120_000)
+        _idle(page, 120_000)
+        _nav(page, "Studies")
+        page.get_by_text(re.compile(r"^Studies 1-2 at ")).wait_for(timeout=60_000)
+        _idle(page)
+
+        # a study without mammograms: a message, nothing else
+        _search(page, "ACC-OT")
+        _pick_study(page, "1 image(s)")
+        page.get_by_role("button", name="Open as 4-view exam").click()
+        page.get_by_text("This study has no mammograms").wait_for(timeout=30_000)
+        _idle(page)
+
+        # the 4-view exam: click -> four explanations on screen
+        _search(page, "ACC-FULL")
+        _pick_study(page, "4 image(s)")
+        t0 = time.perf_counter()
+        page.get_by_role("button", name="Open as 4-view exam").click()
+        page.get_by_text("4 of 4 views explained").wait_for(timeout=120_000)
+        page.wait_for_function(_NOT_RUNNING, timeout=60_000)
+        page.wait_for_function("""() => [...document.querySelectorAll('[data-testid="stImage"] img')]
+            .filter(i => i.complete && i.naturalWidth > 0).length >= 4""", timeout=30_000)
+        timing["click_to_four_explanations_s"] = round(time.perf_counter() - t0, 2)
+        timing["page_reports_total_s"], timing["page_reports_fetch_decode_s"] = _page_times(page)
+        _idle(page)
+        # again (a warm UI process; the server's feature cache knows these images: its forward is skipped)
+        t0 = time.perf_counter()
+        page.get_by_role("button", name="Open as 4-view exam").click()
+        try:
+            page.wait_for_function("""() => document.querySelector('[data-testid="stApp"]')
+                .getAttribute('data-test-script-state') === 'running'""", timeout=10_000)
+        except PlaywrightTimeout:
+            pass  # it already ran
+        page.wait_for_function(_NOT_RUNNING, timeout=120_000)
+        page.get_by_text("4 of 4 views explained").wait_for(timeout=30_000)
+        timing["again_click_to_four_explanations_s"] = round(time.perf_counter() - t0, 2)
+        timing["again_page_reports_total_s"], timing["again_page_reports_fetch_decode_s"] = _page_times(page)
+        timing["load_average"] = [round(x, 2) for x in os.getloadavg()]
+        _idle(page)
+        for slot in ("RCC", "LCC", "RMLO", "LMLO"):  # four CAMs, each with its prediction
+            assert page.get_by_text(re.compile(rf"^{slot} · \w+ \(\d\.\d\d\) · CAM of \w+")).count() == 1, slot
+        assert _views_on_screen(page) == 4
+        boxes = {s: page.get_by_text(re.compile(rf"^{s} · ")).first.bounding_box() for s in ("RCC", "LCC", "RMLO", "LMLO")}
+        assert boxes["RCC"]["x"] < boxes["LCC"]["x"] and boxes["RMLO"]["x"] < boxes["LMLO"]["x"]  # right on the left
+        assert boxes["RCC"]["y"] < boxes["RMLO"]["y"] and boxes["LCC"]["y"] < boxes["LMLO"]["y"]  # CC above MLO
+        page.get_by_text("Exam score per breast").wait_for(timeout=10_000)
+        for side in ("Right", "Left"):
+            assert page.get_by_text(re.compile(rf"^{side} breast: exam score \d\.\d\d \(max P\(malignant\)")).count() == 1
+        assert page.get_by_text(re.compile("trained on synthetic phantoms")).count() >= 1
+        _shot(page, artifacts_dir / "ui-studies-exam.png")
+
+        # store the results back
+        page.get_by_role("button", name="Store results to PACS").click()
+        page.get_by_text(re.compile(r"^Stored 12 objects")).wait_for(timeout=180_000)
+        _idle(page)
+
+        # four uploaded files open as an exam too
+        page.locator('[data-testid="stRadio"] label', has_text="Upload four files").click()
+        _after_input(page)
+        page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(
+            [str(p) for p in pacs["small"].values()])
+        _after_input(page)
+        page.get_by_role("button", name="Open as exam").click()
+        page.get_by_text("4 of 4 views explained").wait_for(timeout=120_000)
+        _idle(page)
+        assert page.get_by_text(re.compile(r"^LMLO · \w+ \(\d\.\d\d\)")).count() == 1
+        _shot(page, artifacts_dir / "ui-studies-upload.png")
+
+        # the PACS down: a message on the page, the page still answers
+        page.locator('[data-testid="stRadio"] label', has_text="From the PACS").click()
+        _after_input(page)
+        pacs["orthanc"].stop()
+        page.get_by_role("button", name="Search studies", exact=True).click()
+        _after_input(page)
+        page.get_by_text(re.compile("the PACS is not reachable at")).wait_for(timeout=30_000)
+        _shot(page, artifacts_dir / "ui-studies-pacs-down.png")
+        _nav(page, "Explain")
+        page.get_by_text("Upload a mammogram").wait_for(timeout=30_000)
+        browser.close()
+    assert "Traceback" not in studies_app["log"].read_text(errors="replace")
+
+    # the stored results, read from Orthanc: valid DICOM, the CAM TorchServe gives for that view
+    pacs["orthanc"].start(timeout=60)
+    with Pacs(pacs["orthanc"].dicomweb_url) as p:
+        study, = p.search_studies(accession="ACC-FULL").studies
+        insts = p.instances(study.uid)
+        assert sorted(i.modality for i in insts) == sorted(["MG"] * 4 + ["SEG"] * 4 + ["SR"] * 4 + ["OT"] * 4)
+        rcc_src = pydicom.dcmread(pacs["big"]["RCC"], stop_before_pixels=True)
+        seen = set()
+        for inst in insts:
+            if inst.modality == "MG" or inst.modality in seen:
+                continue
+            path = tmp_path / f"{inst.modality}.dcm"
+            path.write_bytes(p.retrieve_bytes(inst))
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            if inst.modality == "SEG" and ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0] \
+                    .ReferencedSOPInstanceUID != rcc_src.SOPInstanceUID:
+                continue
+            seen.add(inst.modality)
+            assert dciodvfy_errors(path) == [], (inst.modality, dciodvfy_errors(path))
+            assert ds.PatientID == "FULLFIELD" and ds.StudyInstanceUID == study.uid
+            if inst.modality == "SEG":
+                seg = hd.seg.segread(path)
+                px = seg.get_pixels_by_source_instance([rcc_src.SOPInstanceUID], segment_numbers=[1],
+                                                       rescale_fractional=True)[0, :, :, 0]
+                assert px.shape == SHAPE
+                pixels = load_image(pacs["big"]["RCC"]).pixels
+                with Client(tiny_server["ts"].inference_url, model="demo", timeout=120) as c:
+                    expl = c.explain(model_input(pixels, 1024), max_side=1024, unit_maps="top")
+                assert np.abs(px - cam_for_seg(expl, SHAPE) / 255.0).max() <= 1.5 / 255
+        assert seen == {"SEG", "SR", "OT"}
+
+    (artifacts_dir / "studies-timing.json").write_text(json.dumps(timing, indent=1) + "\n")
+    print(f"\nStudies: click -> four explanations of {SHAPE[1]} x {SHAPE[0]} DICOMs on screen: "
+          f"{timing['click_to_four_explanations_s']} s (page: {timing['page_reports_total_s']} s)")
