@@ -9,7 +9,15 @@ For each model and each case (a 224 px patch, a 1536 x 908 whole image) the same
   predicted class, used as its README shows (context manager, one call);
 * **sketch IoU**: :func:`deepminer.explain.units.sketch_iou` of a rectangle sketch at the original
   image size with ALL units' maps at the case's feature resolution (thresholds: each unit's 0.99
-  quantile over the image, what the engine uses without an atlas; computed once, not timed).
+  quantile over the image, what the engine uses without an atlas; computed once, not timed);
+* **ablate**: :func:`deepminer.explain.engine.ablation_from_features`, the ``ablate`` option on a
+  cached image: :data:`~deepminer.options.MAX_ABLATE` units (the most influential on the
+  prediction, the largest set a request may silence) zeroed in the float32 unit maps, the head,
+  the image rule, the delta per class (the cost does not depend on which units);
+* **domain**: :meth:`deepminer.domain.DomainModel.verdict`, the out-of-domain score the server adds
+  to every answer (``input.domain``), from the explanation's ``unit_max``: the model's own
+  ``domain.pt`` when one lies beside it and matches its weights, else a stand-in of the default
+  shape (:func:`deepminer.domain.stand_in`; the cost depends only on the shapes).
 
 Repetitions are interleaved (forward, explain, gradcam, sketch IoU, forward, ...) so machine load
 affects every method alike; medians are reported and every ratio is a ratio of medians.
@@ -67,9 +75,12 @@ TARGETS: dict[str, tuple[str, float, tuple[str, ...]]] = {
     "explain_vs_forward": ("<=", 1.15, ("patch", "whole")),
     "gradcam_vs_explain": (">=", 2.5, ("patch", "whole")),
     "sketch_iou_ms": ("<=", 20.0, ("whole",)),
+    "ablate_ms": ("<=", 20.0, ("patch", "whole")),
+    "domain_ms": ("<=", 5.0, ("patch", "whole")),
     "dissect_vs_forward": (">=", 0.8, ("patch", "whole")),
     "serve_vs_forward_ms": ("<=", 50.0, ()),
     "startup_help_s": ("<=", 0.4, ()),
+    "dicom_results_ms": ("<=", 1000.0, ()),
     "eval_cam_vs_forward": ("<=", 1.25, ()),
 }
 
@@ -254,6 +265,23 @@ def _log_rep(log: Callable[[str], None] | None, label: str, i: int, warmup: int,
 
 # -- one case -------------------------------------------------------------------------------------
 
+def bench_domain(model: FCN, checkpoint: str | os.PathLike | None = None) -> Any:
+    """The out-of-domain summary the ``domain`` step times: the ``domain.pt`` beside the model's
+    ``checkpoint`` when there is one fitted for these weights, else a stand-in."""
+    from deepminer.domain import FILE_NAME, DomainModel, stand_in
+    from deepminer.errors import DeepMinerError
+    from deepminer.models.checkpoints import weights_sha256
+
+    if checkpoint:
+        path = Path(checkpoint).parent / FILE_NAME
+        if path.is_file():
+            try:
+                return DomainModel.load(path, weights_sha256=weights_sha256(model))
+            except DeepMinerError:
+                pass
+    return stand_in(int(model.num_units))
+
+
 def _gradcam(model: torch.nn.Module, x: torch.Tensor, target: int) -> np.ndarray:
     """pytorch-grad-cam's GradCAM of class ``target`` on the unit layer, as its README uses it."""
     from pytorch_grad_cam import GradCAM
@@ -265,12 +293,16 @@ def _gradcam(model: torch.nn.Module, x: torch.Tensor, target: int) -> np.ndarray
 
 
 def measure_case(model: FCN, image: np.ndarray, device: torch.device, *, repeats: int,
-                 warmup: int, log: Callable[[str], None] | None = None, label: str = "") -> dict[str, Any]:
+                 warmup: int, log: Callable[[str], None] | None = None, label: str = "",
+                 domain: Any = None) -> dict[str, Any]:
     """Forward, explain, Grad-CAM and sketch IoU on one image, interleaved; medians and ratios."""
     import pytorch_grad_cam  # noqa: F401 - imported before any timing (its import takes seconds)
 
     from deepminer.explain import explain_image, prepare_image, quantile_thresholds, sketch_iou
+    from deepminer.explain.engine import ablation_from_features
+    from deepminer.options import MAX_ABLATE
 
+    domain = bench_domain(model) if domain is None else domain
     h, w = image.shape
     side = max(h, w)
     x, _ = prepare_image(image, side, device)
@@ -279,7 +311,11 @@ def measure_case(model: FCN, image: np.ndarray, device: torch.device, *, repeats
     with torch.inference_mode():
         pred = int(model(x)[0].argmax())
     # (K, h, w) float16: what the engine hands to sketch_iou
-    maps = explain_image(model, image, max_side=side, unit_maps="all").unit_maps.stack
+    full = explain_image(model, image, max_side=side, unit_maps="all")
+    maps = full.unit_maps.stack
+    with torch.inference_mode():  # the float32 unit maps the cache keeps for an ablation
+        feats = model.forward_features(x)[0].float().cpu().numpy()
+    silenced = full.ranked_units(full.prediction, min(MAX_ABLATE, int(maps.shape[0])))
     thr = quantile_thresholds(maps.reshape(maps.shape[0], -1).T.astype(np.float32), SKETCH_QUANTILE)
     sketch = rectangle_sketch((h, w))
 
@@ -292,6 +328,8 @@ def measure_case(model: FCN, image: np.ndarray, device: torch.device, *, repeats
         "explain_ms": lambda: explain_image(model, image, max_side=side),
         "gradcam_ms": lambda: _gradcam(model, x, pred),
         "sketch_iou_ms": lambda: sketch_iou(sketch, maps, thr),
+        "ablate_ms": lambda: ablation_from_features(model, feats, silenced, full, None),
+        "domain_ms": lambda: domain.verdict(full.unit_max),
     }
     raw: dict[str, list[float]] = {k: [] for k in steps}
     raw_cpu: dict[str, list[float]] = {k: [] for k in steps}
@@ -307,10 +345,12 @@ def measure_case(model: FCN, image: np.ndarray, device: torch.device, *, repeats
     cpu = {k: median(v) for k, v in raw_cpu.items()}
     return {
         "input": [h, w], "map": [int(maps.shape[1]), int(maps.shape[2])], "units": int(maps.shape[0]),
+        "ablated_units": len(silenced),
         "prediction": model.classes[pred],
         **med,
         "explain_vs_forward": med["explain_ms"] / med["forward_ms"],
         "gradcam_vs_explain": med["gradcam_ms"] / med["explain_ms"],
+        "domain_vs_forward": med["domain_ms"] / med["forward_ms"], "domain_source": domain.fit.get("source", "file"),
         "cpu": {**cpu, "explain_vs_forward": cpu["explain_ms"] / max(cpu["forward_ms"], 1e-9),
                 "gradcam_vs_explain": cpu["gradcam_ms"] / max(cpu["explain_ms"], 1e-9)},
         "raw": raw, "raw_cpu": raw_cpu,
@@ -575,10 +615,11 @@ def _bench(specs: Sequence[ModelSpec], *, cases: Sequence[str], repeats: int, wa
         while name in models:
             name, n = f"{info['name']}#{n}", n + 1
         entry: dict[str, Any] = {**info, "cases": {}}
+        domain = bench_domain(model, info["source"] if info.get("weights") == "checkpoint" else None)
         for case in cases:
             say(f"bench: {name} {case} {CASES[case][0]}x{CASES[case][1]}")
             entry["cases"][case] = measure_case(model, images[case], dev, repeats=repeats, warmup=warmup,
-                                                log=rep_log, label=f"{name}/{case}")
+                                                log=rep_log, label=f"{name}/{case}", domain=domain)
         if dissect:
             say(f"bench: {name} dissection, batch {batch_size}")
             d = measure_dissect(model, dev, batch_size=batch_size, repeats=repeats, warmup=warmup,
@@ -600,6 +641,10 @@ def _bench(specs: Sequence[ModelSpec], *, cases: Sequence[str], repeats: int, wa
         "targets": {k: {"op": op, "bound": b, "cases": list(cs)} for k, (op, b, cs) in TARGETS.items()},
         "models": models,
     }
+    if "whole" in cases:  # a whole-image row: with the whole case
+        say(f"bench: DICOM results (SEG + SR + SC) of a {STARTUP_DICOM[0]}x{STARTUP_DICOM[1]} DICOM, "
+            f"{loaded[0][1]['name']}")
+        report["dicom_results"] = measure_dicom_results(loaded[0][0], repeats=repeats, warmup=warmup)
     if round_trip is not None:
         model, info = loaded[0]
         say(f"bench: serve round trip {serve_url or ''} vs {info['name']} forward at "
@@ -700,6 +745,36 @@ def format_startup(s: Mapping[str, Any]) -> list[str]:
             f"{s['startup_inspect_s']:6.2f} s"]
 
 
+# -- DICOM results: SEG + SR + SC of one explained image -----------------------------------------
+
+def measure_dicom_results(model: FCN, *, repeats: int = 5, warmup: int = 1) -> dict[str, Any]:
+    """Wall ms of :func:`deepminer.dicom_results.build_results` + serialising the three objects
+    (``DicomResults.to_bytes``) for a :data:`STARTUP_DICOM` 16-bit DICOM explained by ``model``
+    (max side 1024, top unit maps), the decoded pixels given (as the CLI and the workbench have them);
+    the decode itself is reported apart (``decode_ms``). ``dicom_results_ms`` is checked."""
+    from deepminer.dicom_results import build_results, decode_pixels, read_source
+    from deepminer.explain import explain_image
+
+    with tempfile.TemporaryDirectory(prefix="deepminer-bench-dicom-") as tmp:
+        source = read_source(startup_dicom(Path(tmp) / "results.dcm"))
+    t0 = time.perf_counter()
+    pixels = decode_pixels(source)
+    decode_ms = (time.perf_counter() - t0) * 1000.0
+    expl = explain_image(model, pixels, max_side=1024, unit_maps="top")
+    times, cpu, sizes = [], [], {}
+    for i in range(warmup + repeats):
+        c0, t0 = time.process_time(), time.perf_counter()
+        sizes = {k: len(v) for k, v in build_results(source, expl, pixels=pixels).to_bytes().items()}
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1000.0)
+            cpu.append((time.process_time() - c0) * 1000.0)
+    ms = median(times)
+    return {"image": f"{STARTUP_DICOM[0]} x {STARTUP_DICOM[1]} (rows x columns) 16-bit DICOM, uncompressed",
+            "dicom_results_ms": ms, "cpu_ms": median(cpu), "decode_ms": decode_ms, "bytes": sizes,
+            "repeats": repeats, "check": {"dicom_results_ms": check("dicom_results_ms", ms)},
+            "raw": {"dicom_results_ms": times, "cpu_ms": cpu}}
+
+
 # -- output ---------------------------------------------------------------------------------------
 
 def _fmt(v: Any, digits: int = 1) -> str:
@@ -717,7 +792,8 @@ def _mark(value: float | None, verdict: str | None, digits: int = 2) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """The human-readable table of a :func:`run_bench` report."""
     env = report["environment"]
-    head = ["model", "case", "input", "fwd ms", "explain ms", "gradcam ms", "iou ms", "dissect it/s",
+    head = ["model", "case", "input", "fwd ms", "explain ms", "gradcam ms", "iou ms", "ablate ms", "domain ms",
+            "dissect it/s",
             "fwd it/s", "explain/fwd", "gradcam/explain", "dissect/fwd"]
     rows = []
     for name, entry in report["models"].items():
@@ -726,6 +802,8 @@ def format_table(report: dict[str, Any]) -> str:
             rows.append([name, case, f"{r['input'][0]}x{r['input'][1]}", _fmt(r["forward_ms"]),
                          _fmt(r["explain_ms"]), _fmt(r["gradcam_ms"]),
                          _mark(r["sketch_iou_ms"], c.get("sketch_iou_ms"), 1),
+                         _mark(r.get("ablate_ms"), c.get("ablate_ms"), 1),
+                         _mark(r.get("domain_ms"), c.get("domain_ms"), 2),
                          _fmt(r.get("dissect_items_per_s")), _fmt(r.get("forward_items_per_s")),
                          _mark(r["explain_vs_forward"], c.get("explain_vs_forward")),
                          _mark(r["gradcam_vs_explain"], c.get("gradcam_vs_explain")),
@@ -747,13 +825,15 @@ def format_table(report: dict[str, Any]) -> str:
     out.append("process CPU ms, medians (all threads; steadier than wall time on a loaded machine):")
     out.extend(f"  {name}/{case}: fwd {_fmt(r['cpu']['forward_ms'])}, explain {_fmt(r['cpu']['explain_ms'])}, "
                f"gradcam {_fmt(r['cpu']['gradcam_ms'])}, iou {_fmt(r['cpu']['sketch_iou_ms'])}, "
+               f"ablate {_fmt(r['cpu'].get('ablate_ms'))}, domain {_fmt(r['cpu'].get('domain_ms'), 2)}, "
                f"explain/fwd {_fmt(r['cpu']['explain_vs_forward'], 2)}, "
                f"gradcam/explain {_fmt(r['cpu']['gradcam_vs_explain'], 2)}"
                for name, entry in report["models"].items() for case, r in entry["cases"].items())
     t = report["targets"]
     out.append("targets: explain/fwd <= {0}, gradcam/explain >= {1}, sketch IoU <= {2} ms (whole image), "
-               "dissect/fwd >= {3}".format(t["explain_vs_forward"]["bound"], t["gradcam_vs_explain"]["bound"],
-                                           t["sketch_iou_ms"]["bound"], t["dissect_vs_forward"]["bound"]))
+               "ablate <= {4} ms, domain <= {5} ms, dissect/fwd >= {3}".format(
+                   t["explain_vs_forward"]["bound"], t["gradcam_vs_explain"]["bound"], t["sketch_iou_ms"]["bound"],
+                   t["dissect_vs_forward"]["bound"], t["ablate_ms"]["bound"], t["domain_ms"]["bound"]))
     for name, entry in report["models"].items():
         out.append(f"  {name}: {entry['arch']}, {entry['units']} units at {entry['layer']}, "
                    f"weights {entry['weights']}")
@@ -771,6 +851,12 @@ def format_table(report: dict[str, Any]) -> str:
         from deepminer.evaluation.cost import format_eval_cost
 
         out += format_eval_cost(report["eval"], report["eval"]["check"]["eval_cam_vs_forward"])
+    d = report.get("dicom_results")
+    if d:
+        out.append(f"DICOM results (SEG + SR + SC, built and serialised) of a {d['image']}: "
+                   f"{d['dicom_results_ms']:.0f} ms {d['check']['dicom_results_ms']} "
+                   f"(target <= {TARGETS['dicom_results_ms'][1]:.0f} ms; process CPU {d['cpu_ms']:.0f} ms, all "
+                   f"threads); decoding the source {d['decode_ms']:.0f} ms")
     if report.get("startup"):
         out += format_startup(report["startup"])
     return "\n".join(out)

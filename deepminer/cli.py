@@ -20,8 +20,10 @@ from types import ModuleType
 
 from deepminer import __version__
 from deepminer.commands import (
+    atlas_ablation,
     bench,
     dissect,
+    domain_fit,
     evaluate,
     evaluate_explanations,
     explain,
@@ -30,11 +32,12 @@ from deepminer.commands import (
     patches,
     phantoms,
     train,
+    users,
 )
 from deepminer.errors import DeepMinerError
 
-COMMANDS: tuple[ModuleType, ...] = (bench, dissect, evaluate, evaluate_explanations, explain, import_cbis, inspect,
-                                    patches, phantoms, train)
+COMMANDS: tuple[ModuleType, ...] = (atlas_ablation, bench, dissect, domain_fit, evaluate, evaluate_explanations, explain, import_cbis, inspect,
+                                    patches, phantoms, train, users)
 ENTRY_POINT_GROUP = "deepminer.commands"
 
 

@@ -172,12 +172,15 @@ class Client:
 
     def explain(self, image: bytes | str | os.PathLike, options: ExplainOptions | None = None, *,
                 top_units: int = DEFAULTS["top_units"], unit_maps: str = DEFAULTS["unit_maps"],
-                sketch: np.ndarray | None = None, max_side: int | None = None) -> Explanation:
+                sketch: np.ndarray | None = None, max_side: int | None = None,
+                ablate: Sequence[int] | None = None) -> Explanation:
         """Explain one image (bytes or a path): prediction, CAMs, unit influence, unit maps and, with
-        a ``sketch`` (bool mask, any size), every unit's IoU with it. ``options`` wins over the
+        a ``sketch`` (bool mask, any size), every unit's IoU with it; with ``ablate`` (unit ids),
+        :attr:`Explanation.ablation`: the answer with those units silenced. ``options`` wins over the
         keyword arguments when given."""
         if options is None:
-            options = ExplainOptions.build(top_units=top_units, unit_maps=unit_maps, sketch=sketch, max_side=max_side)
+            options = ExplainOptions.build(top_units=top_units, unit_maps=unit_maps, sketch=sketch, max_side=max_side,
+                                           ablate=ablate)
         return Explanation.from_json(self.explain_raw(image, None if options.is_default else options.to_json()))
 
     def close(self) -> None:
@@ -249,14 +252,14 @@ def local_explain(model_path: str | os.PathLike, image: bytes | str | os.PathLik
                   unit_maps: str = DEFAULTS["unit_maps"], sketch: np.ndarray | None = None,
                   max_side: int | None = None, atlas: str | os.PathLike | None = None,
                   name: str | None = None, methods: Sequence[str] | None = None,
-                  target: str | None = None) -> Explanation:
+                  target: str | None = None, ablate: Sequence[int] | None = None) -> Explanation:
     """The same :class:`~deepminer.explanation.Explanation` as :meth:`Client.explain`, computed in
     this process by the server's own request path (same option checks, sketch decoding, tissue
     mask, engine) and passed through the API's encoding, so it equals the served answer. ``atlas``
     defaults to an ``atlas/`` folder beside the model file when there is one.
 
     ``methods`` (or ``target``, or options carrying them): the answer of :meth:`Client.explain_methods`
-    (``POST /explanations``) instead, saliency maps included."""
+    (``POST /explanations``) instead, saliency maps included. ``ablate``: as :meth:`Client.explain`."""
     model_path = Path(model_path)
     if atlas is None and (model_path.parent / "atlas" / "atlas.json").is_file():
         atlas = model_path.parent / "atlas"
@@ -264,7 +267,7 @@ def local_explain(model_path: str | os.PathLike, image: bytes | str | os.PathLik
     label = "image" if isinstance(image, (bytes, bytearray, memoryview)) else str(image)
     if options is None:
         options = ExplainOptions.build(top_units=top_units, unit_maps=unit_maps, sketch=sketch, max_side=max_side,
-                                       num_units=service.num_units)
+                                       ablate=ablate, num_units=service.num_units)
     if methods is not None or target is not None or options.methods or options.target is not None:
         options = _with_methods(options, methods, target)
         exp = service.explain_methods(_read_image(image), options, name=label)

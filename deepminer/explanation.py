@@ -17,7 +17,9 @@ Names mean one thing everywhere (the engine, the API, the docs):
   unit id (all, the top units of every class, or none: the ``unit_maps`` option);
 * ``method_maps`` ``{method: (h, w)}``: saliency maps of ``target`` by the methods an
   ``POST /explanations/<model>`` request named (``cam``/``class_map`` rows of the pass above, the
-  gradient peers of :mod:`deepminer.explain.peers` normalised to [0, 1]), ``method_ms`` their cost.
+  gradient peers of :mod:`deepminer.explain.peers` normalised to [0, 1]), ``method_ms`` their cost;
+* ``ablation`` (:class:`Ablation`): with the ``ablate`` option, the probabilities and class maps
+  with those units' activations set to zero, and the change per class.
 """
 from __future__ import annotations
 
@@ -106,12 +108,46 @@ class UnitMaps(Mapping[int, np.ndarray]):
 
 
 @dataclass
+class Ablation:
+    """What the model says with some units silenced (their activations set to zero before the
+    head): the ``ablate`` option's answer. ``probabilities``/``prediction``/``class_maps``/``window``
+    as in :class:`Explanation`, for the silenced model; ``delta`` per class = probability after -
+    before; ``ms`` its cost (from the unit maps through the head, no backbone pass)."""
+
+    units: tuple[int, ...]
+    probabilities: dict[str, float]
+    prediction: str
+    class_maps: np.ndarray
+    delta: dict[str, float]
+    window: tuple[int, int, int, int] | None = None
+    ms: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"units": [int(u) for u in self.units],
+                "probabilities": {c: float(p) for c, p in self.probabilities.items()},
+                "prediction": self.prediction, "delta": {c: float(d) for c, d in self.delta.items()},
+                "class_maps": encode_array(self.class_maps, dtype=WIRE_DTYPE),
+                "window": None if self.window is None else [int(v) for v in self.window], "ms": float(self.ms)}
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> Ablation:
+        window = body.get("window")
+        return cls(units=tuple(int(u) for u in body["units"]),
+                   probabilities={str(c): float(p) for c, p in body["probabilities"].items()},
+                   prediction=str(body["prediction"]),
+                   class_maps=decode_array(body["class_maps"]).astype(np.float32, copy=False),
+                   delta={str(c): float(d) for c, d in body["delta"].items()},
+                   window=None if window is None else (int(window[0]), int(window[1]), int(window[2]), int(window[3])),
+                   ms=float(body.get("ms", 0.0)))
+
+
+@dataclass
 class Explanation:
     """Everything one forward pass says about one image (numpy arrays; see the module docstring).
 
     ``input``: ``height``, ``width`` (original px), ``scale`` (model-input px per original px),
     ``model_height``, ``model_width`` (model input), ``map_height``, ``map_width`` (cells); the
-    server adds ``format``, ``bits_stored``, ``tissue_fraction``. ``model``: ``name``, ``version``,
+    server adds ``format``, ``bits_stored``, ``tissue_fraction`` and ``domain`` (:attr:`domain`). ``model``: ``name``, ``version``,
     ``arch``, ``layer``, ``head``, ``units``, ``classes``, ``weights_sha256`` (as far as known).
     ``probability_rule`` says how ``probabilities`` were obtained; ``window`` the cells
     ``(i0, j0, i1, j1)`` (end exclusive) of the window the rule picked, when it picks one.
@@ -119,6 +155,7 @@ class Explanation:
     ``server``: who answered (device, batch, pid, threads, cache_hit), when it came over HTTP.
     ``target``, ``method_maps``, ``method_ms``: the class and the saliency maps ``(h, w)`` on the
     CAM grid (with their cost in ms) of an explanations request; None and empty otherwise.
+    ``ablation``: the answer of the ``ablate`` option (:class:`Ablation`), else None.
 
     Geometry: the ``h x w`` cells of every map tile the ORIGINAL image uniformly: cell ``(i, j)``
     covers rows ``[i*H/h, (i+1)*H/h)`` and columns ``[j*W/w, (j+1)*W/w)`` (:meth:`cell_box`), the
@@ -146,6 +183,7 @@ class Explanation:
     target: str | None = None
     method_maps: dict[str, np.ndarray] = field(default_factory=dict)
     method_ms: dict[str, float] = field(default_factory=dict)
+    ablation: Ablation | None = None
 
     # -- geometry ---------------------------------------------------------------------------------
     @property
@@ -168,6 +206,14 @@ class Explanation:
         ch, cw = self.cell_size
         h, w = self.map_size
         return min(h - 1, max(0, int(y // ch))), min(w - 1, max(0, int(x // cw)))
+
+    @property
+    def domain(self) -> dict[str, Any] | None:
+        """``input.domain``: how far the image lies from the model's training images
+        (:mod:`deepminer.domain`): ``method``, ``score``, ``threshold``, ``percentile``, ``in_domain``;
+        None when the model has no domain summary."""
+        d = self.input.get("domain")
+        return dict(d) if isinstance(d, Mapping) else None
 
     # -- classes and units ------------------------------------------------------------------------
     def class_index(self, cls: str | int) -> int:
@@ -222,6 +268,8 @@ class Explanation:
         if self.method_maps:
             out["methods"] = {m: {"map": encode_array(a, dtype=WIRE_DTYPE), "ms": float(self.method_ms.get(m, 0.0))}
                               for m, a in self.method_maps.items()}
+        if self.ablation is not None:
+            out["ablation"] = self.ablation.to_json()
         return out
 
     @classmethod
@@ -254,6 +302,7 @@ class Explanation:
         window = body.get("window")
         methods = body.get("methods") or {}
         target = body.get("target")
+        ablation = body.get("ablation")
         return cls(
             classes=classes,
             probabilities=probabilities,
@@ -277,4 +326,5 @@ class Explanation:
             target=None if target is None else str(target),
             method_maps={str(m): arr(v["map"]) for m, v in methods.items()},
             method_ms={str(m): float(v.get("ms", 0.0)) for m, v in methods.items()},
+            ablation=None if ablation is None else Ablation.from_json(ablation),
         )

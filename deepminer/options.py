@@ -31,6 +31,9 @@ FREE_METHODS = ("cam", "class_map")
 GRADIENT_METHODS = ("gradcam", "gradcam++", "guided_backprop", "integrated_gradients", "smoothgrad")
 EXPLAIN_METHODS = FREE_METHODS + GRADIENT_METHODS
 EXPLAIN_ONLY = ("methods", "target")  #: options of ``POST /explanations/<model>`` only
+#: at most this many unit ids in one ``ablate`` request (a whole concept's units fit: the demo's
+#: largest label set is far below it; silencing more is no longer "these units")
+MAX_ABLATE = 256
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 OPTIONS_SCHEMA: dict[str, Any] = {
@@ -60,6 +63,12 @@ OPTIONS_SCHEMA: dict[str, Any] = {
         "target": {"type": ["string", "null"], "default": None,
                    "description": "POST /explanations/<model> only: the class the maps explain "
                                   "(null: the prediction)"},
+        "ablate": {"type": "array", "items": {"type": "integer", "minimum": 0}, "uniqueItems": True,
+                   "maxItems": MAX_ABLATE, "default": [],
+                   "description": "unit ids (each below the model's number of units) whose activations are set "
+                                  "to zero: the answer's 'ablation' holds the probabilities and class maps "
+                                  "without them and the change per class (from the cached unit maps "
+                                  "through the head, no second forward)"},
     },
 }
 
@@ -128,6 +137,7 @@ class ExplainOptions:
     max_side: int | None = None
     methods: tuple[str, ...] = ()
     target: str | None = None
+    ablate: tuple[int, ...] = ()
 
     @classmethod
     def parse(cls, raw: Any = None, *, num_units: int | None = None, flags: bool = False) -> ExplainOptions:
@@ -154,14 +164,18 @@ class ExplainOptions:
             if not png.startswith(PNG_SIGNATURE):
                 raise InputError(f"{_name('sketch', flags)}: not a PNG image")
         unit_maps = data.get("unit_maps")
+        ablate = tuple(int(u) for u in data.get("ablate") or ())
+        if num_units is not None:
+            check_ablate(ablate, num_units, flags=flags)
         return cls(top_units=top, unit_maps=DEFAULTS["unit_maps"] if unit_maps is None else str(unit_maps),
                    sketch=png, max_side=data.get("max_side"), methods=tuple(data.get("methods") or ()),
-                   target=data.get("target"))
+                   target=data.get("target"), ablate=ablate)
 
     @classmethod
     def build(cls, *, top_units: int = DEFAULTS["top_units"], unit_maps: str = DEFAULTS["unit_maps"],
               sketch: Any = None, max_side: int | None = None, methods: Sequence[str] | None = None,
-              target: str | None = None, num_units: int | None = None, flags: bool = False) -> ExplainOptions:
+              target: str | None = None, ablate: Sequence[int] | None = None, num_units: int | None = None,
+              flags: bool = False) -> ExplainOptions:
         """Options from Python values (``sketch`` a bool mask), validated like a request."""
         raw: dict[str, Any] = {"top_units": top_units, "unit_maps": unit_maps, "max_side": max_side}
         if sketch is not None:
@@ -170,6 +184,9 @@ class ExplainOptions:
             raw["methods"] = [methods] if isinstance(methods, str) else list(methods)
         if target is not None:
             raw["target"] = target
+        if ablate is not None and len(ablate):
+            # numpy integers too (jsonschema's 'integer' is Python's int)
+            raw["ablate"] = [int(u) if hasattr(u, "__index__") and not isinstance(u, bool) else u for u in ablate]
         return cls.parse(raw, num_units=num_units, flags=flags)
 
     def check_endpoint(self, explain: bool) -> None:
@@ -196,6 +213,8 @@ class ExplainOptions:
             out["methods"] = list(self.methods)
         if self.target is not None:
             out["target"] = self.target
+        if self.ablate:
+            out["ablate"] = list(self.ablate)
         return out
 
     @property
@@ -205,6 +224,27 @@ class ExplainOptions:
     def sketch_mask(self, shape: tuple[int, int]) -> np.ndarray | None:
         """The sketch as a bool mask of ``shape`` (the image's), or None without a sketch."""
         return None if self.sketch is None else png_to_mask(self.sketch, shape)
+
+
+def check_ablate(units: Sequence[int], num_units: int, *, flags: bool = False) -> None:
+    """``units`` (an ``ablate`` list, schema-valid) are unit ids of a model of ``num_units`` units:
+    else a one-line :class:`InputError` naming the first id out of range."""
+    bad = [int(u) for u in units if not 0 <= int(u) < num_units]
+    if bad:
+        raise InputError(f"{_name('ablate', flags)}: unit {bad[0]} out of range 0..{num_units - 1} "
+                         f"(the model's {num_units} units)")
+
+
+def parse_unit_list(text: str, *, name: str = "--ablate") -> tuple[int, ...]:
+    """``"12,40 7"`` -> ``(12, 40, 7)`` (commas and/or spaces); a one-line :class:`InputError` on a
+    token that is not a whole number. Range, duplicates and count are checked by :meth:`ExplainOptions.parse`."""
+    out = []
+    for tok in text.replace(",", " ").split():
+        try:
+            out.append(int(tok))
+        except ValueError:
+            raise InputError(f"{name}: {tok!r} is not a unit id (expected ids like 12,40)") from None
+    return tuple(out)
 
 
 def _as_object(raw: Any) -> dict[str, Any]:
@@ -238,4 +278,11 @@ def _one_line(error: Any, flags: bool) -> str:
     where = _name(str(error.path[0]), flags) if error.path else "options"
     if error.validator == "enum":
         return f"{where}: must be one of {'/'.join(map(str, error.validator_value))}, got {error.instance!r}"
+    if error.validator == "maxItems":  # (the message would repeat the whole list)
+        return f"{where}: at most {error.validator_value} items, got {len(error.instance)}"
+    if error.validator == "uniqueItems":
+        from collections import Counter
+
+        dups = [v for v, n in Counter(map(repr, error.instance)).items() if n > 1]
+        return f"{where}: duplicate ids {', '.join(dups)}"
     return f"{where}: {' '.join(str(error.message).split())}"

@@ -14,6 +14,17 @@ esac
 MODEL=${DEEPMINER_MODEL:-demo}
 STORE=$ROOT/model_store
 [ -f "$STORE/$MODEL.mar" ] || { echo "serve: error: $STORE/$MODEL.mar missing (run: make model-store)" >&2; exit 2; }
+# every model of the store (model_store/<name>/model.pt with its built <name>.mar), one worker each
+# (serve/model-config.yaml); the workers share the cores: torch threads per worker = cores / models
+# (at least 1) unless OMP_NUM_THREADS is set (docs/serving.md, "Several models on one machine")
+MODELS=()
+for mar in "$STORE"/*/model.pt; do
+  name=$(basename "$(dirname "$mar")")
+  if [ -f "$STORE/$name.mar" ]; then MODELS+=("$name=$name.mar"); fi
+done
+[[ " ${MODELS[*]} " == *" $MODEL=$MODEL.mar "* ]] || MODELS+=("$MODEL=$MODEL.mar")
+THREADS=$(( $(nproc) / ${#MODELS[@]} ))
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( THREADS > 0 ? THREADS : 1 ))}
 command -v java >/dev/null || { echo "serve: error: TorchServe needs Java 17 (apt-get install openjdk-17-jre-headless)" >&2; exit 2; }
 WORK=$ROOT/var/serve
 mkdir -p "$WORK/tmp"
@@ -23,4 +34,4 @@ export TMPDIR=$WORK/tmp TEMP=$WORK/tmp LOG_LOCATION=$WORK/logs METRICS_LOCATION=
 rm -f key_file.json
 # serve/log4j2.xml: TorchServe's log files under var/serve/logs, only warnings on the console
 exec "$ROOT/.venv/bin/torchserve" --foreground --ncs --ts-config "$CONFIG" --model-store "$STORE" \
-  --models "$MODEL=$MODEL.mar" --log-config "$ROOT/serve/log4j2.xml"
+  --models "${MODELS[@]}" --log-config "$ROOT/serve/log4j2.xml"

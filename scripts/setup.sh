@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.setup-stamp
-SYSTEM_PACKAGES=(chromium fonts-dejavu-core)   # chromium: the real browser for the UI tests
+SYSTEM_PACKAGES=(chromium fonts-dejavu-core nginx)   # chromium: the real browser for the UI tests; nginx: the lab profile's proxy (serve/proxy.py)
+# a local PACS (Orthanc + its DICOMweb plugin, run unprivileged by deepminer.pacs, never the system
+# service) and dciodvfy (dicom3tools) that validates the DICOM results the tests write
+SYSTEM_PACKAGES+=(orthanc orthanc-dicomweb dicom3tools)
 
 need_apt=()
 for pkg in "${SYSTEM_PACKAGES[@]}"; do

@@ -126,8 +126,11 @@ def _check_model(model: Path, atlas: Path | None) -> tuple[int, str]:
 def build_mar(model: str | os.PathLike, out_dir: str | os.PathLike, *, name: str = "demo",
               atlas: str | os.PathLike | None = None, version: str = "1.0", workers: int | None = None,
               batch_size: int | None = None, max_batch_delay: int | None = None, device: str = "auto",
-              response_timeout: int | None = None, force: bool = True) -> Path:
-    """Build ``out_dir/<name>.mar`` and return its path. The archive appears only when complete."""
+              response_timeout: int | None = None, force: bool = True,
+              extra: "list[str | os.PathLike] | tuple[str | os.PathLike, ...]" = ()) -> Path:
+    """Build ``out_dir/<name>.mar`` and return its path. The archive appears only when complete.
+    ``extra``: more files or folders shipped next to ``model.pt`` in the archive (e.g. a model's
+    ``domain.pt``), under their own names."""
     import yaml
 
     model = Path(model)
@@ -141,6 +144,12 @@ def build_mar(model: str | os.PathLike, out_dir: str | os.PathLike, *, name: str
     cfg = model_config(workers=workers, batch_size=batch_size, max_batch_delay=max_batch_delay,
                        device=device, response_timeout=response_timeout)
     _check_model(model, atlas)
+    extras = [Path(e) for e in extra]
+    for e in extras:
+        if not e.exists():
+            raise InputError(f"--extra: {e}: no such file or folder")
+        if e.name in ("model.pt", "atlas", "deepminer", "model-config.yaml", "requirements.txt"):
+            raise InputError(f"--extra: {e.name!r} is a name the archive itself uses")
     if atlas is None:
         cfg["handler"].pop("atlas", None)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -150,6 +159,11 @@ def build_mar(model: str | os.PathLike, out_dir: str | os.PathLike, *, name: str
         shutil.copytree(LIBRARY, payload / "deepminer", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         if atlas is not None:
             shutil.copytree(atlas, payload / "atlas", ignore=shutil.ignore_patterns(".*"))
+        for e in extras:
+            if e.is_dir():
+                shutil.copytree(e, payload / e.name, ignore=shutil.ignore_patterns(".*", "__pycache__"))
+            else:
+                shutil.copy2(e, payload / e.name)
         shutil.copy2(model, stage / "model.pt")
         (stage / "model-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
         (stage / "requirements.txt").write_text("\n".join(runtime_requirements()) + "\n", encoding="utf-8")
@@ -211,12 +225,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                         help="deviceType: auto = a GPU when the server has one, else the CPU")
     parser.add_argument("--no-overwrite", action="store_true", help="fail if OUT/NAME.mar exists")
+    parser.add_argument("--extra", action="append", default=[], metavar="PATH",
+                        help="a file or folder shipped next to model.pt in the archive (repeatable; "
+                             "scripts/model_store.sh passes every other file of model_store/NAME/)")
 
 
 def run(args: argparse.Namespace) -> int:
     mar = build_mar(args.model, args.out, name=args.name, atlas=args.atlas, version=args.version,
                     workers=args.workers, batch_size=args.batch_size, max_batch_delay=args.max_batch_delay,
-                    device=args.device, force=not args.no_overwrite)
+                    device=args.device, force=not args.no_overwrite, extra=args.extra)
     info = mar_contents(mar)
     cfg = info["config"]
     print(f"{mar}: {mar.stat().st_size / 2**20:.1f} MiB, {len(info['files'])} files; workers "

@@ -23,6 +23,24 @@ import requests
 SERVE_DIR = Path(__file__).resolve().parent
 PROFILES = {"demo": SERVE_DIR / "config.properties", "lab": SERVE_DIR / "config.lab.properties"}
 PORT_KEYS = ("inference", "management", "metrics", "grpc_inference", "grpc_management")
+#: THE upload limit, in MiB: written into TorchServe's ``max_request_size`` (the profiles hold the same
+#: number, checked by tests/test_lab_security.py; :class:`TorchServe` writes it), Streamlit's
+#: ``server.maxUploadSize`` (``DEEPMINER_UPLOAD_MB`` from ``profile_env``, used by the Procfile) and the
+#: lab proxy's ``client_max_body_size`` (serve/proxy.py). ``DEEPMINER_UPLOAD_MB`` overrides it.
+UPLOAD_LIMIT_MB = 64
+
+
+def upload_limit_mb(env: Mapping[str, str] | None = None) -> int:
+    """The upload limit in MiB: ``DEEPMINER_UPLOAD_MB`` when set (a positive integer), else
+    :data:`UPLOAD_LIMIT_MB`."""
+    value = (os.environ if env is None else env).get("DEEPMINER_UPLOAD_MB", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else UPLOAD_LIMIT_MB
+
+
+def upload_limit_message(mb: int) -> str:
+    """The one message whichever layer refuses an upload over the limit."""
+    return (f"The upload is larger than the {mb} MB limit of this deployment: send a smaller image "
+            "(or ask the administrator to raise DEEPMINER_UPLOAD_MB).")
 
 
 def read_properties(path: str | os.PathLike) -> dict[str, str]:
@@ -128,6 +146,7 @@ class TorchServe:
             "model_store": str(self.model_store),
         })
         props.pop("load_models", None)
+        props["max_request_size"] = str(upload_limit_mb() * 1024 * 1024)
         props.update(self.overrides)
         return write_properties(self.config_path, props, header=f"generated from {self.profile.name}")
 
@@ -141,6 +160,8 @@ class TorchServe:
         env.update({"TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(self.workdir / "logs"),
                     "METRICS_LOCATION": str(self.workdir / "logs")})
         env.pop("TS_CONFIG_FILE", None)
+        # the workers share the cores: torch threads per worker = cores / models (as scripts/serve.sh)
+        env.setdefault("OMP_NUM_THREADS", str(worker_threads(len(self.models))))
         cmd = [self.python, "-m", "ts.model_server", "--foreground", "--ts-config", str(self.config_path),
                "--model-store", str(self.model_store), "--ncs"]
         if self.models:
@@ -229,6 +250,33 @@ class TorchServe:
         self.stop()
 
 
+def worker_threads(models: int, cores: int | None = None) -> int:
+    """Torch intra-op threads per worker when ``models`` models (one worker each) share ``cores``
+    cores (default: this machine's): ``cores // models``, at least 1, so that the workers busy at
+    once do not oversubscribe the cores."""
+    cores = cores if cores is not None else (os.cpu_count() or 1)
+    return max(1, cores // max(1, models))
+
+
+def served_models(management_url: str, headers: Mapping[str, str] | None = None) -> list[str]:
+    """The names of the models TorchServe hosts (management ``GET /models``, every page); [] when
+    it does not answer."""
+    names: list[str] = []
+    token: str | None = None
+    for _ in range(100):
+        params: dict[str, str | int] = {"limit": 100, **({"next_page_token": token} if token else {})}
+        try:
+            r = requests.get(f"{management_url}/models", params=params, headers=dict(headers or {}), timeout=5)
+            body = r.json()
+        except (requests.RequestException, ValueError):
+            return []
+        names += [str(m["modelName"]) for m in body.get("models", []) if isinstance(m, dict) and "modelName" in m]
+        token = body.get("nextPageToken")
+        if not token:
+            break
+    return sorted(set(names))
+
+
 def model_ready(management_url: str, name: str, headers: Mapping[str, str] | None = None) -> bool:
     """True when model ``name`` has its minimum workers READY (``/ping`` is Healthy before that)."""
     try:
@@ -265,9 +313,18 @@ def profile_env(profile: str, ui_port: int, root: Path = SERVE_DIR.parent) -> di
     """What the UI and CLI need to reach the server started from ``profile`` (scripts/serve.sh)."""
     props = read_properties(PROFILES.get(profile, profile))
     env = {"DEEPMINER_SERVE_URL": props["inference_address"], "DEEPMINER_METRICS_URL": props["metrics_address"],
-           "DEEPMINER_MANAGEMENT_URL": props["management_address"], "DEEPMINER_KEY_FILE": ""}
+           "DEEPMINER_MANAGEMENT_URL": props["management_address"], "DEEPMINER_KEY_FILE": "",
+           "DEEPMINER_UPLOAD_MB": str(upload_limit_mb()),
+           # TorchServe's max_request_size from the same number (read where enable_envvars_config=true: lab)
+           "TS_MAX_REQUEST_SIZE": str(upload_limit_mb() * 1024 * 1024)}
     if props.get("disable_token_authorization", "false").lower() != "true":
         env["DEEPMINER_KEY_FILE"] = str(root / "var" / "serve" / "key_file.json")
+    if profile == "lab":  # the sign-in proxy (serve/proxy.py) sets this header; the workbench reads it
+        from serve.proxy import USER_HEADER
+
+        env["DEEPMINER_USER_HEADER"] = USER_HEADER
+    else:
+        env["DEEPMINER_USER_HEADER"] = ""
     return env
 
 
@@ -275,6 +332,8 @@ def profile_ports(profile: str, ui_port: int) -> list[int]:
     props = read_properties(PROFILES.get(profile, profile))
     ports = [int(props[k].rsplit(":", 1)[1]) for k in ("inference_address", "management_address", "metrics_address")]
     ports += [int(props.get("grpc_inference_port", 7070)), int(props.get("grpc_management_port", 7071)), ui_port]
+    if profile == "lab":  # the sign-in proxy's port (serve/proxy.py)
+        ports.append(int(os.environ.get("DEEPMINER_PROXY_PORT") or 8443))
     return ports
 
 
@@ -314,10 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     client = Client(env["DEEPMINER_SERVE_URL"], key_file=env["DEEPMINER_KEY_FILE"] or None, timeout=5)
     model = os.environ.get("DEEPMINER_MODEL") or "demo"
 
-    def ready() -> bool:
+    def ready() -> bool:  # the default model and every other model of the store
         key = client._key("management")
-        return client.ping() and model_ready(env["DEEPMINER_MANAGEMENT_URL"], model,
-                                             {"Authorization": f"Bearer {key}"} if key else {})
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        if not (client.ping() and model_ready(env["DEEPMINER_MANAGEMENT_URL"], model, headers)):
+            return False
+        names = served_models(env["DEEPMINER_MANAGEMENT_URL"], headers)
+        return all(model_ready(env["DEEPMINER_MANAGEMENT_URL"], n, headers) for n in names)
 
     ui = f"http://127.0.0.1:{args.ui_port}/_stcore/health"
     deadline = time.monotonic() + args.timeout

@@ -23,7 +23,8 @@ def write_dicom(path: str | Path, values: np.ndarray | None, *, photometric: str
                 laterality: str | None = None, view: str | None = None, patient_id: str = "ANON",
                 series_description: str | None = None, sop_class: str = MG_FOR_PRESENTATION,
                 transfer_syntax: str | None = None, rows_cols: tuple[int, int] | None = None,
-                frame: bytes | None = None) -> Path:
+                frame: bytes | None = None, study_uid: str | None = None, accession: str | None = None,
+                orientation: tuple[str, str] | None = None) -> Path:
     """Write ``values`` ((H, W) uint8/uint16/int16, or (H, W, 3) uint8 RGB) as a DICOM Part 10 file.
 
     ``values=None`` writes a header-only file (no Pixel Data); ``rows_cols`` overrides Rows/Columns.
@@ -31,7 +32,8 @@ def write_dicom(path: str | Path, values: np.ndarray | None, *, photometric: str
     (literal packets only: valid RLE, and quick for full-size images). ``transfer_syntax`` labels the
     file with another syntax (the pixel bytes are then whatever ``values`` holds, e.g. for a file a
     reader must refuse); ``frame`` stores these encapsulated bytes instead (RLE Lossless unless
-    ``transfer_syntax`` says otherwise), ``values`` then only gives the header.
+    ``transfer_syntax`` says otherwise), ``values`` then only gives the header. ``study_uid``,
+    ``accession`` and ``orientation`` (Patient Orientation) file several images as one study.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,8 +45,12 @@ def write_dicom(path: str | Path, values: np.ndarray | None, *, photometric: str
     ds.file_meta = meta
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study_uid or generate_uid()
     ds.SeriesInstanceUID = generate_uid()
+    if accession is not None:
+        ds.AccessionNumber = accession
+    if orientation:
+        ds.PatientOrientation = list(orientation)
     ds.Modality = "MG"
     ds.PatientID = patient_id
     ds.PatientName = "Test^Phantom"
@@ -91,6 +97,40 @@ def write_dicom(path: str | Path, values: np.ndarray | None, *, photometric: str
         meta.TransferSyntaxUID = transfer_syntax or RLELossless
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def write_exam(folder: str | Path, *, seed: int = 0, patients: tuple[int, int] = (0, 1), height: int = 1024,
+               width: int | None = None, patient_id: str = "EXAM0001", accession: str | None = None,
+               upscale: int = 1, orientation: bool = False) -> dict[str, Path]:
+    """A 4-view screening exam (RCC, LCC, RMLO, LMLO) of one study as uncompressed 16-bit (12 stored) MG
+    DICOMs, from phantoms: phantom patient ``patients[0]`` as the right breast and ``patients[1]`` as
+    the left one (a phantom patient is one breast seen CC and MLO), rendered ``height / upscale`` high,
+    enlarged ``upscale`` times (nearest) and padded on the nipple side to ``width`` (a 4,500 x 3,000
+    full-field size is ``height=4500, width=3000, upscale=3``). ``orientation`` writes Patient
+    Orientation (row direction P for right views, A for left ones). Returns ``{"RCC": path, ...}``."""
+    from pydicom.uid import generate_uid
+
+    from deepminer.data.phantoms import render_phantom
+
+    folder = Path(folder)
+    study = generate_uid()
+    out = {}
+    for lat, index in zip(("R", "L"), patients):
+        for view in ("CC", "MLO"):
+            ph = render_phantom(seed, index, size=height // upscale, view=view, laterality=lat)
+            img = np.clip(ph.image, 0, 4095).astype(np.uint16)
+            if upscale > 1:
+                img = img.repeat(upscale, axis=0).repeat(upscale, axis=1)
+            img = img[:height]
+            if width is not None and img.shape[1] < width:  # the chest wall stays at its edge
+                pad = ((0, 0), (width - img.shape[1], 0)) if lat == "R" else ((0, 0), (0, width - img.shape[1]))
+                img = np.pad(img, pad)
+            img = img[:, :width] if width is not None else img
+            orient = (("P" if lat == "R" else "A"), ("L" if lat == "R" else "R") if view == "CC" else "F")
+            out[f"{lat}{view}"] = write_dicom(folder / f"{lat}{view}.dcm", img, bits_stored=12, laterality=lat,
+                                              view=view, patient_id=patient_id, study_uid=study,
+                                              accession=accession, orientation=orient if orientation else None)
+    return out
 
 
 def rle_frame(values: np.ndarray) -> bytes:

@@ -47,3 +47,26 @@ def start_tiny_server(tmp_path_factory, model_path, name: str, *, env=None, **ma
     ts.start(timeout=300)
     print(f"\nTorchServe (demo profile) ready in {ts.started_s:.1f} s")
     return ts
+
+
+def two_model_store(tiny_demo: dict, folder, *, second_seed: int = 3) -> dict:
+    """A model store of two tiny models with their atlases over the same phantoms, laid out as
+    ``model_store/`` is (``<folder>/alpha`` = the session's tiny demo, seed 0; ``<folder>/beta`` = seed
+    ``second_seed``, same recipe; each ``model.pt`` + ``atlas/`` + ``MODEL_CARD.md``):
+    ``{"store", "a", "b", "data"}``."""
+    import shutil
+    from pathlib import Path
+
+    from deepminer.atlas import dissect
+    from deepminer.models import save_model
+
+    store = Path(folder)
+    a, b = store / "alpha", store / "beta"
+    a.mkdir(parents=True)
+    shutil.copy2(tiny_demo["model_dir"] / "model.pt", a / "model.pt")
+    shutil.copytree(tiny_demo["model_dir"] / "atlas", a / "atlas")
+    save_model(tiny_model(second_seed), b / "model.pt", patch_size=48)
+    dissect(b / "model.pt", tiny_demo["data"], split="train", out=b / "atlas", progress=False, batch_size=64, topk=8)
+    for d in (a, b):
+        (d / "MODEL_CARD.md").write_text(f"# {d.name}: a tiny test model (random weights)\n", encoding="utf-8")
+    return {"store": store, "a": a, "b": b, "data": tiny_demo["data"]}

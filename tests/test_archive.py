@@ -158,7 +158,8 @@ def test_the_two_profiles_differ_only_in_authorization():
     demo = read_properties(ROOT / "serve" / "config.properties")
     lab = read_properties(ROOT / "serve" / "config.lab.properties")
     diff = {k for k in demo.keys() | lab.keys() if demo.get(k) != lab.get(k)}
-    assert diff == {"disable_token_authorization", "token_expiration_min"}
+    # the lab profile also reads TS_* variables: `make run` sets TS_MAX_REQUEST_SIZE from the one upload limit
+    assert diff == {"disable_token_authorization", "token_expiration_min", "enable_envvars_config"}
 
 
 # -- KServe ---------------------------------------------------------------------------------------
@@ -194,6 +195,6 @@ def test_kserve_manifest_and_config_agree():
 def test_procfile_has_serve_and_ui():
     procs = dict(line.split(":", 1) for line in (ROOT / "Procfile").read_text().splitlines()
                  if line.strip() and not line.startswith("#"))
-    assert set(procs) == {"serve", "ui"}
+    assert {"serve", "ui", "proxy"} <= set(procs)  # proxy: the lab profile's nginx (serve/proxy.py)
     assert "scripts/serve.sh" in procs["serve"]
     assert "streamlit run ui/app.py" in procs["ui"] and "--server.address 127.0.0.1" in procs["ui"]

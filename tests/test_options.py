@@ -39,7 +39,7 @@ def test_defaults_and_a_full_set():
     ('{"top_units": 3', "options: malformed JSON"),
     ("[1, 2]", "options: expected a JSON object, got list"),
     (b"\xff\xfe", "options: not UTF-8"),
-    ({"colour": "red"}, "options: unknown option(s) colour (known: top_units, unit_maps, sketch, max_side, methods, target)"),
+    ({"colour": "red"}, "options: unknown option(s) colour (known: top_units, unit_maps, sketch, max_side, methods, target, ablate)"),
     ({"top_units": 0}, "options.top_units: 0 is less than the minimum of 1"),
     ({"top_units": True}, "options.top_units: True is not of type 'integer'"),
     ({"top_units": 2.5}, "options.top_units: 2.5 is not of type 'integer'"),

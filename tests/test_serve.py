@@ -213,6 +213,25 @@ def test_a_new_sketch_on_the_same_image_skips_the_forward_pass(client):
     assert not client.explain_raw(png(changed))["server"]["cache_hit"]
 
 
+def test_ablation_is_served_from_the_cached_features(client, model_dir):
+    """A new unit set on an image the server has seen: no forward pass, and the same numbers as the
+    in-process path (which tests/test_ablation.py checks against a full forward with the units zeroed)."""
+    img = png(breast(320, 256, 11))
+    first = client.explain(img)
+    silenced = client.explain(img, ablate=[0, 5, 17])
+    again = client.explain(img, ablate=[2])
+    assert not first.cache_hit and first.ablation is None
+    for res in (silenced, again):
+        assert res.cache_hit and res.timing_ms["forward"] == 0 and res.ablation is not None
+    local = local_explain(model_dir / "model.pt", img, ablate=[0, 5, 17], atlas=model_dir / "atlas")
+    assert silenced.ablation.units == (0, 5, 17) and silenced.ablation.prediction == local.ablation.prediction
+    for c in silenced.classes:
+        assert silenced.ablation.probabilities[c] == pytest.approx(local.ablation.probabilities[c], abs=2e-3)
+        assert silenced.ablation.delta[c] == pytest.approx(
+            silenced.ablation.probabilities[c] - first.probabilities[c], abs=2e-3)
+    np.testing.assert_allclose(silenced.ablation.class_maps, local.ablation.class_maps, atol=2e-3)
+
+
 def test_unit_maps_options(client, good):
     none = client.explain(good, unit_maps="none")
     assert none.unit_maps == {} and none.sketch_iou is None
@@ -271,6 +290,9 @@ BAD = {
     "max_side too small": ("good", '{"max_side": 10}', 400, "max_side"),
     "sketch not a png": ("good", json.dumps({"sketch": base64.b64encode(b"GIF89a" + bytes(40)).decode()}), 400, "sketch"),
     "sketch not base64": ("good", '{"sketch": "***"}', 400, "sketch"),
+    "ablate out of range": ("good", '{"ablate": [3, 32]}', 400, "options.ablate: unit 32 out of range 0..31"),
+    "ablate duplicates": ("good", '{"ablate": [3, 3]}', 400, "options.ablate: duplicate ids 3"),
+    "ablate too many": ("good", json.dumps({"ablate": list(range(257))}), 400, "options.ablate: at most 256 items"),
 }
 
 

@@ -648,3 +648,161 @@ def test_evaluate_settings_folder(monkeypatch, tmp_path):
 
     assert load_settings({}).eval_folder is None
     assert load_settings({"DEEPMINER_EVAL_FOLDER": str(tmp_path)}).eval_folder == tmp_path
+
+
+# -- Silencing units (the ablate option) ----------------------------------------------------------
+
+def _ablation_table(at):
+    tables = [d.value for d in at.dataframe if "change" in list(d.value.columns)]
+    assert len(tables) == 1, [list(d.value.columns) for d in at.dataframe]
+    return tables[0]
+
+
+def test_sketch_silences_the_matching_units(app_env):
+    from deepminer.atlas import Atlas
+    from deepminer.client import local_explain
+    from deepminer.explain.sketch import MATCH_IOU
+    from deepminer.explain.units import unit_masks
+    from ui.state import Keys
+
+    at, data = _with_image(app_env, "pages/sketch.py")
+    ref = _sess(at).image
+    model_file = Path(app_env["model_dir"]) / "model.pt"
+    # the sketch: one unit's own binarized response on this image (so at least that unit matches)
+    plain = local_explain(model_file, data, unit_maps="all", max_side=512, name="demo")
+    thresholds = Atlas.load(Path(app_env["model_dir"]) / "atlas").thresholds
+    shape = (plain.input["height"], plain.input["width"])
+    masks = [unit_masks(plain.unit_maps[u][None], thresholds[[u]], shape)[0] for u in range(len(plain.unit_max))]
+    sketch = max(masks, key=lambda m: min(m.mean(), 0.3))  # a unit that fires on a fair part of the image
+    res = local_explain(model_file, data, sketch=sketch, unit_maps="all", max_side=512, name="demo")
+    matching = [int(u) for u in np.lexsort((np.arange(res.sketch_iou.size), -res.sketch_iou))
+                if res.sketch_iou[u] > MATCH_IOU]
+    assert matching, "the test sketch must match some units"
+    _sess(at).sketch, _sess(at).sketch_for = sketch, (ref.digest, None)
+    at.run()
+    assert not at.exception, at.exception
+    toggle = at.toggle(key=Keys.of_image("sk_silence", ref))
+    assert toggle.label == f"Silence the {len(matching)} matching unit(s)" and not toggle.value
+    toggle.set_value(True).run()
+    assert not at.exception, at.exception
+    # before/after/change are the library's ablation of exactly those units
+    silenced = local_explain(model_file, data, max_side=512, name="demo", ablate=matching)
+    table = _ablation_table(at)
+    assert list(table["class"]) == list(silenced.classes)
+    for _, row in table.iterrows():
+        c = row["class"]
+        assert row["before"] == pytest.approx(silenced.probabilities[c], abs=1e-3)
+        assert row["after"] == pytest.approx(silenced.ablation.probabilities[c], abs=1e-3)
+        assert row["change"] == pytest.approx(silenced.ablation.delta[c], abs=1e-3)
+    assert f"units {', '.join(map(str, matching))}" in _texts(at) or f"unit {matching[0]} " in _texts(at)
+    assert any("with the units silenced" in c for c in _captions(at))  # the class map after
+
+
+def test_explain_silences_a_labels_units(app_env):
+    from deepminer.client import local_explain
+    from deepminer.labels import LabelStore
+    from ui.state import Keys
+
+    at, data = _with_image(app_env)
+    assert "No unit of this model carries a label yet" in _texts(at)
+    name, _ = _png(app_env, 0)
+    model_file = Path(app_env["model_dir"]) / "model.pt"
+    res = local_explain(model_file, data, max_side=512, name="demo")
+    top = res.top_units[res.prediction]
+    model, weights = _key(app_env)
+    store = LabelStore(app_env["url"])
+    store.set_labels(model, weights, top[:3], "Spiculated margin", "alice")
+    store.set_labels(model, weights, [top[4]], "calc cluster", "alice")
+    at.run()
+    box = at.selectbox(key=Keys.of_image("silence_label", _sess(at).image))
+    assert box.options == ["Spiculated margin", "calc cluster"] and box.value is None
+    box.set_value("Spiculated margin").run()
+    assert not at.exception, at.exception
+    silenced = local_explain(model_file, data, max_side=512, name="demo", ablate=sorted(top[:3]))
+    table = _ablation_table(at)
+    for _, row in table.iterrows():
+        assert row["after"] == pytest.approx(silenced.ablation.probabilities[row["class"]], abs=1e-3)
+        assert row["change"] == pytest.approx(silenced.ablation.delta[row["class"]], abs=1e-3)
+    assert abs(table["change"]).max() > 0  # silencing the three most influential units moves something
+    assert f"units {', '.join(map(str, sorted(top[:3])))}" in _texts(at)
+
+
+def test_atlas_page_shows_whether_influence_is_causal(app_env, monkeypatch, tmp_path):
+    import shutil
+
+    from deepminer.atlas.ablation import atlas_ablation
+
+    at = _app("pages/atlas.py")
+    assert "No ablation measurement for this atlas yet" in _texts(at)
+    model_dir = tmp_path / "demo"
+    shutil.copytree(app_env["model_dir"], model_dir)
+    res = atlas_ablation(model_dir / "model.pt", model_dir / "atlas", app_env["data"], device="cpu", progress=False)
+    monkeypatch.setenv("DEEPMINER_MODEL_DIR", str(model_dir))
+    import streamlit as st
+
+    st.cache_resource.clear()  # the settings are read once per process
+    st.cache_data.clear()
+    at = _app("pages/atlas.py")
+    tables = [d.value for d in at.dataframe if "class" in list(d.value.columns)]
+    assert tables, _texts(at)
+    table = tables[0]
+    assert list(table["class"]) == list(res["per_class"])
+    for _, row in table.iterrows():
+        rho = res["per_class"][row["class"]].get("spearman_influence_prob_drop")
+        assert row["ρ influence vs P drop"] == ("-" if rho is None else f"{rho:+.2f}")
+    cls = at.radio(key="atlas_class").value
+    if "mean_prob_drop" in res["per_class"][cls]:
+        fig = _figure(at, "ablation_scatter")
+        assert list(fig.data[0].y) == pytest.approx(res["per_class"][cls]["mean_prob_drop"])
+
+
+# -- out of domain --------------------------------------------------------------------------------
+
+def test_domain_banner_is_worded_from_the_training_data():
+    from deepminer.data.dataset import SYNTHETIC_PHANTOMS
+    from ui.logic import domain_banner
+
+    out = {"method": "mahalanobis", "score": 812.0, "threshold": 95.0, "percentile": 99.0, "in_domain": False}
+    text = domain_banner({"trained_on": SYNTHETIC_PHANTOMS}, out)
+    assert text is not None and text.startswith("Out of the model's domain")
+    assert "trained on synthetic phantoms, so its output on this image is not meaningful" in text
+    assert "score 812 > threshold 95, the 99th percentile of its validation images" in text
+    assert "CBIS-DDSM" in domain_banner({"trained_on": "CBIS-DDSM (deepminer import-cbis)"}, out)
+    assert "not recorded" in domain_banner({}, out)
+    assert domain_banner({"trained_on": SYNTHETIC_PHANTOMS}, {**out, "in_domain": True}) is None
+    assert domain_banner({"trained_on": SYNTHETIC_PHANTOMS}, None) is None  # no domain.pt: no claim either way
+
+
+def test_out_of_domain_banner_on_explain_sketch_and_evaluate(app_env, monkeypatch, tmp_path):
+    """A ``domain.pt`` beside the model that every image exceeds (threshold 0): Explain, Sketch &
+    label and Evaluate (one image) show the banner ``ui.logic.domain_banner`` words for the answer."""
+    import shutil
+
+    from deepminer.client import local_explain
+    from deepminer.domain import fit_domain
+    from deepminer.models import load_model
+    from deepminer.models.checkpoints import weights_sha256
+    from ui.logic import domain_banner
+
+    model_dir = tmp_path / "demo"
+    shutil.copytree(app_env["model_dir"], model_dir)
+    model = load_model(model_dir / "model.pt")
+    feats = np.random.default_rng(0).random((40, int(model.num_units)))
+    dm = fit_domain(feats[:30], feats[30:], components=8, weights_sha256=weights_sha256(model))
+    dm.threshold = 0.0
+    dm.save(model_dir / "domain.pt")
+    monkeypatch.setenv("DEEPMINER_MODEL_DIR", str(model_dir))
+    at = _app()
+    name, data = _png(app_env, 0)
+    at.file_uploader(key="upload").upload(name, data, "image/png").run()
+    assert not at.exception, at.exception
+    res = local_explain(model_dir / "model.pt", data, max_side=512, name="demo")
+    assert res.domain is not None and not res.domain["in_domain"]
+    banner = domain_banner(res.model, res.domain)
+    assert banner and "What the model was trained on is not recorded" in banner
+    assert [e.value for e in at.error] == [banner]
+    for page in ("pages/sketch.py", "pages/evaluate.py"):
+        at.switch_page(page)
+        at.run()
+        assert not at.exception, at.exception
+        assert banner in [e.value for e in at.error], page

@@ -13,6 +13,7 @@ else a tiny model profiled on a few phantoms.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -105,9 +106,13 @@ def torchserve(model_dir, tmp_path_factory):
 
     mar = ROOT / "model_store" / "demo.mar"
     store = ROOT / "model_store"
-    if model_dir != DEMO or not mar.is_file() or mar.stat().st_mtime < (DEMO / "model.pt").stat().st_mtime:
+    extra = [p for p in [model_dir / "domain.pt"] if p.is_file()]  # the out-of-domain summary, when fitted
+    # a built .mar also ships a copy of the library and the handler: stale when either is newer
+    code = [*(ROOT / "deepminer").rglob("*.py"), *(ROOT / "handlers").rglob("*.py")]
+    newest = max(p.stat().st_mtime for p in [DEMO / "model.pt", *extra, *code]) if model_dir == DEMO else 0.0
+    if model_dir != DEMO or not mar.is_file() or mar.stat().st_mtime < newest:
         store = tmp_path_factory.mktemp("store")
-        build_mar(model_dir / "model.pt", store, name="demo", atlas=model_dir / "atlas", workers=1)
+        build_mar(model_dir / "model.pt", store, name="demo", atlas=model_dir / "atlas", workers=1, extra=extra)
     ts = TorchServe(store, {"demo": "demo.mar"}, tmp_path_factory.mktemp("ts"), profile="demo")
     ts.start(timeout=300)
     yield ts
@@ -123,11 +128,20 @@ def workbench(torchserve, model_dir, tmp_path_factory):
     samples = generate_dataset(work / "samples", 2, 5, 256)
     port = _free_port()
     env = {**os.environ, "DEEPMINER_SERVE_URL": torchserve.inference_url, "DEEPMINER_MODEL": "demo",
+           "DEEPMINER_MANAGEMENT_URL": torchserve.management_url,
            "DEEPMINER_BACKEND": "serve", "DEEPMINER_MODEL_DIR": str(model_dir),
            "DEEPMINER_LABELS_URL": f"sqlite:///{work / 'labels.db'}", "DEEPMINER_SAMPLES": str(samples),
            "DEEPMINER_MAX_SIDE": "1024"}
     env.pop("DEEPMINER_KEY_FILE", None)
     env.pop("DEEPMINER_TOKEN", None)
+    with streamlit_app(env, port, work) as url:
+        yield {"url": url, "labels_url": env["DEEPMINER_LABELS_URL"], "log": work / "streamlit.log"}
+
+
+@contextlib.contextmanager
+def streamlit_app(env: dict, port: int, work: Path):
+    """``streamlit run ui/app.py`` on 127.0.0.1:``port`` with ``env`` (log: ``work/streamlit.log``);
+    yields its URL once healthy and ends its process group afterwards."""
     log = open(work / "streamlit.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(ROOT / "ui" / "app.py"), "--server.address", "127.0.0.1",
@@ -146,7 +160,7 @@ def workbench(torchserve, model_dir, tmp_path_factory):
                 pass
             assert time.monotonic() < deadline, "streamlit did not come up"
             time.sleep(0.3)
-        yield {"url": url, "labels_url": env["DEEPMINER_LABELS_URL"], "log": work / "streamlit.log"}
+        yield url
     finally:
         os.killpg(proc.pid, 15)
         try:
@@ -290,7 +304,7 @@ def test_workbench_end_to_end(workbench, torchserve, full_field_dicoms, artifact
         _nav(page, "Sketch & label")
         page.get_by_text("Unit map", exact=True).wait_for(timeout=60_000)
         _idle(page)
-        sketch_on = page.locator('[data-testid="stSelectbox"]').first
+        sketch_on = page.locator('[data-testid="stMain"] [data-testid="stSelectbox"]').first  # not the sidebar's
         shown = sketch_on.inner_text() + " " + " ".join(sketch_on.locator("input").evaluate_all(
             "els => els.map(e => e.value + ' ' + (e.getAttribute('aria-label') || ''))"))
         assert f"Whole image ({images[0].name})" in shown, shown
@@ -493,6 +507,33 @@ def test_evaluate_page(workbench, torchserve, artifacts_dir, tmp_path):
         assert len(rows) == 4 * len(ids) and all(r["auprc"] for r in rows)
         _shot(page, artifacts_dir / "ui-evaluate-set.png")
 
+        # Cancel mid-run: a slow peer (integrated gradients, seconds per image) keeps the run going
+        # long enough to click Cancel after the first image; the partial results say so
+        peers = page.locator('[data-testid="stMultiSelect"]', has_text="Add the gradient peers")
+        peers.locator("input").click()
+        peers.locator("input").fill("integrated")
+        page.get_by_role("option", name=re.compile(r"^integrated gradients")).first.click()
+        page.keyboard.press("Escape")
+        _after_input(page)
+        chips = peers.inner_text()
+        assert "integrated gradients" in chips, chips
+        page.get_by_role("button", name="Run", exact=True).click()
+        try:
+            page.get_by_text(re.compile(rf"^[1-{len(ids) - 1}] of {len(ids)} images")).wait_for(timeout=120_000)
+        except Exception:
+            _shot(page, artifacts_dir / "ui-evaluate-cancel-failed.png")
+            raise
+        page.get_by_role("button", name="Cancel", exact=True).click()
+        note = page.get_by_text(re.compile(rf"^Cancelled after \d+ of {len(ids)} images"))
+        note.wait_for(timeout=60_000)
+        _idle(page)
+        done = int(re.search(r"after (\d+) of", note.inner_text()).group(1))
+        assert 1 <= done < len(ids), note.inner_text()
+        assert page.get_by_text(re.compile(rf"^Summary over {done} images")).count() == 1
+        assert page.get_by_role("button", name="Cancel", exact=True).count() == 0
+        assert page.locator('[data-testid="stException"]').count() == 0
+        _shot(page, artifacts_dir / "ui-evaluate-cancelled.png")
+
         # (b) one image, outlined on the canvas: a malignant phantom, its lesion's box
         ph = render_phantom(11, 2, size=1024)
         img = tmp_path / "mammo-lesion.png"
@@ -532,3 +573,120 @@ def test_evaluate_page(workbench, torchserve, artifacts_dir, tmp_path):
     print(f"\nevaluate {len(ids)} images (CAM only): runs {timing['evaluate_run_s']} s vs "
           f"{timing['plain_predictions_s']:.2f} s of plain /predictions ({timing['ratio_run_vs_plain']}x); "
           f"outline -> CAM scores {timing['outline_to_cam_scores_s']:.2f} s")
+
+
+def test_silencing_units(workbench, torchserve, model_dir, artifacts_dir, tmp_path):
+    """"What if these units were quiet?": on Sketch & label, a large rectangle, then "Silence the
+    matching units" (before/after/change and the class map after); on Explain, "Silence a label's
+    units" for a label stored for this model. The numbers are the server's own ablation answer.
+    Screenshots ``ui-sketch-silenced.png`` and ``ui-explain-silenced.png``."""
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian chromium is missing: run `bash scripts/setup.sh` (as root) first"
+    from playwright.sync_api import sync_playwright
+
+    from deepminer.atlas import Atlas
+    from deepminer.client import Client
+    from deepminer.labels import LabelStore
+
+    image = tmp_path / "mammo-silence.png"
+    image.write_bytes(_square_mammogram(13, 0))
+    with Client(torchserve.inference_url, model="demo", timeout=120) as c:
+        ref = c.explain(image.read_bytes(), max_side=1024)
+    units = sorted(ref.top_units[ref.prediction][:3])
+    weights = Atlas.load(model_dir / "atlas").meta["model"]["weights_sha256"]
+    LabelStore(workbench["labels_url"]).set_labels("demo", weights, units, "quiet test label", "Dr. Playwright")
+    with Client(torchserve.inference_url, model="demo", timeout=120) as c:
+        silenced = c.explain(image.read_bytes(), max_side=1024, ablate=units)
+    assert silenced.cache_hit and silenced.timing_ms["forward"] == 0  # from the cached unit maps
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport=VIEWPORT)
+        page.goto(workbench["url"])
+        page.get_by_text("Upload a mammogram").wait_for(timeout=120_000)
+        _idle(page, 120_000)
+        _upload(page, image)
+        _idle(page)
+        # Explain: silence the label's units
+        box = page.locator('[data-testid="stSelectbox"]', has_text="Silence the units labelled").first
+        box.scroll_into_view_if_needed()
+        box.locator("input").click()
+        page.get_by_role("option", name="quiet test label").first.click()
+        _after_input(page)
+        page.get_by_text(re.compile(r"^Silenced:")).first.wait_for(timeout=60_000)
+        text = page.locator('[data-testid="stMarkdownContainer"]', has_text="Silenced:").first.inner_text()
+        assert f"units {', '.join(map(str, units))}" in text and f"\u2192 {silenced.ablation.prediction}" in text
+        cls = silenced.ablation.prediction
+        assert page.get_by_text(f"P({cls}) per position with the units silenced (blue 0, red 1)").count() == 1
+        _shot(page, artifacts_dir / "ui-explain-silenced.png")
+
+        # Sketch & label: a large rectangle, then silence the matching units
+        _nav(page, "Sketch & label")
+        page.get_by_text("Unit map", exact=True).wait_for(timeout=60_000)
+        _idle(page)
+        canvas = page.locator("canvas.upper-canvas").first
+        canvas.wait_for(timeout=30_000)
+        bb = canvas.bounding_box()
+        x0, y0 = bb["x"] + bb["width"] * 0.1, bb["y"] + bb["height"] * 0.1
+        page.mouse.move(x0, y0)
+        page.mouse.down()
+        page.mouse.move(x0 + bb["width"] * 0.8, y0 + bb["height"] * 0.8, steps=10)
+        page.mouse.up()
+        page.get_by_text(re.compile(r"^Units ranked by IoU")).wait_for(timeout=60_000)
+        _idle(page)
+        toggle = page.locator('[data-testid="stCheckbox"]', has_text=re.compile(r"Silence the \d+ matching unit"))
+        assert toggle.count() == 1, page.get_by_text(re.compile(r"^Units ranked by IoU")).first.inner_text()
+        toggle.first.click()
+        _after_input(page)
+        page.get_by_text(re.compile(r"^Silenced:")).first.wait_for(timeout=60_000)
+        assert page.get_by_text(re.compile(r"per position with the units silenced")).count() == 1
+        _shot(page, artifacts_dir / "ui-sketch-silenced.png")
+
+        # Unit atlas: is influence causal? (the atlas's ablation.json, when measured)
+        _nav(page, "Unit atlas")
+        page.get_by_text("Is influence causal?", exact=True).wait_for(timeout=60_000)
+        _idle(page)
+        if (model_dir / "atlas" / "ablation.json").is_file():
+            page.get_by_text(re.compile(r"mean influence vs the mean drop of P")).first.wait_for(timeout=30_000)
+        else:
+            assert page.get_by_text(re.compile(r"^No ablation measurement for this atlas yet")).count() == 1
+        _shot(page, artifacts_dir / "ui-atlas-ablation.png")
+        browser.close()
+
+
+def test_out_of_domain_banner(workbench, torchserve, model_dir, artifacts_dir, tmp_path):
+    """A natural photograph (scikit-image's astronaut) on the Explain page of the demo model: the
+    out-of-domain banner, worded from the model's training data (``ui-out-of-domain.png``)."""
+    if not (model_dir / "domain.pt").is_file():
+        pytest.skip(f"{model_dir} has no domain.pt (deepminer domain-fit, docs/domain.md)")
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian chromium is missing: run `bash scripts/setup.sh` (as root) first"
+    import skimage.data
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    from deepminer.client import Client
+    from ui.logic import domain_banner
+
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(skimage.data.astronaut()).save(photo)
+    with Client(torchserve.inference_url, model="demo", timeout=120) as c:
+        served = c.explain(photo.read_bytes(), max_side=1024)
+    assert served.domain is not None and not served.domain["in_domain"], served.domain
+    banner = domain_banner(served.model, served.domain)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport=VIEWPORT)
+        page.goto(workbench["url"])
+        page.get_by_text("Upload a mammogram").wait_for(timeout=120_000)
+        _idle(page, 120_000)
+        _upload(page, photo, size=(512, 512))
+        alert = page.locator('[data-testid="stAlert"]', has_text="Out of the model's domain")
+        alert.wait_for(timeout=30_000)
+        shown = " ".join(alert.inner_text().split())
+        assert "its output on this image is not meaningful" in shown, shown
+        if "synthetic phantoms" in str(served.model.get("trained_on")):
+            assert "The model was trained on synthetic phantoms" in shown, shown
+        assert banner.split(" (")[0] in shown and f"threshold {served.domain['threshold']:.4g}" in shown, (shown, banner)
+        _shot(page, artifacts_dir / "ui-out-of-domain.png")
+        browser.close()

@@ -1,7 +1,8 @@
 """DeepMiner Studio workbench: ``streamlit run ui/app.py``.
 
-Five pages under ``st.navigation`` (one file each in ``ui/pages/``); the sidebar holds the
-annotator's name and the model server's status. Settings: see :mod:`ui.settings`.
+The pages under ``st.navigation`` (one file each in ``ui/pages/``); the sidebar holds the
+annotator's name, the model picker (every page uses the picked model, :func:`ui.state.model_picker`)
+and the model server's status. Settings: see :mod:`ui.settings`.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ PAGES = [
             url_path="evaluate"),
     st.Page(str(HERE / "pages" / "atlas.py"), title="Unit atlas", icon=":material/grid_view:", url_path="atlas"),
     st.Page(str(HERE / "pages" / "labels.py"), title="Labels", icon=":material/label:", url_path="labels"),
+    st.Page(str(HERE / "pages" / "compare.py"), title="Compare", icon=":material/compare:", url_path="compare"),
+    st.Page(str(HERE / "pages" / "studies.py"), title="Studies", icon=":material/view_quilt:", url_path="studies"),
 ]
 
 page = st.navigation(PAGES)
@@ -36,9 +39,10 @@ state.warm_up()
 with st.sidebar:
     st.markdown("### DeepMiner Studio")
     state.annotator_box()
+    state.model_picker()
     s = state.settings()
     if s.backend == "local":
-        st.caption(f"Model: in-process ({s.model_path.name})")
+        st.caption(f"Model: in-process ({s.model_dir.name}/{s.model_path.name})")
     else:
         st.caption(f"Model server: {s.serve_url} · model `{s.model}`")
     key = state.current_key()

@@ -206,6 +206,28 @@ def trained_on_note(model: Mapping | None) -> str:
     return f"Trained on {trained_on}; not validated for diagnosis."
 
 
+def domain_banner(model: Mapping | None, domain: Mapping | None) -> str | None:
+    """The warning shown above one image's explanation when the image lies outside the model's
+    training domain (``input.domain.in_domain`` false, :mod:`deepminer.domain`), worded from what
+    the model was trained on; None when the image is in domain or the model has no domain summary."""
+    if not domain or domain.get("in_domain", True):
+        return None
+    try:
+        numbers = (f"(out-of-domain score {float(domain['score']):.4g} > threshold {float(domain['threshold']):.4g}, "
+                   f"the {float(domain.get('percentile') or 0):g}th percentile of its validation images)")
+    except (KeyError, TypeError, ValueError):
+        numbers = ""
+    trained_on = str((model or {}).get("trained_on") or "").strip()
+    if trained_on_phantoms(model):
+        why = "The model was trained on synthetic phantoms, so its output on this image is not meaningful."
+    elif not trained_on or trained_on.startswith("not recorded"):
+        why = "What the model was trained on is not recorded: do not rely on its output on this image."
+    else:
+        why = f"The model was trained on {trained_on}, so its output on this image is not reliable."
+    return " ".join(f"Out of the model's domain: this image lies far from the images the model was trained on "
+                    f"{numbers}. {why}".split())
+
+
 def model_key(name: str, atlas_meta: Mapping | None, result_model: Mapping | None = None) -> ModelKey | None:
     """The key labels are stored under: the configured model ``name`` and the sha256 of its weights,
     taken from the explanation when the server sends one (``weights_sha256``), else from the atlas
@@ -239,3 +261,28 @@ def label_report_rows(result: Explanation, labels: Mapping[int, str],
         ious = {r["label"]: r["mean_sketch_iou"] for r in label_report(sketch_result, dict(labels))}
     return [{"label": r["label"], "units": list(r["units"]), "activation": float(r["mean_max_activation"]),
              "iou": ious.get(r["label"])} for r in rows]
+
+
+def matching_unit_ids(iou: np.ndarray, limit: int | None = None) -> list[int]:
+    """The units whose IoU with the sketch is above :data:`MATCH_IOU`, best first, at most ``limit``
+    (default: the ``ablate`` option's maximum, :data:`deepminer.options.MAX_ABLATE`)."""
+    from deepminer.options import MAX_ABLATE
+
+    v = np.asarray(iou, dtype=np.float64)
+    return [r.unit for r in rank_by_iou(v, {}, top=v.size) if r.matches][:MAX_ABLATE if limit is None else limit]
+
+
+def units_with_label(labels: Mapping[int, str], label: str) -> list[int]:
+    """The unit ids that carry ``label`` (the user's labels for this model), ascending."""
+    return sorted(int(u) for u, v in labels.items() if v == label)
+
+
+def ablation_rows(result: Explanation) -> list[dict]:
+    """The ``ablate`` answer of ``result`` as rows ``{class, before, after, change}`` (probabilities;
+    change = after - before); empty when it carries none."""
+    ab = result.ablation
+    if ab is None:
+        return []
+    return [{"class": c, "before": round(float(result.probabilities[c]), 4),
+             "after": round(float(ab.probabilities[c]), 4), "change": round(float(ab.delta[c]), 4)}
+            for c in result.classes]

@@ -14,6 +14,8 @@
 | ``DEEPMINER_LABELS_URL`` | ``sqlite:///var/labels.db`` | label store (any SQLAlchemy URL) |
 | ``DEEPMINER_TIMEOUT`` | ``60`` | seconds per explain request |
 | ``DEEPMINER_EVAL_FOLDER`` | (none) | a lab's evaluation set on the server (Evaluate page; absent: not offered) |
+| ``DEEPMINER_USER_HEADER`` | (none) | lab profile: the header the sign-in proxy sets to the signed-in user; the annotator comes from it (no name box) |
+| ``DEEPMINER_SHOW_PATIENT_IDS`` | ``0`` | ``1``: show a DICOM's patient name, ID, birth date and accession number (hidden by default) |
 """
 from __future__ import annotations
 
@@ -49,6 +51,10 @@ class Settings:
     max_side: int | None = 1024
     #: a folder of (image, lesion mask) pairs on the server the Evaluate page offers (None: not offered)
     eval_folder: Path | None = None
+    #: lab profile: the request header the sign-in proxy sets to the signed-in user (None: name box)
+    user_header: str | None = None
+    #: show a DICOM's patient identifiers (off by default: screens are shared in demos)
+    show_patient_ids: bool = False
 
     @property
     def model_path(self) -> Path:
@@ -99,4 +105,6 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         timeout=timeout,
         max_side=int(max_side) if max_side.isdigit() and int(max_side) > 0 else None,
         eval_folder=_path(env["DEEPMINER_EVAL_FOLDER"]) if env.get("DEEPMINER_EVAL_FOLDER", "").strip() else None,
+        user_header=env.get("DEEPMINER_USER_HEADER", "").strip() or None,
+        show_patient_ids=env.get("DEEPMINER_SHOW_PATIENT_IDS", "").strip().lower() in ("1", "true", "yes", "on"),
     )

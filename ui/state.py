@@ -2,6 +2,10 @@
 
 * resources (one per process, ``st.cache_resource``): settings, the label store, the HTTP client,
   the unit atlas, the sample images;
+* the model: the sidebar's picker (:func:`model_picker`, key :attr:`Keys.MODEL`) chooses one of the
+  models the server hosts (:func:`served_models`); :func:`settings` are the settings *of the picked
+  model* (its name and folder), so every page, the client, the atlas and the label key follow it;
+  ``*_for(name)`` / ``model=`` reach another model (the Compare page);
 * per session: one :class:`Session` object in ``st.session_state`` (the current image and recent
   uploads, the chosen patch, the sketch; :meth:`Session.new_image` / :meth:`Session.new_patch` reset
   what depends on them) and the values of the widgets, under the keys named in :class:`Keys`;
@@ -19,7 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -46,8 +50,27 @@ def _settings() -> Settings:
     return load_settings()
 
 
-def settings() -> Settings:
+def base_settings() -> Settings:
+    """The settings as configured (``DEEPMINER_MODEL`` is the default model, the picker's first pick)."""
     return _settings()
+
+
+def model_dir_for(name: str) -> Path:
+    """The folder of model ``name`` (``model.pt``, ``atlas/``): ``DEEPMINER_MODEL_DIR`` for the
+    default model, its sibling ``<store>/<name>`` for the others (``model_store/<name>/``)."""
+    base = _settings()
+    return base.model_dir if name == base.model else base.model_dir.parent / name
+
+
+def settings_for(name: str) -> Settings:
+    """The settings of model ``name``: its name and folder, the rest as configured."""
+    base = _settings()
+    return base if name == base.model else replace(base, model=name, model_dir=model_dir_for(name))
+
+
+def settings() -> Settings:
+    """The settings of the model picked in the sidebar (:func:`picked_model`)."""
+    return settings_for(picked_model())
 
 
 @st.cache_resource(show_spinner=False)
@@ -70,11 +93,103 @@ def _client(url: str, model: str, key_file: str | None, token: str | None, timeo
     return Client(url, model=model, key_file=key_file, token=token, timeout=timeout, management_url=management_url)
 
 
-def client():
-    """The HTTP client of the configured TorchServe model (one keep-alive session per process)."""
-    s = settings()
+def client(model: str | None = None):
+    """The HTTP client of the picked model (or of ``model``; one keep-alive session per model and process)."""
+    s = settings() if model is None else settings_for(model)
     return _client(s.serve_url, s.model, str(s.key_file) if s.key_file else None, s.token, s.timeout,
                    s.management_url)
+
+
+# -- the models the server hosts, the picker --------------------------------------------------------
+
+@st.cache_data(show_spinner=False, ttl=30)
+def _served_models(backend: str, url: str, management_url: str | None, key_file: str | None,
+                   store: str) -> tuple[tuple[str, ...], str | None]:
+    """``(names, problem)``: TorchServe's ``GET /models`` (management API), or the folders of the
+    model store holding a ``model.pt`` in local mode; ``problem`` says why the list is unknown."""
+    if backend == "local":  # the configured model (DEEPMINER_MODEL_DIR) and its siblings with a model.pt
+        found = sorted(p.parent.name for p in Path(store).glob("*/model.pt"))
+        return tuple(found), None if found else f"no model folder with a model.pt in `{store}`"
+    import requests
+
+    from deepminer.client import Client
+
+    c = Client(url, key_file=key_file, management_url=management_url, timeout=5)
+    key = c._key("management")
+    names: list[str] = []
+    page: str | None = None
+    try:
+        for _ in range(20):  # TorchServe pages the list (limit 100, nextPageToken)
+            params: dict[str, str | int] = {"limit": 100, **({"next_page_token": page} if page else {})}
+            r = requests.get(f"{c.management_url}/models", params=params, timeout=5,
+                             headers={"Authorization": f"Bearer {key}"} if key else {})
+            if r.status_code != 200:
+                return (), f"the management API at `{c.management_url}` answered {r.status_code}"
+            body = r.json()
+            names += [str(m["modelName"]) for m in body.get("models", [])]
+            page = body.get("nextPageToken")
+            if not page:
+                break
+    except (requests.RequestException, ValueError, KeyError, TypeError) as err:
+        return (), f"the management API at `{c.management_url}` is not reachable ({type(err).__name__})"
+    return tuple(sorted(set(names))), None
+
+
+def served_models() -> tuple[list[str], str | None]:
+    """The models the server hosts (sorted) and, when that list is unknown, why (then the list holds
+    just the configured model, so the pages still try it)."""
+    b = _settings()
+    names, problem = _served_models(b.backend, b.serve_url, b.management_url,
+                                    str(b.key_file) if b.key_file else None, str(b.model_dir.parent))
+    if b.backend == "local":  # the configured folder is the configured model, whatever its name
+        names = tuple(sorted({b.model, *(n for n in names if n != b.model_dir.name)}))
+    if not names:
+        return [b.model], problem
+    return list(names), None
+
+
+def picked_model() -> str:
+    """The model picked in the sidebar; until one is picked (or on a page run without the app's
+    sidebar) the configured ``DEEPMINER_MODEL`` when the server hosts it, else the first it hosts."""
+    try:
+        v = st.session_state.get(Keys.MODEL)
+    except Exception:  # noqa: BLE001 - outside a script run (a worker thread): the configured model
+        return _settings().model
+    if v:
+        return str(v)
+    names, _ = served_models()
+    return _settings().model if _settings().model in names else names[0]
+
+
+def model_picker() -> None:
+    """The sidebar's model picker over the hosted models; a one-line message when the configured (or
+    linked, ``?model=``) model is not one of them."""
+    names, problem = served_models()
+    wanted = st.query_params.get("model")
+    if Keys.MODEL not in st.session_state:
+        first = wanted or _settings().model
+        if first not in names:
+            st.sidebar.error(f"The server does not host model `{md_escape(first)}`; it serves "
+                             f"{', '.join(f'`{md_escape(n)}`' for n in names)}.")
+        st.session_state[Keys.MODEL] = first if first in names else names[0]
+    elif st.session_state[Keys.MODEL] not in names:
+        st.sidebar.error(f"Model `{md_escape(st.session_state[Keys.MODEL])}` is no longer served; "
+                         f"picked `{md_escape(names[0])}`.")
+        st.session_state[Keys.MODEL] = names[0]
+    st.sidebar.selectbox("Model", names, key=Keys.MODEL, on_change=_model_changed,
+                         help="Every page explains with this model; labels are kept per model (weights hash).")
+    if problem:
+        # (the problem names the configured URL in a code span and an HTTP status or an error class: no
+        # user text, nothing to escape)
+        st.sidebar.caption(f"Models: {problem}; using `{md_escape(names[0])}`.")
+
+
+def _model_changed() -> None:
+    """Another model: what was computed with the previous one (the sketch's explanation, the units
+    picked on the Sketch page) is dropped; the image and the sketch stay."""
+    session().sketch_result = None
+    for key in (*Keys.PER_TARGET, *Keys.PER_MODEL):
+        st.session_state.pop(key, None)
 
 
 @st.cache_resource(show_spinner="Loading the unit atlas...")
@@ -84,17 +199,17 @@ def _atlas(path: str, mtime: float):
     return Atlas.load(path)
 
 
-def atlas():
-    """The unit atlas of the model, or None (with the reason in :func:`atlas_problem`)."""
-    p = settings().atlas_path
+def atlas(model: str | None = None):
+    """The unit atlas of the picked model (or of ``model``), or None (the reason: :func:`atlas_problem`)."""
+    p = (settings() if model is None else settings_for(model)).atlas_path
     try:
         return _atlas(str(p), (p / "atlas.json").stat().st_mtime)
     except (OSError, DeepMinerError):
         return None
 
 
-def atlas_problem() -> str | None:
-    p = settings().atlas_path
+def atlas_problem(model: str | None = None) -> str | None:
+    p = (settings() if model is None else settings_for(model)).atlas_path
     try:
         _atlas(str(p), (p / "atlas.json").stat().st_mtime)
         return None
@@ -116,11 +231,12 @@ def atlas_data_root():
     return DEMO_REFERENCE if (DEMO_REFERENCE / "manifest.csv").is_file() else None
 
 
-def current_key(result=None) -> ModelKey | None:
-    """The key labels of the configured model are stored under (see :func:`ui.logic.model_key`)."""
-    a = atlas()
-    return model_key(settings().model, a.meta if a is not None else None,
-                     result.model if result is not None else None)
+def current_key(result=None, model: str | None = None) -> ModelKey | None:
+    """The key labels of the picked model (or of ``model``) are stored under (see
+    :func:`ui.logic.model_key`)."""
+    name = picked_model() if model is None else model
+    a = atlas(name)
+    return model_key(name, a.meta if a is not None else None, result.model if result is not None else None)
 
 
 @st.cache_resource(show_spinner="Making sample images (phantoms)...")
@@ -147,23 +263,69 @@ def samples() -> list[dict]:
 
 # -- annotator ------------------------------------------------------------------------------------
 
+def signed_in_user() -> str:
+    """Lab profile (``DEEPMINER_USER_HEADER`` set): the user the sign-in proxy put in that header
+    ('' when absent: the workbench was reached around the proxy). The proxy sets the header itself,
+    replacing any a browser sent."""
+    header = base_settings().user_header
+    if not header:
+        return ""
+    try:
+        return str(st.context.headers.get(header) or "").strip()[:100]
+    except Exception:  # noqa: BLE001 - no request context (AppTest, a script run without a browser)
+        return ""
+
+
 def annotator() -> str:
+    """Who labels: the signed-in user in the lab profile, else the name typed in the sidebar."""
+    if base_settings().user_header:
+        return signed_in_user()
     return str(st.session_state.get(Keys.ANNOTATOR, "")).strip()
 
 
 def annotator_box() -> None:
-    """The sidebar field where a person enters their name once per session."""
+    """The sidebar field where a person enters their name once per session; in the lab profile, who
+    is signed in (no box: the name comes from the sign-in)."""
+    if base_settings().user_header:
+        user = signed_in_user()
+        st.sidebar.caption(f"Signed in as **{md_escape(user)}**" if user
+                           else "Not signed in: open the workbench through the lab's sign-in address.")
+        return
     st.sidebar.text_input("Your name (stored with every label)", key=Keys.ANNOTATOR, max_chars=100,
                           placeholder="e.g. Dr. Lee")
 
 
 def require_annotator() -> str | None:
-    """The annotator's name, or None after telling the person to enter it."""
+    """The annotator's name, or None after telling the person to enter it (or to sign in)."""
     name = annotator()
     if not name:
-        st.warning("Enter your name in the sidebar first: every label is stored with its annotator.")
+        if base_settings().user_header:
+            st.warning("Not signed in: labels are stored with the signed-in user; open the workbench through "
+                       "the lab's sign-in address.")
+        else:
+            st.warning("Enter your name in the sidebar first: every label is stored with its annotator.")
         return None
     return name
+
+
+#: the DICOM attributes that identify a patient or a study, shown only when the lab turns them on
+PATIENT_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber")
+
+
+def patient_identifiers(data: bytes) -> dict[str, str]:
+    """``{attribute: value}`` of :data:`PATIENT_TAGS` in a DICOM, only with
+    ``DEEPMINER_SHOW_PATIENT_IDS`` on (empty otherwise, and for other formats or unreadable headers)."""
+    if not base_settings().show_patient_ids or data[128:132] != b"DICM":
+        return {}
+    import io
+
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=list(PATIENT_TAGS))
+    except Exception:  # noqa: BLE001 - a header pydicom cannot read shows no identifiers
+        return {}
+    return {t: str(ds.get(t, "")) for t in PATIENT_TAGS if str(ds.get(t, "") or "").strip()}
 
 
 # -- the current image ----------------------------------------------------------------------------
@@ -190,6 +352,11 @@ class Keys:
     while the choices made for an image hold as long as it stays."""
 
     ANNOTATOR = "annotator"
+    MODEL = "model"  #: the sidebar's model picker
+    #: widgets whose choice follows the picked model: a new pick drops them (the Labels page's model,
+    #: which starts at the picked one)
+    PER_MODEL = ("labels_model",)
+    COMPARE_A, COMPARE_B, COMPARE_CLASS = "compare_a", "compare_b", "compare_class"  #: the Compare page
     UPLOAD = "upload"
     SAMPLE = "sample"
     RECENT = "recent_pick"
@@ -407,47 +574,40 @@ class Failure:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _explain(data: bytes, sketch: np.ndarray | None, unit_maps: str, backend: str, top_units: int):
-    s = settings()
+def _explain(data: bytes, sketch: np.ndarray | None, unit_maps: str, backend: str, top_units: int, model: str,
+             ablate: tuple[int, ...] = ()):
+    s = settings_for(model)
     if backend == "local":
         from deepminer.client import local_explain
 
         return local_explain(s.model_path, data, top_units=top_units, unit_maps=unit_maps, sketch=sketch,
-                             max_side=s.max_side, name=s.model)
-    return client().explain(data, top_units=top_units, unit_maps=unit_maps, sketch=sketch, max_side=s.max_side)
+                             max_side=s.max_side, name=s.model, ablate=ablate or None)
+    return client(model).explain(data, top_units=top_units, unit_maps=unit_maps, sketch=sketch, max_side=s.max_side,
+                                 ablate=ablate or None)
 
 
-def explain(data: bytes, *, sketch: np.ndarray | None = None, unit_maps: str = "top", top_units: int = 8):
-    """The explanation of ``data`` (cached per image, sketch and options), or a :class:`Failure`."""
-    from deepminer.client import ServeError, ServeUnavailable
-
-    s = settings()
+def explain(data: bytes, *, sketch: np.ndarray | None = None, unit_maps: str = "top", top_units: int = 8,
+            model: str | None = None, ablate: Sequence[int] = ()):
+    """The explanation of ``data`` by the picked model (or by ``model``; cached per model, image, sketch
+    and options), or a :class:`Failure`. ``ablate``: unit ids silenced in its ``ablation`` (the server
+    answers from the image's cached unit maps: no second forward)."""
+    s = settings() if model is None else settings_for(model)
     try:
-        return _explain(data, sketch, unit_maps, s.backend, top_units)
-    except ServeUnavailable:
-        return Failure(f"TorchServe is not reachable at {s.serve_url}. Start everything with `make run` "
-                       "(or set DEEPMINER_SERVE_URL / DEEPMINER_BACKEND=local).", "unavailable")
-    except ServeError as err:
-        if err.status == 401:
-            return Failure(f"TorchServe refused the request (401): set DEEPMINER_KEY_FILE to its key_file.json "
-                           f"or DEEPMINER_TOKEN. ({md_escape(err.message)})")
-        if err.status == 404:
-            return Failure(f"TorchServe has no model {md_escape(s.model)} (404). {md_escape(err.message)}")
-        if err.status >= 500:
-            return Failure(f"The model server failed ({err.status} {md_escape(err.type)}): {md_escape(err.message)}")
-        return Failure(f"The image was refused: {md_escape(err.message)}")
-    except DeepMinerError as err:
-        return Failure(md_escape(err))
-    except (OSError, ValueError) as err:  # model files missing in local mode, malformed answers
-        return Failure(f"{type(err).__name__}: {md_escape(err)}")
+        return _explain(data, sketch, unit_maps, s.backend, top_units, s.model, tuple(int(u) for u in ablate))
+    except Exception as err:  # noqa: BLE001 - worded by failure_of; anything else is re-raised
+        f = failure_of(err, model=s.model, what="image")
+        if f is None:
+            raise
+        return f
 
 
-def failure_of(err: Exception) -> Failure | None:
-    """The words for a failed model call (as :func:`explain` says them); None for an error that is
-    not a model call's."""
+def failure_of(err: Exception, *, model: str | None = None, what: str = "request") -> Failure | None:
+    """The words for a failed call of the picked model (or of ``model``); ``what`` was refused on a
+    4xx (``image``: the image). None for an error that is not a model call's (OSError/ValueError
+    included: model files missing in local mode, malformed answers)."""
     from deepminer.client import ServeError, ServeUnavailable
 
-    s = settings()
+    s = settings() if model is None else settings_for(model)
     if isinstance(err, ServeUnavailable):
         return Failure(f"TorchServe is not reachable at {s.serve_url}. Start everything with `make run` "
                        "(or set DEEPMINER_SERVE_URL / DEEPMINER_BACKEND=local).", "unavailable")
@@ -455,9 +615,14 @@ def failure_of(err: Exception) -> Failure | None:
         if err.status == 401:
             return Failure(f"TorchServe refused the request (401): set DEEPMINER_KEY_FILE to its key_file.json "
                            f"or DEEPMINER_TOKEN. ({md_escape(err.message)})")
+        if err.status == 404:
+            return Failure(f"The server does not host model `{md_escape(s.model)}` (404): pick another in the "
+                           f"sidebar. {md_escape(err.message)}")
         if err.status >= 500:
             return Failure(f"The model server failed ({err.status} {md_escape(err.type)}): {md_escape(err.message)}")
-        return Failure(f"The request was refused ({err.status}): {md_escape(err.message)}")
+        if what == "image":
+            return Failure(f"The image was refused: {md_escape(err.message)}")
+        return Failure(f"The {what} was refused ({err.status}): {md_escape(err.message)}")
     if isinstance(err, DeepMinerError):
         return Failure(md_escape(err))
     if isinstance(err, (OSError, ValueError)):
@@ -466,8 +631,8 @@ def failure_of(err: Exception) -> Failure | None:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _explain_methods(data: bytes, methods: tuple[str, ...], target: str | None, backend: str):
-    s = settings()
+def _explain_methods(data: bytes, methods: tuple[str, ...], target: str | None, backend: str, model: str):
+    s = settings_for(model)
     if backend == "local":
         from deepminer.client import local_explain
 
@@ -475,7 +640,7 @@ def _explain_methods(data: bytes, methods: tuple[str, ...], target: str | None, 
                              target=target)
     from deepminer.options import ExplainOptions
 
-    return client().explain_methods(data, list(methods), target=target,
+    return client(model).explain_methods(data, list(methods), target=target,
                                     options=ExplainOptions.build(max_side=s.max_side))
 
 
@@ -483,7 +648,7 @@ def explain_methods(data: bytes, methods: Sequence[str], *, target: str | None =
     """``POST /explanations``: the saliency maps of ``methods`` (at most 3 gradient methods a request)
     for class ``target`` in ``.method_maps`` (cached per image, methods and class), or a :class:`Failure`."""
     try:
-        return _explain_methods(data, tuple(methods), target, settings().backend)
+        return _explain_methods(data, tuple(methods), target, settings().backend, settings().model)
     except Exception as err:  # noqa: BLE001 - worded below; anything else is re-raised
         f = failure_of(err)
         if f is None:
@@ -493,6 +658,31 @@ def explain_methods(data: bytes, methods: Sequence[str], *, target: str | None =
 
 def show_failure(f: Failure) -> None:
     (st.warning if f.kind == "unavailable" else st.error)(f.message)
+
+
+def show_ablation(data: bytes, units: Sequence[int], view: np.ndarray, key: str) -> None:
+    """The ``ablate`` answer for ``units`` on the image ``data`` (the server's cached unit maps: no
+    second forward): probabilities before/after and the change per class, and the class map of a
+    chosen class after silencing, drawn over ``view``; a failure in words."""
+    from ui import logic, render
+
+    res = explain(data, unit_maps="none", ablate=units)
+    if isinstance(res, Failure):
+        show_failure(res)
+        return
+    ab = res.ablation
+    if ab is None:
+        st.error("The server answered without the ablation (an older server?).")
+        return
+    st.markdown(f"**Silenced:** unit{'s' if len(ab.units) > 1 else ''} {', '.join(map(str, ab.units))} · "
+                f"prediction {res.prediction} \u2192 {ab.prediction}")
+    st.dataframe(logic.ablation_rows(res), hide_index=True, key=f"{key}_table")
+    cls = st.radio("Class map after silencing", res.classes, horizontal=True,
+                   index=res.classes.index(ab.prediction), key=f"{key}_class")
+    after = render.heat_overlay(render.fit(view, 320), ab.class_maps[res.classes.index(cls)], vmin=0, vmax=1,
+                                alpha=0.5)
+    st.image(after, width=int(min(300, 300 * after.shape[1] / after.shape[0])), output_format="JPEG",
+             caption=f"P({cls}) per position with the units silenced (blue 0, red 1)")
 
 
 def timed_explain(data: bytes, **kw):
@@ -544,10 +734,10 @@ def _warm_up() -> threading.Thread:
             render.colorize(np.zeros((2, 2), np.float32))
             tissue_mask(np.zeros((64, 64), np.float32))
             birads_terms()
-            if settings().backend == "local" and settings().model_path.is_file():
+            if _settings().backend == "local" and _settings().model_path.is_file():
                 from deepminer.models import load_model
 
-                load_model(settings().model_path)
+                load_model(_settings().model_path)
         except Exception:  # noqa: BLE001 - warming is best effort; the real call reports problems
             pass
 

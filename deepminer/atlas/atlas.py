@@ -104,6 +104,30 @@ class Atlas:
         """``[K, 2]``: the units' PCA coordinates (Lu & Perer's unit embedding)."""
         return self.arrays["pca"]
 
+    @property
+    def mask_fraction(self) -> np.ndarray | None:
+        """``[K]``: the mean share of a reference patch inside each unit's mask, over all references
+        (:func:`deepminer.atlas.dissect.mask_sizes`); None for an atlas dissected before it existed."""
+        v = self.arrays.get("mask_fraction")
+        return None if v is None else np.asarray(v, dtype=np.float32)
+
+    @property
+    def roi_fraction(self) -> np.ndarray:
+        """``[K]``: the mean share of each unit's top-k gallery patches inside its mask (Peck's ROI
+        size); computed from the stored gallery maps for an atlas dissected before it was stored."""
+        v = self.arrays.get("roi_fraction")
+        if v is None:
+            from deepminer.atlas.dissect import mask_sizes
+
+            import torch
+
+            maps = torch.from_numpy(self.arrays["topk_maps"].astype(np.float32))
+            grid = int(self.meta.get("iou", {}).get("grid", 64))
+            v = mask_sizes(np.zeros(self.num_units), 1, grid, maps, maps.shape[1], self.thresholds,
+                           maps.shape[1])["roi_fraction"]
+            self.arrays["roi_fraction"] = v
+        return np.asarray(v, dtype=np.float32)
+
     def _cls(self, cls: str | int) -> int:
         return class_index(self.classes, cls)
 

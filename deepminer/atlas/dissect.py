@@ -43,7 +43,7 @@ from deepminer.runtime import resolve_device
 FORMAT = "deepminer-atlas/1"
 
 __all__ = ["FORMAT", "IOU_SIZE", "MEMORY_MB", "QUANTILE", "TOPK", "ProfileResult", "ProfileState", "check_writable",
-           "concept_fractions", "dissect", "heap_plan", "profile_batch"]
+           "concept_fractions", "dissect", "heap_plan", "mask_sizes", "profile_batch"]
 
 
 def _load_model(model) -> tuple[Any, dict]:
@@ -135,8 +135,8 @@ def _dissect_iou(data: Path, refs, concepts: list[str], thresholds: np.ndarray, 
     fracs: dict[int, tuple[np.ndarray, torch.Tensor]] = {}
     boxes_all = refs[["x0", "y0", "x1", "y1"]].to_numpy(dtype=np.int64)
     groups = refs.groupby("image_id", sort=False).indices
-    for image_id, rows in tqdm(groups.items(), desc="concept masks", unit="img", disable=not progress,
-                               leave=False):
+    for image_id, rows in tqdm(groups.items() if n_c else (), desc="concept masks", unit="img",
+                               disable=not progress, leave=False):
         area, per_box = concept_fractions(data, image_id, boxes_all[rows], concepts, iou_size)
         concept_area += area
         fracs.update((int(r), f) for r, f in zip(rows, per_box) if int(r) in needed and len(f[0]))
@@ -152,6 +152,33 @@ def _dissect_iou(data: Path, refs, concepts: list[str], thresholds: np.ndarray, 
             cids, frac = fracs[int(items[j])]
             inter[u[j], cids] += frac.double().numpy() @ m[j].astype(np.float64)
     return iou_from_counts(inter, unit_area, concept_area), inter, unit_area, concept_area
+
+
+def mask_sizes(unit_area: np.ndarray, items: int, iou_size: int, maps: torch.Tensor, heap: int,
+               thresholds: np.ndarray, topk: int) -> dict[str, np.ndarray]:
+    """How large each unit's masks are (Peck et al. compare this between a baseline and a fine-tuned
+    model: "the fine-tuned model's units cover smaller regions"), as fractions of a patch:
+
+    * ``mask_fraction [K]``: the mean share of a reference patch inside the unit's mask, over all the
+      references (``unit_area`` in grid cells summed over the set, from :func:`_dissect_iou`, over
+      ``items x iou_size^2`` cells); exact when the unit's ``iou_complete``, else a lower bound;
+    * ``roi_fraction [K]``: the mean share on its ``topk`` gallery patches (the region a person sees
+      highlighted in the gallery: Peck's "ROI"), from the stored maps at the same grid.
+    """
+    from deepminer.explain.units import unit_masks
+
+    cells = iou_size * iou_size
+    k = int(maps.shape[0])
+    kk = max(1, min(topk, heap))
+    roi = np.zeros(k)
+    for u0 in range(0, k, max(1, (1 << 22) // (kk * cells))):
+        part = maps[u0:u0 + max(1, (1 << 22) // (kk * cells)), :kk].float()
+        n = part.shape[0]
+        th = np.repeat(np.asarray(thresholds[u0:u0 + n], dtype=np.float64), kk)
+        m = unit_masks(part.reshape(n * kk, *part.shape[2:]), th, (iou_size, iou_size))
+        roi[u0:u0 + n] = m.reshape(n, kk * cells).mean(axis=1)
+    frac = np.asarray(unit_area, dtype=np.float64) / max(1, items * cells)
+    return {"mask_fraction": frac.astype(np.float32), "roi_fraction": roi.astype(np.float32)}
 
 
 def check_writable(out: Path) -> None:
@@ -383,17 +410,17 @@ def _profile(net, model_info: dict, data: Path, split: str, dev: torch.device, *
     _stream(net, loader, state, progress)
     pass_s, pass_cpu = time.perf_counter() - t0, time.process_time() - c0
     res = state.result()
-    iou = np.zeros((state.units, len(concepts)), dtype=np.float32)
-    if concepts:
-        iou = _dissect_iou(data, refs, concepts, res.thresholds, res.scores, res.index, res.maps, iou_size,
-                           progress)[0].astype(np.float32)
+    iou_sum, _, unit_area, _ = _dissect_iou(data, refs, concepts, res.thresholds, res.scores, res.index, res.maps,
+                                            iou_size, progress)
+    iou = iou_sum.astype(np.float32).reshape(state.units, len(concepts))
+    sizes = mask_sizes(unit_area, len(refs), iou_size, res.maps, res.scores.shape[1], res.thresholds, topk)
     n_pred = np.bincount(res.preds, minlength=state.classes)
     top_units = rank_by_frequency(res.counts, res.sums)[:, :min(TOP_UNITS, state.units)]
     cover = coverage(res.counts, top_units, n_pred, state.slots)
     pca = pca_2d(res.embedding.T.astype(np.float64)).astype(np.float32)  # the PCA of the values as stored
     total_s = time.perf_counter() - t0
 
-    arrays = _atlas_arrays(res, iou, pca, refs, topk)
+    arrays = {**_atlas_arrays(res, iou, pca, refs, topk), **sizes}
     timing = {"pass_s": round(pass_s, 3), "total_s": round(total_s, 3), "pass_cpu_s": round(pass_cpu, 3),
               "patches_per_s": round(len(refs) / max(pass_s, 1e-9), 2), "device": str(dev),
               "batch_size": batch_size}
@@ -466,6 +493,9 @@ def _unit_entries(arrays: dict[str, np.ndarray], concepts: list[str]) -> list[di
     for u in range(len(arrays["thresholds"])):
         entry: dict[str, Any] = {"unit": u, "threshold": float(arrays["thresholds"][u]),
                                  "max": float(arrays["max"][u]), "concept": None, "iou": 0.0}
+        if "mask_fraction" in arrays:
+            entry.update(mask_fraction=round(float(arrays["mask_fraction"][u]), 6),
+                         roi_fraction=round(float(arrays["roi_fraction"][u]), 6))
         if concepts:
             entry.update(concept=concepts[best[u]], iou=round(float(iou[u, best[u]]), 6),
                          iou_complete=bool(complete[u]))
@@ -502,6 +532,7 @@ def _atlas_meta(model_info: dict, classes: list[str], source: dict, quantile: fl
                       "counted_for": "the class each patch is predicted as"},
         "iou": {"grid": iou_size, "min_label_iou": MIN_LABEL_IOU, "heap_patches": res.heap_patches,
                 "heap_dtype": res.heap_dtype, "complete_units": int(res.complete.sum())},
+        "mask_size": _mask_size_summary(arrays),
         "counts": {"references": state.items, "images": len(image_ids), "units": state.units,
                    "map_size": list(res.map_hw), "topk": int(arrays["topk_index"].shape[1]),
                    "labels": {n: labels.count(n) for n in classes},
@@ -511,6 +542,18 @@ def _atlas_meta(model_info: dict, classes: list[str], source: dict, quantile: fl
         "images": image_ids,
         "timing": timing,
     }
+
+
+def _mask_size_summary(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``atlas.json`` ``mask_size``: what the two size arrays mean and their mean and median over units."""
+    out: dict[str, Any] = {"unit": "fraction of a reference patch inside the unit's mask (grid iou.grid)",
+                           "mask_fraction": "mean over all reference patches",
+                           "roi_fraction": "mean over the unit's top-k gallery patches"}
+    for key in ("mask_fraction", "roi_fraction"):
+        v = np.asarray(arrays[key], dtype=np.float64)
+        out[f"{key}_mean"] = round(float(v.mean()), 6) if v.size else None
+        out[f"{key}_median"] = round(float(np.median(v)), 6) if v.size else None
+    return out
 
 
 def _references_out(refs, image_paths: dict[str, str], classes: list[str], preds: np.ndarray,

@@ -37,9 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"long side the image is explained at, {MAX_SIDE_RANGE[0]}..{MAX_SIDE_RANGE[1]} "
                              f"(None: the server's default, {DEFAULT_MAX_SIDE})")
     parser.add_argument("--sketch", default=None, help="mask image (non-zero = sketched region): rank units by IoU")
+    parser.add_argument("--ablate", default=None, metavar="IDS",
+                        help="unit ids to silence, e.g. 12,40 (at most 256): prints the probabilities with their "
+                             "activations set to zero and the change per class")
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
     parser.add_argument("--out", default=None, help="folder for cam_<class>.png, unit_<id>.png, response.json")
     parser.add_argument("--timeout", type=float, default=120, help="seconds to wait for the server")
+    parser.add_argument("--dicom-out", default=None, metavar="DIR",
+                        help="DICOM source only: write the results as DICOM to DIR: seg.dcm (FRACTIONAL Segmentation: "
+                             "the CAM + the top units' masks), sr.dcm (TID 1500 Structured Report), sc.dcm (Secondary "
+                             "Capture of the overlay), all marked as unverified AI results (docs/dicom.md)")
 
 
 def _summary(res: Explanation, image: str) -> dict:
@@ -49,10 +56,15 @@ def _summary(res: Explanation, image: str) -> dict:
             "max_activation": round(float(res.unit_max[u]), 4)} for u in res.top_units.get(pred, [])]
     out = {"image": image, "model": res.model, "prediction": pred,
            "probabilities": {c: round(p, 4) for c, p in res.probabilities.items()},
-           "top_units": top, "timing_ms": res.timing_ms}
+           "top_units": top, "domain": res.domain, "timing_ms": res.timing_ms}
     if res.sketch_iou is not None:
         order = res.sketch_iou.argsort()[::-1][:len(top) or 8]
         out["sketch_matches"] = [{"unit": int(u), "iou": round(float(res.sketch_iou[u]), 4)} for u in order]
+    if res.ablation is not None:
+        ab = res.ablation
+        out["ablation"] = {"units": list(ab.units), "prediction": ab.prediction,
+                           "probabilities": {c: round(p, 4) for c, p in ab.probabilities.items()},
+                           "delta": {c: round(d, 4) for c, d in ab.delta.items()}}
     return out
 
 
@@ -84,13 +96,30 @@ def _write_outputs(res: Explanation, image_bytes: bytes, out: Path, max_side: in
     return written
 
 
+def _write_dicom(res: Explanation, source, out: Path) -> list[Path]:
+    """SEG + SR + SC of ``res`` beside nothing else; unit labels from the label store when one exists."""
+    from deepminer.dicom_results import build_results
+
+    labels: dict[int, str] = {}
+    try:
+        from deepminer.labels import LabelStore, default_url
+
+        url = default_url()
+        if not url.startswith("sqlite:///") or Path(url.removeprefix("sqlite:///")).is_file():
+            labels = LabelStore(url).labels_for(str(res.model.get("name", "")), str(res.model.get("weights_sha256", "")))
+    except Exception:  # noqa: BLE001 - no label store: the units go unlabelled
+        labels = {}
+    return build_results(source, res, labels=labels).write(out)
+
+
 def run(args: argparse.Namespace) -> int:
     import json
     import os
 
     from deepminer import client
+    from deepminer.domain import describe as describe_domain
     from deepminer.errors import InputError
-    from deepminer.options import ExplainOptions
+    from deepminer.options import ExplainOptions, parse_unit_list
 
     image_path = Path(args.image)
     if not image_path.is_file():
@@ -102,8 +131,14 @@ def run(args: argparse.Namespace) -> int:
         sketch = load_image(args.sketch).pixels > 0.5
     # the request's options, checked by the one declaration the server uses (errors name the flag)
     options = ExplainOptions.build(top_units=args.top_units, unit_maps=args.unit_maps, sketch=sketch,
-                                   max_side=args.max_side, flags=True)
+                                   max_side=args.max_side, flags=True,
+                                   ablate=parse_unit_list(args.ablate) if args.ablate else None)
     image_bytes = image_path.read_bytes()
+    dicom_source = None
+    if args.dicom_out:  # refused before any model runs
+        from deepminer.dicom_results import read_source
+
+        dicom_source = read_source(image_bytes, name=str(image_path))
     if args.model:
         res = client.local_explain(args.model, image_path, options, atlas=args.atlas, name=args.name)
     else:
@@ -123,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
     summary = _summary(res, str(image_path))
     if args.out:
         summary["files"] = [str(p) for p in _write_outputs(res, image_bytes, Path(args.out), args.max_side or DEFAULT_MAX_SIDE)]
+    if dicom_source is not None:
+        summary["dicom_files"] = [str(p) for p in _write_dicom(res, dicom_source, Path(args.dicom_out))]
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -132,9 +169,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"  model trained on  {res.model.get('trained_on', 'not recorded')} (not a diagnosis)")
     units = ", ".join(f"{t['unit']} ({t['influence']:+.3g})" for t in summary["top_units"])
     print(f"  top units for {res.prediction} (influence)  {units}")
+    print(f"  {describe_domain(res.domain, res.model.get('trained_on'))}")
     if "sketch_matches" in summary:
         print("  units matching the sketch (IoU)  "
               + ", ".join(f"{m['unit']} ({m['iou']:.2f})" for m in summary["sketch_matches"]))
+    if "ablation" in summary:
+        ab = summary["ablation"]
+        print(f"  silencing units {', '.join(map(str, ab['units']))}: {ab['prediction']}  "
+              + "  ".join(f"{c} {p:.3f} ({ab['delta'][c]:+.3f})" for c, p in ab["probabilities"].items()))
     if args.out:
         print(f"  wrote {len(summary['files'])} files to {args.out}{os.sep}")
+    if dicom_source is not None:
+        print(f"  wrote SEG, SR and SC (unverified AI results) to {args.dicom_out}{os.sep}")
     return 0

@@ -8,7 +8,10 @@ else is computed on the small unit maps ``(K, h, w)``:
   torchcam's CAM); for a WILDCAT head the head's class maps themselves;
 * ``unit_max`` ``[K]``, ``influence`` ``(C, K)`` = max activation x FC weight (DeepMiner), and
   ``top_units`` per class (descending influence);
-* ``probabilities``: the image-level rule (:func:`image_probabilities`).
+* ``probabilities``: the image-level rule (:func:`image_probabilities`);
+* ``ablation`` (the ``ablate`` option): the same from the unit maps with some units set to zero,
+  through the head only (:func:`ablate_features`; the cache keeps the float32 unit maps, so a new
+  unit set on a cached image costs no forward).
 
 Geometry: the image is resized (bilinear, antialiased) so its long side is at most ``max_side``;
 ``scale`` = model-input px per original px. The ``h x w`` cells of every map tile the ORIGINAL
@@ -18,9 +21,12 @@ image uniformly: cell ``(i, j)`` covers rows ``[i*H/h, (i+1)*H/h)`` and columns
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import time
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -31,7 +37,7 @@ from deepminer.errors import InputError
 from deepminer.explain.method_base import as_image, resize_image
 from deepminer.explain.sketch import sketch_iou
 from deepminer.explain.units import QUANTILE, quantile_thresholds
-from deepminer.explanation import Explanation, UnitMaps, rank_by_influence
+from deepminer.explanation import Ablation, Explanation, UnitMaps, rank_by_influence
 from deepminer.geometry import DEFAULT_MAX_SIDE
 from deepminer.models.fcn import FCN
 from deepminer.models.fcn import patch_px as model_patch_px
@@ -82,6 +88,66 @@ def image_probabilities(model: FCN, class_logits: torch.Tensor, input_hw: tuple[
     return probs[:, i, j], rule, (i, j, i + wh, j + ww)
 
 
+def ablate_features(model: FCN, feats: torch.Tensor, units: Any, input_hw: tuple[int, int],
+                    patch_px: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, str, tuple[int, int, int, int] | None]:
+    """The model with ``units`` silenced, from its unit maps ``feats`` ``(1, K, h, w)``: those
+    channels set to zero, then the head (``class_logits``) and the image rule
+    (:func:`image_probabilities`), exactly as the forward pass does after the backbone; either head
+    (GAP or WILDCAT). Returns ``(probabilities [C], class_maps (C, h, w), rule, window)``."""
+    ids = [int(u) for u in units]
+    k = int(feats.shape[1])
+    if any(not 0 <= u < k for u in ids):
+        raise InputError(f"ablate: unit ids must be in 0..{k - 1}, got {ids}")
+    with torch.inference_mode():
+        f = feats.clone()
+        if ids:
+            f[:, ids] = 0
+        logits = model.class_logits(f)
+        probs, rule, window = image_probabilities(model, logits, input_hw, patch_px)
+        return probs, torch.softmax(logits.float(), 1)[0], rule, window
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """On CPU, torch's intra-op threads set to 1 inside (restored after). The head on cached unit
+    maps is a few small kernels (~1 ms on one thread at 1024 px); split over threads on a loaded
+    machine each of them can stall for tens of ms (measured: 1.5 ms on one thread, 150-250 ms on two
+    with the load average at 5x the cores). A concurrent forward in another Python thread of the
+    process may run on fewer threads meanwhile (slower, never wrong)."""
+    if device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def ablation_from_features(model: FCN, feats: np.ndarray | torch.Tensor, units: Any, core: Explanation,
+                           patch_px: int | None) -> Ablation:
+    """:func:`ablate_features` on the float32 unit maps ``(K, h, w)`` of ``core``'s pass -> :class:`Ablation`."""
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    if isinstance(feats, np.ndarray):
+        with warnings.catch_warnings():  # read-only (shared with the cache): ablate_features clones it
+            warnings.simplefilter("ignore", UserWarning)
+            feats = torch.from_numpy(feats)
+    f = feats.to(device)[None]
+    hw = (int(core.input["model_height"]), int(core.input["model_width"]))
+    with _one_cpu_thread(device):
+        probs, maps, _, window = ablate_features(model, f, units, hw, patch_px)
+    p = probs.float().cpu().numpy()
+    classes = core.classes
+    after = {c: float(v) for c, v in zip(classes, p)}
+    return Ablation(units=tuple(int(u) for u in units), probabilities=after,
+                    prediction=classes[int(np.argmax(p))], class_maps=maps.float().cpu().numpy(),
+                    delta={c: after[c] - float(core.probabilities[c]) for c in classes}, window=window,
+                    ms=round((time.perf_counter() - t0) * 1000, 3))
+
+
 def _image_key(image: torch.Tensor, max_side: int | None, model: FCN, patch_px: int | None,
                content: str | None = None) -> str:
     h = hashlib.sha1()
@@ -97,7 +163,7 @@ def _image_key(image: torch.Tensor, max_side: int | None, model: FCN, patch_px: 
 def explain_image(model: FCN, image: Any, *, max_side: int | None = DEFAULT_MAX_SIDE,
                   top_units: int = DEFAULTS["top_units"], unit_maps: str = DEFAULTS["unit_maps"],
                   sketch: Any = None, thresholds: Any = None, cache: Any = None, patch_px: int | None = None,
-                  cache_key: str | None = None) -> Explanation:
+                  cache_key: str | None = None, ablate: Any = ()) -> Explanation:
     """Explain one grey image ``(H, W)`` float in [0, 1] with one forward pass of ``model`` (FCN).
 
     ``max_side``: long side of the model input (None: as is). ``top_units``: units listed per class
@@ -110,7 +176,8 @@ def explain_image(model: FCN, image: Any, *, max_side: int | None = DEFAULT_MAX_
     skips the forward pass; its key hashes the pixels (about 3 ms for 1024 x 1024) unless
     ``cache_key`` names the content already (a hash of the file the pixels were decoded from, as
     the server does; it must change whenever the pixels do). ``patch_px``: see
-    :func:`image_probabilities`.
+    :func:`image_probabilities`. ``ablate``: unit ids silenced in ``ablation``
+    (:func:`ablate_features`, from the pass's float32 unit maps, cached with it).
     """
     t0 = time.perf_counter()
     if unit_maps not in UNIT_MAPS:
@@ -120,15 +187,16 @@ def explain_image(model: FCN, image: Any, *, max_side: int | None = DEFAULT_MAX_
     img = as_image(image)
     sk = _check_sketch(sketch, (int(img.shape[0]), int(img.shape[1]))) if sketch is not None else None
     key = _image_key(img, max_side, model, patch_px, cache_key) if cache is not None else ""
-    cached: Explanation | None = cache.get(key) if cache is not None else None
+    cached: tuple[Explanation, np.ndarray] | None = cache.get(key) if cache is not None else None
     hit = cached is not None
     timing: dict[str, float] = {"preprocess": 0.0, "forward": 0.0, "maps": 0.0}
     if cached is not None:
-        core = cached
+        core, feats = cached
     else:
-        core = _forward(model, img, max_side, patch_px, timing)
+        core, feats = _forward(model, img, max_side, patch_px, timing)
         if cache is not None:
-            cache.put(key, core)
+            cache.put(key, (core, feats))  # the float32 unit maps too: an ablation needs no forward
+    ablation = ablation_from_features(model, feats, ablate, core, patch_px) if len(ablate) else None
     t1 = time.perf_counter()
     iou, source = None, None
     if sk is not None:
@@ -148,6 +216,9 @@ def explain_image(model: FCN, image: Any, *, max_side: int | None = DEFAULT_MAX_
     out.top_units = {c: rank_by_influence(core.influence[i], int(top_units)) for i, c in enumerate(core.classes)}
     out.unit_maps = _kept_maps(core.unit_maps, unit_maps, out.top_units)
     out.sketch_iou, out.thresholds_source, out.timing_ms, out.cache_hit = iou, source, timing, hit
+    out.ablation = ablation
+    if ablation is not None:
+        timing["ablate"] = ablation.ms
     return out
 
 
@@ -171,8 +242,9 @@ def _check_sketch(sketch: Any, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _forward(model: FCN, img: torch.Tensor, max_side: int | None, patch_px: int | None,
-             timing: dict[str, float]) -> Explanation:
-    """The one forward pass and the maths on the unit maps; top units and sketch left empty."""
+             timing: dict[str, float]) -> tuple[Explanation, np.ndarray]:
+    """The one forward pass and the maths on the unit maps; top units and sketch left empty. Also
+    returns the unit maps ``(K, h, w)`` float32 (read-only; what an ablation starts from)."""
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     x, scale = resize_image(img, max_side, device)
@@ -194,11 +266,12 @@ def _forward(model: FCN, img: torch.Tensor, max_side: int | None, patch_px: int 
             probs, rule, window = image_probabilities(model, logits, (int(x.shape[-2]), int(x.shape[-1])), patch_px)
             arrays = [a.float().cpu().numpy() for a in (class_maps, cam, unit_max, influence, probs)]
             maps_np = feats[0].to(torch.float16).cpu().numpy()
+            feats_np = feats[0].float().cpu().numpy()
     finally:
         if was_training:
             model.train()
     class_maps_np, cam_np, unit_max_np, influence_np, probs_np = arrays
-    for a in (*arrays, maps_np):
+    for a in (*arrays, maps_np, feats_np):
         a.flags.writeable = False  # shared with the cache
     classes = tuple(model.classes)
     timing.update(preprocess=(t1 - t0) * 1000, forward=(t2 - t1) * 1000,
@@ -218,4 +291,4 @@ def _forward(model: FCN, img: torch.Tensor, max_side: int | None, patch_px: int 
                "units": int(unit_max_np.shape[0]),
                "trained_on": str((getattr(model, "meta", None) or {}).get("trained_on") or NOT_RECORDED)},
         probability_rule=rule, window=window,
-    )
+    ), feats_np

@@ -16,6 +16,7 @@ the saliency maps the request names (``methods``) for its ``target`` on the CAM 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from pathlib import Path
@@ -24,12 +25,13 @@ from typing import Any
 from deepminer.errors import DeepMinerError, InputError
 from deepminer.explanation import Explanation
 from deepminer.geometry import DEFAULT_MAX_SIDE
-from deepminer.options import ExplainOptions
+from deepminer.options import ExplainOptions, check_ablate
 
 #: the service's settings (the ``handler:`` section of serve/model-config.yaml), with defaults
 SETTINGS: dict[str, Any] = {"model_file": "model.pt", "atlas": "atlas", "max_pixels": 60_000_000,
                             "cache_mb": 256, "default_max_side": DEFAULT_MAX_SIDE, "torch_threads": 0,
-                            "tissue": True, "keep_freed_memory": True, "max_gradient_methods": 3}
+                            "tissue": True, "keep_freed_memory": True, "max_gradient_methods": 3,
+                            "domain": "domain.pt"}
 
 
 def error_json(err: BaseException) -> tuple[int, dict[str, Any]]:
@@ -53,7 +55,7 @@ class ExplainService:
     """
 
     def __init__(self, model: Any, *, thresholds: Any = None, settings: dict[str, Any] | None = None,
-                 name: str = "model", version: str = "1.0"):
+                 name: str = "model", version: str = "1.0", domain: Any = None):
         from deepminer.explain.cache import ExplanationCache
         from deepminer.models.checkpoints import weights_sha256
 
@@ -64,13 +66,24 @@ class ExplainService:
         self.name, self.version = name, version
         self.weights_sha256 = weights_sha256(model)  # the identity labels and atlases are keyed by
         self.cache = ExplanationCache(max_bytes=int(self.settings["cache_mb"]) << 20)
+        #: the out-of-domain summary (:class:`deepminer.domain.DomainModel`) or None; ``domain_note``
+        #: says why there is none when a file was refused
+        self.domain, self.domain_note = domain, ""
+        if domain is not None:
+            try:
+                domain.check_model(self.weights_sha256)
+            except InputError as err:
+                self.domain, self.domain_note = None, str(err)
 
     @classmethod
     def load(cls, model_file: str | os.PathLike, atlas_dir: str | os.PathLike | None = None, *,
              settings: dict[str, Any] | None = None, device: str = "cpu", name: str = "model",
-             version: str = "1.0") -> ExplainService:
+             version: str = "1.0", domain: str | os.PathLike | None | bool = True) -> ExplainService:
         """Load the model on ``device`` and the atlas thresholds (``atlas_dir`` None: none; sketch
-        IoU then thresholds each unit on the image itself)."""
+        IoU then thresholds each unit on the image itself). ``domain``: the out-of-domain summary
+        file (:mod:`deepminer.domain`); True: the settings' ``domain`` file beside the model when
+        there is one; False/None: none. A file fitted for other weights is refused (a warning in
+        the log, :attr:`domain_note`, ``input.domain`` null), not fatal."""
         import torch
 
         from deepminer.models import load_model
@@ -87,7 +100,22 @@ class ExplainService:
             from deepminer.atlas import Atlas
 
             thresholds = Atlas.load(atlas_dir).thresholds
-        return cls(model, thresholds=thresholds, settings=settings, name=name, version=version)
+        domain_model, note = None, ""
+        if domain is True:
+            beside = Path(model_file).parent / str(settings.get("domain") or "domain.pt")
+            domain = beside if settings.get("domain") and beside.is_file() else None
+        if domain:
+            from deepminer.domain import DomainModel
+
+            try:
+                domain_model = DomainModel.load(domain)
+            except InputError as err:
+                note = str(err)
+        service = cls(model, thresholds=thresholds, settings=settings, name=name, version=version, domain=domain_model)
+        service.domain_note = service.domain_note or note
+        if service.domain_note:
+            logging.getLogger(__name__).warning("out-of-domain score off: %s", service.domain_note)
+        return service
 
     @property
     def num_units(self) -> int:
@@ -109,6 +137,7 @@ class ExplainService:
         if options.top_units > self.num_units:
             raise InputError(f"options.top_units: must be at most the model's {self.num_units} units, "
                              f"got {options.top_units}")
+        check_ablate(options.ablate, self.num_units)
         return options
 
     def explain_methods(self, image: bytes, options: Any = None, *, name: str = "image",
@@ -198,11 +227,15 @@ class ExplainService:
         max_side = opts.max_side or int(self.settings["default_max_side"])
         exp = explain_image(self.model, pixels, max_side=max_side,
                             top_units=opts.top_units, unit_maps=opts.unit_maps, sketch=sketch,
-                            thresholds=self.thresholds, cache=self.cache, cache_key=content)
+                            thresholds=self.thresholds, cache=self.cache, cache_key=content,
+                            ablate=opts.ablate)
         exp.model = {"name": self.name, "version": self.version, **exp.model, "weights_sha256": self.weights_sha256}
+        t3 = time.perf_counter()
+        domain = None if self.domain is None else self.domain.verdict(exp.unit_max, tissue)
         exp.input = {**exp.input, "format": loaded.format, "bits_stored": loaded.bits_stored,
-                     "tissue_fraction": None if tissue is None else round(tissue, 4)}
+                     "tissue_fraction": None if tissue is None else round(tissue, 4), "domain": domain}
         exp.timing_ms = {**exp.timing_ms, "decode": round((t1 - t0) * 1000, 2), "tissue": round((t2 - t1) * 1000, 2),
+                         "domain": round((time.perf_counter() - t3) * 1000, 3),
                          "handler": round((time.perf_counter() - t0) * 1000, 2)}
         exp.server = {"device": str(self.device), "batch": batch, "pid": os.getpid(),
                       "threads": torch.get_num_threads(), "cache_hit": bool(exp.cache_hit)}
@@ -227,5 +260,6 @@ class ExplainService:
         from deepminer.runtime import is_applied
 
         return (f"model {self.name} v{self.version} ({self.model.arch}, {self.num_units} units) on {self.device}, "
-                f"atlas {'yes' if self.thresholds is not None else 'no'}, freed memory kept "
+                f"atlas {'yes' if self.thresholds is not None else 'no'}, "
+                f"domain {'yes' if self.domain is not None else self.domain_note or 'no'}, freed memory kept "
                 f"{'yes' if is_applied() else 'no'}, library {Path(deepminer.__file__).parent}")

@@ -113,3 +113,50 @@ if sent:
                 state.flash(f"Saved the survey of unit {unit}.")
                 st.rerun()
 state.show_flash()
+
+# -- is influence causal? -------------------------------------------------------------------------
+st.subheader("Is influence causal?")
+try:
+    from deepminer.atlas.ablation import load_ablation
+
+    abl = load_ablation(atlas.path)
+except Exception as err:  # noqa: BLE001 - a damaged ablation.json: say so, keep the survey usable
+    st.warning(f"Cannot read the ablation results: {render.md_escape(err)}")
+    abl = None
+if abl is None:
+    st.info("No ablation measurement for this atlas yet: run `deepminer atlas-ablation --model MODEL "
+            f"--atlas {render.md_escape(atlas.path)} --data REFERENCE_DATA` (see docs/atlas.md).")
+elif abl.get("model", {}).get("weights_sha256") != key.weights_hash:
+    st.warning("The ablation measurement was made for other weights than this atlas's model: rerun "
+               "`deepminer atlas-ablation`.")
+else:
+    def _rho(v: float | None) -> str:
+        return "-" if v is None else f"{v:+.2f}"
+
+    st.caption(f"Every unit silenced alone (activations set to zero) on each of the "
+               f"{abl['references']['patches']} reference patches; per class, over the patches predicted as it: "
+               "the Spearman rank correlation between DeepMiner's influence (max activation x weight) and the "
+               f"measured drop, and how many of the top {abl['top']} units by influence are among the top "
+               f"{abl['top']} by the drop in probability.")
+    st.dataframe([{"class": c, "patches": e["patches"],
+                   "ρ influence vs P drop": _rho(e.get("spearman_influence_prob_drop")),
+                   "ρ influence vs logit drop": _rho(e.get("spearman_influence_logit_drop")),
+                   "ρ atlas frequency vs P drop": _rho(e.get("spearman_frequency_prob_drop")),
+                   f"top-{abl['top']} overlap": "-" if "top_overlap" not in e else f"{e['top_overlap']}/{abl['top']}"}
+                  for c, e in abl["per_class"].items()], hide_index=True, key="ablation_table")
+    e = abl["per_class"].get(cls, {})
+    if "mean_prob_drop" in e:
+        import plotly.graph_objects as go
+
+        infl, drop = e["mean_influence"], e["mean_prob_drop"]
+        fig = go.Figure(go.Scattergl(x=infl, y=drop, mode="markers", marker={"size": 5, "opacity": 0.6},
+                                     customdata=list(range(len(infl))),
+                                     hovertemplate="unit %{customdata}<br>influence %{x:.3g}<br>"
+                                                   "P drop %{y:.3g}<extra></extra>"))
+        fig.update_layout(height=320, margin={"l": 10, "r": 10, "t": 30, "b": 10},
+                          title=f"{cls}: each unit's mean influence vs the mean drop of P({cls}) when it is silenced",
+                          xaxis_title="mean influence (max activation x weight)",
+                          yaxis_title=f"mean drop of P({cls})")
+        st.plotly_chart(fig, key="ablation_scatter")
+    elif e:
+        st.caption(f"{cls}: {e.get('note', 'no data')}")

@@ -14,7 +14,7 @@ import streamlit as st
 
 from deepminer.errors import DeepMinerError
 from ui import evaluate as ev
-from ui import render, state, widgets
+from ui import logic, render, state, widgets
 
 CANVAS_MAX = (420, 520)  # width, height in CSS pixels
 LOOKAHEAD = 3  # images of a run in flight at once (calls and scoring overlap; the server queues the calls)
@@ -60,6 +60,8 @@ def one_image() -> None:
     if isinstance(exp, state.Failure):
         state.show_failure(exp)
         return
+    if banner := logic.domain_banner(exp.model, exp.domain):
+        st.error(banner, icon="⚠️")
     view = img.preview
     classes = list(exp.classes)
     c1, c2 = st.columns([2, 3])
@@ -435,7 +437,8 @@ def _results(run: ev.SetRun) -> None:
     d1, d2, d3 = st.columns(3)
     d1.download_button("Per-image CSV", ev.per_image_csv(run.records), file_name="evaluation-per-image.csv",
                        mime="text/csv", key="eval_csv", on_click="ignore")
-    d2.download_button("Summary JSON", ev.report_json(summary, run.settings()), file_name="evaluation-summary.json",
+    report = ev.report_json(summary, {**run.settings(), "evaluated_by": state.annotator() or None})  # who ran it
+    d2.download_button("Summary JSON", report, file_name="evaluation-summary.json",
                        mime="application/json", key="eval_json", on_click="ignore")
     records = list(run.records)
 

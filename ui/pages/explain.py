@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from ui import logic, render, state
+from deepminer.options import MAX_ABLATE
+from ui import logic, render, state, studies
 
 MAX_H, MAX_W = 560, 470  # the main image: legible, and inside its column in a 1280 x 800 window
 K = state.Keys
@@ -66,6 +67,10 @@ atlas = state.atlas()
 # -- prediction, CAM and probability map ----------------------------------------------------------
 st.caption(f"{render.md_escape(ref.name)} · {img.shape[1]} x {img.shape[0]} px · explained in "
            f"{state.session().explain_ms:.0f} ms")
+if ids := state.patient_identifiers(ref.data):  # only with DEEPMINER_SHOW_PATIENT_IDS=1 (off by default)
+    st.caption("Patient: " + " · ".join(f"{k} {render.md_escape(v)}" for k, v in ids.items()))
+if banner := logic.domain_banner(result.model, result.domain):
+    st.error(banner, icon="⚠️")
 left, right = st.columns([3, 2], gap="medium")
 with right:
     st.subheader(f"Prediction: {result.prediction} ({result.probabilities[result.prediction]:.2f})")
@@ -96,6 +101,12 @@ with left:
     st.image(shown, caption=f"CAM of {cam_class}" + (" · suspicious patches outlined" if patches else ""),
              width=int(min(MAX_W, MAX_H * shown.shape[1] / shown.shape[0])), output_format="JPEG")
     st.page_link("pages/evaluate.py", label="Evaluate this map against your outline", icon=":material/fact_check:")
+    if studies.is_dicom(ref.data):  # SEG + SR + SC, made when the button is clicked (docs/dicom.md)
+        st.download_button("DICOM results (SEG, SR, SC)", data=studies.dicom_zip_maker(ref.data, result, labels),
+                           file_name=f"{ref.name.rsplit('.', 1)[0]}-deepminer-dicom.zip", mime="application/zip",
+                           on_click="ignore", icon=":material/download:",
+                           help="a Segmentation (CAM + top units), a Structured Report and a Secondary Capture, "
+                                "marked as unverified AI results, filed with the source's study")
 
 # -- suspicious patches ---------------------------------------------------------------------------
 if patches:
@@ -133,6 +144,21 @@ for r in rows:
 if tiles:
     st.image(tiles, caption=caps, width=140, output_format="JPEG")
 st.dataframe(rows, hide_index=True, key="top_units_table")
+
+# -- what if a label's units were quiet? ----------------------------------------------------------
+st.subheader("Silence a label's units")
+label_names = sorted(set(labels.values()))
+if not label_names:
+    st.info("No unit of this model carries a label yet: label units on the Sketch & label or Unit atlas pages, "
+            "then silence them here.")
+else:
+    silence = st.selectbox("Silence the units labelled", label_names, index=None, key=K.of_image("silence_label", ref),
+                           placeholder="choose one of your labels",
+                           help="Those units' activations set to zero and the model's head run again on this "
+                                "image's cached unit maps (no second forward pass).")
+    if silence is not None:
+        state.show_ablation(ref.data, logic.units_with_label(labels, silence)[:MAX_ABLATE], view,
+                            K.of_image("silenced", ref))
 
 sess = state.session()
 sketch_result = sess.sketch_result if sess.sketch_on((ref.digest, None)) is not None else None

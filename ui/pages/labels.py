@@ -63,6 +63,10 @@ e1.download_button("Download CSV", store.export_csv(*sel), file_name="deepminer-
 e2.download_button("Download JSON", store.export_json(*sel), file_name="deepminer-labels.json",
                    mime="application/json", key="dl_json")
 
+if state.base_settings().user_header:  # lab profile: a file could carry labels under other people's names
+    st.caption("Import is off in the lab profile: every label here is given by the person signed in. An "
+               "administrator imports on the server (`LabelStore.import_csv` / `import_json`).")
+    st.stop()
 with st.form("import_form", clear_on_submit=True):
     up = st.file_uploader("Import labels (a CSV or JSON export; nothing is imported if any row is invalid)",
                           type=["csv", "json"], key="import_file")

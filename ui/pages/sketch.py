@@ -28,6 +28,8 @@ sess = state.session()
 if isinstance(whole, state.Failure):
     state.show_failure(whole)
     st.stop()
+if banner := logic.domain_banner(whole.model, whole.domain):
+    st.error(banner, icon="⚠️")
 
 # -- what to sketch on: the image or one of its suspicious patches --------------------------------
 patches = logic.suspicious_patches(whole.class_maps, img.preview, whole.classes, shape=img.shape)
@@ -110,6 +112,12 @@ with right:
                 st.image(tiles, caption=caps, width=int(min(120, 150 * small.shape[1] / small.shape[0])),
                          output_format="JPEG")
                 st.caption("Red: the unit's binarized response; blue: your sketch.")
+        # -- what if the matching units were quiet? ---------------------------------------------
+        matching = logic.matching_unit_ids(iou)
+        if matching and st.toggle(f"Silence the {len(matching)} matching unit(s)", key=K.of_image("sk_silence", ref),
+                                  help="Their activations set to zero, the model's head run again on this image's "
+                                       "cached unit maps (no second forward pass)."):
+            state.show_ablation(t_bytes, matching, t_view, K.of_image("sk_silenced", ref))
 
 # -- the unit map ---------------------------------------------------------------------------------
 st.subheader("Unit map")

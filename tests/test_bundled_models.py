@@ -1,0 +1,67 @@
+"""The bundled models (model_store/demo, wildcat, probe): the committed phantom generator reproduces
+their training and test data (model_store/phantom-sets.json, recorded from the files they were trained
+on), each loads, has its card, metrics and atlas, and is the kind its card says."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STORE = ROOT / "model_store"
+SETS = json.loads((STORE / "phantom-sets.json").read_text())["sets"]
+MODELS = {"demo": ("gap", False), "wildcat": ("wildcat", False), "probe": ("gap", True)}
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("name", sorted(SETS))
+def test_the_committed_generator_reproduces_the_training_data(name, tmp_path):
+    """The patients, labels and splits of the whole set (the plan) and a sample of its files (an image of
+    each label, its lesion mask) come out byte for byte as the models were trained and tested on."""
+    from deepminer.data.phantoms import PHANTOM_CONCEPTS, plan_patients, render_phantom, write_phantom
+
+    rec = SETS[name]
+    plan = plan_patients(rec["count"], rec["seed"], None, rec["splits"])
+    lines = sorted(f"P{i:05d},{label},{split}\n" for i, label, split, _ in plan)
+    assert _sha("".join(lines).encode()) == rec["plan_sha256"]
+    views = {f"P{i:05d}": (i, label) for i, label, _, _ in plan}
+    for sub in ["images", "lesions"] + [f"masks/{c}" for c in PHANTOM_CONCEPTS]:
+        (tmp_path / sub).mkdir(parents=True)
+    rendered = set()
+    for path, want in rec["sample_sha256"].items():
+        image_id = Path(path).stem
+        pid, _, view = image_id.split("_")
+        if image_id not in rendered:
+            index, label = views[pid]
+            write_phantom(tmp_path, render_phantom(rec["seed"], index, rec["size"], label, view))
+            rendered.add(image_id)
+        assert _sha((tmp_path / path).read_bytes()) == want, path
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_bundled_model_loads_with_its_card(name):
+    from deepminer.models import load_model, weights_sha256
+
+    head, probe = MODELS[name]
+    folder = STORE / name
+    model = load_model(folder / "model.pt")
+    assert model.arch == "efficientnet_lite0" and model.head_type == head
+    assert model.classes == ("normal", "benign", "malignant")
+    assert "phantom" in str(model.meta.get("trained_on", "")).lower()
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert "not for clinical use" in card.lower() and "deepminer train" in card
+    assert ("--train-from head" in card) == probe and ("linear probe" in card) == probe
+    if head == "wildcat":
+        assert "maps per class" in card and "validation" in card
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["config"]["head"] == head and metrics["config"]["data"].endswith("train_s1")
+    atlas = json.loads((folder / "atlas" / "atlas.json").read_text())
+    assert atlas["model"]["num_units"] == len(atlas["units"]) == model.num_units == 1280
+    assert atlas["model"]["weights_sha256"] == weights_sha256(model)  # the atlas of these weights
+    ablation = json.loads((folder / "atlas" / "ablation.json").read_text())
+    assert ablation["model"]["weights_sha256"] == weights_sha256(model)
