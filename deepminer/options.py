@@ -284,5 +284,6 @@ def _one_line(error: Any, flags: bool) -> str:
         from collections import Counter
 
         dups = [v for v, n in Counter(map(repr, error.instance)).items() if n > 1]
-        return f"{where}: duplicate ids {', '.join(dups)}"
+        what = "duplicate ids" if error.path and error.path[0] == "ablate" else "non-unique items, duplicated"
+        return f"{where}: {what} {', '.join(dups)}"
     return f"{where}: {' '.join(str(error.message).split())}"

@@ -276,7 +276,7 @@ def test_picker_unknown_model_and_labels_per_model(store_env):
         assert f"Labels for {name} @ {digest[:12]}" in _all_text(at) and not at.sidebar.error
         assert at.sidebar.selectbox(key="model").options == ["alpha", "beta"]
     # a page run without the app's sidebar (a first load of its URL) uses a served model, not "nosuch"
-    at.switch_page("pages/labels.py")
+    at.switch_page("views/labels.py")
     _run(at)
     pick = at.selectbox(key="labels_model")
     assert pick.format_func(pick.value) == f"alpha @ {ha[:12]} (served now)"
@@ -298,7 +298,7 @@ def test_compare_page_apptest(store_env):
     at = AppTest.from_file(str(ROOT / "ui" / "app.py"), default_timeout=120)
     at.session_state[SESSION_KEY] = Session(image=ImageRef("ph.png", data))
     _run(at)
-    at.switch_page("pages/compare.py")
+    at.switch_page("views/compare.py")
     _run(at)
     text = _all_text(at)
     for name, key in (("alpha", "a"), ("beta", "b")):

@@ -233,12 +233,12 @@ def test_workbench_download_and_studies_messages(app_env, monkeypatch, tmp_path)
 
     monkeypatch.delenv("DEEPMINER_DICOMWEB_URL", raising=False)
     monkeypatch.delenv("DEEPMINER_PACS", raising=False)
-    at = _app("pages/studies.py")
+    at = _app("views/studies.py")
     assert any("No PACS is configured" in i.value for i in at.info)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("DEEPMINER_DICOMWEB_URL", f"http://127.0.0.1:{port}/dicom-web")
-    at = _app("pages/studies.py")
+    at = _app("views/studies.py")
     assert not at.exception, at.exception
     assert any("the PACS is not reachable at" in w.value for w in at.warning), [w.value for w in at.warning]

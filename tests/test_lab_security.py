@@ -190,7 +190,7 @@ def test_workbench_without_the_proxy_header_is_not_signed_in(tiny_demo, tmp_path
         from ui import state
 
         assert state.annotator() == ""
-        at.switch_page("pages/labels.py")
+        at.switch_page("views/labels.py")
         at.run()
         assert not at.exception, at.exception
         assert any("Import is off in the lab profile" in c.value for c in at.caption)

@@ -210,7 +210,7 @@ def test_sketch_ranks_units_by_iou_and_labels_several_at_once(app_env):
     model, weights = _key(app_env)
     store = LabelStore(app_env["url"])
     store.set_labels(model, weights, [0], "<b>Spiculated</b> margin", "bob")
-    at, data = _with_image(app_env, "pages/sketch.py")
+    at, data = _with_image(app_env, "views/sketch.py")
     assert "Draw a rectangle" in _texts(at)
     digest = _sess(at).image.digest
     pixels_shape = (256, 151)
@@ -257,7 +257,7 @@ def test_sketch_ranks_units_by_iou_and_labels_several_at_once(app_env):
 def test_sketch_needs_an_annotator_and_units(app_env):
     from deepminer.labels import LabelStore
 
-    at, _ = _with_image(app_env, "pages/sketch.py", annotator=None)
+    at, _ = _with_image(app_env, "views/sketch.py", annotator=None)
     at.multiselect(key="label_units").set_value([1])
     at.selectbox(key="label_concept").set_value("Spiculated margin")
     at.button(key="FormSubmitter:label_form-Label the selected units").click().run()
@@ -288,7 +288,7 @@ def test_suspicious_patch_clicked_on_explain_goes_to_sketch(app_env):
     assert not at.exception, at.exception
     box = _sess(at).patch
     assert box is not None and box[2] - box[0] == round(0.25 * 151)
-    at.switch_page("pages/sketch.py").run()
+    at.switch_page("views/sketch.py").run()
     assert not at.exception, at.exception
     target = at.selectbox(key=Keys.of_image(Keys.TARGET, ref))
     assert target.value == box and target.options[0].startswith("Whole image")
@@ -303,7 +303,7 @@ def test_suspicious_patch_clicked_on_explain_goes_to_sketch(app_env):
     sess = _sess(at)
     assert sess.patch == box
     sess.sketch, sess.sketch_for = np.ones((4, 4), bool), (ref.digest, box)
-    at.switch_page("pages/explain.py").run()
+    at.switch_page("views/explain.py").run()
     at.selectbox(key="sample").select(at.selectbox(key="sample").options[1]).run()
     assert not at.exception, at.exception
     sess = _sess(at)
@@ -343,7 +343,7 @@ def test_atlas_gallery_source_and_survey_progress(app_env):
 
     atlas = Atlas.load(Path(app_env["model_dir"]) / "atlas")
     total = len({u for c in atlas.classes for u in atlas.top_units(c)})
-    at = _app("pages/atlas.py")
+    at = _app("views/atlas.py")
     assert not at.exception, at.exception
     progress = at.get("progress")[0].proto
     assert progress.text == f"0 of {total} labelled" and progress.value == 0
@@ -390,7 +390,7 @@ def test_atlas_gallery_source_and_survey_progress(app_env):
 
 def test_atlas_missing_is_a_message(app_env, monkeypatch, tmp_path):
     monkeypatch.setenv("DEEPMINER_MODEL_DIR", str(tmp_path / "nothing"))
-    at = _app("pages/atlas.py")
+    at = _app("views/atlas.py")
     assert not at.exception
     assert any("No unit atlas at" in w.value for w in at.warning)
 
@@ -405,7 +405,7 @@ def test_labels_history_agreement_export_and_import(app_env):
     store.set_labels(model, weights, [3, 5], "mass", "alice")
     store.set_labels(model, weights, [3], "Mass", "bob")
     store.set_labels(model, weights, [5], "calcification", "bob")
-    at = _app("pages/labels.py")
+    at = _app("views/labels.py")
     assert not at.exception, at.exception
     assert "Current labels (2 units)" in _texts(at)
     current, agreement, history = (df.value for df in at.dataframe)
@@ -508,7 +508,7 @@ def _frames(at) -> list:
 
 
 def test_evaluate_without_an_image_is_a_hint(app_env):
-    at = _app("pages/evaluate.py")
+    at = _app("views/evaluate.py")
     assert "Choose an image on the Explain page first" in _texts(at)
     assert not at.error
 
@@ -519,7 +519,7 @@ def test_evaluate_mask_upload_scores_every_method_with_the_baselines(app_env):
     from deepminer.evaluation.localization import LesionTarget, localization_metrics, to_image
     from ui.state import Keys
 
-    at, data = _with_image(app_env, "pages/evaluate.py")
+    at, data = _with_image(app_env, "views/evaluate.py")
     assert "Outline the finding" in _texts(at)
     ref = _sess(at).image
     # a lesion inside the breast: a square around the tissue's centre, as a mask PNG of half the size
@@ -562,7 +562,7 @@ def test_evaluate_a_zip_lists_skipped_runs_and_exports(app_env, tmp_path):
     from ui.state import Keys
 
     data, ids, bad = eval_zip(tmp_path / "set", count=4)
-    at = _app("pages/evaluate.py")
+    at = _app("views/evaluate.py")
     at.radio(key=Keys.EVAL_MODE).set_value("A set of images with masks").run()
     assert not at.exception, at.exception
     at.file_uploader(key=Keys.EVAL_ZIP).upload("set.zip", data, "application/zip").run()
@@ -665,7 +665,7 @@ def test_sketch_silences_the_matching_units(app_env):
     from deepminer.explain.units import unit_masks
     from ui.state import Keys
 
-    at, data = _with_image(app_env, "pages/sketch.py")
+    at, data = _with_image(app_env, "views/sketch.py")
     ref = _sess(at).image
     model_file = Path(app_env["model_dir"]) / "model.pt"
     # the sketch: one unit's own binarized response on this image (so at least that unit matches)
@@ -732,7 +732,7 @@ def test_atlas_page_shows_whether_influence_is_causal(app_env, monkeypatch, tmp_
 
     from deepminer.atlas.ablation import atlas_ablation
 
-    at = _app("pages/atlas.py")
+    at = _app("views/atlas.py")
     assert "No ablation measurement for this atlas yet" in _texts(at)
     model_dir = tmp_path / "demo"
     shutil.copytree(app_env["model_dir"], model_dir)
@@ -742,7 +742,7 @@ def test_atlas_page_shows_whether_influence_is_causal(app_env, monkeypatch, tmp_
 
     st.cache_resource.clear()  # the settings are read once per process
     st.cache_data.clear()
-    at = _app("pages/atlas.py")
+    at = _app("views/atlas.py")
     tables = [d.value for d in at.dataframe if "class" in list(d.value.columns)]
     assert tables, _texts(at)
     table = tables[0]
@@ -801,7 +801,7 @@ def test_out_of_domain_banner_on_explain_sketch_and_evaluate(app_env, monkeypatc
     banner = domain_banner(res.model, res.domain)
     assert banner and "What the model was trained on is not recorded" in banner
     assert [e.value for e in at.error] == [banner]
-    for page in ("pages/sketch.py", "pages/evaluate.py"):
+    for page in ("views/sketch.py", "views/evaluate.py"):
         at.switch_page(page)
         at.run()
         assert not at.exception, at.exception

@@ -288,7 +288,7 @@ def test_workbench_end_to_end(workbench, torchserve, full_field_dicoms, artifact
             # an image the model predicts otherwise than mammo-a (for the class radios, step 7)
             pred_a = ref.prediction
             other = tmp_path / "mammo-c.png"
-            for i in (7, 2, 3, 4, 5, 6, 8, 9):
+            for i in (7, 2, 3, 4, 5, 6, 8, 9, 11, 1, 12, 13, 14, 15, 16):
                 other.write_bytes(_square_mammogram(11, i))
                 pred_c = c.explain(other.read_bytes(), max_side=1024).prediction
                 if pred_c != pred_a:
@@ -462,6 +462,14 @@ def test_evaluate_page(workbench, torchserve, artifacts_dir, tmp_path):
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
         page = browser.new_page(viewport=VIEWPORT, accept_downloads=True)
+        # a direct link to a page runs the app with its sidebar (a `pages/` folder beside app.py would
+        # make Streamlit run the page file alone, listing the files as pages: ui/views/ avoids that)
+        page.goto(workbench["url"] + "/evaluate")
+        page.get_by_text("Evaluate explanations", exact=True).wait_for(timeout=120_000)
+        _idle(page, 120_000)
+        nav = [t.split("\n")[-1].strip() for t in page.locator('[data-testid="stSidebarNavLink"]').all_inner_texts()]
+        assert "Sketch & label" in nav and "app" not in nav, nav
+        assert page.locator('[data-testid="stSidebar"]').get_by_text("DeepMiner Studio").count() == 1
         page.goto(workbench["url"])
         page.get_by_text("Upload a mammogram").wait_for(timeout=120_000)
         _idle(page, 120_000)

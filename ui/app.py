@@ -1,6 +1,6 @@
 """DeepMiner Studio workbench: ``streamlit run ui/app.py``.
 
-The pages under ``st.navigation`` (one file each in ``ui/pages/``); the sidebar holds the
+The pages under ``st.navigation`` (one file each in ``ui/views/``); the sidebar holds the
 annotator's name, the model picker (every page uses the picked model, :func:`ui.state.model_picker`)
 and the model server's status. Settings: see :mod:`ui.settings`.
 """
@@ -22,15 +22,15 @@ HERE = Path(__file__).resolve().parent
 st.set_page_config(page_title="DeepMiner Studio", page_icon=":material/biotech:", layout="wide")
 
 PAGES = [
-    st.Page(str(HERE / "pages" / "explain.py"), title="Explain", icon=":material/image_search:", default=True,
+    st.Page(str(HERE / "views" / "explain.py"), title="Explain", icon=":material/image_search:", default=True,
             url_path="explain"),
-    st.Page(str(HERE / "pages" / "sketch.py"), title="Sketch & label", icon=":material/draw:", url_path="sketch"),
-    st.Page(str(HERE / "pages" / "evaluate.py"), title="Evaluate", icon=":material/fact_check:",
+    st.Page(str(HERE / "views" / "sketch.py"), title="Sketch & label", icon=":material/draw:", url_path="sketch"),
+    st.Page(str(HERE / "views" / "evaluate.py"), title="Evaluate", icon=":material/fact_check:",
             url_path="evaluate"),
-    st.Page(str(HERE / "pages" / "atlas.py"), title="Unit atlas", icon=":material/grid_view:", url_path="atlas"),
-    st.Page(str(HERE / "pages" / "labels.py"), title="Labels", icon=":material/label:", url_path="labels"),
-    st.Page(str(HERE / "pages" / "compare.py"), title="Compare", icon=":material/compare:", url_path="compare"),
-    st.Page(str(HERE / "pages" / "studies.py"), title="Studies", icon=":material/view_quilt:", url_path="studies"),
+    st.Page(str(HERE / "views" / "atlas.py"), title="Unit atlas", icon=":material/grid_view:", url_path="atlas"),
+    st.Page(str(HERE / "views" / "labels.py"), title="Labels", icon=":material/label:", url_path="labels"),
+    st.Page(str(HERE / "views" / "compare.py"), title="Compare", icon=":material/compare:", url_path="compare"),
+    st.Page(str(HERE / "views" / "studies.py"), title="Studies", icon=":material/view_quilt:", url_path="studies"),
 ]
 
 page = st.navigation(PAGES)

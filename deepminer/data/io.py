@@ -397,7 +397,7 @@ def _check_transfer_syntax(ts, source: str) -> None:
         available = False
     if not available:
         raise InputError(f"{source}: unsupported DICOM transfer syntax {ts.name} ({ts}): no decoder for it is "
-                         "installed (uncompressed, RLE Lossless, JPEG baseline/extended and JPEG 2000 work)")
+                         "installed (uncompressed, RLE Lossless, JPEG baseline/extended, JPEG-LS and JPEG 2000 work)")
 
 
 def _decode_first_frame(ds, ts) -> np.ndarray:

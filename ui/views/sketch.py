@@ -16,7 +16,7 @@ st.title("Sketch & label")
 ref = state.image()
 if ref is None:
     st.info("Choose an image on the Explain page first.")
-    st.page_link("pages/explain.py", label="Go to Explain", icon=":material/image_search:")
+    st.page_link("views/explain.py", label="Go to Explain", icon=":material/image_search:")
     st.stop()
 state.prefetch(ref)  # decoding (a worker thread) runs while the model server explains
 with st.spinner("Explaining the image..."):

@@ -49,7 +49,7 @@ def one_image() -> None:
     ref = state.image()
     if ref is None:
         st.info("Choose an image on the Explain page first, then outline the finding here.")
-        st.page_link("pages/explain.py", label="Go to Explain", icon=":material/image_search:")
+        st.page_link("views/explain.py", label="Go to Explain", icon=":material/image_search:")
         return
     state.prefetch(ref)
     with st.spinner("Explaining the image..."):

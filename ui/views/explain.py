@@ -100,7 +100,7 @@ with left:
                                   labels=[str(i + 1) for i in range(len(patches))], highlight=sel)
     st.image(shown, caption=f"CAM of {cam_class}" + (" · suspicious patches outlined" if patches else ""),
              width=int(min(MAX_W, MAX_H * shown.shape[1] / shown.shape[0])), output_format="JPEG")
-    st.page_link("pages/evaluate.py", label="Evaluate this map against your outline", icon=":material/fact_check:")
+    st.page_link("views/evaluate.py", label="Evaluate this map against your outline", icon=":material/fact_check:")
     if studies.is_dicom(ref.data):  # SEG + SR + SC, made when the button is clicked (docs/dicom.md)
         st.download_button("DICOM results (SEG, SR, SC)", data=studies.dicom_zip_maker(ref.data, result, labels),
                            file_name=f"{ref.name.rsplit('.', 1)[0]}-deepminer-dicom.zip", mime="application/zip",
@@ -128,7 +128,7 @@ if patches:
                  output_format="JPEG")
         if c2.button("Sketch on this patch", key="to_sketch"):
             state.set_patch(p.box)
-            st.switch_page("pages/sketch.py")
+            st.switch_page("views/sketch.py")
 
 # -- influential units and the explanations -------------------------------------------------------
 st.subheader(f"Most influential units for {result.prediction}")
