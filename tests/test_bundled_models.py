@@ -65,3 +65,33 @@ def test_bundled_model_loads_with_its_card(name):
     assert atlas["model"]["weights_sha256"] == weights_sha256(model)  # the atlas of these weights
     ablation = json.loads((folder / "atlas" / "ablation.json").read_text())
     assert ablation["model"]["weights_sha256"] == weights_sha256(model)
+
+
+@pytest.mark.serve
+@pytest.mark.slow
+def test_the_three_bundled_models_served_in_one_torchserve(tmp_path):
+    """What `make run` serves: every built model_store/<name>.mar in one TorchServe (one worker each);
+    each answers with its own weights, head and domain summary, and lists in GET /models."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from deepminer.client import Client
+    from deepminer.data.phantoms import render_phantom
+    from deepminer.models import load_model, weights_sha256
+    from serve.launch import TorchServe, served_models
+
+    mars = {n: f"{n}.mar" for n in MODELS if (STORE / f"{n}.mar").is_file()}
+    assert sorted(mars) == sorted(MODELS), "build them first: bash scripts/model_store.sh (make test does)"
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(render_phantom(23, 2, size=512).image).astype(np.uint16)).save(buf, format="PNG")
+    with TorchServe(STORE, mars, tmp_path / "ts", profile="demo") as ts:
+        assert served_models(ts.management_url) == sorted(MODELS)
+        for name, (head, _) in MODELS.items():
+            with Client(ts.inference_url, model=name, timeout=120) as c:
+                exp = c.explain(buf.getvalue(), max_side=512)
+            assert exp.model["name"] == name and exp.model["head"] == head
+            assert exp.model["weights_sha256"] == weights_sha256(load_model(STORE / name / "model.pt"))
+            assert exp.domain is not None and exp.domain["in_domain"], exp.domain  # a phantom: in domain
+            assert sum(exp.probabilities.values()) == pytest.approx(1.0, abs=1e-3)
