@@ -197,20 +197,23 @@ def is_dicom(data: bytes) -> bool:
     return sniff_format(bytes(data[:256])) == "dicom"
 
 
-def dicom_zip_maker(data: bytes, result: Any, labels: dict[int, str] | None = None) -> Callable[[], bytes]:
+def dicom_zip_maker(data: bytes, result: Any, labels: dict[int, str] | None = None,
+                    thresholds: Any = None) -> Callable[[], bytes]:
     """A function that makes the zip of SEG + SR + SC of ``result`` (the explanation of the DICOM
-    ``data``) when called (a download button calls it on click, in its own thread)."""
+    ``data``) when called (a download button calls it on click, in its own thread); ``thresholds``:
+    the model's atlas thresholds (unit masks as the atlas cuts them; None: half each unit's maximum)."""
     def make() -> bytes:
         from deepminer.dicom_results import build_results, read_source
 
-        return build_results(read_source(data), result, labels=labels).zip_bytes()
+        return build_results(read_source(data), result, labels=labels, thresholds=thresholds).zip_bytes()
 
     return make
 
 
-def dicom_results(exam: Exam, labels: dict[int, str] | None = None) -> tuple[list[Any], list[str]]:
+def dicom_results(exam: Exam, labels: dict[int, str] | None = None,
+                  thresholds: Any = None) -> tuple[list[Any], list[str]]:
     """SEG + SR + SC of every explained DICOM view (datasets to store) and the views skipped, with
-    why (not DICOM, not explained)."""
+    why (not DICOM, not explained); ``thresholds`` as in :func:`dicom_zip_maker`."""
     from deepminer.dicom_results import build_results, read_source
 
     out: list[Any] = []
@@ -221,7 +224,7 @@ def dicom_results(exam: Exam, labels: dict[int, str] | None = None) -> tuple[lis
             continue
         try:
             src = read_source(v.data, name=v.name)
-            res = build_results(src, v.result, labels=labels)
+            res = build_results(src, v.result, labels=labels, thresholds=thresholds)
         except DeepMinerError as err:
             skipped.append(str(err))
             continue

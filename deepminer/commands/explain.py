@@ -96,7 +96,20 @@ def _write_outputs(res: Explanation, image_bytes: bytes, out: Path, max_side: in
     return written
 
 
-def _write_dicom(res: Explanation, source, out: Path) -> list[Path]:
+def _atlas_thresholds(model: str | None, atlas: str | None):
+    """The unit atlas's thresholds for the units' masks in the DICOM results (``--atlas``, else atlas/
+    beside ``--model``); None (half each unit's maximum) through a server or without an atlas."""
+    if not model:
+        return None
+    folder = Path(atlas) if atlas else Path(model).parent / "atlas"
+    if not (folder / "atlas.json").is_file():
+        return None
+    from deepminer.atlas import Atlas
+
+    return Atlas.load(folder).thresholds
+
+
+def _write_dicom(res: Explanation, source, out: Path, thresholds=None) -> list[Path]:
     """SEG + SR + SC of ``res`` beside nothing else; unit labels from the label store when one exists."""
     from deepminer.dicom_results import build_results
 
@@ -109,7 +122,7 @@ def _write_dicom(res: Explanation, source, out: Path) -> list[Path]:
             labels = LabelStore(url).labels_for(str(res.model.get("name", "")), str(res.model.get("weights_sha256", "")))
     except Exception:  # noqa: BLE001 - no label store: the units go unlabelled
         labels = {}
-    return build_results(source, res, labels=labels).write(out)
+    return build_results(source, res, labels=labels, thresholds=thresholds).write(out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         summary["files"] = [str(p) for p in _write_outputs(res, image_bytes, Path(args.out), args.max_side or DEFAULT_MAX_SIDE)]
     if dicom_source is not None:
-        summary["dicom_files"] = [str(p) for p in _write_dicom(res, dicom_source, Path(args.dicom_out))]
+        thresholds = _atlas_thresholds(args.model, args.atlas)
+        summary["dicom_files"] = [str(p) for p in _write_dicom(res, dicom_source, Path(args.dicom_out), thresholds)]
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0

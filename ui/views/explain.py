@@ -102,7 +102,10 @@ with left:
              width=int(min(MAX_W, MAX_H * shown.shape[1] / shown.shape[0])), output_format="JPEG")
     st.page_link("views/evaluate.py", label="Evaluate this map against your outline", icon=":material/fact_check:")
     if studies.is_dicom(ref.data):  # SEG + SR + SC, made when the button is clicked (docs/dicom.md)
-        st.download_button("DICOM results (SEG, SR, SC)", data=studies.dicom_zip_maker(ref.data, result, labels),
+        _atlas = state.atlas()  # its thresholds cut the units' masks as the atlas does
+        st.download_button("DICOM results (SEG, SR, SC)",
+                           data=studies.dicom_zip_maker(ref.data, result, labels,
+                                                        None if _atlas is None else _atlas.thresholds),
                            file_name=f"{ref.name.rsplit('.', 1)[0]}-deepminer-dicom.zip", mime="application/zip",
                            on_click="ignore", icon=":material/download:",
                            help="a Segmentation (CAM + top units), a Structured Report and a Secondary Capture, "

@@ -181,7 +181,7 @@ if exam.study_uid and url is not None and done:
         if key is not None:
             labels = state.store().labels_for(key.name, key.weights_hash)
         with st.spinner("Writing SEG, SR and SC and storing them..."):
-            datasets, skipped = studies.dicom_results(exam, labels)
+            datasets, skipped = studies.dicom_results(exam, labels, None if state.atlas() is None else state.atlas().thresholds)
             try:
                 stored = _pacs(url).store(datasets, study_uid=exam.study_uid) if datasets else []
             except PacsError as err:
