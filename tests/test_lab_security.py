@@ -145,6 +145,10 @@ def test_one_upload_limit_everywhere():
     ui = _procfile_ui_command({"DEEPMINER_UPLOAD_MB": str(UPLOAD_LIMIT_MB)})
     flags = dict(zip(ui[::1], ui[1::1]))
     assert flags["--server.maxUploadSize"] == str(UPLOAD_LIMIT_MB)
+    import tomllib
+
+    bare = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())  # a bare `streamlit run`
+    assert bare["server"]["maxUploadSize"] == UPLOAD_LIMIT_MB
     assert flags["--server.enableXsrfProtection"] == "true"
     assert flags["--server.enableCORS"] == "true"  # Streamlit's CORS *protection*: no cross-origin access
     assert flags["--server.address"] == "127.0.0.1"
