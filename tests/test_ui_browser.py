@@ -201,6 +201,18 @@ def _after_input(page) -> None:
     _idle(page)
 
 
+def _draw_box(page, left: float, top: float, width: float, height: float) -> None:
+    """Drag a rectangle on the page's drawing canvas; position and size as fractions of the canvas."""
+    canvas = page.locator("canvas.upper-canvas").first
+    canvas.wait_for(timeout=30_000)
+    bb = canvas.bounding_box()
+    x0, y0 = bb["x"] + bb["width"] * left, bb["y"] + bb["height"] * top
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move(x0 + bb["width"] * width, y0 + bb["height"] * height, steps=10)
+    page.mouse.up()
+
+
 def _shot(page, path: Path) -> None:
     """A screenshot of the whole page (Streamlit scrolls inside its main block, so grow the window)."""
     _idle(page)
@@ -308,14 +320,7 @@ def test_workbench_end_to_end(workbench, torchserve, full_field_dicoms, artifact
         shown = sketch_on.inner_text() + " " + " ".join(sketch_on.locator("input").evaluate_all(
             "els => els.map(e => e.value + ' ' + (e.getAttribute('aria-label') || ''))"))
         assert f"Whole image ({images[0].name})" in shown, shown
-        canvas = page.locator("canvas.upper-canvas").first
-        canvas.wait_for(timeout=30_000)
-        bb = canvas.bounding_box()
-        x0, y0 = bb["x"] + bb["width"] * 0.25, bb["y"] + bb["height"] * 0.3
-        page.mouse.move(x0, y0)
-        page.mouse.down()
-        page.mouse.move(x0 + bb["width"] * 0.3, y0 + bb["height"] * 0.3, steps=10)
-        page.mouse.up()
+        _draw_box(page, 0.25, 0.3, 0.3, 0.3)
         page.get_by_text(re.compile(r"^Units ranked by IoU")).wait_for(timeout=60_000)
         _idle(page)
         assert page.get_by_text(re.compile(r"^unit \d+ · IoU ")).count() >= 1  # the units' masks
@@ -632,14 +637,7 @@ def test_silencing_units(workbench, torchserve, model_dir, artifacts_dir, tmp_pa
         _nav(page, "Sketch & label")
         page.get_by_text("Unit map", exact=True).wait_for(timeout=60_000)
         _idle(page)
-        canvas = page.locator("canvas.upper-canvas").first
-        canvas.wait_for(timeout=30_000)
-        bb = canvas.bounding_box()
-        x0, y0 = bb["x"] + bb["width"] * 0.1, bb["y"] + bb["height"] * 0.1
-        page.mouse.move(x0, y0)
-        page.mouse.down()
-        page.mouse.move(x0 + bb["width"] * 0.8, y0 + bb["height"] * 0.8, steps=10)
-        page.mouse.up()
+        _draw_box(page, 0.1, 0.1, 0.8, 0.8)
         page.get_by_text(re.compile(r"^Units ranked by IoU")).wait_for(timeout=60_000)
         _idle(page)
         toggle = page.locator('[data-testid="stCheckbox"]', has_text=re.compile(r"Silence the \d+ matching unit"))

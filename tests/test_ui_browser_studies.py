@@ -15,16 +15,14 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-import requests
-from test_ui_browser import CHROMIUM_ARGS, VIEWPORT, _after_input, _free_port, _idle, _nav, _NOT_RUNNING, _shot
+from test_ui_browser import (CHROMIUM_ARGS, VIEWPORT, _after_input, _free_port, _idle, _nav, _NOT_RUNNING, _shot,
+                             streamlit_app)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.serve]
 
@@ -74,33 +72,8 @@ def studies_app(tiny_server, pacs, tmp_path_factory):
            "DEEPMINER_MAX_SIDE": "1024", "DEEPMINER_DICOMWEB_URL": pacs["orthanc"].dicomweb_url}
     for k in ("DEEPMINER_KEY_FILE", "DEEPMINER_TOKEN", "DEEPMINER_PACS"):
         env.pop(k, None)
-    log = open(work / "streamlit.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "ui" / "app.py"), "--server.address", "127.0.0.1",
-         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (work / "streamlit.log").read_text(errors="replace")
-            try:
-                if requests.get(f"{url}/_stcore/health", timeout=2).text.strip() == "ok":
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "streamlit did not come up"
-            time.sleep(0.3)
+    with streamlit_app(env, port, work) as url:
         yield {"url": url, "log": work / "streamlit.log"}
-    finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait(10)
-        log.close()
 
 
 def _pick_study(page, text: str) -> None:
