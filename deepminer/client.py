@@ -47,6 +47,29 @@ class ServeError(RuntimeError):
         self.message = message
 
 
+def list_models(management_url: str, headers: Mapping[str, str] | None = None, *, timeout: float = 5.0) -> list[str]:
+    """The names of the models TorchServe hosts (management ``GET /models``, every page), sorted.
+    :class:`ServeError` when it answers other than 200; :class:`ServeUnavailable` when it does not
+    answer, or not with JSON (the cause is chained)."""
+    names: list[str] = []
+    token: str | None = None
+    for _ in range(100):  # TorchServe pages the list (limit 100, nextPageToken)
+        params: dict[str, str | int] = {"limit": 100, **({"next_page_token": token} if token else {})}
+        try:
+            r = requests.get(f"{management_url}/models", params=params, headers=dict(headers or {}), timeout=timeout)
+            if r.status_code != 200:
+                raise ServeError(r.status_code, "ManagementError", f"GET /models answered {r.status_code}")
+            body = r.json()
+            names += [str(m["modelName"]) for m in body.get("models", []) if isinstance(m, dict) and "modelName" in m]
+        except (requests.RequestException, ValueError, AttributeError) as err:
+            raise ServeUnavailable(f"the management API at {management_url} is not reachable "
+                                   f"({type(err).__name__})") from err
+        token = body.get("nextPageToken")
+        if not token:
+            break
+    return sorted(set(names))
+
+
 def _read_image(image: bytes | str | os.PathLike) -> bytes:
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)

@@ -259,22 +259,14 @@ def worker_threads(models: int, cores: int | None = None) -> int:
 
 
 def served_models(management_url: str, headers: Mapping[str, str] | None = None) -> list[str]:
-    """The names of the models TorchServe hosts (management ``GET /models``, every page); [] when
-    it does not answer."""
-    names: list[str] = []
-    token: str | None = None
-    for _ in range(100):
-        params: dict[str, str | int] = {"limit": 100, **({"next_page_token": token} if token else {})}
-        try:
-            r = requests.get(f"{management_url}/models", params=params, headers=dict(headers or {}), timeout=5)
-            body = r.json()
-        except (requests.RequestException, ValueError):
-            return []
-        names += [str(m["modelName"]) for m in body.get("models", []) if isinstance(m, dict) and "modelName" in m]
-        token = body.get("nextPageToken")
-        if not token:
-            break
-    return sorted(set(names))
+    """The names of the models TorchServe hosts (:func:`deepminer.client.list_models`); [] when it
+    does not answer with the list."""
+    from deepminer.client import ServeError, ServeUnavailable, list_models
+
+    try:
+        return list_models(management_url, headers)
+    except (ServeError, ServeUnavailable):
+        return []
 
 
 def model_ready(management_url: str, name: str, headers: Mapping[str, str] | None = None) -> bool:

@@ -181,3 +181,19 @@ def test_sketch_travels_as_a_png_mask():
     assert np.array_equal(ExplainOptions.parse(opts).sketch_mask((40, 30)), mask)  # what the server decodes
     with pytest.raises(InputError, match="sketch: expected a 2-D mask"):
         mask_to_png(np.zeros((2, 3, 4)))
+
+
+def test_list_models_names_why_the_list_is_unknown():
+    """Nothing listening: ServeUnavailable naming the management URL, the requests error chained."""
+    import socket
+
+    import requests
+
+    from deepminer.client import list_models
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(ServeUnavailable, match=f"the management API at {url} is not reachable") as info:
+        list_models(url, timeout=2)
+    assert isinstance(info.value.__cause__, requests.RequestException)

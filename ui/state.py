@@ -110,29 +110,17 @@ def _served_models(backend: str, url: str, management_url: str | None, key_file:
     if backend == "local":  # the configured model (DEEPMINER_MODEL_DIR) and its siblings with a model.pt
         found = sorted(p.parent.name for p in Path(store).glob("*/model.pt"))
         return tuple(found), None if found else f"no model folder with a model.pt in `{store}`"
-    import requests
-
-    from deepminer.client import Client
+    from deepminer.client import Client, ServeError, ServeUnavailable, list_models
 
     c = Client(url, key_file=key_file, management_url=management_url, timeout=5)
     key = c._key("management")
-    names: list[str] = []
-    page: str | None = None
     try:
-        for _ in range(20):  # TorchServe pages the list (limit 100, nextPageToken)
-            params: dict[str, str | int] = {"limit": 100, **({"next_page_token": page} if page else {})}
-            r = requests.get(f"{c.management_url}/models", params=params, timeout=5,
-                             headers={"Authorization": f"Bearer {key}"} if key else {})
-            if r.status_code != 200:
-                return (), f"the management API at `{c.management_url}` answered {r.status_code}"
-            body = r.json()
-            names += [str(m["modelName"]) for m in body.get("models", [])]
-            page = body.get("nextPageToken")
-            if not page:
-                break
-    except (requests.RequestException, ValueError, KeyError, TypeError) as err:
-        return (), f"the management API at `{c.management_url}` is not reachable ({type(err).__name__})"
-    return tuple(sorted(set(names))), None
+        names = list_models(c.management_url, {"Authorization": f"Bearer {key}"} if key else {})
+    except ServeError as err:
+        return (), f"the management API at `{c.management_url}` answered {err.status}"
+    except ServeUnavailable as err:
+        return (), f"the management API at `{c.management_url}` is not reachable ({type(err.__cause__).__name__})"
+    return tuple(names), None
 
 
 def served_models() -> tuple[list[str], str | None]:
