@@ -147,7 +147,8 @@ class Explanation:
 
     ``input``: ``height``, ``width`` (original px), ``scale`` (model-input px per original px),
     ``model_height``, ``model_width`` (model input), ``map_height``, ``map_width`` (cells); the
-    server adds ``format``, ``bits_stored``, ``tissue_fraction`` and ``domain`` (:attr:`domain`). ``model``: ``name``, ``version``,
+    server adds ``format``, ``bits_stored``, ``tissue_fraction``, ``domain`` (:attr:`domain`) and, when asked,
+    ``tissue_mask`` (:meth:`tissue_region`). ``model``: ``name``, ``version``,
     ``arch``, ``layer``, ``head``, ``units``, ``classes``, ``weights_sha256`` (as far as known).
     ``probability_rule`` says how ``probabilities`` were obtained; ``window`` the cells
     ``(i0, j0, i1, j1)`` (end exclusive) of the window the rule picked, when it picks one.
@@ -214,6 +215,20 @@ class Explanation:
         None when the model has no domain summary."""
         d = self.input.get("domain")
         return dict(d) if isinstance(d, Mapping) else None
+
+    def tissue_region(self) -> np.ndarray | None:
+        """``input.tissue_mask`` (the ``tissue_mask`` option) decoded: the breast region the image
+        was explained in, bool ``(height, width)`` of the original image; None when not asked for or
+        the server does not mask tissue."""
+        import base64
+
+        from deepminer.options import png_to_mask
+
+        png = self.input.get("tissue_mask")
+        if not isinstance(png, str):
+            return None
+        return png_to_mask(base64.b64decode(png), (int(self.input["height"]), int(self.input["width"])),
+                           name="input.tissue_mask")
 
     # -- classes and units ------------------------------------------------------------------------
     def class_index(self, cls: str | int) -> int:

@@ -63,6 +63,10 @@ OPTIONS_SCHEMA: dict[str, Any] = {
         "target": {"type": ["string", "null"], "default": None,
                    "description": "POST /explanations/<model> only: the class the maps explain "
                                   "(null: the prediction)"},
+        "tissue_mask": {"type": "boolean", "default": False,
+                        "description": "also return the breast region the image was explained in: input.tissue_mask, "
+                                       "a base64 grey PNG at the image's size (255 = breast; null when the server "
+                                       "does not mask tissue)"},
         "ablate": {"type": "array", "items": {"type": "integer", "minimum": 0}, "uniqueItems": True,
                    "maxItems": MAX_ABLATE, "default": [],
                    "description": "unit ids (each below the model's number of units) whose activations are set "
@@ -138,6 +142,7 @@ class ExplainOptions:
     methods: tuple[str, ...] = ()
     target: str | None = None
     ablate: tuple[int, ...] = ()
+    tissue_mask: bool = False
 
     @classmethod
     def parse(cls, raw: Any = None, *, num_units: int | None = None, flags: bool = False) -> ExplainOptions:
@@ -169,13 +174,13 @@ class ExplainOptions:
             check_ablate(ablate, num_units, flags=flags)
         return cls(top_units=top, unit_maps=DEFAULTS["unit_maps"] if unit_maps is None else str(unit_maps),
                    sketch=png, max_side=data.get("max_side"), methods=tuple(data.get("methods") or ()),
-                   target=data.get("target"), ablate=ablate)
+                   target=data.get("target"), ablate=ablate, tissue_mask=bool(data.get("tissue_mask", False)))
 
     @classmethod
     def build(cls, *, top_units: int = DEFAULTS["top_units"], unit_maps: str = DEFAULTS["unit_maps"],
               sketch: Any = None, max_side: int | None = None, methods: Sequence[str] | None = None,
-              target: str | None = None, ablate: Sequence[int] | None = None, num_units: int | None = None,
-              flags: bool = False) -> ExplainOptions:
+              target: str | None = None, ablate: Sequence[int] | None = None, tissue_mask: bool = False,
+              num_units: int | None = None, flags: bool = False) -> ExplainOptions:
         """Options from Python values (``sketch`` a bool mask), validated like a request."""
         raw: dict[str, Any] = {"top_units": top_units, "unit_maps": unit_maps, "max_side": max_side}
         if sketch is not None:
@@ -184,6 +189,8 @@ class ExplainOptions:
             raw["methods"] = [methods] if isinstance(methods, str) else list(methods)
         if target is not None:
             raw["target"] = target
+        if tissue_mask:
+            raw["tissue_mask"] = True
         if ablate is not None and len(ablate):
             # numpy integers too (jsonschema's 'integer' is Python's int)
             raw["ablate"] = [int(u) if hasattr(u, "__index__") and not isinstance(u, bool) else u for u in ablate]
@@ -215,6 +222,8 @@ class ExplainOptions:
             out["target"] = self.target
         if self.ablate:
             out["ablate"] = list(self.ablate)
+        if self.tissue_mask:
+            out["tissue_mask"] = True
         return out
 
     @property

@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=512, help="phantom height in px (default 512, as the atlas set)")
     ap.add_argument("--model", default="demo", help="model_store/<MODEL>.mar (default demo)")
     ap.add_argument("--max-side", type=int, default=1024, help="max_side of every request (the workbench default)")
+    ap.add_argument("--timeout", type=int, default=300, help="seconds to wait for the summary (default 300)")
     args = ap.parse_args(argv)
     chromium = shutil.which("chromium")
     mar = ROOT / "model_store" / f"{args.model}.mar"
@@ -126,7 +127,14 @@ def main(argv: list[str] | None = None) -> int:
                 idle(page)
                 t0 = time.perf_counter()
                 page.get_by_role("button", name="Run", exact=True).click()
-                page.get_by_text(f"Summary over {args.images} images").wait_for(timeout=600_000)
+                try:
+                    page.get_by_text(f"Summary over {args.images} images").wait_for(timeout=args.timeout * 1000)
+                except Exception:
+                    shot = ROOT / "test-artifacts" / "bench-evaluate-page-failure.png"
+                    shot.parent.mkdir(exist_ok=True)
+                    page.screenshot(path=str(shot), full_page=True)
+                    print(f"no summary after {args.timeout} s: the page is in {shot}", file=sys.stderr)
+                    raise
                 page.wait_for_function(NOT_RUNNING, timeout=60_000)
                 out["evaluate_click_to_summary_s"] = round(time.perf_counter() - t0, 2)
                 caption = page.get_by_text(re.compile(r"^Evaluated \d+ images in")).first.inner_text()

@@ -25,6 +25,9 @@ done
 [[ " ${MODELS[*]} " == *" $MODEL=$MODEL.mar "* ]] || MODELS+=("$MODEL=$MODEL.mar")
 THREADS=$(( $(nproc) / ${#MODELS[@]} ))
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( THREADS > 0 ? THREADS : 1 ))}
+# OpenMP threads sleep between parallel regions instead of spinning: the cores are shared with the other
+# workers and the workbench (docs/serving.md)
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 command -v java >/dev/null || { echo "serve: error: TorchServe needs Java 17 (apt-get install openjdk-17-jre-headless)" >&2; exit 2; }
 WORK=$ROOT/var/serve
 mkdir -p "$WORK/tmp"

@@ -162,6 +162,7 @@ class TorchServe:
         env.pop("TS_CONFIG_FILE", None)
         # the workers share the cores: torch threads per worker = cores / models (as scripts/serve.sh)
         env.setdefault("OMP_NUM_THREADS", str(worker_threads(len(self.models))))
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no spinning between parallel regions (docs/serving.md)
         cmd = [self.python, "-m", "ts.model_server", "--foreground", "--ts-config", str(self.config_path),
                "--model-store", str(self.model_store), "--ncs"]
         if self.models:

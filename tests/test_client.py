@@ -122,6 +122,29 @@ def test_served_equals_local(server, model_path):
 
 
 @pytest.mark.serve
+def test_tissue_mask_is_the_region_the_server_used(server, model_path):
+    """``tissue_mask``: the breast mask of the decoded image (computed independently here), at its
+    size, over HTTP and in process alike; absent unless asked for."""
+    from deepminer.data.io import load_image
+    from deepminer.data.tissue import tissue_mask
+
+    img = picture(200, 150, 5)
+    expected = tissue_mask(load_image(img).pixels)
+    assert 0.2 < expected.mean() < 0.9  # a real region, neither empty nor everything
+    opts = ExplainOptions.build(unit_maps="none", tissue_mask=True)
+    with Client(server.inference_url, model=MODEL) as c:
+        served = c.explain(img, opts)
+        plain = c.explain(img)
+    for res in (served, local_explain(model_path, img, opts)):
+        region = res.tissue_region()
+        assert region is not None and region.shape == (200, 150) and region.dtype == bool
+        assert np.array_equal(region, expected)
+        assert res.input["tissue_fraction"] == pytest.approx(expected.mean(), abs=1e-4)
+        assert not res.unit_maps
+    assert plain.tissue_region() is None and "tissue_mask" not in plain.input
+
+
+@pytest.mark.serve
 def test_explain_cli_against_the_server(server, tmp_path, capsys):
     img = tmp_path / "img.png"
     img.write_bytes(picture(300, 200, 4))

@@ -104,6 +104,29 @@ def test_pr_curve_is_interpolated_precision():
     assert lesion2[region2].mean() <= curve[-1] <= curve[0] <= 1.0  # full recall: at least the prevalence
 
 
+# -- the tissue-prior baseline -------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tissue_prior_is_the_full_resolution_blur_within_0_005(seed):
+    """The prior blurred at a working resolution vs SciPy's Gaussian (reflect) of every original
+    pixel, then the mean over each cell: equal within 0.005 on phantom breast masks of several sizes."""
+    from scipy.ndimage import gaussian_filter
+
+    from deepminer.data.phantoms import render_phantom
+    from deepminer.data.tissue import tissue_mask
+    from deepminer.evaluation.methods import TISSUE_PRIOR_SIGMA, tissue_prior_map
+
+    height = [300, 512, 700, 1024][seed]
+    tissue = tissue_mask(render_phantom(seed, 0, height).image / 4095.0)
+    h, w = tissue.shape
+    full = gaussian_filter(tissue.astype(np.float64), TISSUE_PRIOR_SIGMA * max(h, w), mode="reflect", truncate=4.0)
+    for grid in ((h // 16, w // 16), (h // 32, w // 32), (7, 5)):
+        ref = cv2.resize(full.astype(np.float32), (grid[1], grid[0]), interpolation=cv2.INTER_AREA)
+        got = tissue_prior_map(tissue, grid)
+        assert got.shape == grid and 0.2 < float(got.max()) <= 1.0
+        assert np.abs(got - ref).max() < 0.005, (height, grid)
+
+
 # -- pointing game -------------------------------------------------------------------------------
 
 def test_pointing_game_tolerance_is_euclidean_in_pixels():
@@ -133,6 +156,30 @@ def test_pointing_game_peak_within_region_and_ties():
     assert loc.pointing_game(sal2, lesion, tolerance_px=0)
     with pytest.raises(InputError, match="empty"):
         loc.pointing_game(sal2, np.zeros((40, 40), bool))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_pointing_game_equals_the_dilated_lesion_on_every_path(seed):
+    """The hit test read three ways (peak-to-lesion distances, only the lesion pixels near the peaks,
+    the shared distance transform for many tied peaks x a large lesion) against its definition
+    written out independently: a maximal region pixel inside the lesion dilated by a Euclidean disc."""
+    rng = np.random.default_rng(seed)
+    h, w = 300, 260
+    yy, xx = np.mgrid[:h, :w]
+    cy, cx = rng.integers(0, h), rng.integers(0, w)
+    radius = [3, 40, 150][seed % 3]  # a small lesion, a large one (EDT with many ties), one past the edges
+    lesion = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+    region = xx < w - rng.integers(0, 40)
+    levels = [None, 3, 2][seed % 3 if seed < 9 else 0]  # quantised: hundreds to thousands of tied peaks
+    sal = loc.to_image(rng.random((6, 5)), (h, w)).astype(np.float64)
+    if levels:
+        sal = np.round(sal * levels) / levels
+    tol = float(rng.choice([0.0, 7.5, 15.0]))
+    v = np.where(region, sal, -np.inf)
+    peaks = region & (v == v.max())
+    disc = (np.mgrid[-16:17, -16:17] ** 2).sum(0) <= tol ** 2
+    expected = bool((binary_dilation(lesion, structure=disc) & peaks).any())
+    assert loc.pointing_game(sal, lesion, region, tolerance_px=tol) is expected
 
 
 # -- Otsu IoU / Dice, relevance mass, the dict --------------------------------------------------

@@ -381,16 +381,18 @@ def test_forged_header_ignored_and_canaries_nowhere(lab, tmp_path, artifacts_dir
             form = page.locator('[data-testid="stForm"]').first
             units_box = form.locator('[data-testid="stMultiSelect"]')
             option = page.get_by_role("option", name=re.compile(r"^unit \d+")).first
-            for _ in range(3):  # the dropdown closes when a rerun lands just after the click: open it again
+            for attempt in range(4):  # the dropdown closes when a rerun lands between opening it and the
+                # click on the option (the option then never comes back): open it again and click again
                 page.wait_for_function(_NOT_RUNNING, timeout=60_000)
                 units_box.locator("input").click()
                 units_box.locator("input").fill("unit")
                 try:
-                    option.wait_for(timeout=10_000)
+                    option.click(timeout=10_000)
                     break
                 except Exception:  # noqa: BLE001 - playwright's timeout: try once more
                     page.keyboard.press("Escape")
-            option.click()
+                    if attempt == 3:
+                        raise
             page.keyboard.press("Escape")
             concept = form.locator('[data-testid="stSelectbox"]')
             concept.locator("input").click()
@@ -430,7 +432,7 @@ def test_forged_header_ignored_and_canaries_nowhere(lab, tmp_path, artifacts_dir
     rec = ev.evaluate_item(dicom.stem, None, pixels, lesion, exp)
     assert rec.scores, rec.problem
     summary = ev.summary_rows([rec], n_resamples=50)
-    thumb = ev.thumb(ev.Scene.make(pixels, lesion), np.asarray(exp.cam[ev.class_index(exp, None)]))
+    thumb = ev.thumb(pixels, lesion, np.asarray(exp.cam[ev.class_index(exp, None)]))
     cases = [{"title": f"best: {rec.image_id}", "image": thumb.pixels, "lesion": thumb.lesion,
               "saliency": thumb.cam, "subtitle": "AUPRC"}]  # as the Evaluate page builds its gallery
     exports = {

@@ -25,10 +25,11 @@ def test_defaults_and_a_full_set():
     assert ExplainOptions().top_units == DEFAULTS["top_units"] == 8 and ExplainOptions().unit_maps == "top"
     mask = np.zeros((20, 10), bool)
     mask[2:5, 3:7] = True
-    raw = {"top_units": 3, "unit_maps": "all", "max_side": 512,
+    raw = {"top_units": 3, "unit_maps": "all", "max_side": 512, "tissue_mask": True,
            "sketch": base64.b64encode(mask_to_png(mask)).decode()}
     opts = ExplainOptions.parse(json.dumps(raw).encode(), num_units=32)
-    assert (opts.top_units, opts.unit_maps, opts.max_side) == (3, "all", 512)
+    assert (opts.top_units, opts.unit_maps, opts.max_side, opts.tissue_mask) == (3, "all", 512, True)
+    assert not ExplainOptions().tissue_mask and "tissue_mask" not in ExplainOptions().to_json()
     assert np.array_equal(opts.sketch_mask((20, 10)), mask)
     assert opts.sketch_mask((40, 20)).sum() == 4 * mask.sum()  # resized (nearest) to the image
     assert ExplainOptions.parse(opts.to_json()) == opts  # the client's JSON parses back to the same options
@@ -39,7 +40,8 @@ def test_defaults_and_a_full_set():
     ('{"top_units": 3', "options: malformed JSON"),
     ("[1, 2]", "options: expected a JSON object, got list"),
     (b"\xff\xfe", "options: not UTF-8"),
-    ({"colour": "red"}, "options: unknown option(s) colour (known: top_units, unit_maps, sketch, max_side, methods, target, ablate)"),
+    ({"colour": "red"}, "options: unknown option(s) colour (known: top_units, unit_maps, sketch, max_side, methods, target, tissue_mask, ablate)"),
+    ({"tissue_mask": "yes"}, "options.tissue_mask: 'yes' is not of type 'boolean'"),
     ({"top_units": 0}, "options.top_units: 0 is less than the minimum of 1"),
     ({"top_units": True}, "options.top_units: True is not of type 'integer'"),
     ({"top_units": 2.5}, "options.top_units: 2.5 is not of type 'integer'"),

@@ -77,16 +77,18 @@ def decode_mask(data: bytes, shape: Sequence[int]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Scene:
-    """One image prepared for scoring: its pixels (at most :data:`EVAL_SIDE`), breast region and
-    lesion, and the engine's :class:`~deepminer.evaluation.localization.LesionTarget` of them."""
+    """One image prepared for scoring, at most :data:`EVAL_SIDE` long: its breast region and lesion,
+    the engine's :class:`~deepminer.evaluation.localization.LesionTarget` of them, and its pixels
+    when they were decoded here (None when the server's region was used: :meth:`of_region`)."""
 
-    pixels: np.ndarray
+    pixels: np.ndarray | None
     tissue: np.ndarray
     lesion: np.ndarray
     target: Any
 
     @classmethod
     def make(cls, pixels: np.ndarray, lesion: np.ndarray) -> Scene:
+        """From the pixels (the breast region computed here, as the server does)."""
         from deepminer.data.tissue import tissue_mask
         from deepminer.evaluation.localization import LesionTarget
 
@@ -95,9 +97,23 @@ class Scene:
         les = lesion_mask(lesion, px.shape[:2])
         return cls(px, tissue, les, LesionTarget.make(les, tissue))
 
+    @classmethod
+    def of_region(cls, region: np.ndarray, lesion: np.ndarray) -> Scene:
+        """From the breast region the server explained the image in
+        (:meth:`~deepminer.explanation.Explanation.tissue_region`, the image's size; brought to at
+        most :data:`EVAL_SIDE` like :func:`load_pixels`, nearest): no decoding here."""
+        from deepminer.evaluation.localization import LesionTarget
+        from deepminer.geometry import fit_size
+
+        h, w = region.shape
+        shape = fit_size(h, w, EVAL_SIDE)
+        tissue = lesion_mask(region, shape)
+        les = lesion_mask(lesion, shape)
+        return cls(None, tissue, les, LesionTarget.make(les, tissue))
+
     @property
     def shape(self) -> tuple[int, int]:
-        return int(self.pixels.shape[0]), int(self.pixels.shape[1])
+        return int(self.tissue.shape[0]), int(self.tissue.shape[1])
 
     @property
     def scorable(self) -> bool:
@@ -206,12 +222,16 @@ def load_mask(path: Path, shape: Sequence[int]) -> np.ndarray:
     return decode_mask(Path(path).read_bytes(), shape)
 
 
-def evaluate_item(image_id: str, label: str | None, pixels: np.ndarray, lesion: np.ndarray, exp: Explanation,
+def evaluate_item(image_id: str, label: str | None, pixels: np.ndarray | None, lesion: np.ndarray, exp: Explanation,
                   extra: Mapping[str, np.ndarray] | None = None, *, cls: str | None = None,
                   scene: Scene | None = None) -> ImageRecord:
     """Score one image: CAM, probability map, ``extra`` maps (peers, on the CAM grid) and the two
-    baselines, for class ``cls`` (None: the prediction). ``scene``: the image already prepared."""
-    scene = scene or Scene.make(pixels, lesion)
+    baselines, for class ``cls`` (None: the prediction). ``scene``: the image already prepared
+    (then ``pixels`` may be None)."""
+    if scene is None:
+        if pixels is None:
+            raise ValueError("evaluate_item: pixels or a scene")
+        scene = Scene.make(pixels, lesion)
     i = class_index(exp, cls)
     rec = ImageRecord(image_id, label, exp.prediction, exp.classes[i])
     if not scene.scorable:
@@ -381,15 +401,22 @@ class Thumb:
     cam: np.ndarray
 
 
-def thumb(scene: Scene, cam: np.ndarray, side: int = 256) -> Thumb:
+def thumb(pixels: np.ndarray, lesion: np.ndarray, cam: np.ndarray, side: int = 256) -> Thumb:
+    """The gallery's small copy of an image (at most ``side`` long), its lesion and its CAM."""
     from PIL import Image
 
     from deepminer.geometry import fit_size
 
-    h, w = scene.shape
+    h, w = pixels.shape[:2]
     nh, nw = fit_size(h, w, side)
-    px = np.asarray(Image.fromarray(scene.pixels.astype(np.float32), mode="F").resize((nw, nh), Image.Resampling.BOX))
-    return Thumb(px, lesion_mask(scene.lesion, (nh, nw)), np.asarray(cam, np.float32))
+    px = np.asarray(Image.fromarray(np.asarray(pixels, np.float32), mode="F").resize((nw, nh), Image.Resampling.BOX))
+    return Thumb(px, lesion_mask(lesion, (nh, nw)), np.asarray(cam, np.float32))
+
+
+def thumb_of(item: Any, cam: np.ndarray) -> Thumb:
+    """:func:`thumb` of a set's item (its image and mask files decoded now)."""
+    pixels = load_pixels(item.image)
+    return thumb(pixels, load_mask(item.mask, pixels.shape[:2]), cam)
 
 
 @dataclass
@@ -431,7 +458,8 @@ class SetRun:
     target: str  #: "prediction" or "label"
     dataset: dict[str, Any]
     records: list[ImageRecord] = field(default_factory=list)
-    thumbs: dict[str, Thumb] = field(default_factory=dict)
+    cams: dict[str, np.ndarray] = field(default_factory=dict)  #: the explained class's CAM of each scored image
+    thumbs: dict[str, Thumb] = field(default_factory=dict)  #: made for the best/worst cases only, at the end
     model: dict[str, Any] = field(default_factory=dict)
     done: int = 0
     running: bool = True

@@ -68,11 +68,17 @@ def tissue_fraction(mask: np.ndarray) -> float:
 def keep_tissue(pixels: np.ndarray) -> tuple[np.ndarray, float]:
     """Zero everything outside the breast (background, labels, film borders) and return the result
     with the tissue fraction. An image where no tissue is found is returned unchanged (fraction 0)."""
+    kept, fraction, _ = tissue_region(pixels)
+    return kept, fraction
+
+
+def tissue_region(pixels: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+    """:func:`keep_tissue` and the mask it kept: ``(pixels, fraction, mask)``."""
     mask = tissue_mask(pixels)
     fraction = tissue_fraction(mask)
     if fraction > 0:
         pixels = np.multiply(pixels, mask, dtype=np.float32)
-    return pixels, fraction
+    return pixels, fraction, mask
 
 
 def _mask_work(small: np.ndarray) -> np.ndarray:

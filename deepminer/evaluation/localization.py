@@ -132,9 +132,15 @@ def _pr_curve(steps: tuple[np.ndarray, np.ndarray, int], grid: np.ndarray) -> np
 def _pointing(inside: np.ndarray, t: LesionTarget, tolerance_px: float) -> bool:
     flat = t.index[inside == inside.max()]  # the peak's pixels (ties: all of them)
     peaks = np.stack(np.divmod(flat, t.lesion.shape[1]), axis=1)
-    if peaks.shape[0] * t.coords.shape[0] <= 50_000:  # few peaks x lesion pixels: distances directly (else the
+    # only lesion pixels in the peaks' bounding box widened by the tolerance can be within it of a peak
+    r = int(np.ceil(tolerance_px))
+    lo, hi = peaks.min(axis=0) - r, peaks.max(axis=0) + r
+    near = t.coords[((t.coords >= lo) & (t.coords <= hi)).all(axis=1)]
+    if near.shape[0] == 0:
+        return False
+    if peaks.shape[0] * near.shape[0] <= 50_000:  # few peaks x lesion pixels: distances directly (else the
         # distance transform, computed once per target and shared by every map scored against it)
-        d2 = ((peaks[:, None, :] - t.coords[None, :, :]) ** 2).sum(-1)
+        d2 = ((peaks[:, None, :] - near[None, :, :]) ** 2).sum(-1)
         return bool(d2.min() <= float(tolerance_px) ** 2)
     return bool((t.distance()[peaks[:, 0], peaks[:, 1]] <= float(tolerance_px)).any())
 

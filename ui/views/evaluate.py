@@ -230,29 +230,35 @@ def _work(item, methods: tuple[str, ...], target: str, predict, explain_methods)
     else:
         exp = predict(data)
     waited = time.perf_counter() - t0
-    pixels = ev.load_pixels(item.image)
-    lesion = ev.load_mask(item.mask, pixels.shape[:2])
+    region = exp.tissue_region()  # the breast region the server used: no decoding here (else decode)
+    if region is not None:
+        lesion = ev.load_mask(item.mask, region.shape)
+        scene = ev.Scene.of_region(region, lesion)
+    else:
+        pixels = ev.load_pixels(item.image)
+        lesion = ev.load_mask(item.mask, pixels.shape[:2])
+        scene = ev.Scene.make(pixels, lesion)
     cls = wanted if wanted in exp.classes else None
-    scene = ev.Scene.make(pixels, lesion)
-    rec = ev.evaluate_item(item.image_id, item.label, pixels, lesion, exp, extra, cls=cls, scene=scene)
+    rec = ev.evaluate_item(item.image_id, item.label, None, lesion, exp, extra, cls=cls, scene=scene)
     rec.seconds = time.perf_counter() - t0
-    th = ev.thumb(scene, exp.cam[ev.class_index(exp, cls)]) if rec.scores else None
-    return rec, th, dict(exp.model or {}), waited
+    cam = np.asarray(exp.cam[ev.class_index(exp, cls)], np.float32) if rec.scores else None
+    return rec, cam, dict(exp.model or {}), waited
 
 
 def _callers():
     """``predict(data)`` and ``explain_methods(data, methods, target)`` that touch no Streamlit (thread-safe)."""
+    from deepminer.options import ExplainOptions
+
     s = state.settings()
+    # what scoring needs: the maps and the breast region the server used (no unit maps)
+    opts = ExplainOptions.build(max_side=s.max_side, unit_maps="none", tissue_mask=True)
     if s.backend == "local":
         from deepminer.client import local_explain
 
-        return (lambda d: local_explain(s.model_path, d, max_side=s.max_side, name=s.model),
-                lambda d, m, t: local_explain(s.model_path, d, max_side=s.max_side, name=s.model, methods=m, target=t))
-    from deepminer.options import ExplainOptions
-
+        return (lambda d: local_explain(s.model_path, d, opts, name=s.model),
+                lambda d, m, t: local_explain(s.model_path, d, opts, name=s.model, methods=m, target=t))
     c = state.client()
-    return (lambda d: c.explain(d, max_side=s.max_side),
-            lambda d, m, t: c.explain_methods(d, m, target=t, options=ExplainOptions.build(max_side=s.max_side)))
+    return (lambda d: c.explain(d, opts), lambda d, m, t: c.explain_methods(d, m, target=t, options=opts))
 
 
 @st.cache_resource(show_spinner=False)
@@ -279,7 +285,7 @@ def _advance(run: ev.SetRun, bar) -> None:
             fut = pending.pop(run.done)
             item = run.items[run.done]
             try:
-                rec, th, model, waited = fut.result()
+                rec, cam, model, waited = fut.result()
             except DeepMinerError as err:
                 f = state.failure_of(err)
                 msg = f.message if f is not None else render.md_escape(err)
@@ -287,11 +293,11 @@ def _advance(run: ev.SetRun, bar) -> None:
                         or getattr(err, "status", 400) == 401:
                     run.error, run.running = msg, False
                     break
-                rec, th, model, waited = ev.ImageRecord(item.image_id, item.label, problem=str(err).splitlines()[0]), \
+                rec, cam, model, waited = ev.ImageRecord(item.image_id, item.label, problem=str(err).splitlines()[0]), \
                     None, {}, 0.0
             run.records.append(rec)
-            if th is not None:
-                run.thumbs[rec.image_id] = th
+            if cam is not None:
+                run.cams[rec.image_id] = cam
             run.model = run.model or model
             run.request_s += waited
             run.done += 1
@@ -310,10 +316,23 @@ def _advance(run: ev.SetRun, bar) -> None:
     finally:
         for f in pending.values():
             f.cancel()
-        if not run.running:
-            es = sess.eval_set
-            if isinstance(es, ev.EvalSet) and es.kind == "zip":
-                es.cleanup()  # the extracted zip is not needed any more (Run extracts it again)
+
+
+def _finish(run: ev.SetRun, cases: list) -> None:
+    """After a run: the best/worst cases' thumbnails (their files decoded now, once), then the
+    extracted zip removed (Run extracts it again)."""
+    if run.running:
+        return
+    es = sess.eval_set
+    by_id = {it.image_id: it for it in run.items}
+    for r in cases:
+        if r.image_id not in run.thumbs and r.image_id in run.cams and r.image_id in by_id:
+            try:
+                run.thumbs[r.image_id] = ev.thumb_of(by_id[r.image_id], run.cams[r.image_id])
+            except (OSError, DeepMinerError):  # the files are gone (a new zip): no picture, the numbers stay
+                pass
+    if isinstance(es, ev.EvalSet) and es.kind == "zip":
+        es.cleanup()
 
 
 @st.cache_resource(show_spinner=False)
@@ -326,6 +345,15 @@ def _warm() -> bool:
     from deepminer.data.tissue import tissue_mask
 
     tissue_mask(np.zeros((64, 64), np.float32))
+    # plotly's figure classes and the colour map build their tables on first use (~0.3 s)
+    import plotly.io as pio
+
+    from deepminer.evaluation.localization import RECALL_GRID
+
+    row = {"method": "cam", "metric": "auprc", "mean": 0.5, "lo": 0.4, "hi": 0.6, "baseline": False}
+    for fig in (render.metric_interval_bars([row], "auprc"), render.pr_lines({"cam": RECALL_GRID}, RECALL_GRID)):
+        pio.to_json(fig)
+    render.heat_overlay(np.zeros((8, 8), np.float32), np.zeros((2, 2), np.float32))
     return True
 
 
@@ -380,10 +408,12 @@ def a_set() -> None:
             st.error(render.md_escape(problem))
         run = sess.eval_run
     if run is not None and run.running:
-        b2.button("Cancel", key=K.EVAL_CANCEL, on_click=_on_cancel)
-        bar = st.progress(run.done / max(1, run.total), text=f"{run.done} of {run.total} images")
+        cancel, bar = b2.empty(), st.empty()
+        cancel.button("Cancel", key=K.EVAL_CANCEL, on_click=_on_cancel)
+        bar.progress(run.done / max(1, run.total), text=f"{run.done} of {run.total} images")
         _advance(run, bar)
-        st.rerun()  # draw the results without the Cancel button
+        cancel.empty()  # the results follow in this same run (a rerun would draw the page again first)
+        bar.empty()
     if run is not None:
         _results(run)
 
@@ -396,6 +426,8 @@ def _results(run: ev.SetRun) -> None:
     if run.cancelled:
         st.warning(f"Cancelled after {run.done} of {run.total} images: the results below are partial.")
     scored = [r for r in run.records if r.scores]
+    best, worst = ev.best_worst(scored)
+    _finish(run, best + worst)
     per = run.elapsed_s / max(1, run.done)
     st.caption(f"Evaluated {run.done} images in {run.elapsed_s:.2f} s ({per * 1000:.0f} ms per image; "
                f"{run.request_s:.2f} s waiting for the model server)")
@@ -416,7 +448,6 @@ def _results(run: ev.SetRun) -> None:
         cols[i % 3].plotly_chart(render.metric_interval_bars(summary, metric, _names()), key=f"eval_bars_{metric}")
     cols[len(ev.METRICS) % 3].plotly_chart(render.pr_lines(ev.mean_pr(scored), RECALL_GRID, _names(), ev.BASELINES),
                                            key="eval_pr")
-    best, worst = ev.best_worst(scored)
     cases = []
     if best:
         st.subheader("Best and worst cases (CAM AUPRC)")
@@ -431,8 +462,9 @@ def _results(run: ev.SetRun) -> None:
                 caps.append(f"{tag}: {r.image_id} · AUPRC {r.scores['cam']['auprc']:.2f}")
                 cases.append({"title": f"{tag}: {r.image_id}", "image": t.pixels, "lesion": t.lesion,
                               "saliency": _unit(t.cam), "subtitle": f"AUPRC {r.scores['cam']['auprc']:.2f}"})
-        st.image(tiles, caption=caps, width=150, output_format="JPEG")
-        st.caption("Green outline: the ground truth; heat: the CAM of the explained class.")
+        if tiles:
+            st.image(tiles, caption=caps, width=150, output_format="JPEG")
+            st.caption("Green outline: the ground truth; heat: the CAM of the explained class.")
     st.subheader("Export")
     d1, d2, d3 = st.columns(3)
     d1.download_button("Per-image CSV", ev.per_image_csv(run.records), file_name="evaluation-per-image.csv",
