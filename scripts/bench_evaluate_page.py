@@ -1,6 +1,6 @@
 """Measure the Evaluate page against plain ``/predictions`` calls (issue 12's speed target).
 
-    .venv/bin/python scripts/bench_evaluate_page.py [--images 50] [--size 512] [--model demo]
+    .venv/bin/python scripts/bench_evaluate_page.py [--images 50] [--size 512] [--model demo] [--timeout 300]
 
 Starts a real TorchServe serving ``model_store/<model>.mar`` (``make model-store`` builds it) and a real
 ``streamlit run ui/app.py`` whose "Bundled phantom test set" is a phantom set of ``--images`` images
@@ -9,7 +9,9 @@ times it from the click on Run to the summary on the page. Side by side, in the 
 ``--images`` plain ``/predictions`` calls (one after the other, as a script would) of another phantom
 set of the same size and kind. Each set is new to the server, so neither side reads the server's
 feature cache. Prints both times and their ratio (target <= 1.5) and writes them to
-``test-artifacts/bench-evaluate-page.json``. Not a test (times are never asserted); docs/bench.md.
+``test-artifacts/bench-evaluate-page.json`` (no summary within ``--timeout`` s: a screenshot of the
+page in ``test-artifacts/bench-evaluate-page-failure.png``). Not a test (times are never asserted);
+docs/bench.md.
 """
 from __future__ import annotations
 
