@@ -643,6 +643,41 @@ def test_evaluate_logic_sorting_baselines_and_intervals():
     assert doc["settings"]["dataset"] == "bundled phantoms" and len(doc["summary"]) == len(summary)
 
 
+@pytest.mark.parametrize("height", [256, 1400])
+def test_a_set_item_scores_the_same_from_the_servers_region_as_decoded_here(ui_fixture, tmp_path, height):
+    """A set run scores against the breast region the server returned (nothing decoded in the page);
+    an answer without it (a server that does not mask tissue) decodes the image here. Both give the
+    same scene and the same metrics; an image over EVAL_SIDE is brought to it the same way."""
+    from types import SimpleNamespace
+
+    from deepminer.client import local_explain
+    from deepminer.data.phantoms import PHANTOM_CONCEPTS, render_phantom, write_phantom
+    from deepminer.options import ExplainOptions
+    from ui import evaluate as ev
+
+    for sub in ("images", "lesions", *(f"masks/{c}" for c in PHANTOM_CONCEPTS)):
+        (tmp_path / sub).mkdir(parents=True)
+    row = write_phantom(tmp_path, render_phantom(7, 0, height, label="malignant"))
+    item = SimpleNamespace(image=tmp_path / row["image"], mask=tmp_path / row["lesion_mask"], image_id="p")
+    model = Path(ui_fixture["model_dir"]) / "model.pt"
+    with_region = local_explain(model, item.image, ExplainOptions.build(unit_maps="none", tissue_mask=True))
+    without = local_explain(model, item.image, unit_maps="none")
+    assert with_region.tissue_region() is not None and without.tissue_region() is None
+    a, b = ev.item_scene(item, with_region), ev.item_scene(item, without)
+    assert a.pixels is None and b.pixels is not None  # the first decoded nothing
+    assert a.shape == b.shape and max(a.shape) == min(height, ev.EVAL_SIDE)
+    assert a.lesion.any() and np.array_equal(a.lesion, b.lesion)
+    # the region: the server's mask at full size brought down nearest vs the mask of the box-resized
+    # image: equal at native size, nearly equal (edge pixels) when resized
+    agree = float((a.tissue == b.tissue).mean())
+    assert agree == 1.0 if height <= ev.EVAL_SIDE else agree > 0.995, agree
+    ra = ev.evaluate_item("p", None, None, a.lesion, with_region, scene=a).scores
+    rb = ev.evaluate_item("p", None, None, b.lesion, without, scene=b).scores
+    assert set(ra) == set(rb) == {"cam", "class_map", "random", "tissue_prior"}
+    for m in ra:
+        assert ra[m]["auprc"] == pytest.approx(rb[m]["auprc"], abs=1e-9 if height <= ev.EVAL_SIDE else 1e-3), m
+
+
 def test_evaluate_settings_folder(monkeypatch, tmp_path):
     from ui.settings import load_settings
 

@@ -222,6 +222,17 @@ def load_mask(path: Path, shape: Sequence[int]) -> np.ndarray:
     return decode_mask(Path(path).read_bytes(), shape)
 
 
+def item_scene(item: Any, exp: Explanation) -> Scene:
+    """The :class:`Scene` of a set's item (``.image``, ``.mask`` files) explained as ``exp``: from the
+    breast region the server returned (the ``tissue_mask`` option; nothing decoded here), else from
+    the image decoded here (its region computed as the server does)."""
+    region = exp.tissue_region()
+    if region is not None:
+        return Scene.of_region(region, load_mask(item.mask, region.shape))
+    pixels = load_pixels(item.image)
+    return Scene.make(pixels, load_mask(item.mask, pixels.shape[:2]))
+
+
 def evaluate_item(image_id: str, label: str | None, pixels: np.ndarray | None, lesion: np.ndarray, exp: Explanation,
                   extra: Mapping[str, np.ndarray] | None = None, *, cls: str | None = None,
                   scene: Scene | None = None) -> ImageRecord:

@@ -230,16 +230,9 @@ def _work(item, methods: tuple[str, ...], target: str, predict, explain_methods)
     else:
         exp = predict(data)
     waited = time.perf_counter() - t0
-    region = exp.tissue_region()  # the breast region the server used: no decoding here (else decode)
-    if region is not None:
-        lesion = ev.load_mask(item.mask, region.shape)
-        scene = ev.Scene.of_region(region, lesion)
-    else:
-        pixels = ev.load_pixels(item.image)
-        lesion = ev.load_mask(item.mask, pixels.shape[:2])
-        scene = ev.Scene.make(pixels, lesion)
+    scene = ev.item_scene(item, exp)
     cls = wanted if wanted in exp.classes else None
-    rec = ev.evaluate_item(item.image_id, item.label, None, lesion, exp, extra, cls=cls, scene=scene)
+    rec = ev.evaluate_item(item.image_id, item.label, None, scene.lesion, exp, extra, cls=cls, scene=scene)
     rec.seconds = time.perf_counter() - t0
     cam = np.asarray(exp.cam[ev.class_index(exp, cls)], np.float32) if rec.scores else None
     return rec, cam, dict(exp.model or {}), waited
