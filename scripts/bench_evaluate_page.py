@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         out["plain_predictions_s"] = round(per_call * args.images, 2)
         port = free_port()
         env = {**os.environ, "DEEPMINER_SERVE_URL": ts.inference_url, "DEEPMINER_MODEL": args.model,
+               "DEEPMINER_MANAGEMENT_URL": ts.management_url,
                "DEEPMINER_BACKEND": "serve", "DEEPMINER_LABELS_URL": f"sqlite:///{work / 'labels.db'}",
                "DEEPMINER_SAMPLES": str(work / "page"), "DEEPMINER_MAX_SIDE": str(args.max_side)}
         log = open(work / "streamlit.log", "wb")
