@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from ui import evaluate as ev
 from ui import logic, render, state, widgets
 
 CANVAS_MAX = (420, 520)  # width, height in CSS pixels
-LOOKAHEAD = 3  # images of a run in flight at once (calls and scoring overlap; the server queues the calls)
+LOOKAHEAD = 3  # calls of a run waiting at the server at once, whether or not earlier answers are scored yet
+AHEAD = 8  # images between the one the run waits for and the last one asked for (worker threads)
 K = state.Keys
 ONE, SET = "One image, your outline", "A set of images with masks"
 TARGETS = {"prediction": "the predicted class", "label": "the image's label (when it names a class)"}
@@ -214,21 +216,37 @@ def _start(es: ev.EvalSet, methods: tuple[str, ...], target: str) -> str | None:
     return None
 
 
-def _work(item, methods: tuple[str, ...], target: str, predict, explain_methods):
-    """One image's calls and scores (no Streamlit: runs in a worker thread)."""
+class _Answered:
+    """How many of a run's calls came back (counted by the worker threads)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            self.n += 1
+
+
+def _work(item, methods: tuple[str, ...], target: str, predict, explain_methods, answered: _Answered):
+    """One image's calls and scores (no Streamlit: runs in a worker thread); ``answered()`` once the
+    calls are back, before the scoring (the next call may go out then)."""
     t0 = time.perf_counter()
-    data = Path(item.image).read_bytes()
     requests = ev.requests_for(methods)
     extra: dict = {}
     wanted = item.label if target == "label" and item.label else None  # None: the prediction
-    if requests:
-        exp = None
-        for batch in requests:  # the peers of the explained class (the server refuses a label it does not know)
-            got = explain_methods(data, batch, wanted)
-            exp = exp or got
-            extra.update({m: got.method_maps[m] for m in batch if m in got.method_maps})
-    else:
-        exp = predict(data)
+    try:
+        data = Path(item.image).read_bytes()
+        if requests:
+            exp = None
+            for batch in requests:  # the peers of the explained class (the server refuses a label it does not know)
+                got = explain_methods(data, batch, wanted)
+                exp = exp or got
+                extra.update({m: got.method_maps[m] for m in batch if m in got.method_maps})
+        else:
+            exp = predict(data)
+    finally:
+        answered()
     waited = time.perf_counter() - t0
     scene = ev.item_scene(item, exp)
     cls = wanted if wanted in exp.classes else None
@@ -258,23 +276,32 @@ def _callers():
 def _pool():
     from concurrent.futures import ThreadPoolExecutor
 
-    return ThreadPoolExecutor(4, thread_name_prefix="deepminer-eval")
+    return ThreadPoolExecutor(AHEAD, thread_name_prefix="deepminer-eval")
 
 
 def _advance(run: ev.SetRun, bar) -> None:
-    """Process the rest of the run, image by image, the next image's calls already in flight while
-    one is scored. A click (Cancel or any widget) stops this script at its next Streamlit call; what
-    was done is kept in ``run`` and the next rerun carries on (or stops, when cancelled)."""
+    """Process the rest of the run, image by image: :data:`LOOKAHEAD` calls always waiting at the
+    server (a call goes out as soon as one comes back, while its answer is scored in a worker
+    thread), the answers taken in order. A click (Cancel or any widget) stops this script at its
+    next Streamlit call; what was done is kept in ``run`` and the next rerun carries on (or stops,
+    when cancelled)."""
+    from concurrent.futures import wait
+
     predict, explain_methods = _callers()
     pool = _pool()
     t_start = time.perf_counter() - run.elapsed_s
-    pending = {}
+    pending: dict = {}
+    answered, first, nxt = _Answered(), run.done, run.done
     shown = 0.0  # when the progress bar was last drawn (at most 4 times a second: each draw costs the browser)
     try:
         while run.running and run.done < run.total:
-            for j in range(run.done, min(run.total, run.done + LOOKAHEAD)):
-                if j not in pending:
-                    pending[j] = pool.submit(_work, run.items[j], run.methods, run.target, predict, explain_methods)
+            while nxt < run.total and nxt - run.done < AHEAD and (nxt - first) - answered.n < LOOKAHEAD:
+                pending[nxt] = pool.submit(_work, run.items[nxt], run.methods, run.target, predict, explain_methods,
+                                           answered)
+                nxt += 1
+            if not pending[run.done].done():
+                wait([pending[run.done]], timeout=0.02)  # then look again whether a call may go out
+                continue
             fut = pending.pop(run.done)
             item = run.items[run.done]
             try:
