@@ -351,8 +351,8 @@ def _finish(run: ev.SetRun, cases: list) -> None:
                 run.thumbs[r.image_id] = ev.thumb_of(by_id[r.image_id], run.cams[r.image_id])
             except (OSError, DeepMinerError):  # the files are gone (a new zip): no picture, the numbers stay
                 pass
-    if isinstance(es, ev.EvalSet) and es.kind == "zip":
-        es.cleanup()
+    if isinstance(es, ev.EvalSet) and es.kind == "zip" and es.sha256 == run.dataset.get("sha256"):
+        es.cleanup()  # the zip this run read, not one uploaded since
 
 
 @st.cache_resource(show_spinner=False)
