@@ -33,6 +33,8 @@ import numpy as np
 import pytest
 import requests
 import urllib3
+from test_ui_browser import CHROMIUM_ARGS, _free_port, _NOT_RUNNING, wait_healthy
+
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "correct horse battery"
@@ -40,18 +42,8 @@ LIMIT_MB = 2  # small, so the over-limit upload is quick; the same number in all
 CANARIES = {"PatientName": "CANARYNAME^QZXW", "PatientID": "CANARYID7731", "PatientBirthDate": "18870214",
             "AccessionNumber": "CANARYACC5521"}
 CANARY_BYTES = [b"CANARYNAME", b"QZXW", b"CANARYID7731", b"18870214", b"CANARYACC5521"]
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-_NOT_RUNNING = """() => { const a = document.querySelector('[data-testid="stApp"]');
-    return a && a.getAttribute('data-test-script-state') === 'notRunning'; }"""
 
 urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _users_cli(file: Path, *args: str, password: str | None = None) -> subprocess.CompletedProcess:
@@ -250,16 +242,7 @@ def lab(tiny_demo, tmp_path_factory):
         nginx = Nginx(ProxyConfig(ui_port=ui_port, inference_port=ts.ports["inference"], port=_free_port(),
                                   host="127.0.0.1", work=proxy_dir, users_file=users, key_file=ts.key_file,
                                   upload_mb=LIMIT_MB)).start()
-        deadline = time.monotonic() + 120
-        while True:
-            assert procs[0].poll() is None, (work / "streamlit.log").read_text(errors="replace")
-            try:
-                if requests.get(f"http://127.0.0.1:{ui_port}/_stcore/health", timeout=2).text.strip() == "ok":
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "streamlit did not come up"
-            time.sleep(0.3)
+        wait_healthy(procs[0], f"http://127.0.0.1:{ui_port}", work / "streamlit.log")
         print(f"\nlab stack (TorchServe + Streamlit + nginx) up in {time.perf_counter() - t0:.1f} s")
         yield {"url": nginx.url, "ts": ts, "work": work, "labels_url": env["DEEPMINER_LABELS_URL"],
                "streamlit_log": work / "streamlit.log", "proxy": nginx.cfg, "proxy_dir": proxy_dir}

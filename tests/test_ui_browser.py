@@ -138,6 +138,32 @@ def workbench(torchserve, model_dir, tmp_path_factory):
         yield {"url": url, "labels_url": env["DEEPMINER_LABELS_URL"], "log": work / "streamlit.log"}
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float = 120.0) -> None:
+    """Wait until the Streamlit process ``proc`` answers ``url/_stcore/health``; fails with its log
+    (``log``) when it exits first, or after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, log.read_text(errors="replace")
+        try:
+            if requests.get(f"{url}/_stcore/health", timeout=2).text.strip() == "ok":
+                return
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < deadline, "streamlit did not come up"
+        time.sleep(0.3)
+
+
+def open_workbench(pw, url: str, **page_options):
+    """Debian chromium on the workbench at ``url``, the first page drawn and idle: ``(browser, page)``
+    (``page_options``: for ``new_page``; the viewport :data:`VIEWPORT` unless given)."""
+    browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS, headless=True)
+    page = browser.new_page(**{"viewport": VIEWPORT, **page_options})
+    page.goto(url)
+    page.get_by_text("Upload a mammogram").wait_for(timeout=120_000)
+    _idle(page, 120_000)
+    return browser, page
+
+
 @contextlib.contextmanager
 def streamlit_app(env: dict, port: int, work: Path):
     """``streamlit run ui/app.py`` on 127.0.0.1:``port`` with ``env`` (log: ``work/streamlit.log``);
@@ -150,16 +176,7 @@ def streamlit_app(env: dict, port: int, work: Path):
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (work / "streamlit.log").read_text(errors="replace")
-            try:
-                if requests.get(f"{url}/_stcore/health", timeout=2).text.strip() == "ok":
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "streamlit did not come up"
-            time.sleep(0.3)
+        wait_healthy(proc, url, work / "streamlit.log")
         yield url
     finally:
         os.killpg(proc.pid, 15)
@@ -613,11 +630,7 @@ def test_silencing_units(workbench, torchserve, model_dir, artifacts_dir, tmp_pa
     assert silenced.cache_hit and silenced.timing_ms["forward"] == 0  # from the cached unit maps
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport=VIEWPORT)
-        page.goto(workbench["url"])
-        page.get_by_text("Upload a mammogram").wait_for(timeout=120_000)
-        _idle(page, 120_000)
+        browser, page = open_workbench(pw, workbench["url"])
         _upload(page, image)
         _idle(page)
         # Explain: silence the label's units
@@ -681,11 +694,7 @@ def test_out_of_domain_banner(workbench, torchserve, model_dir, artifacts_dir, t
     assert served.domain is not None and not served.domain["in_domain"], served.domain
     banner = domain_banner(served.model, served.domain)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport=VIEWPORT)
-        page.goto(workbench["url"])
-        page.get_by_text("Upload a mammogram").wait_for(timeout=120_000)
-        _idle(page, 120_000)
+        browser, page = open_workbench(pw, workbench["url"])
         _upload(page, photo, size=(512, 512))
         alert = page.locator('[data-testid="stAlert"]', has_text="Out of the model's domain")
         alert.wait_for(timeout=30_000)

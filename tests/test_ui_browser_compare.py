@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from modelfixtures import two_model_store
-from test_ui_browser import (CHROMIUM_ARGS, VIEWPORT, _after_input, _free_port, _idle, _nav, _shot, _square_mammogram,
-                             streamlit_app)
+from test_ui_browser import (_after_input, _free_port, _idle, _nav, _shot, _square_mammogram,
+                             open_workbench, streamlit_app)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.serve]
 
@@ -93,12 +93,9 @@ def test_compare_two_models_in_browser(workbench, server, models, artifacts_dir,
     store.close()
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport=VIEWPORT)
+        # the app's own navigation (a first load of /compare runs the page alone)
+        browser, page = open_workbench(pw, workbench["url"])
         try:
-            page.goto(workbench["url"])  # the app's own navigation (a first load of /compare runs the page alone)
-            page.get_by_text("Upload a mammogram").wait_for(timeout=120_000)
-            _idle(page, 120_000)
             _nav(page, "Compare")
             page.get_by_text("Compare two models").wait_for(timeout=120_000)
             _idle(page, 120_000)

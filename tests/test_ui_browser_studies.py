@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from test_ui_browser import (CHROMIUM_ARGS, VIEWPORT, _after_input, _free_port, _idle, _nav, _NOT_RUNNING, _shot,
-                             streamlit_app)
+from test_ui_browser import (_after_input, _free_port, _idle, _nav, _NOT_RUNNING, _shot,
+                             open_workbench, streamlit_app)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.serve]
 
@@ -121,11 +121,7 @@ def test_studies_page(studies_app, tiny_server, pacs, artifacts_dir, tmp_path):
                                           "uncompressed MG DICOM each, in Orthanc (DICOMweb)",
                                  "model": "tiny test model (TorchServe, batchSize 4)"}
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport=VIEWPORT)
-        page.goto(studies_app["url"])
-        page.get_by_text("Upload a mammogram").wait_for(timeout=120_000)
-        _idle(page, 120_000)
+        browser, page = open_workbench(pw, studies_app["url"])
         _nav(page, "Studies")
         page.get_by_text(re.compile(r"^Studies 1-2 at ")).wait_for(timeout=60_000)
         _idle(page)
