@@ -270,6 +270,58 @@ def test_same_arguments_same_bytes_other_seed_other_images(tmp_path):
     assert np.array_equal(np.asarray(Image.open(a / row["image"])), ph.image)
 
 
+# numpy picks SIMD kernels for its transcendental functions by CPU, glibc its libm variants (FMA or
+# not): these settings make this machine run the code a CPU without them runs (set before Python starts)
+CPU_SETTINGS = {
+    "AVX-512 off": {"NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"},
+    "x86-64-v2 baseline, no FMA": {"NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR",
+                                   "GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2,-FMA,-AVX512F,-AVX"},
+}
+_RENDER = """
+import hashlib, sys, numpy as np
+from deepminer.data import phantoms as P
+h = hashlib.sha256()
+for index, size, view in ((0, 384, "CC"), (1, 384, "MLO"), (2, 512, "MLO"), (4, 768, "CC"), (7, 300, "MLO")):
+    ph = P.render_phantom(11, index, size, view=view)
+    h.update(P.png16(ph.image))
+    h.update(ph.lesion.tobytes())
+    for name in P.PHANTOM_CONCEPTS:
+        h.update(np.packbits(ph.masks[name]).tobytes())
+# the control: numpy's own float32 functions, which do depend on the CPU
+x = np.linspace(0.01, 30, 200_001, dtype=np.float32)
+ctl = hashlib.sha256(np.arctan2(x, x[::-1]).tobytes() + np.power(x, np.float32(0.7)).tobytes()
+                     + np.tanh(x / 10).tobytes() + np.exp(-x).tobytes())
+features = np._core._multiarray_umath.__cpu_features__  # X86_V3: AVX2 + FMA; X86_V4: AVX-512 (if not disabled)
+print(h.hexdigest(), ctl.hexdigest(), " ".join(k for k in ("X86_V3", "X86_V4") if features.get(k)))
+"""
+
+
+def _render_in(env_extra: dict[str, str]) -> tuple[str, str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("NPY_DISABLE_CPU_FEATURES", "GLIBC_TUNABLES")}
+    env.update(env_extra)
+    out = subprocess.run([sys.executable, "-c", _RENDER], env=env, capture_output=True, text=True, check=True,
+                         timeout=300).stdout.split(maxsplit=2)
+    return out[0], out[1], out[2] if len(out) > 2 else ""
+
+
+@pytest.mark.slow
+def test_same_bytes_whatever_simd_kernels_the_cpu_gives():
+    """Phantoms (image bytes and every mask) rendered with this CPU's SIMD kernels equal those rendered
+    as a CPU without AVX-512, and as one with only the x86-64-v2 baseline and no FMA, would render them;
+    the control (numpy's own float32 transcendental functions) shows that the settings do change the
+    kernels on this machine, so the comparison is not vacuous."""
+    here, here_ctl, features = _render_in({})
+    for name, env in CPU_SETTINGS.items():
+        other, other_ctl, _ = _render_in(env)
+        assert other == here, f"phantom bytes differ with {name}"
+        if name.startswith("x86-64-v2") and "X86_V3" in features:
+            assert other_ctl != here_ctl, "the control: numpy's kernels should differ without AVX2"
+        if name.startswith("AVX-512") and "X86_V4" in features:
+            assert other_ctl != here_ctl, "the control: numpy's kernels should differ without AVX-512"
+
+
 def test_dataset_folder_contract(tmp_path):
     out = tmp_path / "ds"
     assert main(["phantoms", "--out", str(out), "--count", "13", "--seed", "2", "--size", "128",

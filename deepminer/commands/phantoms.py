@@ -11,7 +11,7 @@ DESCRIPTION = (
     "Write a dataset folder of phantom mammograms (16-bit PNG, 12 bits used): one CC and one MLO "
     "image per patient, masses, calcifications and architectural distortions with a pixel mask per "
     "BI-RADS concept, lesion masks, DDSM-style reports and patient-disjoint splits. The same "
-    "arguments give byte-identical files. The label rule is documented in docs/phantoms.md."
+    "arguments give byte-identical files on every x86-64 CPU. The label rule is documented in docs/phantoms.md."
 )
 
 

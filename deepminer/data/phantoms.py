@@ -33,7 +33,9 @@ images get one mass-sized tissue island more), so global statistics such as the 
 do not give the label away.
 
 **Determinism.** Every image is drawn from generators seeded by ``(seed, patient, stream)`` only, so
-images can be made in any order and the same arguments give the same bytes.
+images can be made in any order and the same arguments give the same bytes, on every x86-64 CPU: the
+transcendental functions come from :mod:`deepminer.portable_math` (numpy's own pick SIMD kernels by
+CPU and differ in the last bit between machines with and without AVX-512 or AVX2).
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ import numpy as np
 
 from deepminer import CLASSES
 from deepminer import concepts as _concepts
+from deepminer import portable_math as pm
 from deepminer.errors import InputError
 
 VIEWS = ("CC", "MLO")
@@ -293,7 +296,7 @@ def _stroke(canvas: np.ndarray, mask: np.ndarray | None, pts: np.ndarray, radii,
         px, py, dx, dy = xs - ax, ys - ay, bx - ax, by - ay
         l2 = dx * dx + dy * dy
         t = np.clip((px * dx + py * dy) / l2, 0.0, 1.0) if l2 > 1e-9 else np.zeros_like(px + py)
-        dist = np.hypot(px - t * dx, py - t * dy)
+        dist = pm.hypot(px - t * dx, py - t * dy)
         r = radii[i] + (radii[i + 1] - radii[i]) * t
         v = values[i] + (values[i + 1] - values[i]) * t
         if soft:
@@ -320,7 +323,7 @@ def _hull_region(mask: np.ndarray, pts: np.ndarray, pad: float) -> None:
     """Fill the convex hull of ``pts`` grown by ``pad`` pixels (a calcification group's region)."""
     pts = np.asarray(pts, dtype=np.float64)
     ang = np.linspace(0, 2 * np.pi, 16, endpoint=False)
-    ring = (pts[:, None, :] + pad * np.stack([np.cos(ang), np.sin(ang)], -1)[None]).reshape(-1, 2)
+    ring = (pts[:, None, :] + pad * np.stack([pm.cos(ang), pm.sin(ang)], -1)[None]).reshape(-1, 2)
     from scipy.spatial import ConvexHull
 
     try:
@@ -343,7 +346,7 @@ def _radius_fn(rng: np.random.Generator, shape: str, margin: str, r0: float):
         terms.append((n, float(rng.uniform(0.13, 0.2)), 0.0))
         terms += [(k, float(rng.normal(0, 0.02)), float(rng.normal(0, 0.02))) for k in (2, 3)]
     else:  # irregular
-        terms += [(k, float(rng.normal(0, 0.16 / k ** 0.6)), float(rng.normal(0, 0.16 / k ** 0.6)))
+        terms += [(k, float(rng.normal(0, 0.16 / pm.power(k, 0.6))), float(rng.normal(0, 0.16 / pm.power(k, 0.6))))
                   for k in range(2, 9)]
     micro = None
     if margin == "ill_defined":  # a ragged outline under the blur
@@ -356,15 +359,16 @@ def _radius_fn(rng: np.random.Generator, shape: str, margin: str, r0: float):
         t = theta - phi
         if aspect != 1.0:
             a, b = r0 * math.sqrt(aspect), r0 / math.sqrt(aspect)
-            base = a * b / np.sqrt((b * np.cos(t)) ** 2 + (a * np.sin(t)) ** 2)
+            sin_t, cos_t = pm.sincos(t)
+            base = a * b / np.sqrt((b * cos_t) ** 2 + (a * sin_t) ** 2)
         else:
             base = np.full_like(t, r0)
         f = np.ones_like(t)
         for k, ca, sa in terms:
-            f += ca * np.cos(k * t + (lob_phase if ca > 0.1 else 0.0)) + sa * np.sin(k * t)
+            f += ca * pm.cos(k * t + (lob_phase if ca > 0.1 else 0.0)) + sa * pm.sin(k * t)
         if micro is not None:
             k, amp, ph = micro
-            f += amp * (np.abs(np.sin(k * t / 2 + ph)) - 0.6)
+            f += amp * (np.abs(pm.sin(k * t / 2 + ph)) - 0.6)
         return base * np.maximum(f, 0.45)
 
     return radius
@@ -389,7 +393,7 @@ def _powerlaw_amp(gh: int, gw: int, beta: float, stretch: float = 1.0) -> np.nda
     fy = np.fft.fftfreq(gh)[:, None]
     fx = np.fft.fftfreq(gw)[None, :] * stretch
     f0 = 1.0 / max(gh, gw)
-    amp = (fx * fx + fy * fy + f0 * f0) ** (-beta / 4.0)
+    amp = pm.power(fx * fx + fy * fy + f0 * f0, -beta / 4.0)
     amp[0, 0] = 0.0
     amp *= gh * gw / np.sqrt((amp ** 2).sum())  # unit variance of the real and imaginary parts
     amp.setflags(write=False)
@@ -449,15 +453,15 @@ class _Breast:
             self.a = w * rng.uniform(0.8, 0.95) - self.cx
             self.b_up = h * rng.uniform(0.36, 0.43)
             self.b_lo = h * rng.uniform(0.36, 0.43)
-            self.alpha = math.radians(rng.uniform(-6, 6))
+            self.alpha = float(rng.uniform(-6, 6)) * math.pi / 180
         else:
             self.cx = -w * rng.uniform(0.04, 0.12)
             self.cy = h * rng.uniform(0.40, 0.47)
             self.a = w * rng.uniform(0.78, 0.92) - self.cx
             self.b_up = h * rng.uniform(0.6, 0.75)
             self.b_lo = h * rng.uniform(0.38, 0.46)
-            self.alpha = math.radians(rng.uniform(8, 20))
-        ca, sa = math.cos(self.alpha), math.sin(self.alpha)
+            self.alpha = float(rng.uniform(8, 20)) * math.pi / 180
+        ca, sa = pm.cos(self.alpha), pm.sin(self.alpha)
         dx, dy = xs - np.float32(self.cx), ys - np.float32(self.cy)
         u = dx * np.float32(ca) + dy * np.float32(sa)
         v = dy * np.float32(ca) - dx * np.float32(sa)
@@ -477,7 +481,7 @@ class _Breast:
         if b is not None:
             sl, _, _ = b
             lx, ly = _local_grid(sl)
-            dn = np.float32(self.rn) - np.hypot(lx - tx, ly - ty)
+            dn = np.float32(self.rn) - pm.hypot(lx - tx, ly - ty)
             np.maximum(d[sl], dn, out=d[sl])
             self.nipple = (sl, _smoothstep(dn / np.float32(0.5 * self.rn)))
         self.rho, self.d, self.u = rho, d, u
@@ -495,7 +499,7 @@ class _Breast:
             b = _box(self.pt / 2, self.pl / 2, max(self.pt, self.pl) / 2 + 6 * self.s, (h, w))
             sl, _, _ = b
             lx, ly = _local_grid(sl)
-            f = (lx / np.float32(self.pt)) ** gam + (ly / np.float32(self.pl)) ** gam
+            f = pm.power(lx / np.float32(self.pt), gam) + pm.power(ly / np.float32(self.pl), gam)
             edge = min(self.pt, self.pl) / (gam * 2.0 * max(self.s, 0.5))
             self.pect[sl] = np.clip(0.5 + (1 - f) * np.float32(edge), 0, 1)
             self.pect_depth[sl] = np.clip(1 - f, 0, 1)  # 0 at the muscle's edge, 1 in the corner
@@ -506,7 +510,7 @@ class _Breast:
         """Pixel position of breast coordinates (u = depth fraction along the axis, v = side -1..1)."""
         b = self.b_up if v < 0 else self.b_lo
         pu, pv = u * self.a, v * b * math.sqrt(max(0.0, 1 - u * u))
-        ca, sa = math.cos(self.alpha), math.sin(self.alpha)
+        ca, sa = pm.cos(self.alpha), pm.sin(self.alpha)
         return self.cx + pu * ca - pv * sa, self.cy + pu * sa + pv * ca
 
     def depth_at(self, x: float, y: float) -> float:
@@ -555,7 +559,7 @@ class _Canvas:
                 v = float(np.clip(v + rng.normal(0, 0.25), -0.75, 0.75))
             x, y = self.geo.point(u, v)
             rr = r if attempt < 40 else r * 0.6
-            if self.geo.free(x, y, rr) and all(math.hypot(x - tx, y - ty) > rr + tr + 4 * self.s
+            if self.geo.free(x, y, rr) and all(pm.hypot(x - tx, y - ty) > rr + tr + 4 * self.s
                                                for tx, ty, tr in self.taken):
                 self.taken.append((x, y, r))
                 return x, y
@@ -575,13 +579,13 @@ def _blob(cv: _Canvas, cx, cy, radius_fn, r0, contrast, edge, sector=None, textu
     sl, _, _ = b
     xs, ys = _local_grid(sl)
     dx, dy = xs - np.float32(cx), ys - np.float32(cy)
-    r = np.hypot(dx, dy)
-    theta = np.arctan2(dy, dx)
+    r = pm.hypot(dx, dy)
+    theta = pm.arctan2(dy, dx)
     R = radius_fn(theta).astype(np.float32)
     ew = np.full_like(R, max(edge, 0.7))
     if sector is not None:
         c0, half, extra = sector
-        dth = np.abs(np.angle(np.exp(1j * (theta - c0))))
+        dth = np.abs(pm.wrap_angle(theta - np.float32(c0)))
         ew = ew + np.float32(extra) * _smoothstep((half - dth) / (0.4 * half)).astype(np.float32)
     prof = _smoothstep(0.5 + (R + np.float32(shift) - r) / ew)
     rho = r / R
@@ -609,7 +613,7 @@ def _render_mass(cv: _Canvas, f: Finding, rng: np.random.Generator, contrast: fl
         c0 = float(rng.uniform(-np.pi, np.pi))
         half = float(rng.uniform(0.45, 0.8)) * np.pi / 2
         sector = (c0, half, 0.5 * r0)
-        ox, oy = cx + r0 * 1.05 * math.cos(c0), cy + r0 * 1.05 * math.sin(c0)
+        ox, oy = cx + r0 * 1.05 * pm.cos(c0), cy + r0 * 1.05 * pm.sin(c0)
         r1 = r0 * rng.uniform(0.6, 0.8)
         isl = _radius_fn(rng, "oval", "", r1)
         _blob(cv, ox, oy, isl, r1, contrast * rng.uniform(0.6, 0.8), 0.6 * r1, texture=0.15)
@@ -633,7 +637,7 @@ def _spicules(cv: _Canvas, rng, cx, cy, radius_fn, r0, contrast, value):
         drift = np.cumsum(rng.normal(0, 0.05, k))
         rad = rb * 0.96 + steps * (length + rb * 0.04)
         th = ang + drift * 0.5
-        pts = np.stack([cx + rad * np.cos(th), cy + rad * np.sin(th)], -1)
+        pts = np.stack([cx + rad * pm.cos(th), cy + rad * pm.sin(th)], -1)
         w0 = max(1.3 * cv.s * rng.uniform(0.9, 1.4), 0.55)
         radii = w0 * (1 - 0.75 * steps)
         vals = contrast * rng.uniform(0.55, 0.85) * (1 - 0.6 * steps)
@@ -642,7 +646,7 @@ def _spicules(cv: _Canvas, rng, cx, cy, radius_fn, r0, contrast, value):
     sl, _, _ = b
     xs, ys = _local_grid(sl)
     dx, dy = xs - np.float32(cx), ys - np.float32(cy)
-    rho = np.hypot(dx, dy) / radius_fn(np.arctan2(dy, dx)).astype(np.float32)
+    rho = pm.hypot(dx, dy) / radius_fn(pm.arctan2(dy, dx)).astype(np.float32)
     local = spic[sl] & (rho > 0.9) & cv.geo.breast[sl]
     spic[:] = False
     spic[sl] = local
@@ -660,7 +664,7 @@ def _calc_group(cv: _Canvas, f: Finding, rng: np.random.Generator, value: int):
     bright = lambda: float(rng.uniform(0.22, 0.4))  # noqa: E731 - a fresh brightness draw at each use, kept beside them
     # towards the nipple: the direction of the ducts
     nip = cv.geo.tip
-    duct = math.atan2(nip[1] - cy, nip[0] - cx)
+    duct = pm.arctan2(nip[1] - cy, nip[0] - cx)
     if t == "coarse":
         for _ in range(int(rng.integers(1, 4))):
             px, py = cx + rng.normal(0, R * 0.35), cy + rng.normal(0, R * 0.35)
@@ -673,8 +677,8 @@ def _calc_group(cv: _Canvas, f: Finding, rng: np.random.Generator, value: int):
             px, py = cx + rng.normal(0, R * 0.4), cy + rng.normal(0, R * 0.4)
             a = duct + rng.normal(0, 0.25)
             ln = rng.uniform(12, 35) * s / 2
-            pts = np.array([[px - ln * math.cos(a), py - ln * math.sin(a)],
-                            [px + ln * math.cos(a), py + ln * math.sin(a)]])
+            ca, sa = pm.cos(a), pm.sin(a)
+            pts = np.array([[px - ln * ca, py - ln * sa], [px + ln * ca, py + ln * sa]])
             _stroke(cv.calc, dots, pts, max(rng.uniform(1.6, 2.6) * s, 0.6), bright())
             centres += [tuple(p) for p in pts]
     elif t == "vascular":
@@ -683,12 +687,12 @@ def _calc_group(cv: _Canvas, f: Finding, rng: np.random.Generator, value: int):
         st = np.linspace(-R, R, k)
         wig = np.cumsum(rng.normal(0, 0.03, k))
         ang = a + wig
-        xs = cx + np.cumsum(np.r_[0, np.diff(st)] * np.cos(ang)) - R * math.cos(a)
-        ys = cy + np.cumsum(np.r_[0, np.diff(st)] * np.sin(ang)) - R * math.sin(a)
+        xs = cx + np.cumsum(np.r_[0, np.diff(st)] * pm.cos(ang)) - R * pm.cos(a)
+        ys = cy + np.cumsum(np.r_[0, np.diff(st)] * pm.sin(ang)) - R * pm.sin(a)
         path = np.stack([xs, ys], -1)
         vr = max(1.8 * s, 0.7)
         _stroke(cv.lines, None, path, vr, 0.07, soft=True)  # the vessel itself
-        nrm = np.stack([-np.sin(ang), np.cos(ang)], -1)
+        nrm = np.stack([-pm.sin(ang), pm.cos(ang)], -1)
         for side in (-1, 1):
             track = path + side * (vr + 0.6 * s) * nrm
             i = 0
@@ -711,7 +715,7 @@ def _calc_group(cv: _Canvas, f: Finding, rng: np.random.Generator, value: int):
             _stroke(cv.calc, dots, pts, max(rng.uniform(0.9, 2.2) * s, 0.5), bright())
             centres.append((px, py))
     else:  # fine_linear_branching: broken thin casts along a branching duct tree
-        stack = [(cx - R * 0.8 * math.cos(duct), cy - R * 0.8 * math.sin(duct), duct, R * 1.5, 0)]
+        stack = [(cx - R * 0.8 * pm.cos(duct), cy - R * 0.8 * pm.sin(duct), duct, R * 1.5, 0)]
         while stack:
             x, y, a, ln, depth = stack.pop()
             k = max(3, int(ln / (4 * s)))
@@ -719,7 +723,7 @@ def _calc_group(cv: _Canvas, f: Finding, rng: np.random.Generator, value: int):
             cast: list[tuple[float, float]] = [(x, y)]
             for _ in range(k):
                 a += rng.normal(0, 0.12)
-                x, y = x + step * math.cos(a), y + step * math.sin(a)
+                x, y = x + step * pm.cos(a), y + step * pm.sin(a)
                 cast.append((x, y))
             pts = np.array(cast)
             i = 0
@@ -758,7 +762,7 @@ def _render_distortion(cv: _Canvas, f: Finding, rng: np.random.Generator, value:
         steps = np.linspace(0, 1, 6)
         r = R * 0.08 + steps * ln
         th = ang + np.cumsum(rng.normal(0, 0.04, 6))
-        pts = np.stack([cx + r * np.cos(th), cy + r * np.sin(th)], -1)
+        pts = np.stack([cx + r * pm.cos(th), cy + r * pm.sin(th)], -1)
         _stroke(cv.lines, None, pts, max(1.0 * cv.s, 0.5) * (1 - 0.6 * steps),
                 float(rng.uniform(0.09, 0.14)) * (1 - 0.5 * steps))
         ends.append(pts[-1])
@@ -780,8 +784,8 @@ def _pull(img: np.ndarray, cx: float, cy: float, R: float, k: float) -> None:
     sl, _, _ = b
     xs, ys = _local_grid(sl)
     dx, dy = xs - np.float32(cx), ys - np.float32(cy)
-    r = np.hypot(dx, dy)
-    g = 1 + k * np.exp(-(r / (0.7 * R)) ** 2)
+    r = pm.hypot(dx, dy)
+    g = 1 + k * pm.exp(-(r / np.float32(0.7 * R)) ** 2)
     sy = np.broadcast_to(cy + dy * g, r.shape)
     sx = np.broadcast_to(cx + dx * g, r.shape)
     img[sl] = map_coordinates(img, [sy, sx], order=1, mode="nearest")
@@ -796,7 +800,7 @@ def _vessels(cv: _Canvas, rng: np.random.Generator) -> None:
             y = max(y, geo.pl * 0.9)
         if geo.depth_at(x, y) <= 0:
             continue
-        a = math.atan2(geo.tip[1] - y, geo.tip[0] - x) + rng.normal(0, 0.25)
+        a = pm.arctan2(geo.tip[1] - y, geo.tip[0] - x) + rng.normal(0, 0.25)
         step = 10 * s + 1
         n = int(geo.w * rng.uniform(0.5, 0.9) / step)
         trail = [(x, y)]
@@ -804,7 +808,7 @@ def _vessels(cv: _Canvas, rng: np.random.Generator) -> None:
         for _ in range(n):
             turn = 0.8 * turn + rng.normal(0, 0.07)
             a += turn
-            x, y = x + step * math.cos(a), y + step * math.sin(a)
+            x, y = x + step * pm.cos(a), y + step * pm.sin(a)
             if geo.depth_at(x, y) < 3 * s:
                 break
             trail.append((x, y))
@@ -855,11 +859,12 @@ def render_phantom(seed: int, index: int, size: int = 1024, label: str | None = 
     field_ = n1 + np.float32(1.6) * env
     sub = field_[::4, ::4][geo.breast[::4, ::4]]
     thr = np.quantile(sub, 1 - pat.dense_fraction) if sub.size else 0.0
-    gland = 0.5 * (1 + np.tanh((field_ - np.float32(thr)) / np.float32(0.5)))
+    gland = 0.5 * (1 + pm.tanh((field_ - np.float32(thr)) / np.float32(0.5)))
     base = np.float32(pat.fat) + np.float32(pat.gland - pat.fat) * gland
     base += np.float32(0.03) * t1 * (0.3 + gland)
     # where the tissue is thickest the layers add up: dense cores are brighter still
-    base += np.float32(pat.core) * np.maximum(field_ - np.float32(thr) - np.float32(0.4), 0) ** 1.5
+    excess = np.maximum(field_ - np.float32(thr) - np.float32(0.4), np.float32(0))
+    base += np.float32(pat.core) * excess * np.sqrt(excess)  # excess ** 1.5 (sqrt is exact on every CPU)
 
     # the findings, then unreported islands and specks (for every label)
     findings = pat.findings
@@ -889,12 +894,12 @@ def render_phantom(seed: int, index: int, size: int = 1024, label: str | None = 
         _pull(tissue, cx, cy, R, k)
     tissue += cv.calc
     # thickness fall-off towards the skin, the skin line, and the pectoral muscle
-    thick = _smoothstep(geo.d / np.float32(geo.w * 0.07)) ** np.float32(0.7)
+    thick = pm.power(_smoothstep(geo.d / np.float32(geo.w * 0.07)), np.float32(0.7))
     img = tissue * thick
     if geo.nipple is not None:
         sl, prof = geo.nipple
         img[sl] = np.maximum(img[sl], np.float32(pat.fat * 0.55) * prof)
-    skin = np.exp(-((geo.d - np.float32(1.3 * geo.s + 0.3)) / np.float32(1.1 * geo.s + 0.4)) ** 2)
+    skin = pm.exp(-((geo.d - np.float32(1.3 * geo.s + 0.3)) / np.float32(1.1 * geo.s + 0.4)) ** 2)
     img += np.float32(0.09) * skin * (geo.d > -1.5)
     if view == "MLO":
         p = geo.pect
