@@ -41,7 +41,7 @@ def _planted() -> dict[str, frozenset[str]]:
     dist = ph._CALC_DISTRIBUTION  # the generator's calcification type -> distributions table
     findings = (
         # masses: benign-looking = benign shape + benign margin; malignant-looking = irregular or a
-        # benign shape, with a malignant margin (phantoms._draw_finding)
+        # benign shape, with a malignant margin (phantom_findings._draw_finding)
         [ph.Finding("mass", "benign", 0.1, 0.5, 0.0, 0, shape=s, margin=m)
          for s in ph.BENIGN_SHAPES for m in ph.BENIGN_MARGINS]
         + [ph.Finding("mass", "malignant", 0.1, 0.5, 0.0, 0, shape=s, margin=m)
