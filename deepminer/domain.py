@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from deepminer.atomic import atomic_file
 from deepminer.errors import InputError
 
 METHOD = "mahalanobis"  #: the score's name in ``input.domain.method``
@@ -131,9 +132,8 @@ class DomainModel:
                 "residual_variance": float(self.residual_variance), "threshold": float(self.threshold),
                 "percentile": float(self.percentile), "weights_sha256": str(self.weights_sha256),
                 "fit": dict(self.fit)}
-        tmp = path.with_name(f".{path.name}.partial")
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as fh:
+            torch.save(blob, fh)
         return path
 
     @classmethod
@@ -329,6 +329,6 @@ def _write_features(path: str | os.PathLike, ident: Mapping[str, Any], train: np
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial.npz")
-    np.savez(tmp, ident=np.array(json.dumps(dict(ident))), train=train.astype(np.float32), val=val.astype(np.float32))
-    os.replace(tmp, path)
+    with atomic_file(path) as fh:
+        np.savez(fh, ident=np.array(json.dumps(dict(ident))), train=train.astype(np.float32),
+                 val=val.astype(np.float32))

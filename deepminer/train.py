@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from deepminer import CLASSES
-from deepminer.data.dataset import atomic_file
+from deepminer.atomic import atomic_file
 from deepminer.errors import InputError
 from deepminer.metrics import classification_report, histogram_baseline, nan_to_none, pauc_at_tpr
 from deepminer.runtime import resolve_device

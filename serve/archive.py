@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import deepminer
+from deepminer.atomic import atomic_path
 from deepminer.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,9 +181,8 @@ def build_mar(model: str | os.PathLike, out_dir: str | os.PathLike, *, name: str
         if proc.returncode != 0 or not built.is_file():
             msg = (proc.stderr or proc.stdout).strip().splitlines()
             raise InputError(f"torch-model-archiver failed: {msg[-1] if msg else proc.returncode}")
-        tmp_target = out_dir / f".{name}.mar.partial"
-        shutil.move(str(built), tmp_target)
-        os.replace(tmp_target, target)
+        with atomic_path(target, suffix=".partial") as tmp_target:
+            shutil.move(str(built), tmp_target)
     return target
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from deepminer.atomic import atomic_file
 from deepminer.errors import InputError
 
 FORMAT = "deepminer-atlas-ablation/1"
@@ -188,9 +189,8 @@ def atlas_ablation(model: Any, atlas_dir: str | os.PathLike, data: str | os.Path
         "timing_s": round(time.perf_counter() - t0, 2),
     }
     out = Path(atlas_dir) / FILE
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(out)
+    with atomic_file(out, "w") as fh:
+        fh.write(json.dumps(result, indent=1) + "\n")
     return result
 
 

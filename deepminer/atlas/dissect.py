@@ -379,7 +379,7 @@ def dissect(model, data: str | os.PathLike, split: str = "test", out: str | os.P
 
 def _write_atlas(out: Path, meta: dict, arrays: dict[str, Any], refs_out) -> None:
     """The three atlas files, staged beside ``out`` and moved into place; a one-line error if not."""
-    from deepminer.data.dataset import staged_output
+    from deepminer.atomic import staged_output
 
     try:
         with staged_output(out) as stage:

@@ -74,7 +74,7 @@ def _write_outputs(res: Explanation, image_bytes: bytes, out: Path, max_side: in
     import numpy as np
     from PIL import Image
 
-    from deepminer.data.dataset import staged_output
+    from deepminer.atomic import staged_output
     from deepminer.data.io import load_image
     from deepminer.geometry import fit_size
     from deepminer.overlay import heat_overlay

@@ -318,7 +318,8 @@ def import_cbis(root: str | os.PathLike, out: str | os.PathLike, *, val_fraction
     from tqdm import tqdm
 
     from deepminer.concepts import concepts_from_report
-    from deepminer.data.dataset import staged_output, write_manifest
+    from deepminer.atomic import staged_output
+    from deepminer.data.dataset import write_manifest
 
     root, out = Path(root), Path(out)
     if out.exists() and not overwrite:
