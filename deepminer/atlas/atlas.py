@@ -107,7 +107,7 @@ class Atlas:
     @property
     def mask_fraction(self) -> np.ndarray | None:
         """``[K]``: the mean share of a reference patch inside each unit's mask, over all references
-        (:func:`deepminer.atlas.dissect.mask_sizes`); None for an atlas dissected before it existed."""
+        (:func:`deepminer.atlas.stats.mask_sizes`); None for an atlas dissected before it existed."""
         v = self.arrays.get("mask_fraction")
         return None if v is None else np.asarray(v, dtype=np.float32)
 
@@ -117,7 +117,7 @@ class Atlas:
         size); computed from the stored gallery maps for an atlas dissected before it was stored."""
         v = self.arrays.get("roi_fraction")
         if v is None:
-            from deepminer.atlas.dissect import mask_sizes
+            from deepminer.atlas.stats import mask_sizes
 
             import torch
 
