@@ -131,7 +131,8 @@ class Atlas:
     def _cls(self, cls: str | int) -> int:
         return class_index(self.classes, cls)
 
-    def _unit(self, unit: int) -> int:
+    def _checked_unit(self, unit: int) -> int:
+        """``unit`` as an int, checked to be a unit of this atlas (0..K-1)."""
         if not 0 <= int(unit) < self.num_units:
             raise InputError(f"unit {unit} out of range 0..{self.num_units - 1}")
         return int(unit)
@@ -153,7 +154,7 @@ class Atlas:
     # -- galleries -------------------------------------------------------------------------------
     def topk(self, unit: int) -> list[TopPatch]:
         """The unit's top-activating reference patches, highest activation first."""
-        u = self._unit(unit)
+        u = self._checked_unit(unit)
         out = []
         for r, (ref, act) in enumerate(zip(self.arrays["topk_index"][u], self.arrays["topk_activation"][u])):
             row = self.references.iloc[int(ref)]
@@ -173,7 +174,7 @@ class Atlas:
         from deepminer.data.io import load_image
         from deepminer.explain.units import unit_masks
 
-        u = self._unit(unit)
+        u = self._checked_unit(unit)
         root = Path(data_root or self.meta["data"]["folder"])
         entries = self.topk(u)[:k]
         maps = self.arrays["topk_maps"][u].astype(np.float32)
@@ -199,7 +200,7 @@ class Atlas:
     def suggested_label(self, unit: int) -> tuple[str, float] | None:
         """``(concept, IoU)`` of the unit's best concept, or None when the data set had no concept
         masks or the best IoU is below ``min_label_iou`` (0.04, Network Dissection)."""
-        u = self._unit(unit)
+        u = self._checked_unit(unit)
         if not self.concepts:
             return None
         row = self.iou[u]
