@@ -88,10 +88,9 @@ def _shrink(pixels: np.ndarray, max_side: int | None) -> np.ndarray:
 
 def model_input(pixels: np.ndarray, max_side: int | None) -> bytes:
     """The image the model is sent: fitted (area) to ``max_side``, as a 16-bit PNG (16 bits used)."""
-    from deepminer.data.phantoms import png16
+    from deepminer.data.io import png16_of_pixels
 
-    a = _shrink(pixels, max_side)
-    return png16(np.clip(np.rint(a * 65535.0), 0, 65535).astype(np.uint16), bits=16)
+    return png16_of_pixels(_shrink(pixels, max_side))
 
 
 def _decode(v: View, max_side: int | None = None) -> View:

@@ -372,7 +372,7 @@ def _write_image(stage: Path, im: CbisImage, path: Path, rois: dict, per_abn: di
     from PIL import Image
 
     from deepminer.data.io import load_image
-    from deepminer.data.phantoms import png16
+    from deepminer.data.io import png16
 
     loaded = load_image(path)
     bits = min(16, max(1, loaded.bits_stored))
