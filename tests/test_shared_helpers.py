@@ -57,3 +57,28 @@ def test_png16_of_pixels_hand_worked():
     assert png_sbit(data) == 16
     tiled = np.tile(pixels, (11, 16))
     assert np.abs(load_image(png16_of_pixels(tiled)).pixels - np.clip(tiled, 0, 1)).max() <= 1 / 131070 + 1e-7
+
+
+def test_fit_image_sizes_dtype_and_never_enlarges():
+    from deepminer.geometry import fit_image, fit_size
+
+    a = np.linspace(0, 1, 300 * 200, dtype=np.float64).reshape(300, 200)
+    got = fit_image(a, 128)
+    assert got.shape == fit_size(300, 200, 128) == (128, 85) and got.dtype == np.float32
+    assert 0.0 <= got.min() and got.max() <= 1.0 and np.all(np.diff(got[:, 0]) > 0)  # a ramp stays a ramp
+    assert fit_image(a, 300) is a and fit_image(a, None) is a  # never enlarged, untouched when it fits
+
+
+def test_fit_image_reduce_first_integer_ratio_and_uint8_rgb():
+    from deepminer.geometry import fit_image
+
+    rng = np.random.default_rng(1)
+    a = rng.random((8, 12)).astype(np.float32)
+    blocks = a.reshape(2, 4, 3, 4).mean(axis=(1, 3))  # 8x12 -> 2x3: means of 4x4 blocks
+    for reduce_first in (False, True):
+        np.testing.assert_allclose(fit_image(a, 3, reduce_first=reduce_first), blocks, rtol=1e-5)
+    rgb = (rng.random((8, 12, 3)) * 255).astype(np.uint8)
+    got = fit_image(rgb, 6)
+    assert got.dtype == np.uint8 and got.shape == (4, 6, 3)
+    want = rgb.astype(np.float64).reshape(4, 2, 6, 2, 3).mean(axis=(1, 3))
+    assert np.abs(got - want).max() <= 1.0  # PIL averages 8-bit data in fixed point

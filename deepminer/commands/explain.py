@@ -71,18 +71,14 @@ def _summary(res: Explanation, image: str) -> dict:
 def _write_outputs(res: Explanation, image_bytes: bytes, out: Path, max_side: int) -> list[Path]:
     import json
 
-    import numpy as np
     from PIL import Image
 
     from deepminer.atomic import staged_output
     from deepminer.data.io import load_image
-    from deepminer.geometry import fit_size
+    from deepminer.geometry import fit_image
     from deepminer.overlay import heat_overlay
 
-    grey = load_image(image_bytes).pixels
-    h, w = fit_size(grey.shape[0], grey.shape[1], max_side)
-    if (h, w) != grey.shape:  # overlays at most max_side pixels long
-        grey = np.asarray(Image.fromarray(grey, mode="F").resize((w, h), Image.Resampling.BOX))
+    grey = fit_image(load_image(image_bytes).pixels, max_side)  # overlays at most max_side pixels long
     written = []
     with staged_output(out) as stage:
         for i, cls in enumerate(res.classes):
