@@ -36,13 +36,14 @@ import numpy as np
 
 from deepminer.atomic import atomic_file
 from deepminer.errors import InputError
+from deepminer.model_folder import DOMAIN
 
 METHOD = "mahalanobis"  #: the score's name in ``input.domain.method``
 FEATURE = "unit_max"  #: the pooled features: the explanation's per-unit max activation
 TRANSFORMS = ("sqrt", "none")  #: applied to each feature before the Gaussian (sqrt: variance-stabilising)
 DEFAULT_TRANSFORM = "sqrt"
 MIN_TISSUE = 0.01  #: an image whose tissue mask keeps less than this fraction holds no breast: out of domain
-FILE_NAME = "domain.pt"  #: the file beside ``model.pt`` (and in the .mar) the server loads
+FILE_NAME = DOMAIN  #: the file beside ``model.pt`` (and in the .mar) the server loads
 DEFAULT_PERCENTILE = 99.0  #: threshold = this percentile of the validation scores
 DEFAULT_COMPONENTS = 256  #: eigen-directions kept exactly (the rest: their mean variance)
 FORMAT = 1

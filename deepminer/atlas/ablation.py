@@ -35,9 +35,10 @@ import numpy as np
 
 from deepminer.atomic import atomic_file
 from deepminer.errors import InputError
+from deepminer.model_folder import ABLATION
 
 FORMAT = "deepminer-atlas-ablation/1"
-FILE = "ablation.json"
+FILE = ABLATION  #: ``ATLAS/ablation.json``
 TOP = 20  #: the top-k overlap reported (the atlas's top 20 units per class)
 
 

@@ -16,8 +16,8 @@ import numpy as np
 
 from deepminer.errors import InputError
 from deepminer.explanation import class_index
+from deepminer.model_folder import ATLAS_FILES, ATLAS_JSON, ATLAS_NPZ, REFERENCES
 
-ATLAS_FILES = ("atlas.json", "atlas.npz", "references.csv")
 
 
 def _box(values: Any) -> tuple[int, int, int, int]:
@@ -54,17 +54,17 @@ class Atlas:
             if not (path / name).is_file():
                 raise InputError(f"{path / name}: missing (an atlas folder needs {', '.join(ATLAS_FILES)})")
         try:
-            meta = json.loads((path / "atlas.json").read_text(encoding="utf-8"))
+            meta = json.loads((path / ATLAS_JSON).read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as err:
-            raise InputError(f"{path / 'atlas.json'}: not valid JSON ({type(err).__name__})") from None
+            raise InputError(f"{path / ATLAS_JSON}: not valid JSON ({type(err).__name__})") from None
         if not isinstance(meta, dict) or not str(meta.get("format", "")).startswith("deepminer-atlas/"):
-            raise InputError(f"{path / 'atlas.json'}: not a deepminer atlas (no 'format' deepminer-atlas/...)")
+            raise InputError(f"{path / ATLAS_JSON}: not a deepminer atlas (no 'format' deepminer-atlas/...)")
         try:
-            with np.load(path / "atlas.npz", allow_pickle=False) as z:
+            with np.load(path / ATLAS_NPZ, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         except Exception as err:  # noqa: BLE001 - a damaged npz raises zipfile, ValueError, OSError or EOFError
             raise InputError(f"{path / 'atlas.npz'}: unreadable ({type(err).__name__})") from None
-        refs = pd.read_csv(path / "references.csv", dtype={"image_id": str, "image": str})
+        refs = pd.read_csv(path / REFERENCES, dtype={"image_id": str, "image": str})
         return cls(path, meta, arrays, refs)
 
     # -- basics ----------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from deepminer import __version__
 from deepminer.atlas.stats import (TailQuantile, TopItems, coverage, influence_counts, mask_sizes, pca_2d,
                                    rank_by_frequency, sample_per_item, tail_length)
 from deepminer.errors import InputError
+from deepminer.model_folder import ATLAS_JSON, ATLAS_NPZ, REFERENCES
 from deepminer.defaults import INFLUENCE_TOP, IOU_SIZE, MEMORY_MB, MIN_LABEL_IOU, QUANTILE, TOP_UNITS, TOPK
 from deepminer.models.fcn import patch_px
 from deepminer.runtime import resolve_device
@@ -356,9 +357,9 @@ def _write_atlas(out: Path, meta: dict, arrays: dict[str, Any], refs_out) -> Non
 
     try:
         with staged_output(out) as stage:
-            np.savez_compressed(stage / "atlas.npz", **arrays)
-            refs_out.to_csv(stage / "references.csv", index=False, lineterminator="\n")
-            with open(stage / "atlas.json", "w", encoding="utf-8") as fh:
+            np.savez_compressed(stage / ATLAS_NPZ, **arrays)
+            refs_out.to_csv(stage / REFERENCES, index=False, lineterminator="\n")
+            with open(stage / ATLAS_JSON, "w", encoding="utf-8") as fh:
                 json.dump(meta, fh, indent=1)
                 fh.write("\n")
     except OSError as err:

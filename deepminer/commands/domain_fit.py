@@ -26,12 +26,13 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from deepminer.domain import DEFAULT_COMPONENTS, DEFAULT_PERCENTILE, DEFAULT_TRANSFORM, FILE_NAME, TRANSFORMS
+    from deepminer.domain import DEFAULT_COMPONENTS, DEFAULT_PERCENTILE, DEFAULT_TRANSFORM, TRANSFORMS
+    from deepminer.model_folder import DOMAIN
     from deepminer.geometry import DEFAULT_MAX_SIDE
 
     parser.add_argument("--model", required=True, help="deepminer checkpoint (e.g. model_store/demo/model.pt)")
     parser.add_argument("--data", required=True, help="dataset folder (manifest.csv with a split column)")
-    parser.add_argument("--out", default=None, help=f"file to write (None: {FILE_NAME} beside the model)")
+    parser.add_argument("--out", default=None, help=f"file to write (None: {DOMAIN} beside the model)")
     parser.add_argument("--train-split", default="train", help="split the summary is fitted on")
     parser.add_argument("--val-split", default="val", help="split the threshold is set on")
     parser.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE,
@@ -53,9 +54,9 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
 
-    from deepminer.domain import FILE_NAME
     from deepminer.errors import InputError
     from deepminer.geometry import MAX_SIDE_RANGE
+    from deepminer.model_folder import ModelFolder
 
     if not 0 < args.percentile <= 100:
         raise InputError(f"--percentile: must be in (0, 100], got {args.percentile}")
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     model = Path(args.model)
     if not model.is_file():
         raise InputError(f"{model}: no such model file")
-    out = Path(args.out) if args.out else model.parent / FILE_NAME
+    out = Path(args.out) if args.out else ModelFolder.of(model).domain
     domain = fit_dataset(model, args.data, train_split=args.train_split, val_split=args.val_split,
                          percentile=args.percentile, components=args.components, max_side=args.max_side,
                          device=args.device, limit=args.limit, features=args.features, transform=args.transform)

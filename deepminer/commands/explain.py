@@ -97,8 +97,10 @@ def _atlas_thresholds(model: str | None, atlas: str | None):
     beside ``--model``); None (half each unit's maximum) through a server or without an atlas."""
     if not model:
         return None
-    folder = Path(atlas) if atlas else Path(model).parent / "atlas"
-    if not (folder / "atlas.json").is_file():
+    from deepminer.model_folder import ModelFolder, is_atlas
+
+    folder = Path(atlas) if atlas else ModelFolder.of(model).atlas
+    if not is_atlas(folder):
         return None
     from deepminer.atlas import Atlas
 
