@@ -273,3 +273,17 @@ def test_metrics_json_is_standard_json(tiny_run):
     assert "NaN" not in text and "Infinity" not in text
     m = json.loads(text)
     assert not any(isinstance(v, float) and math.isnan(v) for v in m["epochs"][0]["val"]["auc"].values())
+
+
+def test_image_level_scores_an_image_by_its_most_malignant_patch():
+    import pandas as pd
+
+    from deepminer.model_card import fmt_number
+    from deepminer.patch_eval import image_level
+
+    table = pd.DataFrame({"image_id": ["a", "a", "b", "b", "c"]})
+    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.1, 0.7], [0.6, 0.2, 0.2], [0.5, 0.2, 0.3], [0.1, 0.1, 0.8]])
+    got = image_level(table, probs, {"a": "malignant", "b": "normal", "c": "benign"})
+    # image scores a 0.7, b 0.3, c 0.8; only a is malignant: ranked below c, above b -> AUC 1/2
+    assert got["n_images"] == 3 and got["n_positive"] == 1 and got["auc"] == 0.5
+    assert fmt_number(0.5) == "0.500" and fmt_number(float("nan")) == "n/a" and fmt_number(None) == "n/a"
