@@ -130,7 +130,7 @@ def test_cached_trunk_features_equal_the_full_forward(phantom_folder):
     from deepminer.data.patches import PatchDataset, read_patches
     from deepminer.errors import InputError
     from deepminer.models import build_model
-    from deepminer.train import CachedFeatures, _Top, freeze_before, split_features
+    from deepminer.trunk import CachedFeatures, TopOfTrunk, freeze_before, split_features
 
     torch.manual_seed(0)
     model = build_model("tiny", pretrained=False)
@@ -142,7 +142,7 @@ def test_cached_trunk_features_equal_the_full_forward(phantom_folder):
     ds = PatchDataset(phantom_folder, table, size=PATCH)
     cached = CachedFeatures(trunk, model, ds, flips=True, progress=False)
     assert tuple(cached.feats.shape[:2]) == (10, 4)
-    top = _Top(model, rest)
+    top = TopOfTrunk(model, rest)
     model.eval()
     with torch.no_grad():
         x = torch.stack([ds[i][0] for i in range(10)])
@@ -171,7 +171,7 @@ def test_train_with_cached_features_runs(phantom_folder, tmp_path):
 def test_linear_probe_trains_only_the_head(phantom_folder, tmp_path):
     """--train-from head: the backbone is frozen bit for bit, only the head moves; the card says so."""
     from deepminer.models import build_model, load_model
-    from deepminer.train import freeze_before, split_features
+    from deepminer.trunk import freeze_before, split_features
 
     run = tmp_path / "probe"
     assert main(["train", "--data", str(phantom_folder), "--arch", "tiny", "--out", str(run), "--epochs", "1",
