@@ -63,7 +63,7 @@ class Atlas:
             with np.load(path / ATLAS_NPZ, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         except Exception as err:  # noqa: BLE001 - a damaged npz raises zipfile, ValueError, OSError or EOFError
-            raise InputError(f"{path / 'atlas.npz'}: unreadable ({type(err).__name__})") from None
+            raise InputError(f"{path / ATLAS_NPZ}: unreadable ({type(err).__name__})") from None
         refs = pd.read_csv(path / REFERENCES, dtype={"image_id": str, "image": str})
         return cls(path, meta, arrays, refs)
 

@@ -36,7 +36,7 @@ from deepminer import __version__
 from deepminer.atlas.stats import (TailQuantile, TopItems, coverage, influence_counts, mask_sizes, pca_2d,
                                    rank_by_frequency, sample_per_item, tail_length)
 from deepminer.errors import InputError
-from deepminer.model_folder import ATLAS_JSON, ATLAS_NPZ, REFERENCES
+from deepminer.model_folder import ATLAS, ATLAS_JSON, ATLAS_NPZ, REFERENCES
 from deepminer.defaults import INFLUENCE_TOP, IOU_SIZE, MEMORY_MB, MIN_LABEL_IOU, QUANTILE, TOP_UNITS, TOPK
 from deepminer.models.fcn import patch_px
 from deepminer.runtime import resolve_device
@@ -320,7 +320,7 @@ def profile_batch(net, x: torch.Tensor, state: ProfileState) -> torch.Tensor:
     return pred
 
 
-def dissect(model, data: str | os.PathLike, split: str = "test", out: str | os.PathLike = "atlas", *,
+def dissect(model, data: str | os.PathLike, split: str = "test", out: str | os.PathLike = ATLAS, *,
             quantile: float = QUANTILE, topk: int = TOPK, batch_size: int = 32,
             device: str | torch.device | None = None, patch_size: int | None = None,
             patches: str | os.PathLike | None = None, iou_size: int = IOU_SIZE, memory_mb: float = MEMORY_MB,
