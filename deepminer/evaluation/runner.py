@@ -380,7 +380,7 @@ def run_images(ctx: Context, *, progress: bool = True,
 
 def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run everything and write the report folder; returns ``report.json``'s content."""
-    from deepminer.data.dataset import staged_output
+    from deepminer.atomic import staged_output
     from deepminer.evaluation.report import build_report, write_report
 
     t0 = time.perf_counter()
