@@ -144,3 +144,18 @@ def test_no_import_cycle_in_the_library_even_through_late_imports():
     for known in KNOWN_LATE_CYCLES:
         assert known in found, f"{sorted(known)} is gone: remove it from KNOWN_LATE_CYCLES"
     assert [c for c in found if c not in KNOWN_LATE_CYCLES] == []
+
+
+def test_temp_then_rename_is_written_once():
+    """Every atomic write goes through deepminer/atomic.py: no other module renames or makes temp files."""
+    found = []
+    for room in ROOMS + ("scripts",):
+        for py in sorted((ROOT / room).rglob("*.py")):
+            for node in ast.walk(ast.parse(py.read_text(encoding="utf-8"))):
+                owner = getattr(getattr(node, "func", None), "value", None)
+                name = getattr(owner, "id", "") or ""
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and node.func.attr in ("replace", "rename", "mkstemp")
+                        and (name in ("os", "tempfile") or name.startswith("tmp"))):  # os.replace, tmp.replace
+                    found.append(f"{py.relative_to(ROOT)}:{node.lineno}")
+    assert found and all(f.startswith("deepminer/atomic.py:") for f in found), found
