@@ -90,15 +90,6 @@ class ModelFolder:
         """The atlas folder when it holds an atlas, else None."""
         return self.atlas if is_atlas(self.atlas) else None
 
-    def domain_or_none(self) -> Path | None:
-        """``domain.pt`` when there is one, else None."""
-        return self.domain if self.domain.is_file() else None
-
-    def extras(self) -> list[Path]:
-        """Every entry but the checkpoint and the atlas (card, metrics, domain.pt, ...), by name;
-        hidden entries (a dot first) left out."""
-        return sorted(p for p in self.root.iterdir() if p.name not in (MODEL, ATLAS) and not p.name.startswith("."))
-
 
 def store_models(store: str | os.PathLike) -> list[ModelFolder]:
     """The model folders of a model store (``<store>/<name>/model.pt``), by name."""

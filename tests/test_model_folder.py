@@ -22,18 +22,14 @@ def test_paths_spell_the_documented_layout(tmp_path):
     assert ModelFolder.of(tmp_path / "run" / "best.pt") == ModelFolder(tmp_path / "run")
 
 
-def test_optional_parts_and_extras(tmp_path):
+def test_an_atlas_is_a_folder_with_its_atlas_json(tmp_path):
     f = ModelFolder(tmp_path)
     (tmp_path / "model.pt").write_bytes(b"x")
-    assert f.atlas_or_none() is None and f.domain_or_none() is None and not is_atlas(f.atlas)
+    assert f.atlas_or_none() is None and not is_atlas(f.atlas)
     f.atlas.mkdir()
     assert f.atlas_or_none() is None  # an empty folder is not an atlas
     f.atlas_json.write_text("{}")
-    (tmp_path / "domain.pt").write_bytes(b"d")
-    (tmp_path / "MODEL_CARD.md").write_text("card")
-    (tmp_path / ".hidden").write_text("")
-    assert f.atlas_or_none() == f.atlas and f.domain_or_none() == f.domain
-    assert [p.name for p in f.extras()] == ["MODEL_CARD.md", "domain.pt"]
+    assert f.atlas_or_none() == f.atlas and is_atlas(f.atlas)
 
 
 def test_the_bundled_store_is_laid_out_so():
@@ -42,7 +38,7 @@ def test_the_bundled_store_is_laid_out_so():
     demo = ModelFolder(STORE / "demo")
     assert demo in folders and demo.model.is_file() and demo.atlas_or_none() == demo.atlas
     assert all((demo.atlas / n).is_file() for n in ATLAS_FILES) and demo.ablation.is_file()
-    assert demo.domain_or_none() == demo.domain and demo.card.is_file() and demo.metrics.is_file()
+    assert demo.domain.is_file() and demo.card.is_file() and demo.metrics.is_file()
 
 
 def test_the_layout_module_imports_no_torch():
