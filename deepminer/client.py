@@ -283,9 +283,11 @@ def local_explain(model_path: str | os.PathLike, image: bytes | str | os.PathLik
 
     ``methods`` (or ``target``, or options carrying them): the answer of :meth:`Client.explain_methods`
     (``POST /explanations``) instead, saliency maps included. ``ablate``: as :meth:`Client.explain`."""
+    from deepminer.model_folder import ModelFolder
+
     model_path = Path(model_path)
-    if atlas is None and (model_path.parent / "atlas" / "atlas.json").is_file():
-        atlas = model_path.parent / "atlas"
+    if atlas is None:
+        atlas = ModelFolder.of(model_path).atlas_or_none()
     service = local_service(model_path, atlas, name=name)
     label = "image" if isinstance(image, (bytes, bytearray, memoryview)) else str(image)
     if options is None:

@@ -19,3 +19,4 @@ MIN_LABEL_IOU = 0.04       #: Network Dissection: a unit detects its best concep
 TOPK = 16                  #: top-activating reference patches kept per unit in an atlas
 IOU_SIZE = 64              #: concept grid (cells per patch side) of the dissection IoU
 MEMORY_MB = 1024           #: memory budget (MiB) of dissection's streaming statistics
+PROBE = "head"             #: ``--train-from head``: freeze the whole backbone, train only the head (a linear probe)

@@ -415,17 +415,11 @@ def overlay_picture(expl: Explanation, pixels: np.ndarray, max_side: int = SC_MA
     warning and the prediction burned in along the top."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from deepminer.geometry import fit_size
+    from deepminer.geometry import fit_image
     from deepminer.overlay import heat_overlay
 
-    grey = np.asarray(pixels, dtype=np.float32)
-    h, w = fit_size(grey.shape[0], grey.shape[1], max_side)
-    if (h, w) != grey.shape:
-        im_f = Image.fromarray(grey, mode="F")
-        factor = min(grey.shape[0] // h, grey.shape[1] // w)
-        if factor >= 2:  # an integer box reduction first: the same mean, much cheaper
-            im_f = im_f.reduce(factor)
-        grey = np.asarray(im_f.resize((w, h), Image.Resampling.BOX))
+    grey = fit_image(np.asarray(pixels, dtype=np.float32), max_side, reduce_first=True)
+    h, w = grey.shape
     rgb = heat_overlay(grey, expl.cam[expl.class_index(expl.prediction)])
     im = Image.fromarray(rgb)
     draw = ImageDraw.Draw(im)

@@ -34,14 +34,16 @@ from typing import Any
 
 import numpy as np
 
+from deepminer.atomic import atomic_file
 from deepminer.errors import InputError
+from deepminer.model_folder import DOMAIN
 
 METHOD = "mahalanobis"  #: the score's name in ``input.domain.method``
 FEATURE = "unit_max"  #: the pooled features: the explanation's per-unit max activation
 TRANSFORMS = ("sqrt", "none")  #: applied to each feature before the Gaussian (sqrt: variance-stabilising)
 DEFAULT_TRANSFORM = "sqrt"
 MIN_TISSUE = 0.01  #: an image whose tissue mask keeps less than this fraction holds no breast: out of domain
-FILE_NAME = "domain.pt"  #: the file beside ``model.pt`` (and in the .mar) the server loads
+FILE_NAME = DOMAIN  #: the file beside ``model.pt`` (and in the .mar) the server loads
 DEFAULT_PERCENTILE = 99.0  #: threshold = this percentile of the validation scores
 DEFAULT_COMPONENTS = 256  #: eigen-directions kept exactly (the rest: their mean variance)
 FORMAT = 1
@@ -131,9 +133,8 @@ class DomainModel:
                 "residual_variance": float(self.residual_variance), "threshold": float(self.threshold),
                 "percentile": float(self.percentile), "weights_sha256": str(self.weights_sha256),
                 "fit": dict(self.fit)}
-        tmp = path.with_name(f".{path.name}.partial")
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as fh:
+            torch.save(blob, fh)
         return path
 
     @classmethod
@@ -256,51 +257,6 @@ def image_features(service: Any, images: Sequence[Any], *, max_side: int | None 
     return feature_rows(rows)
 
 
-def fit_dataset(model_file: str | os.PathLike, data: str | os.PathLike, *, train_split: str = "train",
-                val_split: str = "val", percentile: float = DEFAULT_PERCENTILE,
-                components: int = DEFAULT_COMPONENTS, max_side: int | None = None, device: str = "cpu",
-                limit: int | None = None, features: str | os.PathLike | None = None,
-                transform: str = DEFAULT_TRANSFORM,
-                progress: bool = True) -> DomainModel:
-    """``deepminer domain-fit``: the features of the ``train_split`` images of the dataset folder
-    ``data`` (whole images, at the size the server explains them), the threshold at
-    ``percentile`` of the ``val_split`` scores. ``limit``: at most this many images per split.
-    ``features``: an ``.npz`` of the extracted features, reused when it was written for the same
-    weights, images and ``max_side`` (a refit with another percentile costs no forward pass),
-    else (re)written."""
-    import time
-
-    from deepminer.data.dataset import describe_dataset, read_manifest
-    from deepminer.explain.service import SETTINGS, ExplainService
-
-    rows = read_manifest(data)
-    root = Path(data)
-    split_images = {}
-    for split in (train_split, val_split):
-        paths = [root / r["image"] for r in rows if r["split"] == split][:limit]
-        if len(paths) < 2:
-            raise InputError(f"{data}: the {split!r} split has {len(paths)} images; at least 2 are needed")
-        split_images[split] = paths
-    t0 = time.perf_counter()
-    service = ExplainService.load(model_file, None, settings={"cache_mb": 1}, device=device, domain=False)
-    side = int(max_side or service.settings["default_max_side"])
-    ident = {"weights_sha256": service.weights_sha256, "max_side": side, "feature": FEATURE,
-             "images": [str(p.resolve()) for s in (train_split, val_split) for p in split_images[s]]}
-    cached = _read_features(features, ident) if features else None
-    if cached is not None:
-        train, val = cached
-    else:
-        train = image_features(service, split_images[train_split], max_side=side, desc=train_split, progress=progress)
-        val = image_features(service, split_images[val_split], max_side=side, desc=val_split, progress=progress)
-        if features:
-            _write_features(features, ident, train, val)
-    fit = {"data": str(root.resolve()), "data_kind": describe_dataset(root), "train_split": train_split,
-           "val_split": val_split, "max_side": side, "tissue": bool(SETTINGS["tissue"]),
-           "model_file": Path(model_file).name, "seconds": round(time.perf_counter() - t0, 1)}
-    return fit_domain(train, val, percentile=percentile, components=components, transform=transform,
-                      weights_sha256=service.weights_sha256, fit=fit)
-
-
 def stand_in(num_units: int, components: int = DEFAULT_COMPONENTS, seed: int = 0) -> DomainModel:
     """A summary of the default shape with random orthonormal directions (for timing the score
     where a model has no ``domain.pt``: its cost depends only on the shapes); ``fit.source`` says so."""
@@ -309,26 +265,3 @@ def stand_in(num_units: int, components: int = DEFAULT_COMPONENTS, seed: int = 0
     q, _ = np.linalg.qr(rng.standard_normal((int(num_units), d)))
     return DomainModel(mean=np.zeros(int(num_units)), components=q.T.copy(), variances=np.ones(d),
                        residual_variance=1.0, threshold=1.0, fit={"source": "stand-in"})
-
-
-def _read_features(path: str | os.PathLike, ident: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
-    """The cached ``(train, val)`` features of ``path`` when they were written for ``ident``."""
-    import json
-
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if json.loads(str(z["ident"])) != dict(ident):
-                return None
-            return z["train"].astype(np.float64), z["val"].astype(np.float64)
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def _write_features(path: str | os.PathLike, ident: Mapping[str, Any], train: np.ndarray, val: np.ndarray) -> None:
-    import json
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial.npz")
-    np.savez(tmp, ident=np.array(json.dumps(dict(ident))), train=train.astype(np.float32), val=val.astype(np.float32))
-    os.replace(tmp, path)

@@ -47,14 +47,16 @@ def class_index(classes: Sequence[str], cls: str | int, *, what: str = "class") 
     return list(classes).index(cls)
 
 
-def normalize_map(a: Any, eps: float = 1e-8) -> np.ndarray:
+def normalize_map(a: Any, eps: float = 1e-8, *, dtype: Any = np.float32) -> np.ndarray:
     """Min-max normalise each trailing 2-D map to [0, 1] (torchcam's ``_normalize``: subtract the
-    min, divide by max + ``eps``); numpy arrays or torch tensors."""
+    min, divide by the max of that + ``eps``; ``eps=0``: the exact min-max); a flat map is all
+    zeros. Numpy arrays or torch tensors, computed in ``dtype``. The one min-max of a map."""
     if hasattr(a, "detach"):
         a = a.detach().cpu().numpy()
-    x = np.asarray(a, dtype=np.float32)
+    x = np.asarray(a, dtype=dtype)
     x = x - x.min(axis=(-2, -1), keepdims=True)
-    return x / (x.max(axis=(-2, -1), keepdims=True) + eps)
+    span = x.max(axis=(-2, -1), keepdims=True) + eps
+    return np.divide(x, span, out=np.zeros_like(x), where=span > 0)
 
 
 def rank_by_influence(influence: Any, n: int | None = None) -> list[int]:

@@ -157,7 +157,8 @@ def _text(value: Any, name: str, *, limit: int, required: bool = False, single_l
     return text
 
 
-def _unit(value: Any, name: str = "unit") -> int:
+def _parse_unit_index(value: Any, name: str = "unit") -> int:
+    """A unit index (a non-negative int) from an int or its text (CSV, JSON, form input)."""
     if isinstance(value, bool):
         raise InputError(f"{name} {value!r} is not a unit index")
     try:
@@ -273,7 +274,7 @@ class LabelStore:
         if unknown:
             raise InputError(f"unknown survey field(s): {', '.join(unknown)}")
         model, weights_hash = _key(model, weights_hash)
-        unit_list = sorted({_unit(u) for u in units})
+        unit_list = sorted({_parse_unit_index(u) for u in units})
         if not unit_list:
             raise InputError("no units selected")
         label = _text(label, "label", limit=MAX_LABEL)
@@ -456,7 +457,7 @@ def _parse_row(row: Mapping[str, Any], where: str) -> LabelRecord:
     """Validate one imported event; an :class:`InputError` names the row and the field."""
     try:
         model, weights_hash = _key(row.get("model"), row.get("weights_hash"))
-        unit = _unit(row.get("unit"))
+        unit = _parse_unit_index(row.get("unit"))
         label = _text(row.get("label"), "label", limit=MAX_LABEL)
         annotator = _text(row.get("annotator"), "annotator", limit=100, required=True)
         fields = _survey(**{k: row.get(k) for k in SURVEY_FIELDS if row.get(k) is not None})

@@ -1,4 +1,5 @@
-"""Fine-tuning on DeepMiner patches, patch-level evaluation, and the run folder's model card.
+"""Fine-tuning on DeepMiner patches: the training loop and its run folder. The patch-level
+evaluation it runs is :mod:`deepminer.patch_eval`, the card it writes :mod:`deepminer.model_card`.
 
 A run folder ``RUN/`` holds:
 
@@ -18,11 +19,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,17 @@ from typing import Any
 import numpy as np
 
 from deepminer import CLASSES
-from deepminer.data.dataset import atomic_file
+from deepminer.atomic import atomic_file
 from deepminer.errors import InputError
-from deepminer.metrics import classification_report, histogram_baseline, nan_to_none, pauc_at_tpr
+from deepminer.metrics import classification_report, nan_to_none
+from deepminer.model_card import fmt_number, model_card
+from deepminer.model_folder import CARD, METRICS
+from deepminer.patch_eval import baseline_report, evaluate_table, loader, predict
 from deepminer.runtime import resolve_device
+from deepminer.trunk import (CachedFeatures, TopOfTrunk, atomic_torch_save, freeze_before, set_train_mode,
+                             split_features)
 
-LAST, BEST, METRICS, CARD = "last.pt", "best.pt", "metrics.json", "MODEL_CARD.md"
+LAST, BEST = "last.pt", "best.pt"  #: and METRICS, CARD (deepminer.model_folder): the run folder
 
 
 @dataclass
@@ -116,173 +120,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
         fh.write(text)
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    import torch
-
-    with atomic_file(path) as fh:
-        torch.save(obj, fh)
-
-
-PROBE = "head"
-"""``--train-from head``: freeze the whole backbone and train only the head (a linear probe)."""
-
-
-def freeze_before(model, name: str | None) -> list[str]:
-    """Freeze every parameter of ``model.features`` registered before the first one whose name
-    starts with ``name`` (e.g. ``net.blocks.5``); returns the frozen parameter names. ``head``
-    (:data:`PROBE`) freezes the whole backbone: only the head is trained (a linear probe). Frozen
-    BatchNorm layers are kept in eval mode by :func:`set_train_mode`."""
-    if not name:
-        return []
-    names = [n for n, _ in model.features.named_parameters()]
-    if name == PROBE:
-        for p in model.features.parameters():
-            p.requires_grad_(False)
-        return names
-    first = next((i for i, n in enumerate(names) if n == name or n.startswith(name + ".")), None)
-    if first is None:
-        tops = sorted({".".join(n.split(".")[:3]) for n in names})
-        raise InputError(f"--train-from: no layer {name!r} in {model.arch} features "
-                         f"(e.g. {', '.join(tops[:3])} ... {tops[-1]})")
-    frozen = []
-    for i, (n, p) in enumerate(model.features.named_parameters()):
-        if i < first:
-            p.requires_grad_(False)
-            frozen.append(n)
-    return frozen
-
-
-def set_train_mode(model) -> None:
-    """``model.train()``, except modules whose parameters are all frozen stay in eval mode (their
-    BatchNorm statistics stay those of the pretrained network)."""
-    model.train()
-    for m in model.features.modules():
-        params = list(m.parameters(recurse=False))
-        if params and not any(p.requires_grad for p in params):
-            m.eval()
-
-
-def feature_stages(features) -> list[tuple[str, Any]] | None:
-    """The unit-layer feature extractor as an ordered list of ``(name, module)`` stages whose
-    composition is the extractor (timm EfficientNet: stem, bn1, each block stage, head conv, bn2;
-    an ``nn.Sequential``: its children), or None for structures we cannot split."""
-    from torch import nn
-
-    net = getattr(features, "net", None)
-    if net is not None and all(hasattr(net, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2")):
-        return ([("net.conv_stem", net.conv_stem), ("net.bn1", net.bn1)]
-                + [(f"net.blocks.{i}", b) for i, b in enumerate(net.blocks)]
-                + [("net.conv_head", net.conv_head), ("net.bn2", net.bn2)])
-    if isinstance(features, nn.Sequential):
-        return list(features.named_children())
-    return None
-
-
-def split_features(model, name: str, *, check_size: int = 64):
-    """``(trunk, rest)``: two ``nn.Sequential`` views of ``model.features`` split before stage
-    ``name`` (shared modules, no copy). Checked: ``rest(trunk(x))`` equals ``features(x)`` in eval
-    mode on a random batch; an :class:`InputError` when the split is not possible."""
-    import torch
-    from torch import nn
-
-    stages = feature_stages(model.features) or []
-    if name == PROBE:  # the whole backbone is the trunk: the cache holds the unit maps themselves
-        return model.features, nn.Identity()
-    names = [n for n, _ in stages]
-    if name not in names or names.index(name) == 0:
-        raise InputError(f"--cache-features: cannot split {model.arch} features before {name!r}; "
-                         f"use --train-from with one of {', '.join(names[1:]) or '(none)'}")
-    i = names.index(name)
-    trunk = nn.Sequential(*[m for _, m in stages[:i]])
-    rest = nn.Sequential(*[m for _, m in stages[i:]])
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        x = model.normalize(torch.rand(2, 1, check_size, check_size, device=model.device))
-        ok = torch.allclose(rest(trunk(x)), model.features(x), rtol=1e-4, atol=1e-4)
-    model.train(was_training)
-    if not ok:
-        raise InputError(f"--cache-features: splitting {model.arch} before {name!r} changes its output")
-    return trunk, rest
-
-
-class _Top:
-    """``model`` from the output of the frozen trunk on: rest -> head -> pooled logits."""
-
-    def __init__(self, model, rest):
-        self.model, self.rest = model, rest
-
-    def __call__(self, feats):
-        m = self.model
-        return m.pool(m.class_logits(self.rest(feats)))
-
-
-class CachedFeatures:
-    """Trunk outputs of every patch of a :class:`~deepminer.data.patches.PatchDataset`, computed once
-    (the trunk is frozen, so they never change) and kept as float16; with ``flips`` all four flip
-    variants are stored and one is drawn at random per item (the same augmentation as the images)."""
-
-    def __init__(self, trunk, model, dataset, *, flips: bool, batch_size: int = 64, device=None,
-                 progress: bool = True, desc: str = "caching features"):
-        import torch
-        from tqdm import tqdm
-
-        device = device or model.device
-        self.labels = dataset.labels
-        self.flips = flips
-        aug, dataset.augment = dataset.augment, False
-        variants = [(), (-1,), (-2,), (-1, -2)] if flips else [()]
-        chunks = []
-        model.eval()
-        try:
-            with torch.no_grad():
-                for x, _ in tqdm(_loader(dataset, batch_size, 0), desc=desc, unit="batch", disable=not progress,
-                                 leave=False, file=sys.stderr):
-                    x = model.normalize(x.to(device))
-                    chunks.append(torch.stack([trunk(x.flip(v) if v else x) for v in variants], 1).half().cpu())
-        finally:
-            dataset.augment = aug
-        self.feats = torch.cat(chunks) if chunks else torch.zeros(0)
-
-    @classmethod
-    def cached(cls, path: Path, key: dict, table, trunk, model, dataset, **kwargs) -> "CachedFeatures":
-        """Load the features from ``path`` when it was written for the same ``key`` and patch table
-        (a resumed run), else compute them and save them there."""
-        import torch
-
-        key = dict(key, boxes=table[["image_id", "x0", "y0", "x1", "y1"]].astype(str).agg(",".join, axis=1).tolist(),
-                   flips=bool(kwargs.get("flips")))
-        if path.is_file():
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-                if obj.get("key") == key:
-                    self = cls.__new__(cls)
-                    self.labels, self.flips, self.feats = dataset.labels, key["flips"], obj["feats"]
-                    return self
-            except Exception:  # noqa: BLE001 - a stale or broken cache (any load error) is recomputed, never trusted
-                pass
-        self = cls(trunk, model, dataset, **kwargs)
-        _atomic_torch_save({"key": key, "feats": self.feats}, path)
-        return self
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        import torch
-
-        v = int(torch.randint(0, self.feats.shape[1], ())) if self.flips else 0
-        return self.feats[i, v].float(), int(self.labels[i])
-
-
-def _loader(dataset, batch_size: int, workers: int, sampler=None, device=None):
-    import torch
-
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
-                                       num_workers=workers, pin_memory=bool(device and device.type == "cuda"),
-                                       persistent_workers=False, drop_last=False)
-
-
 def epoch_sampler(labels: np.ndarray, num_samples: int, *, balance: bool, seed: int):
     """Indices drawn for one epoch: class-balanced with replacement (``balance``), else a random
     subset/permutation without replacement. Seeded so a resumed run draws what it would have."""
@@ -296,81 +133,6 @@ def epoch_sampler(labels: np.ndarray, num_samples: int, *, balance: bool, seed: 
     return torch.randperm(len(labels), generator=g)[:num_samples].tolist()
 
 
-def predict(model, dataset, *, batch_size: int = 64, device=None, workers: int = 0,
-            progress: bool = True, desc: str = "predict", forward=None) -> tuple[np.ndarray, np.ndarray, float]:
-    """``(probs (N, C), labels (N,), mean cross-entropy)`` of ``model`` over a patch dataset
-    (``forward``: what to call on each batch instead of ``model``, e.g. on cached features)."""
-    import torch
-    import torch.nn.functional as F
-    from tqdm import tqdm
-
-    device = device or model.device
-    model.eval()
-    probs, labels, loss_sum = [], [], 0.0
-    with torch.no_grad():
-        for x, y in tqdm(_loader(dataset, batch_size, workers, device=device), desc=desc, unit="batch",
-                         disable=not progress, leave=False, file=sys.stderr):
-            x, y = x.to(device), y.to(device)
-            logits = (forward or model)(x).float()
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-            probs.append(torch.softmax(logits, 1).cpu().numpy())
-            labels.append(y.cpu().numpy())
-    n = sum(len(a) for a in labels)
-    if not n:
-        return np.zeros((0, len(model.classes))), np.zeros(0, dtype=np.int64), float("nan")
-    return np.concatenate(probs), np.concatenate(labels), loss_sum / n
-
-
-def image_level(table, probs: np.ndarray, image_labels: dict[str, str], classes: Sequence[str] = CLASSES,
-                positive: str = "malignant") -> dict:
-    """Image-level detection: an image's score is the max over its patches of P(``positive``); the
-    truth is the manifest label == ``positive``. ``{"n_images", "n_positive", "auc", "pauc"}``."""
-    from sklearn.metrics import roc_auc_score
-
-    c = list(classes).index(positive)
-    scores = (table.assign(_s=probs[:, c]).groupby("image_id")["_s"].max())
-    y = np.array([image_labels[i] == positive for i in scores.index], dtype=int)
-    ok = 0 < y.sum() < len(y)
-    return {"n_images": int(len(y)), "n_positive": int(y.sum()),
-            "auc": float(roc_auc_score(y, scores.to_numpy())) if ok else float("nan"),
-            "pauc": pauc_at_tpr(y, scores.to_numpy()) if ok else float("nan")}
-
-
-def evaluate_table(model, folder: str | os.PathLike, table, *, patch_size: int | None = None,
-                   batch_size: int = 64, device=None, workers: int = 0, progress: bool = True,
-                   desc: str = "evaluate") -> dict:
-    """Patch-level report (:func:`deepminer.metrics.classification_report` + ``loss``) and the
-    image-level malignant detection (``image_level``) of ``model`` on the patches in ``table``."""
-    from deepminer.data.dataset import read_manifest
-    from deepminer.data.patches import PatchDataset
-
-    size = int(patch_size or (model.meta.get("patch_size") if hasattr(model, "meta") else 0) or 224)
-    ds = PatchDataset(folder, table, size=size, classes=model.classes)
-    probs, labels, loss = predict(model, ds, batch_size=batch_size, device=device, workers=workers,
-                                  progress=progress, desc=desc)
-    report = classification_report(labels, probs, model.classes)
-    report["loss"] = loss
-    report["patch_size"] = size
-    if "malignant" in model.classes:
-        labels_of = {r["image_id"]: r["label"] for r in read_manifest(folder)}
-        report["image_level"] = image_level(ds.table, probs, labels_of, model.classes)
-    return report
-
-
-def baseline_report(train_folder, train_table, test_folder, test_table, *, max_train: int = 4000,
-                    seed: int = 0, classes: Sequence[str] = CLASSES) -> dict:
-    """The histogram + logistic-regression baseline (:func:`deepminer.metrics.histogram_baseline`)
-    fitted on (a stratified sample of at most ``max_train``) training patches at full resolution."""
-    from deepminer.data.patches import PatchDataset, subsample
-
-    tr = PatchDataset(train_folder, subsample(train_table, max_train, seed), classes=classes)
-    te = PatchDataset(test_folder, test_table, classes=classes)
-    rep = histogram_baseline([tr.crop(i) for i in range(len(tr))], tr.labels.tolist(),
-                             [te.crop(i) for i in range(len(te))], te.labels.tolist(), classes)
-    rep["train_patches"] = len(tr)
-    return rep
-
-
 # -- training -----------------------------------------------------------------------------------
 
 def _summary(table) -> dict:
@@ -379,10 +141,6 @@ def _summary(table) -> dict:
         out[str(split)] = {"images": int(part["image_id"].nunique()), "patches": int(len(part)),
                            **{c: int((part["label"] == c).sum()) for c in CLASSES}}
     return out
-
-
-def _fmt(v: Any) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
 @dataclass
@@ -540,7 +298,7 @@ def _inputs(cfg: TrainConfig, out: Path, model, train: tuple[Any, Any], val: tup
     val_data = CachedFeatures.cached(out / "features_val.pt", key, val_tab, trunk, model, val_ds,
                                      flips=False, batch_size=eval_bs, device=device, progress=progress,
                                      desc="caching val features")
-    return _Top(model, rest), train_data, val_data
+    return TopOfTrunk(model, rest), train_data, val_data
 
 
 def _restore(run: _Run, state: dict) -> None:
@@ -570,11 +328,11 @@ def _fit_epoch(run: _Run, epoch: int, t0: float, progress: bool) -> tuple[list[f
     n_per_epoch = min(len(run.train_ds), cfg.max_patches_per_epoch or len(run.train_ds))
     sampler = epoch_sampler(run.train_ds.labels, n_per_epoch, balance=cfg.balance, seed=cfg.seed * 1000 + epoch)
     torch.manual_seed(cfg.seed * 1000 + epoch)  # flips
-    loader = _loader(run.train_data, cfg.batch_size, run.workers, sampler, run.device)
+    batches = loader(run.train_data, cfg.batch_size, run.workers, sampler, run.device)
     set_train_mode(run.model)
     losses: list[float] = []
     seen = 0
-    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress,
+    bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress,
                file=sys.stderr, leave=False)
     for x, y in bar:
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
@@ -612,7 +370,7 @@ def _epoch(run: _Run, epoch: int, progress: bool) -> None:
     run.history.append(entry)
     _save_last(run, epoch)
     print(f"epoch {epoch}/{cfg.epochs}: train loss {entry['train_loss']:.4f}, val loss {val_loss:.4f}, "
-          f"val AUC " + ", ".join(f"{c} {_fmt(v)}" for c, v in rep["auc"].items())
+          f"val AUC " + ", ".join(f"{c} {fmt_number(v)}" for c, v in rep["auc"].items())
           + (" (best)" if is_best else "") + f", {seconds:.0f} s", file=sys.stderr)
 
 
@@ -636,7 +394,7 @@ def _best_meta(cfg: TrainConfig) -> dict:
 
 def _save_last(run: _Run, epoch: int) -> None:
     """``last.pt``: everything ``--resume`` needs to continue after ``epoch``."""
-    _atomic_torch_save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "epoch": epoch,
+    atomic_torch_save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "epoch": epoch,
                         "config": asdict(run.cfg), "history": nan_to_none(run.history),
                         "best_val_loss": run.best_val, "initial": run.initial, "train_seconds": run.train_seconds,
                         "prep_seconds": run.prep_seconds}, run.out / LAST)
@@ -697,102 +455,6 @@ def _recipe(cfg: TrainConfig) -> dict:
                                          "batch_size", "patch_size", "epochs", "balance", "train_from",
                                          "cache_features", "max_patches_per_epoch", "max_train_patches_per_class",
                                          "max_val_patches_per_class", "patience", "seed")}
-
-
-# -- the model card -----------------------------------------------------------------------------
-
-def _metric_rows(rep: dict, name: str) -> list[str]:
-    rows = [f"| {name} | " + " | ".join(f"{_fmt(rep['auc'].get(c))} / {_fmt(rep['pauc'].get(c))}" for c in CLASSES)
-            + f" | {_fmt(rep.get('accuracy'))} |"]
-    base = rep.get("baseline")
-    if base:
-        rows.append("| histogram baseline (logistic regression) | "
-                    + " | ".join(f"{_fmt(base['auc'].get(c))} / {_fmt(base['pauc'].get(c))}" for c in CLASSES)
-                    + f" | {_fmt(base.get('accuracy'))} |")
-    return rows
-
-
-def _frozen_text(cfg: dict, metrics: dict) -> str:
-    n = metrics.get("frozen_parameters")
-    if cfg.get("train_from") == PROBE:
-        return f"the whole ImageNet backbone ({n} tensors): only the head was trained (a linear probe)"
-    if cfg.get("train_from"):
-        return f"layers before `{cfg['train_from']}` ({n} tensors)"
-    return "nothing (all layers fine-tuned)"
-
-
-def model_card(metrics: dict) -> str:
-    """The Markdown model card of a run (from its ``metrics.json`` content)."""
-    cfg = metrics["config"]
-    lines = [f"# Model card: {cfg['arch']} FCN, {cfg['head']} head (DeepMiner Studio)", "",
-             "**Intended use: demonstration and research on interpretability tooling only. Not for clinical "
-             "use, not a medical device, not validated on patients.**", "",
-             "## Command", "", "```", cfg.get("command") or "(library call)", "```", "",
-             "## Data", "", f"Dataset folder `{cfg['data']}`; patches by the DeepMiner rules (side 25% of the "
-             "image width, stride 50% of the side, >= 50% breast tissue, 30% lesion rules, malignant over "
-             "benign); patient-disjoint splits from the manifest.", "",
-             "| split | images | patches | normal | benign | malignant |", "|---|---|---|---|---|---|"]
-    for split, s in metrics["data"].items():
-        lines.append(f"| {split} | {s['images']} | {s['patches']} | {s['normal']} | {s['benign']} | {s['malignant']} |")
-    from deepminer.models import ARCHS
-
-    weights = cfg["pretrained"] and cfg["arch"] in ARCHS and ARCHS[cfg["arch"]].weights
-    rec = [f"- architecture `{cfg['arch']}` ({'ImageNet-pretrained' if weights else 'random init'}), "
-           f"head `{cfg['head']}`" + (f" ({cfg.get('wildcat_maps')} maps per class, k {cfg.get('wildcat_k')}, "
-                                       f"alpha {cfg.get('wildcat_alpha')})" if cfg['head'] == "wildcat" else "")
-           + f", patch size {cfg['patch_size']} px (grey, resized crops)",
-           f"- SGD lr {cfg['lr']}, momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}, "
-           f"batch {cfg['batch_size']}, at most {cfg['epochs']} epochs"
-           + (f" (stopped after {cfg['patience']} epochs without a lower validation loss)" if cfg.get("patience") else "")
-           + (f" of {cfg['max_patches_per_epoch']} patches" if cfg.get("max_patches_per_epoch") else ""),
-           f"- sampler: {'class-balanced (1/count weights, with replacement)' if cfg['balance'] else 'shuffled'}; "
-           "augmentation: random horizontal and vertical flips",
-           f"- frozen: {_frozen_text(cfg, metrics)}"
-           + ("; the frozen trunk's outputs for every training patch and its 4 flips were computed once and cached "
-              "(float16)" if cfg.get("cache_features") else ""),
-           (f"- training patches capped at {cfg['max_train_patches_per_class']} per class (seeded draw)"
-            if cfg.get("max_train_patches_per_class") else "- all training patches used"),
-           (f"- validation patches capped at {cfg['max_val_patches_per_class']} per class (seeded draw; the "
-            "validation AUCs below are on that class mix, which has more benign negatives than the full set)"
-            if cfg.get("max_val_patches_per_class") else "- all validation patches used"),
-           f"- seed {cfg['seed']}; device {metrics.get('device')}; training time {metrics.get('train_seconds')} s"
-           + (f" (+ {metrics.get('cache_seconds')} s computing the feature cache)" if cfg.get("cache_features") else ""),
-           f"- best checkpoint: epoch {metrics.get('best_epoch')} (lowest validation loss)"]
-    lines += ["", "## Recipe", "", *rec, "", "## Training curve", "",
-              "| epoch | train loss | val loss | val AUC normal / benign / malignant | seconds |", "|---|---|---|---|---|"]
-    init = metrics.get("initial") or {}
-    if init:
-        a = init["val"]["auc"]
-        lines.append(f"| 0 (before) | | {_fmt(init['val_loss'])} | {_fmt(a.get('normal'))} / {_fmt(a.get('benign'))} / "
-                     f"{_fmt(a.get('malignant'))} | |")
-    for e in metrics["epochs"]:
-        a = e["val"]["auc"]
-        lines.append(f"| {e['epoch']}{' *' if e.get('best') else ''} | {_fmt(e['train_loss'])} | {_fmt(e['val_loss'])} | "
-                     f"{_fmt(a.get('normal'))} / {_fmt(a.get('benign'))} / {_fmt(a.get('malignant'))} | {e['seconds']} |")
-    for key, title in (("test", "Test split"), ("fresh_test", "Fresh test set")):
-        rep = metrics.get(key)
-        if not rep:
-            continue
-        capped = cfg.get("max_test_patches")
-        lines += ["", f"## {title}: `{rep['data']}`", "",
-                  (f"A seeded random sample of at most {capped} patches, stratified by class (the class mix "
-                   "of the full set is kept, so per-class AUCs estimate those of the full set). "
-                   if capped else "")
-                  + f"Patch level, {rep['n']} patches ({', '.join(f'{c} {n}' for c, n in rep['counts'].items())}); "
-                  "one-vs-rest AUC / pAUC at TPR 0.8 (pAUC normalised to [0, 1]: area of the ROC in the band "
-                  "TPR >= 0.8 divided by 0.2; DeepMiner prints the raw area = 0.2 x this).", "",
-                  "| scorer | normal | benign | malignant | accuracy |", "|---|---|---|---|---|",
-                  *_metric_rows(rep, "this model")]
-        il = rep.get("image_level")
-        if il:
-            lines += ["", f"Image level (score = max over the image's {'sampled ' if capped else ''}patches of P(malignant); "
-                      f"{il['n_images']} images, {il['n_positive']} malignant): AUC {_fmt(il['auc'])}, "
-                      f"pAUC {_fmt(il['pauc'])}."]
-    lines += ["", "## Limitations", "",
-              "- Trained and tested on the data above only; numbers on synthetic phantoms say nothing about "
-              "real mammograms.",
-              "- Patch-level classifier run fully convolutionally; the class maps are coarse (stride 32).", ""]
-    return "\n".join(lines)
 
 
 def command_line(cfg: TrainConfig) -> str:

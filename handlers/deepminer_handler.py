@@ -75,6 +75,7 @@ class DeepMinerHandler:
             sys.path.insert(0, str(model_dir))
         import torch
 
+        from deepminer import model_folder
         from deepminer.explain.service import SETTINGS, ExplainService
 
         yaml_cfg = getattr(context, "model_yaml_config", None) or {}
@@ -84,10 +85,10 @@ class DeepMinerHandler:
         if torch.cuda.is_available() and gpu_id is not None:
             device = f"cuda:{int(gpu_id)}"
             torch.cuda.set_device(device)
-        atlas_dir = model_dir / str(settings.get("atlas") or "atlas")
+        atlas_dir = model_dir / str(settings.get("atlas") or model_folder.ATLAS)
         version = str(((context.manifest or {}).get("model") or {}).get("modelVersion", "1.0"))
         self.service = ExplainService.load(model_dir / settings["model_file"],
-                                           atlas_dir if (atlas_dir / "atlas.json").is_file() else None,
+                                           atlas_dir if model_folder.is_atlas(atlas_dir) else None,
                                            settings=settings, device=device, name=context.model_name,
                                            version=version)
         try:

@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import deepminer
+from deepminer.atomic import atomic_path
 from deepminer.errors import InputError
+from deepminer.model_folder import ATLAS, MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 HANDLER = ROOT / "handlers" / "deepminer_handler.py"
@@ -148,7 +150,7 @@ def build_mar(model: str | os.PathLike, out_dir: str | os.PathLike, *, name: str
     for e in extras:
         if not e.exists():
             raise InputError(f"--extra: {e}: no such file or folder")
-        if e.name in ("model.pt", "atlas", "deepminer", "model-config.yaml", "requirements.txt"):
+        if e.name in (MODEL, ATLAS, "deepminer", "model-config.yaml", "requirements.txt"):
             raise InputError(f"--extra: {e.name!r} is a name the archive itself uses")
     if atlas is None:
         cfg["handler"].pop("atlas", None)
@@ -158,20 +160,20 @@ def build_mar(model: str | os.PathLike, out_dir: str | os.PathLike, *, name: str
         payload = stage / "payload"
         shutil.copytree(LIBRARY, payload / "deepminer", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         if atlas is not None:
-            shutil.copytree(atlas, payload / "atlas", ignore=shutil.ignore_patterns(".*"))
+            shutil.copytree(atlas, payload / ATLAS, ignore=shutil.ignore_patterns(".*"))
         for e in extras:
             if e.is_dir():
                 shutil.copytree(e, payload / e.name, ignore=shutil.ignore_patterns(".*", "__pycache__"))
             else:
                 shutil.copy2(e, payload / e.name)
-        shutil.copy2(model, stage / "model.pt")
+        shutil.copy2(model, stage / MODEL)
         (stage / "model-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
         (stage / "requirements.txt").write_text("\n".join(runtime_requirements()) + "\n", encoding="utf-8")
         export = stage / "export"
         export.mkdir()
         (stage / "tmp").mkdir()
         cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name,
-               "--version", str(version), "--handler", str(HANDLER), "--serialized-file", str(stage / "model.pt"),
+               "--version", str(version), "--handler", str(HANDLER), "--serialized-file", str(stage / MODEL),
                "--extra-files", str(payload), "--config-file", str(stage / "model-config.yaml"),
                "--requirements-file", str(stage / "requirements.txt"), "--export-path", str(export), "--force"]
         env = {**os.environ, "TMPDIR": str(stage / "tmp")}  # the archiver stages in $TMPDIR/<name>
@@ -180,9 +182,8 @@ def build_mar(model: str | os.PathLike, out_dir: str | os.PathLike, *, name: str
         if proc.returncode != 0 or not built.is_file():
             msg = (proc.stderr or proc.stdout).strip().splitlines()
             raise InputError(f"torch-model-archiver failed: {msg[-1] if msg else proc.returncode}")
-        tmp_target = out_dir / f".{name}.mar.partial"
-        shutil.move(str(built), tmp_target)
-        os.replace(tmp_target, target)
+        with atomic_path(target, suffix=".partial") as tmp_target:
+            shutil.move(str(built), tmp_target)
     return target
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import deepminer
-from deepminer.data.dataset import atomic_file, read_manifest, staged_output, write_manifest
+from deepminer.atomic import atomic_file, atomic_path, staged_output
+from deepminer.data.dataset import read_manifest, write_manifest
 from deepminer.encoding import decode_array, encode_array
 from deepminer.errors import DeepMinerError, InputError
 
@@ -87,3 +88,23 @@ def test_atomic_file_replaces_only_on_success(tmp_path):
     with atomic_file(target, "w") as fh:
         fh.write("new")
     assert target.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_atomic_path_hands_a_dot_file_beside_the_target_and_applies_perms(tmp_path):
+    import os
+    import stat
+
+    target = tmp_path / "sub" / "out.csv"
+    with atomic_path(target, suffix=".partial") as tmp:
+        assert tmp.parent == target.parent and tmp.name.startswith(".out.csv.") and tmp.suffix == ".partial"
+        assert tmp.is_file() and not target.exists()
+        tmp.write_text("a,b\n")
+    assert target.read_text() == "a,b\n" and [p.name for p in target.parent.iterdir()] == ["out.csv"]
+    with atomic_file(tmp_path / "secret", "w", perms=0o600) as fh:
+        fh.write("x")
+    assert stat.S_IMODE((tmp_path / "secret").stat().st_mode) == 0o600
+    umask = os.umask(0o022)
+    os.umask(umask)
+    with atomic_file(tmp_path / "plain") as fh:
+        fh.write(b"x")
+    assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o666 & ~umask

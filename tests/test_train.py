@@ -130,7 +130,7 @@ def test_cached_trunk_features_equal_the_full_forward(phantom_folder):
     from deepminer.data.patches import PatchDataset, read_patches
     from deepminer.errors import InputError
     from deepminer.models import build_model
-    from deepminer.train import CachedFeatures, _Top, freeze_before, split_features
+    from deepminer.trunk import CachedFeatures, TopOfTrunk, freeze_before, split_features
 
     torch.manual_seed(0)
     model = build_model("tiny", pretrained=False)
@@ -142,7 +142,7 @@ def test_cached_trunk_features_equal_the_full_forward(phantom_folder):
     ds = PatchDataset(phantom_folder, table, size=PATCH)
     cached = CachedFeatures(trunk, model, ds, flips=True, progress=False)
     assert tuple(cached.feats.shape[:2]) == (10, 4)
-    top = _Top(model, rest)
+    top = TopOfTrunk(model, rest)
     model.eval()
     with torch.no_grad():
         x = torch.stack([ds[i][0] for i in range(10)])
@@ -171,7 +171,7 @@ def test_train_with_cached_features_runs(phantom_folder, tmp_path):
 def test_linear_probe_trains_only_the_head(phantom_folder, tmp_path):
     """--train-from head: the backbone is frozen bit for bit, only the head moves; the card says so."""
     from deepminer.models import build_model, load_model
-    from deepminer.train import freeze_before, split_features
+    from deepminer.trunk import freeze_before, split_features
 
     run = tmp_path / "probe"
     assert main(["train", "--data", str(phantom_folder), "--arch", "tiny", "--out", str(run), "--epochs", "1",
@@ -273,3 +273,17 @@ def test_metrics_json_is_standard_json(tiny_run):
     assert "NaN" not in text and "Infinity" not in text
     m = json.loads(text)
     assert not any(isinstance(v, float) and math.isnan(v) for v in m["epochs"][0]["val"]["auc"].values())
+
+
+def test_image_level_scores_an_image_by_its_most_malignant_patch():
+    import pandas as pd
+
+    from deepminer.model_card import fmt_number
+    from deepminer.patch_eval import image_level
+
+    table = pd.DataFrame({"image_id": ["a", "a", "b", "b", "c"]})
+    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.1, 0.7], [0.6, 0.2, 0.2], [0.5, 0.2, 0.3], [0.1, 0.1, 0.8]])
+    got = image_level(table, probs, {"a": "malignant", "b": "normal", "c": "benign"})
+    # image scores a 0.7, b 0.3, c 0.8; only a is malignant: ranked below c, above b -> AUC 1/2
+    assert got["n_images"] == 3 and got["n_positive"] == 1 and got["auc"] == 0.5
+    assert fmt_number(0.5) == "0.500" and fmt_number(float("nan")) == "n/a" and fmt_number(None) == "n/a"

@@ -207,15 +207,9 @@ class ImageRecord:
 def load_pixels(path: Path) -> np.ndarray:
     """An image file decoded (the project's decoder) and scaled to at most :data:`EVAL_SIDE`."""
     from deepminer.data.io import load_image
-    from deepminer.geometry import fit_size
-    from PIL import Image
+    from deepminer.geometry import fit_image
 
-    px = load_image(Path(path).read_bytes()).pixels
-    h, w = px.shape[:2]
-    nh, nw = fit_size(h, w, EVAL_SIDE)
-    if (nh, nw) != (h, w):
-        px = np.asarray(Image.fromarray(px.astype(np.float32), mode="F").resize((nw, nh), Image.Resampling.BOX))
-    return px
+    return fit_image(load_image(Path(path).read_bytes()).pixels, EVAL_SIDE)
 
 
 def load_mask(path: Path, shape: Sequence[int]) -> np.ndarray:
@@ -414,14 +408,10 @@ class Thumb:
 
 def thumb(pixels: np.ndarray, lesion: np.ndarray, cam: np.ndarray, side: int = 256) -> Thumb:
     """The gallery's small copy of an image (at most ``side`` long), its lesion and its CAM."""
-    from PIL import Image
+    from deepminer.geometry import fit_image
 
-    from deepminer.geometry import fit_size
-
-    h, w = pixels.shape[:2]
-    nh, nw = fit_size(h, w, side)
-    px = np.asarray(Image.fromarray(np.asarray(pixels, np.float32), mode="F").resize((nw, nh), Image.Resampling.BOX))
-    return Thumb(px, lesion_mask(lesion, (nh, nw)), np.asarray(cam, np.float32))
+    px = fit_image(np.asarray(pixels, np.float32), side)
+    return Thumb(px, lesion_mask(lesion, px.shape[:2]), np.asarray(cam, np.float32))
 
 
 def thumb_of(item: Any, cam: np.ndarray) -> Thumb:

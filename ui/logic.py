@@ -6,7 +6,6 @@ imported from :mod:`deepminer`, never rewritten.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
@@ -100,13 +99,10 @@ def suspicious_patches(class_maps: np.ndarray, pixels: np.ndarray, classes: Sequ
 
 def crop_png(pixels: np.ndarray, box: Sequence[int]) -> bytes:
     """The crop of a grey float image as a 16-bit PNG (what is sent to the model for a patch)."""
-    from PIL import Image
+    from deepminer.data.io import png16_of_pixels
 
     x0, y0, x1, y1 = (int(v) for v in box)
-    crop = np.clip(np.asarray(pixels, dtype=np.float32)[y0:y1, x0:x1], 0, 1)
-    buf = io.BytesIO()
-    Image.fromarray(np.round(crop * 65535).astype(np.uint16)).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    return png16_of_pixels(np.asarray(pixels)[y0:y1, x0:x1])
 
 
 def canvas_mask(image_data: np.ndarray | None, shape: Sequence[int]) -> np.ndarray | None:

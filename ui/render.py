@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from deepminer.geometry import fit_size
+from deepminer.geometry import fit_image
 from deepminer.overlay import colorize, heat_overlay, resize_map, to_rgb  # noqa: F401 (re-exported)
 
 #: label colours (Plotly's qualitative "Safe" palette)
@@ -40,14 +40,8 @@ def jpeg(img: np.ndarray, quality: int = 90) -> bytes:
 
 def fit(img: np.ndarray, max_side: int) -> np.ndarray:
     """``img`` scaled down (area) so its long side is at most ``max_side``
-    (:func:`deepminer.geometry.fit_size`); never enlarged."""
-    h, w = img.shape[:2]
-    nh, nw = fit_size(h, w, max_side)
-    if (nh, nw) == (h, w):
-        return img
-    if img.dtype == np.uint8:
-        return np.asarray(Image.fromarray(img).resize((nw, nh), Image.Resampling.BOX))
-    return np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize((nw, nh), Image.Resampling.BOX))
+    (:func:`deepminer.geometry.fit_image`); never enlarged."""
+    return fit_image(img, max_side)
 
 
 def mask_overlay(base: np.ndarray, mask: np.ndarray, *, color: Sequence[int] = RED, alpha: float = 0.35,

@@ -32,6 +32,7 @@ import numpy as np
 import streamlit as st
 
 from deepminer.errors import DeepMinerError
+from deepminer.model_folder import ATLAS_JSON, store_models
 from ui.logic import ModelKey, model_key
 from ui.render import md_escape
 from ui.settings import DEMO_REFERENCE, Settings, load_settings
@@ -108,7 +109,7 @@ def _served_models(backend: str, url: str, management_url: str | None, key_file:
     """``(names, problem)``: TorchServe's ``GET /models`` (management API), or the folders of the
     model store holding a ``model.pt`` in local mode; ``problem`` says why the list is unknown."""
     if backend == "local":  # the configured model (DEEPMINER_MODEL_DIR) and its siblings with a model.pt
-        found = sorted(p.parent.name for p in Path(store).glob("*/model.pt"))
+        found = [m.name for m in store_models(store)]
         return tuple(found), None if found else f"no model folder with a model.pt in `{store}`"
     from deepminer.client import Client, ServeError, ServeUnavailable, list_models
 
@@ -191,7 +192,7 @@ def atlas(model: str | None = None):
     """The unit atlas of the picked model (or of ``model``), or None (the reason: :func:`atlas_problem`)."""
     p = (settings() if model is None else settings_for(model)).atlas_path
     try:
-        return _atlas(str(p), (p / "atlas.json").stat().st_mtime)
+        return _atlas(str(p), (p / ATLAS_JSON).stat().st_mtime)
     except (OSError, DeepMinerError):
         return None
 
@@ -199,7 +200,7 @@ def atlas(model: str | None = None):
 def atlas_problem(model: str | None = None) -> str | None:
     p = (settings() if model is None else settings_for(model)).atlas_path
     try:
-        _atlas(str(p), (p / "atlas.json").stat().st_mtime)
+        _atlas(str(p), (p / ATLAS_JSON).stat().st_mtime)
         return None
     except OSError:
         return f"No unit atlas at {p} (build the model store with `make run`, or set DEEPMINER_MODEL_DIR)."

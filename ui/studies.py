@@ -18,7 +18,7 @@ import numpy as np
 
 from deepminer.errors import DeepMinerError
 from deepminer.exam import ExamView, Hanging, breast_scores, hang, needs_mirror
-from deepminer.geometry import fit_size
+from deepminer.geometry import fit_image
 
 PREVIEW_SIDE = 720  #: long side of a view's picture on the page
 
@@ -73,25 +73,14 @@ class Exam:
 def _shrink(pixels: np.ndarray, max_side: int | None) -> np.ndarray:
     """``pixels`` (grey float) fitted (area) to ``max_side``: an integer box reduction first, then
     the rest (the same mean as one BOX resize, several times cheaper on a 13.5 MP image)."""
-    from PIL import Image
-
-    a = np.asarray(pixels, dtype=np.float32)
-    h, w = fit_size(a.shape[0], a.shape[1], max_side)
-    if (h, w) == a.shape:
-        return a
-    im = Image.fromarray(a, mode="F")
-    factor = min(a.shape[0] // h, a.shape[1] // w)
-    if factor >= 2:
-        im = im.reduce(factor)
-    return np.asarray(im.resize((w, h), Image.Resampling.BOX))
+    return fit_image(np.asarray(pixels, dtype=np.float32), max_side, reduce_first=True)
 
 
 def model_input(pixels: np.ndarray, max_side: int | None) -> bytes:
     """The image the model is sent: fitted (area) to ``max_side``, as a 16-bit PNG (16 bits used)."""
-    from deepminer.data.phantoms import png16
+    from deepminer.data.io import png16_of_pixels
 
-    a = _shrink(pixels, max_side)
-    return png16(np.clip(np.rint(a * 65535.0), 0, 65535).astype(np.uint16), bits=16)
+    return png16_of_pixels(_shrink(pixels, max_side))
 
 
 def _decode(v: View, max_side: int | None = None) -> View:

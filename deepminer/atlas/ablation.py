@@ -33,10 +33,12 @@ from typing import Any
 
 import numpy as np
 
+from deepminer.atomic import atomic_file
 from deepminer.errors import InputError
+from deepminer.model_folder import ABLATION
 
 FORMAT = "deepminer-atlas-ablation/1"
-FILE = "ablation.json"
+FILE = ABLATION  #: ``ATLAS/ablation.json``
 TOP = 20  #: the top-k overlap reported (the atlas's top 20 units per class)
 
 
@@ -188,9 +190,8 @@ def atlas_ablation(model: Any, atlas_dir: str | os.PathLike, data: str | os.Path
         "timing_s": round(time.perf_counter() - t0, 2),
     }
     out = Path(atlas_dir) / FILE
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(out)
+    with atomic_file(out, "w") as fh:
+        fh.write(json.dumps(result, indent=1) + "\n")
     return result
 
 

@@ -16,8 +16,8 @@ import numpy as np
 
 from deepminer.errors import InputError
 from deepminer.explanation import class_index
+from deepminer.model_folder import ATLAS_FILES, ATLAS_JSON, ATLAS_NPZ, REFERENCES
 
-ATLAS_FILES = ("atlas.json", "atlas.npz", "references.csv")
 
 
 def _box(values: Any) -> tuple[int, int, int, int]:
@@ -54,17 +54,17 @@ class Atlas:
             if not (path / name).is_file():
                 raise InputError(f"{path / name}: missing (an atlas folder needs {', '.join(ATLAS_FILES)})")
         try:
-            meta = json.loads((path / "atlas.json").read_text(encoding="utf-8"))
+            meta = json.loads((path / ATLAS_JSON).read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as err:
-            raise InputError(f"{path / 'atlas.json'}: not valid JSON ({type(err).__name__})") from None
+            raise InputError(f"{path / ATLAS_JSON}: not valid JSON ({type(err).__name__})") from None
         if not isinstance(meta, dict) or not str(meta.get("format", "")).startswith("deepminer-atlas/"):
-            raise InputError(f"{path / 'atlas.json'}: not a deepminer atlas (no 'format' deepminer-atlas/...)")
+            raise InputError(f"{path / ATLAS_JSON}: not a deepminer atlas (no 'format' deepminer-atlas/...)")
         try:
-            with np.load(path / "atlas.npz", allow_pickle=False) as z:
+            with np.load(path / ATLAS_NPZ, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         except Exception as err:  # noqa: BLE001 - a damaged npz raises zipfile, ValueError, OSError or EOFError
-            raise InputError(f"{path / 'atlas.npz'}: unreadable ({type(err).__name__})") from None
-        refs = pd.read_csv(path / "references.csv", dtype={"image_id": str, "image": str})
+            raise InputError(f"{path / ATLAS_NPZ}: unreadable ({type(err).__name__})") from None
+        refs = pd.read_csv(path / REFERENCES, dtype={"image_id": str, "image": str})
         return cls(path, meta, arrays, refs)
 
     # -- basics ----------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ class Atlas:
     @property
     def mask_fraction(self) -> np.ndarray | None:
         """``[K]``: the mean share of a reference patch inside each unit's mask, over all references
-        (:func:`deepminer.atlas.dissect.mask_sizes`); None for an atlas dissected before it existed."""
+        (:func:`deepminer.atlas.stats.mask_sizes`); None for an atlas dissected before it existed."""
         v = self.arrays.get("mask_fraction")
         return None if v is None else np.asarray(v, dtype=np.float32)
 
@@ -117,7 +117,7 @@ class Atlas:
         size); computed from the stored gallery maps for an atlas dissected before it was stored."""
         v = self.arrays.get("roi_fraction")
         if v is None:
-            from deepminer.atlas.dissect import mask_sizes
+            from deepminer.atlas.stats import mask_sizes
 
             import torch
 
@@ -131,7 +131,8 @@ class Atlas:
     def _cls(self, cls: str | int) -> int:
         return class_index(self.classes, cls)
 
-    def _unit(self, unit: int) -> int:
+    def _checked_unit(self, unit: int) -> int:
+        """``unit`` as an int, checked to be a unit of this atlas (0..K-1)."""
         if not 0 <= int(unit) < self.num_units:
             raise InputError(f"unit {unit} out of range 0..{self.num_units - 1}")
         return int(unit)
@@ -153,7 +154,7 @@ class Atlas:
     # -- galleries -------------------------------------------------------------------------------
     def topk(self, unit: int) -> list[TopPatch]:
         """The unit's top-activating reference patches, highest activation first."""
-        u = self._unit(unit)
+        u = self._checked_unit(unit)
         out = []
         for r, (ref, act) in enumerate(zip(self.arrays["topk_index"][u], self.arrays["topk_activation"][u])):
             row = self.references.iloc[int(ref)]
@@ -173,7 +174,7 @@ class Atlas:
         from deepminer.data.io import load_image
         from deepminer.explain.units import unit_masks
 
-        u = self._unit(unit)
+        u = self._checked_unit(unit)
         root = Path(data_root or self.meta["data"]["folder"])
         entries = self.topk(u)[:k]
         maps = self.arrays["topk_maps"][u].astype(np.float32)
@@ -199,7 +200,7 @@ class Atlas:
     def suggested_label(self, unit: int) -> tuple[str, float] | None:
         """``(concept, IoU)`` of the unit's best concept, or None when the data set had no concept
         masks or the best IoU is below ``min_label_iou`` (0.04, Network Dissection)."""
-        u = self._unit(unit)
+        u = self._checked_unit(unit)
         if not self.concepts:
             return None
         row = self.iou[u]

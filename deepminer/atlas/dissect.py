@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from deepminer import __version__
-from deepminer.atlas.stats import (TailQuantile, TopItems, coverage, influence_counts, pca_2d, rank_by_frequency,
-                                   sample_per_item, tail_length)
+from deepminer.atlas.stats import (TailQuantile, TopItems, coverage, influence_counts, mask_sizes, pca_2d,
+                                   rank_by_frequency, sample_per_item, tail_length)
 from deepminer.errors import InputError
+from deepminer.model_folder import ATLAS, ATLAS_JSON, ATLAS_NPZ, REFERENCES
 from deepminer.defaults import INFLUENCE_TOP, IOU_SIZE, MEMORY_MB, MIN_LABEL_IOU, QUANTILE, TOP_UNITS, TOPK
 from deepminer.models.fcn import patch_px
 from deepminer.runtime import resolve_device
@@ -152,33 +153,6 @@ def _dissect_iou(data: Path, refs, concepts: list[str], thresholds: np.ndarray, 
             cids, frac = fracs[int(items[j])]
             inter[u[j], cids] += frac.double().numpy() @ m[j].astype(np.float64)
     return iou_from_counts(inter, unit_area, concept_area), inter, unit_area, concept_area
-
-
-def mask_sizes(unit_area: np.ndarray, items: int, iou_size: int, maps: torch.Tensor, heap: int,
-               thresholds: np.ndarray, topk: int) -> dict[str, np.ndarray]:
-    """How large each unit's masks are (Peck et al. compare this between a baseline and a fine-tuned
-    model: "the fine-tuned model's units cover smaller regions"), as fractions of a patch:
-
-    * ``mask_fraction [K]``: the mean share of a reference patch inside the unit's mask, over all the
-      references (``unit_area`` in grid cells summed over the set, from :func:`_dissect_iou`, over
-      ``items x iou_size^2`` cells); exact when the unit's ``iou_complete``, else a lower bound;
-    * ``roi_fraction [K]``: the mean share on its ``topk`` gallery patches (the region a person sees
-      highlighted in the gallery: Peck's "ROI"), from the stored maps at the same grid.
-    """
-    from deepminer.explain.units import unit_masks
-
-    cells = iou_size * iou_size
-    k = int(maps.shape[0])
-    kk = max(1, min(topk, heap))
-    roi = np.zeros(k)
-    for u0 in range(0, k, max(1, (1 << 22) // (kk * cells))):
-        part = maps[u0:u0 + max(1, (1 << 22) // (kk * cells)), :kk].float()
-        n = part.shape[0]
-        th = np.repeat(np.asarray(thresholds[u0:u0 + n], dtype=np.float64), kk)
-        m = unit_masks(part.reshape(n * kk, *part.shape[2:]), th, (iou_size, iou_size))
-        roi[u0:u0 + n] = m.reshape(n, kk * cells).mean(axis=1)
-    frac = np.asarray(unit_area, dtype=np.float64) / max(1, items * cells)
-    return {"mask_fraction": frac.astype(np.float32), "roi_fraction": roi.astype(np.float32)}
 
 
 def check_writable(out: Path) -> None:
@@ -346,7 +320,7 @@ def profile_batch(net, x: torch.Tensor, state: ProfileState) -> torch.Tensor:
     return pred
 
 
-def dissect(model, data: str | os.PathLike, split: str = "test", out: str | os.PathLike = "atlas", *,
+def dissect(model, data: str | os.PathLike, split: str = "test", out: str | os.PathLike = ATLAS, *,
             quantile: float = QUANTILE, topk: int = TOPK, batch_size: int = 32,
             device: str | torch.device | None = None, patch_size: int | None = None,
             patches: str | os.PathLike | None = None, iou_size: int = IOU_SIZE, memory_mb: float = MEMORY_MB,
@@ -379,13 +353,13 @@ def dissect(model, data: str | os.PathLike, split: str = "test", out: str | os.P
 
 def _write_atlas(out: Path, meta: dict, arrays: dict[str, Any], refs_out) -> None:
     """The three atlas files, staged beside ``out`` and moved into place; a one-line error if not."""
-    from deepminer.data.dataset import staged_output
+    from deepminer.atomic import staged_output
 
     try:
         with staged_output(out) as stage:
-            np.savez_compressed(stage / "atlas.npz", **arrays)
-            refs_out.to_csv(stage / "references.csv", index=False, lineterminator="\n")
-            with open(stage / "atlas.json", "w", encoding="utf-8") as fh:
+            np.savez_compressed(stage / ATLAS_NPZ, **arrays)
+            refs_out.to_csv(stage / REFERENCES, index=False, lineterminator="\n")
+            with open(stage / ATLAS_JSON, "w", encoding="utf-8") as fh:
                 json.dump(meta, fh, indent=1)
                 fh.write("\n")
     except OSError as err:

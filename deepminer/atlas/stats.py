@@ -249,3 +249,30 @@ def pca_2d(x: np.ndarray) -> np.ndarray:
         sign = np.sign(vt[j, np.argmax(np.abs(vt[j]))]) or 1.0
         out[:, j] = u[:, j] * s[j] * sign
     return out
+
+
+def mask_sizes(unit_area: np.ndarray, items: int, iou_size: int, maps: torch.Tensor, heap: int,
+               thresholds: np.ndarray, topk: int) -> dict[str, np.ndarray]:
+    """How large each unit's masks are (Peck et al. compare this between a baseline and a fine-tuned
+    model: "the fine-tuned model's units cover smaller regions"), as fractions of a patch:
+
+    * ``mask_fraction [K]``: the mean share of a reference patch inside the unit's mask, over all the
+      references (``unit_area`` in grid cells summed over the set, from :func:`deepminer.atlas.dissect.dissect`'s IoU pass, over
+      ``items x iou_size^2`` cells); exact when the unit's ``iou_complete``, else a lower bound;
+    * ``roi_fraction [K]``: the mean share on its ``topk`` gallery patches (the region a person sees
+      highlighted in the gallery: Peck's "ROI"), from the stored maps at the same grid.
+    """
+    from deepminer.explain.units import unit_masks
+
+    cells = iou_size * iou_size
+    k = int(maps.shape[0])
+    kk = max(1, min(topk, heap))
+    roi = np.zeros(k)
+    for u0 in range(0, k, max(1, (1 << 22) // (kk * cells))):
+        part = maps[u0:u0 + max(1, (1 << 22) // (kk * cells)), :kk].float()
+        n = part.shape[0]
+        th = np.repeat(np.asarray(thresholds[u0:u0 + n], dtype=np.float64), kk)
+        m = unit_masks(part.reshape(n * kk, *part.shape[2:]), th, (iou_size, iou_size))
+        roi[u0:u0 + n] = m.reshape(n, kk * cells).mean(axis=1)
+    frac = np.asarray(unit_area, dtype=np.float64) / max(1, items * cells)
+    return {"mask_fraction": frac.astype(np.float32), "roi_fraction": roi.astype(np.float32)}

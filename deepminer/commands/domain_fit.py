@@ -2,6 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from deepminer.domain import DomainModel
 
 NAME = "domain-fit"
 HELP = "fit a model's out-of-domain score (Mahalanobis distance of pooled features) on a dataset folder"
@@ -17,12 +26,13 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from deepminer.domain import DEFAULT_COMPONENTS, DEFAULT_PERCENTILE, DEFAULT_TRANSFORM, FILE_NAME, TRANSFORMS
+    from deepminer.domain import DEFAULT_COMPONENTS, DEFAULT_PERCENTILE, DEFAULT_TRANSFORM, TRANSFORMS
+    from deepminer.model_folder import DOMAIN
     from deepminer.geometry import DEFAULT_MAX_SIDE
 
     parser.add_argument("--model", required=True, help="deepminer checkpoint (e.g. model_store/demo/model.pt)")
     parser.add_argument("--data", required=True, help="dataset folder (manifest.csv with a split column)")
-    parser.add_argument("--out", default=None, help=f"file to write (None: {FILE_NAME} beside the model)")
+    parser.add_argument("--out", default=None, help=f"file to write (None: {DOMAIN} beside the model)")
     parser.add_argument("--train-split", default="train", help="split the summary is fitted on")
     parser.add_argument("--val-split", default="val", help="split the threshold is set on")
     parser.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE,
@@ -42,11 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import sys
-    from pathlib import Path
 
-    from deepminer.domain import FILE_NAME, fit_dataset
+
     from deepminer.errors import InputError
     from deepminer.geometry import MAX_SIDE_RANGE
+    from deepminer.model_folder import ModelFolder
 
     if not 0 < args.percentile <= 100:
         raise InputError(f"--percentile: must be in (0, 100], got {args.percentile}")
@@ -59,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     model = Path(args.model)
     if not model.is_file():
         raise InputError(f"{model}: no such model file")
-    out = Path(args.out) if args.out else model.parent / FILE_NAME
+    out = Path(args.out) if args.out else ModelFolder.of(model).domain
     domain = fit_dataset(model, args.data, train_split=args.train_split, val_split=args.val_split,
                          percentile=args.percentile, components=args.components, max_side=args.max_side,
                          device=args.device, limit=args.limit, features=args.features, transform=args.transform)
@@ -71,3 +81,78 @@ def run(args: argparse.Namespace) -> int:
           f"scores (median {f['val_score_median']:.4g}); {out.stat().st_size / 2**20:.2f} MiB, "
           f"{f['seconds']:.0f} s", file=sys.stderr)
     return 0
+
+
+def fit_dataset(model_file: str | os.PathLike, data: str | os.PathLike, *, train_split: str, val_split: str,
+                percentile: float, components: int, transform: str, max_side: int | None = None,
+                device: str = "cpu", limit: int | None = None, features: str | os.PathLike | None = None,
+                progress: bool = True) -> DomainModel:
+    """What ``deepminer domain-fit`` runs (orchestration: the service, the dataset folder and
+    :func:`deepminer.domain.fit_domain`): the features of the ``train_split`` images of the dataset
+    folder ``data`` (whole images, at the size the server explains them), the threshold at
+    ``percentile`` of the ``val_split`` scores. ``limit``: at most this many images per split.
+    ``features``: an ``.npz`` of the extracted features, reused when it was written for the same
+    weights, images and ``max_side`` (a refit with another percentile costs no forward pass),
+    else (re)written."""
+    import time
+
+    from deepminer.data.dataset import describe_dataset, read_manifest
+    from deepminer.domain import FEATURE, fit_domain, image_features
+    from deepminer.errors import InputError
+    from deepminer.explain.service import SETTINGS, ExplainService
+
+    rows = read_manifest(data)
+    root = Path(data)
+    split_images = {}
+    for split in (train_split, val_split):
+        paths = [root / r["image"] for r in rows if r["split"] == split][:limit]
+        if len(paths) < 2:
+            raise InputError(f"{data}: the {split!r} split has {len(paths)} images; at least 2 are needed")
+        split_images[split] = paths
+    t0 = time.perf_counter()
+    service = ExplainService.load(model_file, None, settings={"cache_mb": 1}, device=device, domain=False)
+    side = int(max_side or service.settings["default_max_side"])
+    ident = {"weights_sha256": service.weights_sha256, "max_side": side, "feature": FEATURE,
+             "images": [str(p.resolve()) for s in (train_split, val_split) for p in split_images[s]]}
+    cached = _read_features(features, ident) if features else None
+    if cached is not None:
+        train, val = cached
+    else:
+        train = image_features(service, split_images[train_split], max_side=side, desc=train_split, progress=progress)
+        val = image_features(service, split_images[val_split], max_side=side, desc=val_split, progress=progress)
+        if features:
+            _write_features(features, ident, train, val)
+    fit = {"data": str(root.resolve()), "data_kind": describe_dataset(root), "train_split": train_split,
+           "val_split": val_split, "max_side": side, "tissue": bool(SETTINGS["tissue"]),
+           "model_file": Path(model_file).name, "seconds": round(time.perf_counter() - t0, 1)}
+    return fit_domain(train, val, percentile=percentile, components=components, transform=transform,
+                      weights_sha256=service.weights_sha256, fit=fit)
+
+
+def _read_features(path: str | os.PathLike, ident: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached ``(train, val)`` features of ``path`` when they were written for ``ident``."""
+    import json
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if json.loads(str(z["ident"])) != dict(ident):
+                return None
+            return z["train"].astype(np.float64), z["val"].astype(np.float64)
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _write_features(path: str | os.PathLike, ident: Mapping[str, Any], train: np.ndarray, val: np.ndarray) -> None:
+    import json
+
+    import numpy as np
+
+    from deepminer.atomic import atomic_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as fh:
+        np.savez(fh, ident=np.array(json.dumps(dict(ident))), train=train.astype(np.float32),
+                 val=val.astype(np.float32))

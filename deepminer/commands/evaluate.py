@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from deepminer.metrics import nan_to_none
     from deepminer.models import load_model
     from deepminer.runtime import resolve_device
-    from deepminer.train import baseline_report, evaluate_table
+    from deepminer.patch_eval import baseline_report, evaluate_table
 
     if not Path(args.data).is_dir():
         raise InputError(f"{args.data}: no such dataset folder")

@@ -71,18 +71,14 @@ def _summary(res: Explanation, image: str) -> dict:
 def _write_outputs(res: Explanation, image_bytes: bytes, out: Path, max_side: int) -> list[Path]:
     import json
 
-    import numpy as np
     from PIL import Image
 
-    from deepminer.data.dataset import staged_output
+    from deepminer.atomic import staged_output
     from deepminer.data.io import load_image
-    from deepminer.geometry import fit_size
+    from deepminer.geometry import fit_image
     from deepminer.overlay import heat_overlay
 
-    grey = load_image(image_bytes).pixels
-    h, w = fit_size(grey.shape[0], grey.shape[1], max_side)
-    if (h, w) != grey.shape:  # overlays at most max_side pixels long
-        grey = np.asarray(Image.fromarray(grey, mode="F").resize((w, h), Image.Resampling.BOX))
+    grey = fit_image(load_image(image_bytes).pixels, max_side)  # overlays at most max_side pixels long
     written = []
     with staged_output(out) as stage:
         for i, cls in enumerate(res.classes):
@@ -101,8 +97,10 @@ def _atlas_thresholds(model: str | None, atlas: str | None):
     beside ``--model``); None (half each unit's maximum) through a server or without an atlas."""
     if not model:
         return None
-    folder = Path(atlas) if atlas else Path(model).parent / "atlas"
-    if not (folder / "atlas.json").is_file():
+    from deepminer.model_folder import ModelFolder, is_atlas
+
+    folder = Path(atlas) if atlas else ModelFolder.of(model).atlas
+    if not is_atlas(folder):
         return None
     from deepminer.atlas import Atlas
 

@@ -39,13 +39,13 @@ def facts(loaded, mask) -> list[tuple[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-    import tempfile
+    import contextlib
     from pathlib import Path
 
     import numpy as np
     from PIL import Image
 
+    from deepminer.atomic import atomic_file
     from deepminer.data.io import load_image
     from deepminer.data.tissue import tissue_mask
     from deepminer.errors import InputError
@@ -62,22 +62,13 @@ def run(args: argparse.Namespace) -> int:
             out / f"{stem}_image.png": np.rint(loaded.pixels * 255.0).astype(np.uint8),
             out / f"{stem}_tissue.png": mask.astype(np.uint8) * np.uint8(255),
         }
-        temps = []
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            for target, arr in targets.items():  # write both, then move both into place
-                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".png", dir=out)
-                os.close(fd)
-                temps.append(tmp)
-                Image.fromarray(arr).save(tmp, format="PNG")
-            for tmp, target in zip(temps, targets):
-                os.replace(tmp, target)
-                written.append(target)
+            with contextlib.ExitStack() as files:  # write both, then move both into place
+                for target, arr in targets.items():
+                    Image.fromarray(arr).save(files.enter_context(atomic_file(target)), format="PNG")
+                    written.append(target)
         except OSError as err:
             raise InputError(f"{out}: cannot write ({err.strerror or err})") from None
-        finally:
-            for tmp in temps:
-                Path(tmp).unlink(missing_ok=True)
     for key, value in facts(loaded, mask):
         print(f"{key}: {value}")
     for target in written:

@@ -24,11 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
     import sys
-    import tempfile
     from pathlib import Path
 
+    from deepminer.atomic import atomic_path
     from deepminer.data.patches import PATCHES_CSV, extract_patches
     from deepminer.errors import InputError
 
@@ -41,15 +40,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.data) / PATCHES_CSV
     df = extract_patches(args.data, side_frac=args.side_frac, stride_frac=args.stride_frac,
                          min_tissue=args.min_tissue, min_lesion=args.min_lesion)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         df.to_csv(tmp, index=False, lineterminator="\n")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     counts = df["label"].value_counts().to_dict()
     summary = ", ".join(f"{k} {counts.get(k, 0)}" for k in ("normal", "benign", "malignant"))
     splits = ", ".join(f"{k} {v}" for k, v in df["split"].value_counts().sort_index().items())

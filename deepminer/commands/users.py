@@ -68,22 +68,16 @@ def read_users(path: Path) -> dict[str, str]:
 def write_users(path: Path, users: dict[str, str]) -> None:
     """Replace the file atomically (temporary file + rename): mode 0600, or the group and mode the
     existing file has (at most 0640: never world-readable)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
+    from deepminer.atomic import atomic_file
+
+    with atomic_file(path, "w", perms=0o600) as f:
         if path.is_file():  # keep the group and mode the proxy gave it (serve/proxy.py: 0640, nginx's group)
             st = path.stat()
-            os.chown(tmp, -1, st.st_gid)
-            os.chmod(tmp, st.st_mode & 0o640)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(f"{n}:{h}\n" for n, h in sorted(users.items())))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            os.fchown(f.fileno(), -1, st.st_gid)
+            os.fchmod(f.fileno(), st.st_mode & 0o640)
+        f.write("".join(f"{n}:{h}\n" for n, h in sorted(users.items())))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def hash_password(password: str, rounds: int = BCRYPT_ROUNDS) -> str:

@@ -318,7 +318,8 @@ def import_cbis(root: str | os.PathLike, out: str | os.PathLike, *, val_fraction
     from tqdm import tqdm
 
     from deepminer.concepts import concepts_from_report
-    from deepminer.data.dataset import staged_output, write_manifest
+    from deepminer.atomic import staged_output
+    from deepminer.data.dataset import write_manifest
 
     root, out = Path(root), Path(out)
     if out.exists() and not overwrite:
@@ -371,7 +372,7 @@ def _write_image(stage: Path, im: CbisImage, path: Path, rois: dict, per_abn: di
     from PIL import Image
 
     from deepminer.data.io import load_image
-    from deepminer.data.phantoms import png16
+    from deepminer.data.io import png16
 
     loaded = load_image(path)
     bits = min(16, max(1, loaded.bits_stored))

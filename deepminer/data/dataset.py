@@ -6,16 +6,13 @@ A dataset folder holds ``manifest.csv`` with :data:`MANIFEST_COLUMNS` (paths rel
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any
 
 from deepminer import CLASSES
+from deepminer.atomic import atomic_file, staged_output  # noqa: F401 (re-exported: their old home)
 from deepminer.errors import InputError
 
 MANIFEST = "manifest.csv"
@@ -67,44 +64,6 @@ def concepts_in(folder: str | os.PathLike) -> list[str]:
     """Concepts with pixel ground truth in a dataset folder (sorted)."""
     root = Path(folder) / "masks"
     return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-
-
-@contextlib.contextmanager
-def staged_output(out: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
-    """Write into a staging folder beside ``out`` and move it into place only on success, so an
-    error or Ctrl-C never leaves a half-written output behind."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out}: already exists")
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    if out.exists():
-        if out.is_dir():
-            shutil.rmtree(out)
-        else:
-            out.unlink()
-    os.replace(stage, out)
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temporary file beside ``path`` for writing and move it onto ``path`` only when the
-    block succeeds: readers never see a half-written file, a failure leaves the old one in place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with (os.fdopen(fd, mode) if "b" in mode else os.fdopen(fd, mode, encoding="utf-8")) as fh:
-            yield fh
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 #: what a model's ``trained_on`` says of data made by ``deepminer phantoms``

@@ -58,6 +58,7 @@ from deepminer.data.phantom_findings import (
     patient_id,
     report_line,
 )
+from deepminer.data.io import png16  # the one 16-bit PNG writer (re-exported here, its old home)
 from deepminer.data.phantom_render import Phantom, powerlaw_noise, render_phantom
 from deepminer.errors import InputError
 
@@ -76,21 +77,6 @@ def _png8(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def png16(image: np.ndarray, *, bits: int = BITS, text: dict[str, str] | None = None) -> bytes:
-    """A 16-bit greyscale PNG with an ``sBIT`` chunk saying how many bits are used."""
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add(b"sBIT", bytes([bits]))
-    for k, v in (text or {}).items():
-        info.add_text(k, v)
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint16)).save(
-        buf, format="PNG", pnginfo=info, compress_level=1, compress_type=2)  # zlib Huffman-only: fast
-    return buf.getvalue()
-
-
 def _mask_bytes(m: np.ndarray) -> bytes:
     if not m.any():
         return _zero_png(*m.shape)
@@ -101,7 +87,7 @@ def write_phantom(folder: Path, ph: Phantom) -> dict:
     """Write one phantom's PNGs into a dataset folder; returns its manifest row (split left empty)."""
     iid = ph.image_id
     (folder / "images" / f"{iid}.png").write_bytes(
-        png16(ph.image, text={"Laterality": ph.laterality, "View": ph.view}))
+        png16(ph.image, bits=BITS, text={"Laterality": ph.laterality, "View": ph.view}))
     for name in PHANTOM_CONCEPTS:
         (folder / "masks" / name / f"{iid}.png").write_bytes(_mask_bytes(ph.masks[name]))
     lesion = ""

@@ -15,13 +15,14 @@ other methods keep one colour each across every figure of a report (tab10, by na
 from __future__ import annotations
 
 import os
-import tempfile
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from deepminer.atomic import atomic_file
 
 BASELINES = ("random", "tissue_prior")  #: the methods every report compares against
 DPI = 130                               #: resolution of every figure
@@ -48,17 +49,11 @@ def _save(fig: Any, path: str | os.PathLike[str], notes: Sequence[str] = ()) -> 
     """Write ``fig`` as PNG to ``path`` atomically (temp file in the same folder, then ``os.replace``),
     ``notes`` in its Description metadata; the figure is closed either way."""
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with atomic_file(out) as fh:
             fig.savefig(fh, format="png", dpi=DPI,
                         metadata={"Software": "deepminer.evaluation.figures",
                                   "Description": "\n".join(notes) if notes else "complete"})
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     finally:
         _pyplot().close(fig)
     return out

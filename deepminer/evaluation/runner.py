@@ -32,6 +32,7 @@ import numpy as np
 from deepminer.errors import InputError
 from deepminer.evaluation.catalog import FAITHFULNESS, LOCALIZATION, METRICS
 from deepminer.geometry import DEFAULT_MAX_SIDE
+from deepminer.model_folder import ModelFolder, is_atlas
 
 RESUME_FORMAT = "deepminer-eval-resume/1"
 SANITY_STEPS = 4  #: randomization steps per method: the head, then the last three feature blocks
@@ -136,9 +137,9 @@ def prepare(cfg: EvalConfig) -> Context:
     model = load_model(model_path).eval()
     methods = resolve_methods(model, cfg.methods)
     _check_classes(model, rows, data)
-    atlas_dir = Path(cfg.atlas) if cfg.atlas else model_path.parent / "atlas"
+    atlas_dir = Path(cfg.atlas) if cfg.atlas else ModelFolder.of(model_path).atlas
     atlas = None
-    if (atlas_dir / "atlas.json").is_file():
+    if is_atlas(atlas_dir):
         from deepminer.atlas import Atlas
 
         atlas = Atlas.load(atlas_dir)
@@ -379,7 +380,7 @@ def run_images(ctx: Context, *, progress: bool = True,
 
 def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run everything and write the report folder; returns ``report.json``'s content."""
-    from deepminer.data.dataset import staged_output
+    from deepminer.atomic import staged_output
     from deepminer.evaluation.report import build_report, write_report
 
     t0 = time.perf_counter()

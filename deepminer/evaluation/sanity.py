@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepminer.explanation import normalize_map
 from deepminer.geometry import DEFAULT_MAX_SIDE
 from deepminer.models.fcn import FCN, TimmFeatures
 
@@ -131,18 +132,12 @@ def rank_correlation(a: Any, b: Any) -> float:
     return r if np.isfinite(r) else 0.0
 
 
-def _unit(a: np.ndarray) -> np.ndarray:
-    a = np.nan_to_num(np.asarray(a, dtype=np.float64))
-    span = np.ptp(a)
-    return (a - a.min()) / span if span > 0 else np.zeros_like(a)
-
-
 def map_ssim(a: Any, b: Any) -> float:
     """SSIM of two ``(h, w)`` maps min-max normalised to [0, 1] (module docstring); NaN when the
     shorter side is under 3 cells."""
     from skimage.metrics import structural_similarity
 
-    x, y = _unit(np.asarray(a)), _unit(np.asarray(b))
+    x, y = (normalize_map(np.nan_to_num(np.asarray(m, np.float64)), 0.0, dtype=np.float64) for m in (a, b))
     if x.shape != y.shape or x.ndim != 2:
         raise ValueError(f"maps of different sizes: {np.shape(a)} and {np.shape(b)}")
     side = min(x.shape)

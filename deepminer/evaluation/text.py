@@ -204,13 +204,14 @@ def tokenize(text: str) -> list[str]:
     return out
 
 
-def _unit(v: np.ndarray) -> np.ndarray | None:
+def _unit_vector(v: np.ndarray) -> np.ndarray | None:
+    """``v`` scaled to length 1 (None when its length is 0 or not finite)."""
     n = float(np.linalg.norm(v))
     return v / n if n > 0 and math.isfinite(n) else None
 
 
-def _mean_unit(vectors: Sequence[np.ndarray | None]) -> np.ndarray | None:
-    units = [u for v in vectors if v is not None and (u := _unit(np.asarray(v, np.float64))) is not None]
+def _mean_unit_vector(vectors: Sequence[np.ndarray | None]) -> np.ndarray | None:
+    units = [u for v in vectors if v is not None and (u := _unit_vector(np.asarray(v, np.float64))) is not None]
     return np.mean(units, axis=0) if units else None
 
 
@@ -222,19 +223,19 @@ def resolve(word: str, vectors: VectorSource) -> tuple[np.ndarray | None, str, t
         return np.asarray(v, np.float64), "vocab", (word,)
     if word in FALLBACK_TABLE:
         parts = tuple(p for p in FALLBACK_TABLE[word] if vectors.vector(p) is not None)
-        m = _mean_unit([vectors.vector(p) for p in parts])
+        m = _mean_unit_vector([vectors.vector(p) for p in parts])
         if m is not None:
             return m, "table", parts
     n = len(word)
     for i in range(n - _MIN_PART, _MIN_PART - 1, -1):  # the longest known prefix with a known suffix
         pre, suf = vectors.vector(word[:i]), vectors.vector(word[i:])
         if pre is not None and suf is not None:
-            m = _mean_unit([pre, suf])
+            m = _mean_unit_vector([pre, suf])
             if m is not None:
                 return m, "split", (word[:i], word[i:])
     for i in range(n - 1, max(_MIN_PREFIX, math.ceil(_PREFIX_COVER * n)) - 1, -1):
         pre = vectors.vector(word[:i])
-        if pre is not None and (u := _unit(np.asarray(pre, np.float64))) is not None:
+        if pre is not None and (u := _unit_vector(np.asarray(pre, np.float64))) is not None:
             return u, "prefix", (word[:i],)
     return None, "dropped", ()
 
@@ -273,7 +274,7 @@ def _embed(words: list[str], vectors: VectorSource, fallbacks: dict[str, str]) -
         if step != "vocab":
             oov += 1
             fallbacks[w] = step
-        u = _unit(v) if v is not None else None
+        u = _unit_vector(v) if v is not None else None
         if u is not None:
             rows.append(u)
     share = oov / len(words) if words else float("nan")

@@ -23,16 +23,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deepminer import model_folder
 from deepminer.errors import DeepMinerError, InputError
 from deepminer.explanation import Explanation
 from deepminer.geometry import DEFAULT_MAX_SIDE
+from deepminer.model_folder import ModelFolder
 from deepminer.options import ExplainOptions, check_ablate, mask_to_png
 
 #: the service's settings (the ``handler:`` section of serve/model-config.yaml), with defaults
-SETTINGS: dict[str, Any] = {"model_file": "model.pt", "atlas": "atlas", "max_pixels": 60_000_000,
+SETTINGS: dict[str, Any] = {"model_file": model_folder.MODEL, "atlas": model_folder.ATLAS, "max_pixels": 60_000_000,
                             "cache_mb": 256, "default_max_side": DEFAULT_MAX_SIDE, "torch_threads": 0,
                             "tissue": True, "keep_freed_memory": True, "max_gradient_methods": 3,
-                            "domain": "domain.pt"}
+                            "domain": model_folder.DOMAIN}
 
 
 def error_json(err: BaseException) -> tuple[int, dict[str, Any]]:
@@ -103,7 +105,7 @@ class ExplainService:
             thresholds = Atlas.load(atlas_dir).thresholds
         domain_model, note = None, ""
         if domain is True:
-            beside = Path(model_file).parent / str(settings.get("domain") or "domain.pt")
+            beside = ModelFolder.of(model_file).root / str(settings.get("domain") or model_folder.DOMAIN)
             domain = beside if settings.get("domain") and beside.is_file() else None
         if domain:
             from deepminer.domain import DomainModel

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from deepminer import CLASSES
-from deepminer.data.dataset import atomic_file
+from deepminer.atomic import atomic_file
 from deepminer.errors import InputError
 from deepminer.models.backbones import ARCHS, build_model
 from deepminer.models.fcn import FCN, to_fcn

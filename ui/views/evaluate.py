@@ -14,6 +14,7 @@ import numpy as np
 import streamlit as st
 
 from deepminer.errors import DeepMinerError
+from deepminer.explanation import normalize_map
 from ui import evaluate as ev
 from ui import logic, render, state, widgets
 
@@ -481,7 +482,7 @@ def _results(run: ev.SetRun) -> None:
                 tiles.append(render.mask_overlay(heat, t.lesion, color=(57, 255, 20), alpha=0.0))
                 caps.append(f"{tag}: {r.image_id} · AUPRC {r.scores['cam']['auprc']:.2f}")
                 cases.append({"title": f"{tag}: {r.image_id}", "image": t.pixels, "lesion": t.lesion,
-                              "saliency": _unit(t.cam), "subtitle": f"AUPRC {r.scores['cam']['auprc']:.2f}"})
+                              "saliency": normalize_map(t.cam, 0.0), "subtitle": f"AUPRC {r.scores['cam']['auprc']:.2f}"})
         if tiles:
             st.image(tiles, caption=caps, width=150, output_format="JPEG")
             st.caption("Green outline: the ground truth; heat: the CAM of the explained class.")
@@ -503,12 +504,6 @@ def _results(run: ev.SetRun) -> None:
 
     d3.download_button("Figures (PNG, zip)", figures, file_name="evaluation-figures.zip", mime="application/zip",
                        key="eval_png", on_click="ignore")
-
-
-def _unit(m: np.ndarray) -> np.ndarray:
-    m = np.asarray(m, np.float32)
-    lo, hi = float(m.min()), float(m.max())
-    return (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
 
 
 try:

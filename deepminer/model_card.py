@@ -1,0 +1,110 @@
+"""The Markdown model card of a training run (``MODEL_CARD.md``), from its ``metrics.json``
+content: command, data, recipe, training curve, test metrics, limitations. Pure text (the
+architecture registry is the one model-stack import, for the pretrained weights' name).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from deepminer import CLASSES
+from deepminer.defaults import PROBE
+
+
+def fmt_number(v: Any) -> str:
+    """A metric as the card prints it: 3 decimals, ``n/a`` for a missing or NaN value."""
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def _metric_rows(rep: dict, name: str) -> list[str]:
+    rows = [f"| {name} | " + " | ".join(f"{fmt_number(rep['auc'].get(c))} / {fmt_number(rep['pauc'].get(c))}" for c in CLASSES)
+            + f" | {fmt_number(rep.get('accuracy'))} |"]
+    base = rep.get("baseline")
+    if base:
+        rows.append("| histogram baseline (logistic regression) | "
+                    + " | ".join(f"{fmt_number(base['auc'].get(c))} / {fmt_number(base['pauc'].get(c))}" for c in CLASSES)
+                    + f" | {fmt_number(base.get('accuracy'))} |")
+    return rows
+
+
+def _frozen_text(cfg: dict, metrics: dict) -> str:
+    n = metrics.get("frozen_parameters")
+    if cfg.get("train_from") == PROBE:
+        return f"the whole ImageNet backbone ({n} tensors): only the head was trained (a linear probe)"
+    if cfg.get("train_from"):
+        return f"layers before `{cfg['train_from']}` ({n} tensors)"
+    return "nothing (all layers fine-tuned)"
+
+
+def model_card(metrics: dict) -> str:
+    """The Markdown model card of a run (from its ``metrics.json`` content)."""
+    cfg = metrics["config"]
+    lines = [f"# Model card: {cfg['arch']} FCN, {cfg['head']} head (DeepMiner Studio)", "",
+             "**Intended use: demonstration and research on interpretability tooling only. Not for clinical "
+             "use, not a medical device, not validated on patients.**", "",
+             "## Command", "", "```", cfg.get("command") or "(library call)", "```", "",
+             "## Data", "", f"Dataset folder `{cfg['data']}`; patches by the DeepMiner rules (side 25% of the "
+             "image width, stride 50% of the side, >= 50% breast tissue, 30% lesion rules, malignant over "
+             "benign); patient-disjoint splits from the manifest.", "",
+             "| split | images | patches | normal | benign | malignant |", "|---|---|---|---|---|---|"]
+    for split, s in metrics["data"].items():
+        lines.append(f"| {split} | {s['images']} | {s['patches']} | {s['normal']} | {s['benign']} | {s['malignant']} |")
+    from deepminer.models import ARCHS
+
+    weights = cfg["pretrained"] and cfg["arch"] in ARCHS and ARCHS[cfg["arch"]].weights
+    rec = [f"- architecture `{cfg['arch']}` ({'ImageNet-pretrained' if weights else 'random init'}), "
+           f"head `{cfg['head']}`" + (f" ({cfg.get('wildcat_maps')} maps per class, k {cfg.get('wildcat_k')}, "
+                                       f"alpha {cfg.get('wildcat_alpha')})" if cfg['head'] == "wildcat" else "")
+           + f", patch size {cfg['patch_size']} px (grey, resized crops)",
+           f"- SGD lr {cfg['lr']}, momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}, "
+           f"batch {cfg['batch_size']}, at most {cfg['epochs']} epochs"
+           + (f" (stopped after {cfg['patience']} epochs without a lower validation loss)" if cfg.get("patience") else "")
+           + (f" of {cfg['max_patches_per_epoch']} patches" if cfg.get("max_patches_per_epoch") else ""),
+           f"- sampler: {'class-balanced (1/count weights, with replacement)' if cfg['balance'] else 'shuffled'}; "
+           "augmentation: random horizontal and vertical flips",
+           f"- frozen: {_frozen_text(cfg, metrics)}"
+           + ("; the frozen trunk's outputs for every training patch and its 4 flips were computed once and cached "
+              "(float16)" if cfg.get("cache_features") else ""),
+           (f"- training patches capped at {cfg['max_train_patches_per_class']} per class (seeded draw)"
+            if cfg.get("max_train_patches_per_class") else "- all training patches used"),
+           (f"- validation patches capped at {cfg['max_val_patches_per_class']} per class (seeded draw; the "
+            "validation AUCs below are on that class mix, which has more benign negatives than the full set)"
+            if cfg.get("max_val_patches_per_class") else "- all validation patches used"),
+           f"- seed {cfg['seed']}; device {metrics.get('device')}; training time {metrics.get('train_seconds')} s"
+           + (f" (+ {metrics.get('cache_seconds')} s computing the feature cache)" if cfg.get("cache_features") else ""),
+           f"- best checkpoint: epoch {metrics.get('best_epoch')} (lowest validation loss)"]
+    lines += ["", "## Recipe", "", *rec, "", "## Training curve", "",
+              "| epoch | train loss | val loss | val AUC normal / benign / malignant | seconds |", "|---|---|---|---|---|"]
+    init = metrics.get("initial") or {}
+    if init:
+        a = init["val"]["auc"]
+        lines.append(f"| 0 (before) | | {fmt_number(init['val_loss'])} | {fmt_number(a.get('normal'))} / {fmt_number(a.get('benign'))} / "
+                     f"{fmt_number(a.get('malignant'))} | |")
+    for e in metrics["epochs"]:
+        a = e["val"]["auc"]
+        lines.append(f"| {e['epoch']}{' *' if e.get('best') else ''} | {fmt_number(e['train_loss'])} | {fmt_number(e['val_loss'])} | "
+                     f"{fmt_number(a.get('normal'))} / {fmt_number(a.get('benign'))} / {fmt_number(a.get('malignant'))} | {e['seconds']} |")
+    for key, title in (("test", "Test split"), ("fresh_test", "Fresh test set")):
+        rep = metrics.get(key)
+        if not rep:
+            continue
+        capped = cfg.get("max_test_patches")
+        lines += ["", f"## {title}: `{rep['data']}`", "",
+                  (f"A seeded random sample of at most {capped} patches, stratified by class (the class mix "
+                   "of the full set is kept, so per-class AUCs estimate those of the full set). "
+                   if capped else "")
+                  + f"Patch level, {rep['n']} patches ({', '.join(f'{c} {n}' for c, n in rep['counts'].items())}); "
+                  "one-vs-rest AUC / pAUC at TPR 0.8 (pAUC normalised to [0, 1]: area of the ROC in the band "
+                  "TPR >= 0.8 divided by 0.2; DeepMiner prints the raw area = 0.2 x this).", "",
+                  "| scorer | normal | benign | malignant | accuracy |", "|---|---|---|---|---|",
+                  *_metric_rows(rep, "this model")]
+        il = rep.get("image_level")
+        if il:
+            lines += ["", f"Image level (score = max over the image's {'sampled ' if capped else ''}patches of P(malignant); "
+                      f"{il['n_images']} images, {il['n_positive']} malignant): AUC {fmt_number(il['auc'])}, "
+                      f"pAUC {fmt_number(il['pauc'])}."]
+    lines += ["", "## Limitations", "",
+              "- Trained and tested on the data above only; numbers on synthetic phantoms say nothing about "
+              "real mammograms.",
+              "- Patch-level classifier run fully convolutionally; the class maps are coarse (stride 32).", ""]
+    return "\n".join(lines)
