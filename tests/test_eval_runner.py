@@ -166,3 +166,21 @@ def test_an_abnormal_image_without_a_mask_is_counted_not_evaluated(eval_data, tm
     with_masks = sum(1 for r in rows if r["label"] != "normal" and r["lesion_mask"])
     assert c["abnormal_without_mask"] == 1 and c["abnormal"] == with_masks
     assert c["normal_not_evaluated"] == sum(1 for r in rows if r["label"] == "normal")
+
+
+def test_explicit_methods_keep_the_baselines(eval_data, tmp_path, capsys):
+    """docs/evaluation.md: a table always carries the random and tissue-prior baselines, also when
+    ``--methods`` names other methods only."""
+    from deepminer.evaluation.methods import resolve_methods
+    from deepminer.models import load_model
+
+    model = load_model(eval_data["model"])
+    assert resolve_methods(model, ["gradcam", "cam"]) == ["gradcam", "cam", "random", "tissue_prior"]
+    assert resolve_methods(model, ["random", "cam"]) == ["random", "cam", "tissue_prior"]
+    out = tmp_path / "out"
+    assert _run(eval_data, out, "--methods", "cam", "--metrics", "auprc", "--limit", "4") == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["methods"] == ["cam", "random", "tissue_prior"]
+    assert {s["method"] for s in report["summary"]} == {"cam", "random", "tissue_prior"}
+    table = capsys.readouterr().out
+    assert "random (baseline)" in table and "tissue_prior (baseline)" in table, table

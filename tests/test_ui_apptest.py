@@ -546,9 +546,9 @@ def test_evaluate_mask_upload_scores_every_method_with_the_baselines(app_env):
     assert auprc == sorted(auprc, reverse=True)
     # the CAM's AUPRC is the engine's, on the image as the page scores it (the preview, here 256 px)
     res = local_explain(Path(app_env["model_dir"]) / "model.pt", data, max_side=512, name="demo")
-    from ui.evaluate import lesion_mask
+    from deepminer.evaluation.masks import fit_mask
 
-    les = lesion_mask(half, px.shape)
+    les = fit_mask(half, px.shape)
     want = localization_metrics(to_image(res.cam[res.classes.index(res.prediction)], px.shape),
                                 LesionTarget.make(les, tissue))
     got = dict(zip(table["method"], table["AUPRC"]))["CAM"]
@@ -616,12 +616,13 @@ def test_evaluate_logic_sorting_baselines_and_intervals():
     assert rows[0]["pointing"] == "hit" and rows[2]["pointing"] == "miss" and rows[3]["AUPRC"] is None
 
     rng = np.random.default_rng(0)
-    recs = [ev.ImageRecord(f"i{k}", "benign", scores={"cam": m(float(rng.random())), "random": m(float(rng.random())),
-                                                      "tissue_prior": m(float(rng.random()))}) for k in range(9)]
-    recs[3].scores["cam"]["auprc"] = float("nan")
+    recs = [ev.ImageRecord(f"i{k}", "benign", targets={"predicted": "benign"},
+                           scores={key: {"predicted": m(float(rng.random()))} for key in ("cam", "random", "tissue_prior")})
+            for k in range(9)]
+    recs[3].scores["cam"]["predicted"]["auprc"] = float("nan")
     summary = ev.summary_rows(recs)
     for r in summary:
-        values = [x.scores[r["method"]][r["metric"]] for x in recs]
+        values = [x.scores[r["method"]]["predicted"][r["metric"]] for x in recs]
         want = bootstrap_ci(values)
         assert (r["mean"], r["lo"], r["hi"], r["n"]) == (want.mean, want.lo, want.hi, want.n)
         assert r["baseline"] == (r["method"] in ("random", "tissue_prior"))
@@ -634,7 +635,7 @@ def test_evaluate_logic_sorting_baselines_and_intervals():
     assert ev.requests_for(list(ev.PEERS)) == [list(ev.PEERS_FAST), list(ev.PEERS_SLOW)]
     assert ev.eta_s(0, 10, 1.0) is None and ev.eta_s(2, 10, 1.0) == pytest.approx(4.0)
     best, worst = ev.best_worst(recs, k=2)
-    assert len(best) == 2 and len(worst) == 2 and best[0].scores["cam"]["auprc"] >= worst[0].scores["cam"]["auprc"]
+    assert len(best) == 2 and len(worst) == 2 and best[0].score("cam", None, "auprc") >= worst[0].score("cam", None, "auprc")
     p = ev.provenance({"trained_on": "synthetic phantoms (deepminer phantoms)", "weights_sha256": "ab"})
     assert "mean nothing" in p["warning"] and p["weights_sha256"] == "ab"
     import json
@@ -671,11 +672,12 @@ def test_a_set_item_scores_the_same_from_the_servers_region_as_decoded_here(ui_f
     # image: equal at native size, nearly equal (edge pixels) when resized
     agree = float((a.tissue == b.tissue).mean())
     assert agree == 1.0 if height <= ev.EVAL_SIDE else agree > 0.995, agree
-    ra = ev.evaluate_item("p", None, None, a.lesion, with_region, scene=a).scores
-    rb = ev.evaluate_item("p", None, None, b.lesion, without, scene=b).scores
-    assert set(ra) == set(rb) == {"cam", "class_map", "random", "tissue_prior"}
-    for m in ra:
-        assert ra[m]["auprc"] == pytest.approx(rb[m]["auprc"], abs=1e-9 if height <= ev.EVAL_SIDE else 1e-3), m
+    ra = ev.evaluate_item("p", None, None, a.lesion, with_region, scene=a)
+    rb = ev.evaluate_item("p", None, None, b.lesion, without, scene=b)
+    assert set(ra.scores) == set(rb.scores) == {"cam", "class_map", "random", "tissue_prior"}
+    for m in ra.scores:
+        assert ra.score(m, "predicted", "auprc") == pytest.approx(rb.score(m, "predicted", "auprc"),
+                                                                  abs=1e-9 if height <= ev.EVAL_SIDE else 1e-3), m
 
 
 def test_evaluate_settings_folder(monkeypatch, tmp_path):

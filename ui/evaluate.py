@@ -1,9 +1,12 @@
 """The Evaluate page's logic: score the served model's saliency maps against a lesion outline, one
-image or a set. No Streamlit here (the page only lays the answers out; the tests call these).
+image or a set, and run a set image by image (:class:`SetScheduler`). No Streamlit here (the page
+only lays the answers out; the tests call these).
 
 Every metric is the engine's (:mod:`deepminer.evaluation.localization`), the baselines are
-:mod:`deepminer.evaluation.methods`'s, the intervals :func:`deepminer.evaluation.stats.bootstrap_ci`
-and the PNG figures :mod:`deepminer.evaluation.figures`: nothing is computed a second way here.
+:mod:`deepminer.evaluation.methods`'s, masks are read by :mod:`deepminer.evaluation.masks`, a set's
+images are :class:`~deepminer.evaluation.results.ImageRecord` s summarised by
+:func:`~deepminer.evaluation.results.summary_rows` (as ``deepminer evaluate-explanations`` does) and
+the PNG figures are :mod:`deepminer.evaluation.figures`'s: nothing is computed a second way here.
 """
 from __future__ import annotations
 
@@ -11,27 +14,35 @@ import csv
 import io
 import json
 import math
+import threading
+import time
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from deepminer.errors import DeepMinerError
+from deepminer.evaluation.catalog import BASELINES, LOCALIZATION, PEERS
+from deepminer.evaluation.masks import fit_mask, read_lesion
+from deepminer.evaluation.results import ImageRecord, curves
+from deepminer.evaluation.results import best_worst, summary_rows  # noqa: F401 - the page's, as the engine has them
 from deepminer.explanation import Explanation
 from ui.logic import trained_on_phantoms
 
 ONE_PASS = ("cam", "class_map")  #: maps every explanation carries (no extra request)
 PEERS_FAST = ("gradcam", "gradcam++", "guided_backprop")  #: one ``/explanations`` request
 PEERS_SLOW = ("integrated_gradients", "smoothgrad")  #: a second request (seconds each)
-PEERS = PEERS_FAST + PEERS_SLOW
-BASELINES = ("random", "tissue_prior")  #: the floor every report shows
-METRICS = ("auprc", "pointing", "iou", "dice", "relevance_mass")
+METRICS = LOCALIZATION  #: what the page scores (no faithfulness or sanity: the CLI's full report has them)
 METHOD_NAMES = {"cam": "CAM", "class_map": "probability map", "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++",
                 "guided_backprop": "guided backprop", "integrated_gradients": "integrated gradients",
                 "smoothgrad": "SmoothGrad", "random": "random (baseline)", "tissue_prior": "tissue prior (baseline)"}
 EVAL_SIDE = 1024  #: images are scored at most this long side (the preview the pages draw on)
+#: the page's "explained class" choice -> the view of :class:`ImageRecord` it fills
+VIEW_OF = {"prediction": "predicted", "label": "truth"}
 
 
 def method_name(method: str) -> str:
@@ -43,37 +54,6 @@ def is_baseline(method: str) -> bool:
 
 
 # -- one image --------------------------------------------------------------------------------------
-
-def lesion_mask(mask: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """A mask image (any size; grey, RGB or RGBA; anything above 0 is lesion; for RGBA the alpha)
-    as a bool ``shape`` mask, resized nearest."""
-    from PIL import Image
-
-    m = np.asarray(mask)
-    if m.ndim == 3:
-        m = m[:, :, 3] if m.shape[2] == 4 else m.max(axis=2)
-    on = m > 0
-    h, w = int(shape[0]), int(shape[1])
-    if on.shape != (h, w):
-        on = np.asarray(Image.fromarray(on.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)) > 127
-    return on
-
-
-def decode_mask(data: bytes, shape: Sequence[int]) -> np.ndarray:
-    """A mask file's bytes (PNG and friends) as a bool ``shape`` mask; :class:`InputError` when it is
-    not an image."""
-    from PIL import Image, UnidentifiedImageError
-
-    from deepminer.errors import InputError
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            arr = np.asarray(im)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise InputError(f"the mask is not an image ({type(err).__name__})") from None
-    return lesion_mask(arr, shape)
-
 
 @dataclass(frozen=True)
 class Scene:
@@ -94,7 +74,7 @@ class Scene:
 
         px = np.asarray(pixels, dtype=np.float32)
         tissue = tissue_mask(px)
-        les = lesion_mask(lesion, px.shape[:2])
+        les = fit_mask(lesion, px.shape[:2])
         return cls(px, tissue, les, LesionTarget.make(les, tissue))
 
     @classmethod
@@ -107,8 +87,8 @@ class Scene:
 
         h, w = region.shape
         shape = fit_size(h, w, EVAL_SIDE)
-        tissue = lesion_mask(region, shape)
-        les = lesion_mask(lesion, shape)
+        tissue = fit_mask(region, shape)
+        les = fit_mask(lesion, shape)
         return cls(None, tissue, les, LesionTarget.make(les, tissue))
 
     @property
@@ -190,20 +170,6 @@ def _hit(v: Any) -> str:
 
 # -- a set --------------------------------------------------------------------------------------------
 
-@dataclass
-class ImageRecord:
-    """One image of a set: its id, label, prediction, the explained class and every method's metrics
-    (``{method: {metric: float, "pr": array}}``), or why it was not scored."""
-
-    image_id: str
-    label: str | None
-    prediction: str = ""
-    target: str = ""
-    scores: dict[str, dict[str, Any]] = field(default_factory=dict)
-    problem: str = ""
-    seconds: float = 0.0
-
-
 def load_pixels(path: Path) -> np.ndarray:
     """An image file decoded (the project's decoder) and scaled to at most :data:`EVAL_SIDE`."""
     from deepminer.data.io import load_image
@@ -212,63 +178,39 @@ def load_pixels(path: Path) -> np.ndarray:
     return fit_image(load_image(Path(path).read_bytes()).pixels, EVAL_SIDE)
 
 
-def load_mask(path: Path, shape: Sequence[int]) -> np.ndarray:
-    return decode_mask(Path(path).read_bytes(), shape)
-
-
 def item_scene(item: Any, exp: Explanation) -> Scene:
     """The :class:`Scene` of a set's item (``.image``, ``.mask`` files) explained as ``exp``: from the
     breast region the server returned (the ``tissue_mask`` option; nothing decoded here), else from
     the image decoded here (its region computed as the server does)."""
     region = exp.tissue_region()
     if region is not None:
-        return Scene.of_region(region, load_mask(item.mask, region.shape))
+        return Scene.of_region(region, read_lesion(item.mask, region.shape, resize=True))
     pixels = load_pixels(item.image)
-    return Scene.make(pixels, load_mask(item.mask, pixels.shape[:2]))
+    return Scene.make(pixels, read_lesion(item.mask, pixels.shape[:2], resize=True))
 
 
 def evaluate_item(image_id: str, label: str | None, pixels: np.ndarray | None, lesion: np.ndarray, exp: Explanation,
                   extra: Mapping[str, np.ndarray] | None = None, *, cls: str | None = None,
-                  scene: Scene | None = None) -> ImageRecord:
+                  scene: Scene | None = None, view: str | None = None) -> ImageRecord:
     """Score one image: CAM, probability map, ``extra`` maps (peers, on the CAM grid) and the two
-    baselines, for class ``cls`` (None: the prediction). ``scene``: the image already prepared
-    (then ``pixels`` may be None)."""
+    baselines, for class ``cls`` (None: the prediction), as the record's ``view`` (default: ``truth``
+    for a given class, else ``predicted``); the CAM is kept for the gallery. ``scene``: the image
+    already prepared (then ``pixels`` may be None)."""
     if scene is None:
         if pixels is None:
             raise ValueError("evaluate_item: pixels or a scene")
         scene = Scene.make(pixels, lesion)
     i = class_index(exp, cls)
-    rec = ImageRecord(image_id, label, exp.prediction, exp.classes[i])
+    view = view or ("truth" if cls is not None else "predicted")
+    rec = ImageRecord(image_id, label, exp.prediction, targets={view: exp.classes[i]})
     if not scene.scorable:
         rec.problem = "the outline has no pixel inside the breast"
         return rec
     maps = {**one_pass_maps(exp, exp.classes[i]), **dict(extra or {}),
             **baseline_maps(scene.tissue, exp.cam.shape[1:], seed_of(image_id))}
-    rec.scores = score_maps(maps, scene)
+    rec.scores = {m: {view: s} for m, s in score_maps(maps, scene).items()}
+    rec.saliency = np.asarray(maps["cam"], np.float32)
     return rec
-
-
-def methods_of(records: Iterable[ImageRecord]) -> list[str]:
-    seen: list[str] = []
-    for r in records:
-        seen += [m for m in r.scores if m not in seen]
-    return [m for m in seen if not is_baseline(m)] + [m for m in BASELINES if m in seen]
-
-
-def summary_rows(records: Sequence[ImageRecord], *, n_resamples: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
-    """Per method and metric: mean and 95% percentile-bootstrap interval over the images
-    (:func:`~deepminer.evaluation.stats.bootstrap_ci`, NaNs dropped), in the rows
-    :func:`~deepminer.evaluation.figures.metric_bars` takes."""
-    from deepminer.evaluation.stats import bootstrap_ci
-
-    rows = []
-    for m in methods_of(records):
-        for metric in METRICS:
-            values = [float(r.scores[m][metric]) for r in records if m in r.scores]
-            ci = bootstrap_ci(values, n_resamples=n_resamples, seed=seed)
-            rows.append({"method": m, "metric": metric, "mean": ci.mean, "lo": ci.lo, "hi": ci.hi, "n": ci.n,
-                         "baseline": is_baseline(m)})
-    return rows
 
 
 def summary_table(summary: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -296,11 +238,7 @@ def pr_matrix(records: Sequence[ImageRecord]) -> dict[str, np.ndarray]:
     """Per method, the ``(n_images, len(RECALL_GRID))`` precision curves (for ``figures.pr_curves``)."""
     from deepminer.evaluation.localization import RECALL_GRID
 
-    out = {}
-    for m in methods_of(records):
-        rows = [np.asarray(r.scores[m]["pr"], np.float64) for r in records if m in r.scores]
-        out[m] = np.vstack(rows) if rows else np.zeros((0, RECALL_GRID.size))
-    return out
+    return curves(records, "pr", width=RECALL_GRID.size)
 
 
 def mean_pr(records: Sequence[ImageRecord]) -> dict[str, np.ndarray]:
@@ -313,15 +251,6 @@ def mean_pr(records: Sequence[ImageRecord]) -> dict[str, np.ndarray]:
     return out
 
 
-def best_worst(records: Sequence[ImageRecord], method: str = "cam", metric: str = "auprc",
-               k: int = 2) -> tuple[list[ImageRecord], list[ImageRecord]]:
-    """The ``k`` images where ``method`` scores best and worst on ``metric`` (scored images only)."""
-    scored = [r for r in records if method in r.scores and math.isfinite(float(r.scores[method][metric]))]
-    scored.sort(key=lambda r: -float(r.scores[method][metric]))
-    k = min(k, len(scored) // 2 if len(scored) > 1 else len(scored))
-    return scored[:k], (scored[-k:][::-1] if k else [])
-
-
 def per_image_csv(records: Sequence[ImageRecord]) -> str:
     """One row per image and method: id, label, prediction, explained class, method, the metrics
     (empty for an image that was not scored, with the reason)."""
@@ -329,11 +258,13 @@ def per_image_csv(records: Sequence[ImageRecord]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["image_id", "label", "prediction", "target", "method", "baseline", *METRICS, "problem"])
     for r in records:
+        view = r.view
+        target = r.targets.get(view, "") if view else ""
         if not r.scores:
-            w.writerow([r.image_id, r.label or "", r.prediction, r.target, "", "", *([""] * len(METRICS)), r.problem])
-        for m, s in r.scores.items():
-            w.writerow([r.image_id, r.label or "", r.prediction, r.target, m, int(is_baseline(m)),
-                        *(_csv_num(s[k]) for k in METRICS), r.problem])
+            w.writerow([r.image_id, r.label or "", r.prediction, target, "", "", *([""] * len(METRICS)), r.problem])
+        for m in r.scores:
+            w.writerow([r.image_id, r.label or "", r.prediction, target, m, int(is_baseline(m)),
+                        *(_csv_num(r.score(m, view, k)) for k in METRICS), r.problem])
     return buf.getvalue()
 
 
@@ -411,13 +342,13 @@ def thumb(pixels: np.ndarray, lesion: np.ndarray, cam: np.ndarray, side: int = 2
     from deepminer.geometry import fit_image
 
     px = fit_image(np.asarray(pixels, np.float32), side)
-    return Thumb(px, lesion_mask(lesion, px.shape[:2]), np.asarray(cam, np.float32))
+    return Thumb(px, fit_mask(lesion, px.shape[:2]), np.asarray(cam, np.float32))
 
 
 def thumb_of(item: Any, cam: np.ndarray) -> Thumb:
     """:func:`thumb` of a set's item (its image and mask files decoded now)."""
     pixels = load_pixels(item.image)
-    return thumb(pixels, load_mask(item.mask, pixels.shape[:2]), cam)
+    return thumb(pixels, read_lesion(item.mask, pixels.shape[:2], resize=True), cam)
 
 
 @dataclass
@@ -458,8 +389,7 @@ class SetRun:
     methods: tuple[str, ...]
     target: str  #: "prediction" or "label"
     dataset: dict[str, Any]
-    records: list[ImageRecord] = field(default_factory=list)
-    cams: dict[str, np.ndarray] = field(default_factory=dict)  #: the explained class's CAM of each scored image
+    records: list[ImageRecord] = field(default_factory=list)  #: in item order (a scored one keeps its CAM)
     thumbs: dict[str, Thumb] = field(default_factory=dict)  #: made for the best/worst cases only, at the end
     model: dict[str, Any] = field(default_factory=dict)
     done: int = 0
@@ -472,6 +402,16 @@ class SetRun:
     @property
     def total(self) -> int:
         return len(self.items)
+
+    @property
+    def view(self) -> str:
+        """The view of :class:`ImageRecord` this run fills (:data:`VIEW_OF` its explained class)."""
+        return VIEW_OF[self.target]
+
+    def cancel(self) -> None:
+        """Stop after the image being taken now (what was done stays)."""
+        if self.running:
+            self.cancelled, self.running = True, False
 
     def settings(self) -> dict[str, Any]:
         return {"model": provenance(self.model), "dataset": self.dataset, "methods": list(self.methods),
@@ -486,3 +426,154 @@ def requests_for(methods: Sequence[str]) -> list[list[str]]:
     (an empty list: CAM and probability map only, one ``/predictions`` call)."""
     peers = [m for m in methods if m in PEERS]
     return [peers[i:i + 3] for i in range(0, len(peers), 3)]
+
+
+# -- running a set (image by image, on worker threads) -----------------------------------------------
+
+LOOKAHEAD = 3  #: calls of a run waiting at the server at once, whether or not earlier answers are scored yet
+AHEAD = 8  #: images between the one the run waits for and the last one asked for (worker threads)
+
+
+class Answer(NamedTuple):
+    """One image of a set run: its record, the model's identity as the answer gave it, and the
+    seconds spent waiting for the model's calls."""
+
+    record: ImageRecord
+    model: dict[str, Any]
+    waited_s: float
+
+
+def score_item(item: Any, methods: Sequence[str], target: str, predict: Callable[[bytes], Explanation],
+               explain_methods: Callable[[bytes, list[str], str | None], Explanation],
+               answered: Callable[[], None]) -> Answer:
+    """One image of a set: its calls (``predict(data)``, or ``explain_methods(data, peers, class)``
+    per request of :func:`requests_for`), then its scores (:func:`evaluate_item`, as the view
+    ``target`` names). ``answered()`` is called once the calls are back, before the scoring, so the
+    next call may go out while this image is scored. No Streamlit: runs in a worker thread."""
+    t0 = time.perf_counter()
+    extra: dict[str, np.ndarray] = {}
+    wanted = item.label if target == "label" and item.label else None  # None: the prediction
+    exp: Explanation | None = None
+    try:
+        data = Path(item.image).read_bytes()
+        for batch in requests_for(methods):  # the peers of the explained class (the server refuses a label it does not know)
+            got = explain_methods(data, batch, wanted)
+            exp = exp or got
+            extra.update({m: got.method_maps[m] for m in batch if m in got.method_maps})
+        if exp is None:
+            exp = predict(data)
+    finally:
+        answered()
+    waited = time.perf_counter() - t0
+    scene = item_scene(item, exp)
+    cls = wanted if wanted in exp.classes else None
+    rec = evaluate_item(item.image_id, item.label, None, scene.lesion, exp, extra, cls=cls, scene=scene,
+                        view=VIEW_OF[target])
+    rec.seconds = time.perf_counter() - t0
+    return Answer(rec, dict(exp.model or {}), waited)
+
+
+def stop_reason(err: Exception) -> str | None:
+    """Whether an image's error stops the whole run, and why: a :class:`DeepMinerError` (the image is
+    bad) is that image's problem (None); anything else stops the run."""
+    if isinstance(err, DeepMinerError):
+        return None
+    return f"The run stopped: {type(err).__name__}: {err}"
+
+
+class _Answered:
+    """How many of a run's calls came back (counted by the worker threads)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            self.n += 1
+
+
+class SetScheduler:
+    """Takes a :class:`SetRun` forward image by image on ``pool``'s threads: at most ``lookahead``
+    calls waiting at the model server at once (a call goes out as soon as one comes back, while its
+    answer is scored), at most ``ahead`` images asked for past the one the run waits for, the answers
+    taken in item order. ``work(item, answered)`` does one image (:func:`score_item` with the run's
+    methods and calls); ``stop_reason(err)`` words an error that stops the whole run (None: the
+    error is that image's problem, kept in its record). No Streamlit here."""
+
+    def __init__(self, pool: Executor, work: Callable[[Any, Callable[[], None]], Answer], *,
+                 lookahead: int = LOOKAHEAD, ahead: int = AHEAD,
+                 stop_reason: Callable[[Exception], str | None] = stop_reason,
+                 progress_every_s: float = 0.25, poll_s: float = 0.02) -> None:
+        self.pool, self.work = pool, work
+        self.lookahead, self.ahead = max(1, lookahead), max(1, ahead)
+        self.stop_reason = stop_reason
+        self.progress_every_s, self.poll_s = progress_every_s, poll_s
+
+    def advance(self, run: SetRun, progress: Callable[[SetRun], None] | None = None) -> None:
+        """Process the rest of ``run`` until it is done, cancelled (:meth:`SetRun.cancel`: after the
+        image the run waits for now) or stopped by an error. ``progress(run)`` after an image, at most every
+        ``progress_every_s`` and after the last. ``run`` only ever holds whole images: whatever
+        ``progress`` raises (Streamlit's rerun when a widget is clicked) leaves it consistent, the
+        calls not taken yet are dropped, and the next :meth:`advance` carries on."""
+        if not run.running:
+            return
+        t_start = time.perf_counter() - run.elapsed_s
+        pending: dict[int, Future[Answer]] = {}
+        answered, first, nxt = _Answered(), run.done, run.done
+        shown = 0.0  # when progress was last called (each call may cost a browser redraw)
+
+        def ask() -> None:  # the calls that may go out now
+            nonlocal nxt
+            while nxt < run.total and nxt - run.done < self.ahead and (nxt - first) - answered.n < self.lookahead:
+                pending[nxt] = self.pool.submit(self.work, run.items[nxt], answered)
+                nxt += 1
+
+        try:
+            while run.done < run.total:
+                ask()
+                while not pending[run.done].done():
+                    wait([pending[run.done]], timeout=self.poll_s)  # then look again whether a call may go out
+                    ask()
+                run.records.append(self._take(pending.pop(run.done), run))
+                run.done += 1
+                run.elapsed_s = time.perf_counter() - t_start
+                if progress is not None and (run.elapsed_s - shown >= self.progress_every_s or run.done == run.total):
+                    shown = run.elapsed_s
+                    progress(run)
+                if not run.running:  # cancelled: after the image just taken
+                    break
+            else:
+                run.running = False
+        except _Stop as stop:
+            run.error, run.running = stop.reason, False
+        except Exception as err:  # noqa: BLE001 - the run stops with a message, never a traceback (a click's
+            # rerun is a BaseException: it passes, and the next advance carries on)
+            run.error, run.running = self.stop_reason(err) or f"The run stopped: {type(err).__name__}: {err}", False
+        finally:
+            for f in pending.values():
+                f.cancel()
+
+    def _take(self, fut: Future[Answer], run: SetRun) -> ImageRecord:
+        """The record of the image the run waits for (its error as its problem), the run's totals
+        updated; :class:`_Stop` when the error stops the run."""
+        item = run.items[run.done]
+        try:
+            answer = fut.result()
+        except Exception as err:  # noqa: BLE001 - worded by stop_reason, or kept as this image's problem
+            reason = self.stop_reason(err)
+            if reason is not None:
+                raise _Stop(reason) from err
+            return ImageRecord(item.image_id, item.label, problem=str(err).splitlines()[0] if str(err) else
+                               type(err).__name__)
+        run.model = run.model or answer.model
+        run.request_s += answer.waited_s
+        return answer.record
+
+
+class _Stop(Exception):
+    """An image's error that stops the whole run (``reason``: the words for the page)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -79,7 +79,7 @@ def concept_fractions(data: Path, image_id: str, boxes: np.ndarray, concepts: li
     of the concepts present in it.
     """
     from deepminer.data.dataset import mask_path
-    from deepminer.data.patches import read_mask
+    from deepminer.evaluation.masks import read_mask
 
     area = np.zeros(len(concepts))
     present, masks = [], []

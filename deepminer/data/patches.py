@@ -142,26 +142,6 @@ def box_sums(mask: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return (sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]).astype(np.float64)
 
 
-def read_mask(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """An 8-bit mask PNG as uint8 (H, W); a one-line :class:`InputError` when unreadable or when its
-    shape differs from ``shape``."""
-    from PIL import Image
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: missing mask file")
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im)
-    except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files
-        raise InputError(f"{path}: unreadable mask ({type(err).__name__})") from None
-    if arr.ndim == 3:
-        arr = arr[..., 0]
-    if shape is not None and arr.shape != tuple(shape):
-        raise InputError(f"{path}: mask is {arr.shape[1]}x{arr.shape[0]} but the image is {shape[1]}x{shape[0]}")
-    return arr.astype(np.uint8, copy=False)
-
-
 def extract_patches(folder: str | os.PathLike, *, side_frac: float = 0.25, stride_frac: float = 0.5,
                     min_tissue: float = 0.5, min_lesion: float = 0.3, progress: bool = True):
     """The patch table of a dataset folder (pandas DataFrame, :data:`BASE_COLUMNS` + ``frac_<c>``).
@@ -175,6 +155,7 @@ def extract_patches(folder: str | os.PathLike, *, side_frac: float = 0.25, strid
     from deepminer.data.dataset import concepts_in, mask_path, read_manifest
     from deepminer.data.io import load_image
     from deepminer.data.tissue import tissue_mask
+    from deepminer.evaluation.masks import read_mask
 
     folder = Path(folder)
     rows = read_manifest(folder)

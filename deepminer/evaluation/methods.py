@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from deepminer.defaults import INFLUENCE_TOP, QUANTILE
-from deepminer.evaluation.catalog import ALL_METHODS, ONE_PASS
+from deepminer.evaluation.catalog import ALL_METHODS, BASELINES, ONE_PASS
 from deepminer.errors import InputError
 from deepminer.explanation import Explanation
 
@@ -34,8 +34,9 @@ def available_methods(model: Any) -> list[str]:
 
 
 def resolve_methods(model: Any, names: Sequence[str] | None) -> list[str]:
-    """``names`` checked against :data:`ALL_METHODS` and what ``model`` has (None: all it has); a
-    one-line error lists the known ones."""
+    """``names`` checked against :data:`ALL_METHODS` and what ``model`` has (None: all it has), the
+    baselines (:data:`BASELINES`) always added: every table carries its floor. A one-line error lists
+    the known ones."""
     have = available_methods(model)
     if not names:
         return have
@@ -46,7 +47,7 @@ def resolve_methods(model: Any, names: Sequence[str] | None) -> list[str]:
     if missing:
         raise InputError(f"--methods: {', '.join(missing)} not available for a {model.head_type} head "
                          f"(available: {', '.join(have)})")
-    return list(dict.fromkeys(names))
+    return list(dict.fromkeys([*names, *BASELINES]))
 
 
 def reference_method(methods: Sequence[str]) -> str:

@@ -1,73 +1,41 @@
 """The evaluation report: per-image rows, the summary with bootstrap intervals and paired
-differences against the reference method, sanity and text results, and the files
-(``report.json``, ``per_image.csv``, ``summary.csv``, ``figures/*.png``)."""
+differences against the reference method (:func:`~deepminer.evaluation.results.summary_rows`), sanity
+and text results, and the files (``report.json``, ``per_image.csv``, ``summary.csv``, ``figures/*.png``).
+Everything here is made from the run's records: no model runs again."""
 from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from deepminer.evaluation.catalog import BASELINES, FAITHFULNESS, LOCALIZATION, LOWER_IS_BETTER, METRICS
-from deepminer.evaluation.runner import Context, env_info
+from deepminer.evaluation.context import Context
+from deepminer.evaluation.results import SUBSETS, VIEWS, ImageRecord, best_worst, clean_json, curves, summary_rows
 
-VIEWS = ("truth", "predicted")
-SUBSETS = ("abnormal", "true_positive")
 REPORT_FORMAT = "deepminer-explanation-eval/1"
 
 
-def _values(records: list[dict], method: str, view: str, metric: str, subset: str) -> list[float]:
-    """One value per abnormal image (NaN where the metric is undefined), in record order."""
-    out = []
-    for r in records:
-        if not r.get("abnormal"):
-            continue
-        if subset == "true_positive" and r["prediction"] != r["label"]:
-            continue
-        v = ((r.get("methods") or {}).get(method) or {}).get(view) or {}
-        x = v.get(metric)
-        out.append(float("nan") if x is None else float(x))
-    return out
+def env_info() -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version()}
 
 
-def summary_rows(ctx: Context, records: list[dict]) -> list[dict[str, Any]]:
-    """Per method x view x subset x metric: mean with its 95% interval, n, and the paired difference
-    against the reference method with its interval and whether it excludes 0."""
-    from deepminer.evaluation.stats import bootstrap_ci, excludes_zero, paired_bootstrap_ci
-
-    metrics = [m for m in (*LOCALIZATION, *FAITHFULNESS) if m in ctx.metrics]
-    rows = []
-    for view in VIEWS:
-        for subset in SUBSETS:
-            for metric in metrics:
-                if metric in FAITHFULNESS and view != "truth":
-                    continue
-                ref = np.array(_values(records, ctx.reference, view, metric, subset))
-                for method in ctx.methods:
-                    vals = np.array(_values(records, method, view, metric, subset))
-                    ci = bootstrap_ci(vals, n_resamples=ctx.cfg.bootstrap, seed=ctx.cfg.seed)
-                    row: dict[str, Any] = {"method": method, "view": view, "subset": subset, "metric": metric,
-                                           "mean": ci.mean, "lo": ci.lo, "hi": ci.hi, "n": ci.n,
-                                           "baseline": method in BASELINES,
-                                           "better": "lower" if metric in LOWER_IS_BETTER else "higher"}
-                    if method != ctx.reference and len(vals):
-                        d = paired_bootstrap_ci(vals, ref, n_resamples=ctx.cfg.bootstrap, seed=ctx.cfg.seed)
-                        row.update(diff_vs=ctx.reference, diff=d.mean, diff_lo=d.lo, diff_hi=d.hi,
-                                   diff_excludes_zero=bool(excludes_zero(d)))
-                    rows.append(row)
-    return rows
-
-
-def sanity_summary(ctx: Context, records: list[dict]) -> dict[str, Any]:
+def sanity_summary(ctx: Context, records: list[ImageRecord]) -> dict[str, Any]:
     """Per method: the Spearman correlation after each randomization step, averaged over the sanity
     images, and whether the method passes (below the bound once the head and the last block are random)."""
     from deepminer.evaluation.sanity import SANITY_BOUND
 
     per: dict[str, list[list[dict]]] = {}
     for r in records:
-        for method, steps in (r.get("sanity") or {}).items():
+        for method, steps in (r.sanity or {}).items():
             per.setdefault(method, []).append(steps)
     out: dict[str, Any] = {"bound": SANITY_BOUND, "images": max((len(v) for v in per.values()), default=0),
                            "methods": {}}
@@ -83,38 +51,39 @@ def sanity_summary(ctx: Context, records: list[dict]) -> dict[str, Any]:
     return out
 
 
-def gms_summary(ctx: Context, records: list[dict]) -> dict[str, Any]:
+def gms_summary(ctx: Context, records: list[ImageRecord]) -> dict[str, Any]:
     from deepminer.evaluation.stats import bootstrap_ci
     from deepminer.evaluation.text import DEEPMINER_GMS
 
     out: dict[str, Any] = {"label_source": ctx.label_source, "deepminer": DEEPMINER_GMS}
-    got = [r["gms"] for r in records if r.get("gms")]
+    got = [r.gms for r in records if r.gms]
     out["images"] = len(got)
     out["images_with_labels"] = sum(1 for g in got if g.get("top1") is not None)
     for key in ("top1", "top8"):
         vals = np.array([np.nan if g.get(key) is None else g[key] for g in got], dtype=float)
         ci = bootstrap_ci(vals, n_resamples=ctx.cfg.bootstrap, seed=ctx.cfg.seed)
         out[key] = {"mean": ci.mean, "lo": ci.lo, "hi": ci.hi, "n": ci.n}
-    shares = [g.get("oov_share") for g in got if g.get("oov_share") is not None]
+    shares = [float(g["oov_share"]) for g in got if g.get("oov_share") is not None]
     out["fallback_share"] = float(np.mean(shares)) if shares else None
     return out
 
 
-def build_report(ctx: Context, records: list[dict], *, seconds: float) -> dict[str, Any]:
+def build_report(ctx: Context, records: list[ImageRecord], *, seconds: float) -> dict[str, Any]:
     """``report.json``'s content."""
-    abnormal = [r for r in records if r.get("abnormal")]
+    abnormal = [r for r in records if r.scored]
+    right = sum(1 for r in abnormal if r.prediction == r.label)
+    metrics = [m for m in (*LOCALIZATION, *FAITHFULNESS) if m in ctx.metrics]
     report: dict[str, Any] = {
         "format": REPORT_FORMAT,
         "settings": {k: v for k, v in vars(ctx.cfg).items()},
         **ctx.identity,
         "methods": ctx.methods, "reference": ctx.reference, "metrics": {m: METRICS[m] for m in ctx.metrics},
         "counts": {"images": len(records), "abnormal": len(abnormal),
-                   "normal_not_evaluated": sum(1 for r in records if r["label"] == "normal"),
-                   "abnormal_without_mask": sum(1 for r in records if r.get("skipped")),
-                   "true_positive": sum(1 for r in abnormal if r["prediction"] == r["label"]),
-                   "accuracy_abnormal": (sum(1 for r in abnormal if r["prediction"] == r["label"]) / len(abnormal))
-                   if abnormal else None},
-        "summary": summary_rows(ctx, records),
+                   "normal_not_evaluated": sum(1 for r in records if r.label == "normal"),
+                   "abnormal_without_mask": sum(1 for r in records if r.problem),
+                   "true_positive": right, "accuracy_abnormal": right / len(abnormal) if abnormal else None},
+        "summary": summary_rows(records, methods=ctx.methods, metrics=metrics, views=VIEWS, subsets=SUBSETS,
+                                reference=ctx.reference, n_resamples=ctx.cfg.bootstrap, seed=ctx.cfg.seed),
         "seconds": seconds, "env": env_info(),
         "notes": {
             "localization": "abnormal images only, breast-tissue pixels only; maps upsampled to the image "
@@ -138,35 +107,17 @@ def build_report(ctx: Context, records: list[dict], *, seconds: float) -> dict[s
     return clean_json(report)
 
 
-def clean_json(x: Any) -> Any:
-    """``x`` with numpy scalars/arrays as Python values, paths as strings, tuples as lists and every
-    non-finite float as None (strict JSON has no NaN)."""
-    if isinstance(x, dict):
-        return {str(k): clean_json(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [clean_json(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return clean_json(x.tolist())
-    if isinstance(x, (np.floating, np.integer, np.bool_)):
-        x = x.item()
-    if isinstance(x, float) and not np.isfinite(x):
-        return None
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
-def per_image_rows(records: list[dict]) -> list[dict[str, Any]]:
+def per_image_rows(records: list[ImageRecord]) -> list[dict[str, Any]]:
     rows = []
     for r in records:
-        base = {"image_id": r["image_id"], "label": r["label"], "prediction": r["prediction"],
-                "abnormal": r.get("abnormal"), "seconds": round(float(r.get("seconds", 0.0)), 3)}
-        if not r.get("methods"):
+        base = {"image_id": r.image_id, "label": r.label, "prediction": r.prediction, "abnormal": r.scored,
+                "seconds": round(float(r.seconds), 3)}
+        if not r.scored:
             rows.append({**base, "method": "", "view": ""})
             continue
-        for method, views in r["methods"].items():
+        for method, views in r.scores.items():
             for view, v in views.items():
-                rows.append({**base, "method": method, "view": view, "target": v.get("target"),
+                rows.append({**base, "method": method, "view": view, "target": r.targets.get(view),
                              **{k: v.get(k) for k in (*LOCALIZATION, *FAITHFULNESS)}})
     return rows
 
@@ -181,18 +132,19 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         w.writerows(rows)
 
 
-def write_report(ctx: Context, records: list[dict], report: dict[str, Any], out: Path) -> list[Path]:
+def write_report(ctx: Context, records: list[ImageRecord], report: dict[str, Any], out: Path) -> list[Path]:
     """Write the report folder's files into ``out`` (a staging folder)."""
     (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False), encoding="utf-8")
-    _write_csv(out / "per_image.csv", per_image_rows(records))
+    _write_csv(out / "per_image.csv", [clean_json(r) for r in per_image_rows(records)])
     _write_csv(out / "summary.csv", [clean_json(r) for r in report["summary"]])
     written = [out / "report.json", out / "per_image.csv", out / "summary.csv"]
     written += write_figures(ctx, records, report, out / "figures")
     return written
 
 
-def write_figures(ctx: Context, records: list[dict], report: dict[str, Any], folder: Path) -> list[Path]:
+def write_figures(ctx: Context, records: list[ImageRecord], report: dict[str, Any], folder: Path) -> list[Path]:
     from deepminer.evaluation import figures
+    from deepminer.evaluation.localization import RECALL_GRID
 
     folder.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
@@ -203,22 +155,15 @@ def write_figures(ctx: Context, records: list[dict], report: dict[str, Any], fol
                                            title=f"{metric}: {METRICS[metric].split(' (')[0]} (95% bootstrap CI)",
                                            higher_is_better=metric not in LOWER_IS_BETTER)
         paths.append(Path(path))
-    abnormal = [r for r in records if r.get("abnormal")]
+    abnormal = [r for r in records if r.scored]
     if "auprc" in ctx.metrics and abnormal:
-        grid = np.linspace(0, 1, 101)
-        curves = {m: np.array([[np.nan if x is None else x for x in
-                                (r["methods"][m]["truth"].get("pr") or [None] * len(grid))] for r in abnormal])
-                  for m in ctx.methods}
-        paths.append(Path(figures.pr_curves(curves, grid, folder / "pr_curves.png")))
+        pr = curves(abnormal, "pr", "truth", ctx.methods, width=RECALL_GRID.size)
+        paths.append(Path(figures.pr_curves(pr, RECALL_GRID, folder / "pr_curves.png")))
     if "deletion" in ctx.metrics and abnormal:
-        first = abnormal[0]["methods"][ctx.methods[0]]["truth"]
+        first = abnormal[0].scores[ctx.methods[0]]["truth"]
         fractions = np.array(first.get("fractions") or np.linspace(0, 1, 11))
-
-        def curves_of(key: str) -> dict[str, np.ndarray]:
-            return {m: np.array([[np.nan if x is None else x for x in r["methods"][m]["truth"].get(key, [])]
-                                 for r in abnormal]) for m in ctx.methods}
-
-        paths.append(Path(figures.faithfulness_curves(curves_of("deletion_curve"), curves_of("insertion_curve"),
+        paths.append(Path(figures.faithfulness_curves(curves(abnormal, "deletion_curve", "truth", ctx.methods),
+                                                      curves(abnormal, "insertion_curve", "truth", ctx.methods),
                                                       fractions, folder / "deletion_insertion.png")))
     if report.get("sanity", {}).get("methods"):
         s = report["sanity"]
@@ -230,34 +175,31 @@ def write_figures(ctx: Context, records: list[dict], report: dict[str, Any], fol
     return paths
 
 
-def _gallery(ctx: Context, abnormal: list[dict], path: Path, per_side: int = 3) -> Path:
-    """The best and worst cases of the reference method by AUPRC, the lesion outlined."""
+def _gallery(ctx: Context, abnormal: list[ImageRecord], path: Path, per_side: int = 3) -> Path:
+    """The best and worst cases of the reference method by AUPRC, the lesion outlined: the map the
+    run kept (:attr:`ImageRecord.saliency`) over the image as the run explained it."""
     from deepminer.data.io import load_image
     from deepminer.data.tissue import keep_tissue
     from deepminer.evaluation import figures
     from deepminer.evaluation.localization import to_image
-    from deepminer.evaluation.methods import method_map
-    from deepminer.evaluation.runner import _lesion, model_index
-    from deepminer.explain.engine import explain_image
+    from deepminer.evaluation.masks import read_lesion
     from deepminer.explanation import normalize_map
 
-    scored = [r for r in abnormal if r["methods"][ctx.reference]["truth"].get("auprc") is not None]
-    scored.sort(key=lambda r: -r["methods"][ctx.reference]["truth"]["auprc"])
-    picks = scored[:per_side] + [r for r in scored[-per_side:] if r not in scored[:per_side]]
+    best, worst = best_worst(abnormal, ctx.reference, "truth", "auprc", k=per_side)
     rows_by_id = {r["image_id"]: r for r in ctx.rows}
+    data = Path(ctx.cfg.data)
     cases = []
-    for i, rec in enumerate(picks):
-        row = rows_by_id[rec["image_id"]]
-        pixels, _ = keep_tissue(load_image(Path(ctx.cfg.data) / row["image"]).pixels)
-        target = model_index(ctx.model, rec["label"])
-        exp = explain_image(ctx.model, pixels, max_side=ctx.cfg.max_side, unit_maps="top")
-        cell = method_map(ctx.reference, ctx.model, pixels, pixels > 0, exp, target, thresholds=ctx.thresholds,
-                          seed=ctx.cfg.seed, max_side=ctx.cfg.max_side)
-        auprc = rec["methods"][ctx.reference]["truth"]["auprc"]
-        cases.append({"title": f"{'best' if i < per_side else 'worst'}: {rec['image_id']} ({rec['label']})",
-                      "subtitle": f"{ctx.reference} AUPRC {auprc:.3f}, predicted {rec['prediction']}",
-                      "image": pixels, "lesion": _lesion(Path(ctx.cfg.data), row, pixels.shape),
-                      "saliency": normalize_map(to_image(cell, pixels.shape))})
+    for tag, group in (("best", best), ("worst", worst)):
+        for rec in group:
+            if rec.saliency is None:
+                continue
+            row = rows_by_id[rec.image_id]
+            pixels, _ = keep_tissue(load_image(data / row["image"]).pixels)
+            auprc = rec.score(ctx.reference, "truth", "auprc")
+            cases.append({"title": f"{tag}: {rec.image_id} ({rec.label})",
+                          "subtitle": f"{ctx.reference} AUPRC {auprc:.3f}, predicted {rec.prediction}",
+                          "image": pixels, "lesion": read_lesion(data / row["lesion_mask"], pixels.shape),
+                          "saliency": normalize_map(to_image(rec.saliency, pixels.shape))})
     return Path(figures.gallery(cases, path, title=f"{ctx.reference}: best and worst cases by AUPRC (lesion outlined)"))
 
 

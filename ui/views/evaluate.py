@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -14,13 +13,12 @@ import numpy as np
 import streamlit as st
 
 from deepminer.errors import DeepMinerError
+from deepminer.evaluation.masks import read_lesion
 from deepminer.explanation import normalize_map
 from ui import evaluate as ev
 from ui import logic, render, state, widgets
 
 CANVAS_MAX = (420, 520)  # width, height in CSS pixels
-LOOKAHEAD = 3  # calls of a run waiting at the server at once, whether or not earlier answers are scored yet
-AHEAD = 8  # images between the one the run waits for and the last one asked for (worker threads)
 K = state.Keys
 ONE, SET = "One image, your outline", "A set of images with masks"
 TARGETS = {"prediction": "the predicted class", "label": "the image's label (when it names a class)"}
@@ -88,7 +86,7 @@ def one_image() -> None:
     outline = sess.eval_outline if sess.eval_outline_for == ref.digest else None
     if up is not None:
         try:
-            outline = ev.decode_mask(up.getvalue(), (h, w))
+            outline = read_lesion(up.getvalue(), (h, w), resize=True)
         except DeepMinerError as err:
             right.error(f"Mask refused: {render.md_escape(err)}")
             return
@@ -197,8 +195,8 @@ def _folder_set(folder: Path, kind: str, source: str) -> ev.EvalSet:
 
 def _on_cancel() -> None:
     run = sess.eval_run
-    if isinstance(run, ev.SetRun) and run.running:
-        run.cancelled, run.running = True, False
+    if isinstance(run, ev.SetRun):
+        run.cancel()
 
 
 def _start(es: ev.EvalSet, methods: tuple[str, ...], target: str) -> str | None:
@@ -215,46 +213,6 @@ def _start(es: ev.EvalSet, methods: tuple[str, ...], target: str) -> str | None:
           "skipped": [{"name": s.name, "reason": s.reason} for s in es.skipped]}
     sess.eval_run = ev.SetRun(list(es.items), methods, target, ds)
     return None
-
-
-class _Answered:
-    """How many of a run's calls came back (counted by the worker threads)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self._lock = threading.Lock()
-
-    def __call__(self) -> None:
-        with self._lock:
-            self.n += 1
-
-
-def _work(item, methods: tuple[str, ...], target: str, predict, explain_methods, answered: _Answered):
-    """One image's calls and scores (no Streamlit: runs in a worker thread); ``answered()`` once the
-    calls are back, before the scoring (the next call may go out then)."""
-    t0 = time.perf_counter()
-    requests = ev.requests_for(methods)
-    extra: dict = {}
-    wanted = item.label if target == "label" and item.label else None  # None: the prediction
-    try:
-        data = Path(item.image).read_bytes()
-        if requests:
-            exp = None
-            for batch in requests:  # the peers of the explained class (the server refuses a label it does not know)
-                got = explain_methods(data, batch, wanted)
-                exp = exp or got
-                extra.update({m: got.method_maps[m] for m in batch if m in got.method_maps})
-        else:
-            exp = predict(data)
-    finally:
-        answered()
-    waited = time.perf_counter() - t0
-    scene = ev.item_scene(item, exp)
-    cls = wanted if wanted in exp.classes else None
-    rec = ev.evaluate_item(item.image_id, item.label, None, scene.lesion, exp, extra, cls=cls, scene=scene)
-    rec.seconds = time.perf_counter() - t0
-    cam = np.asarray(exp.cam[ev.class_index(exp, cls)], np.float32) if rec.scores else None
-    return rec, cam, dict(exp.model or {}), waited
 
 
 def _callers():
@@ -277,66 +235,39 @@ def _callers():
 def _pool():
     from concurrent.futures import ThreadPoolExecutor
 
-    return ThreadPoolExecutor(AHEAD, thread_name_prefix="deepminer-eval")
+    return ThreadPoolExecutor(ev.AHEAD, thread_name_prefix="deepminer-eval")
+
+
+def _stop_reason(err: Exception) -> str | None:
+    """Why an image's error stops the whole run (the words for the page), or None when it is only that
+    image's problem: a refused image is; the server gone, failing, refusing the key or not hosting
+    the model stops the run."""
+    from deepminer.client import ServeError
+
+    f = state.failure_of(err)
+    if isinstance(err, (DeepMinerError, ServeError)) and f is not None:
+        status = getattr(err, "status", 400)
+        return f.message if f.kind == "unavailable" or status >= 500 or status in (401, 404) else None
+    if f is not None and f.kind == "unavailable":
+        return f.message
+    return f"The run stopped: {type(err).__name__}: {render.md_escape(err)}"
 
 
 def _advance(run: ev.SetRun, bar) -> None:
-    """Process the rest of the run, image by image: :data:`LOOKAHEAD` calls always waiting at the
-    server (a call goes out as soon as one comes back, while its answer is scored in a worker
-    thread), the answers taken in order. A click (Cancel or any widget) stops this script at its
-    next Streamlit call; what was done is kept in ``run`` and the next rerun carries on (or stops,
-    when cancelled)."""
-    from concurrent.futures import wait
-
+    """Process the rest of the run (:class:`ui.evaluate.SetScheduler`), the progress bar drawn as it
+    goes. A click (Cancel or any widget) stops this script at its next Streamlit call (the bar);
+    what was done is kept in ``run`` and the next rerun carries on (or stops, when cancelled)."""
     predict, explain_methods = _callers()
-    pool = _pool()
-    t_start = time.perf_counter() - run.elapsed_s
-    pending: dict = {}
-    answered, first, nxt = _Answered(), run.done, run.done
-    shown = 0.0  # when the progress bar was last drawn (at most 4 times a second: each draw costs the browser)
-    try:
-        while run.running and run.done < run.total:
-            while nxt < run.total and nxt - run.done < AHEAD and (nxt - first) - answered.n < LOOKAHEAD:
-                pending[nxt] = pool.submit(_work, run.items[nxt], run.methods, run.target, predict, explain_methods,
-                                           answered)
-                nxt += 1
-            if not pending[run.done].done():
-                wait([pending[run.done]], timeout=0.02)  # then look again whether a call may go out
-                continue
-            fut = pending.pop(run.done)
-            item = run.items[run.done]
-            try:
-                rec, cam, model, waited = fut.result()
-            except DeepMinerError as err:
-                f = state.failure_of(err)
-                msg = f.message if f is not None else render.md_escape(err)
-                if f is not None and f.kind == "unavailable" or getattr(err, "status", 400) >= 500 \
-                        or getattr(err, "status", 400) == 401:
-                    run.error, run.running = msg, False
-                    break
-                rec, cam, model, waited = ev.ImageRecord(item.image_id, item.label, problem=str(err).splitlines()[0]), \
-                    None, {}, 0.0
-            run.records.append(rec)
-            if cam is not None:
-                run.cams[rec.image_id] = cam
-            run.model = run.model or model
-            run.request_s += waited
-            run.done += 1
-            run.elapsed_s = time.perf_counter() - t_start
-            if run.elapsed_s - shown < 0.25 and run.done < run.total:
-                continue
-            shown = run.elapsed_s
-            eta = ev.eta_s(run.done, run.total, run.elapsed_s)
-            bar.progress(run.done / run.total, text=f"{run.done} of {run.total} images · {run.elapsed_s:.1f} s"
-                         + (f" · about {eta:.0f} s left" if eta else ""))
-        else:
-            run.running = False
-    except Exception as err:  # noqa: BLE001 - stop the run with a message, never a traceback (a click's
-        # rerun is a BaseException: it passes, and the next rerun carries on)
-        run.error, run.running = f"The run stopped: {type(err).__name__}: {render.md_escape(err)}", False
-    finally:
-        for f in pending.values():
-            f.cancel()
+
+    def work(item, answered):
+        return ev.score_item(item, run.methods, run.target, predict, explain_methods, answered)
+
+    def progress(r: ev.SetRun) -> None:
+        eta = ev.eta_s(r.done, r.total, r.elapsed_s)
+        bar.progress(r.done / r.total, text=f"{r.done} of {r.total} images · {r.elapsed_s:.1f} s"
+                     + (f" · about {eta:.0f} s left" if eta else ""))
+
+    ev.SetScheduler(_pool(), work, stop_reason=_stop_reason).advance(run, progress)
 
 
 def _finish(run: ev.SetRun, cases: list) -> None:
@@ -347,9 +278,9 @@ def _finish(run: ev.SetRun, cases: list) -> None:
     es = sess.eval_set
     by_id = {it.image_id: it for it in run.items}
     for r in cases:
-        if r.image_id not in run.thumbs and r.image_id in run.cams and r.image_id in by_id:
+        if r.image_id not in run.thumbs and r.saliency is not None and r.image_id in by_id:
             try:
-                run.thumbs[r.image_id] = ev.thumb_of(by_id[r.image_id], run.cams[r.image_id])
+                run.thumbs[r.image_id] = ev.thumb_of(by_id[r.image_id], r.saliency)
             except (OSError, DeepMinerError):  # the files are gone (a new zip): no picture, the numbers stay
                 pass
     if isinstance(es, ev.EvalSet) and es.kind == "zip" and es.sha256 == run.dataset.get("sha256"):
@@ -480,9 +411,10 @@ def _results(run: ev.SetRun) -> None:
                     continue
                 heat = render.heat_overlay(t.pixels, t.cam, alpha=0.45)
                 tiles.append(render.mask_overlay(heat, t.lesion, color=(57, 255, 20), alpha=0.0))
-                caps.append(f"{tag}: {r.image_id} · AUPRC {r.scores['cam']['auprc']:.2f}")
+                auprc = r.score("cam", run.view, "auprc")
+                caps.append(f"{tag}: {r.image_id} · AUPRC {auprc:.2f}")
                 cases.append({"title": f"{tag}: {r.image_id}", "image": t.pixels, "lesion": t.lesion,
-                              "saliency": normalize_map(t.cam, 0.0), "subtitle": f"AUPRC {r.scores['cam']['auprc']:.2f}"})
+                              "saliency": normalize_map(t.cam, 0.0), "subtitle": f"AUPRC {auprc:.2f}"})
         if tiles:
             st.image(tiles, caption=caps, width=150, output_format="JPEG")
             st.caption("Green outline: the ground truth; heat: the CAM of the explained class.")
