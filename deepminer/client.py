@@ -1,19 +1,28 @@
-"""The one client of the DeepMiner HTTP API (docs/api.md), used by the workbench, the CLI and the bench.
+"""The one client of the DeepMiner HTTP API (docs/api.md), whether the model is served or runs here;
+used by the workbench, the CLI and the bench.
 
-``Client(url, model=..., token=... | key_file=...)`` keeps one ``requests.Session`` (keep-alive),
-applies timeouts, sends the bearer token (re-reading the key file, and asking TorchServe for a fresh
-key with the API key, when one is refused), sends :class:`~deepminer.options.ExplainOptions` and
-decodes answers into :class:`~deepminer.explanation.Explanation` (:meth:`Explanation.from_json`).
-:func:`local_explain` returns the same Explanation by running the server's own request path
-(:class:`~deepminer.explain.service.ExplainService`) in this process (``--model`` in the CLI, the
-workbench without a server). Talking to our own API over HTTP needs no TorchServe import: this
-module imports neither torch nor TorchServe.
+* :class:`Client` (``Client(url, model=..., token=... | key_file=...)``) talks to TorchServe: one
+  ``requests.Session`` (keep-alive), timeouts, the bearer token (re-reading the key file, and asking
+  TorchServe for a fresh key with the API key, when one is refused), :class:`~deepminer.options.ExplainOptions`
+  sent, answers decoded into :class:`~deepminer.explanation.Explanation` (:meth:`Explanation.from_json`).
+* :class:`LocalClient` has the same interface and runs the server's own request path
+  (:class:`~deepminer.explain.service.ExplainService`) in this process, so its answers equal the
+  served ones (:func:`local_explain`: one call of it).
+* :func:`connect` decides, in one place, which of the two a setting (``backend`` = ``serve`` |
+  ``local``) means.
+* TorchServe's token authorization and management API: :func:`read_key_file` (the one reader of
+  ``key_file.json``), :func:`bearer` (the one ``Authorization`` header), :func:`list_models`,
+  :func:`describe_model`, :func:`model_ready`.
+
+Talking to our own API over HTTP needs no TorchServe import: this module imports neither torch nor
+TorchServe (the in-process path imports the engine when it is first used).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,6 +40,7 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_MODEL = "demo"
 ENV_URL, ENV_MODEL, ENV_KEY_FILE, ENV_TOKEN, ENV_MANAGEMENT_URL = (
     "DEEPMINER_SERVE_URL", "DEEPMINER_MODEL", "DEEPMINER_KEY_FILE", "DEEPMINER_TOKEN", "DEEPMINER_MANAGEMENT_URL")
+BACKENDS = ("serve", "local")  #: over HTTP to TorchServe, or in this process (:func:`connect`)
 
 
 class ServeUnavailable(ConnectionError):
@@ -47,27 +57,76 @@ class ServeError(RuntimeError):
         self.message = message
 
 
+# -- TorchServe's token authorization and management API ---------------------------------------------
+
+def read_key_file(path: str | os.PathLike | None, kind: str = "inference") -> str | None:
+    """The ``inference`` / ``management`` / ``API`` key in TorchServe's ``key_file.json``; None when
+    there is no such file or key, or the file is being written (not JSON yet)."""
+    if not path:
+        return None
+    try:
+        key = json.loads(Path(path).read_text(encoding="utf-8"))[kind]["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return str(key) if key else None
+
+
+def bearer(key: str | None) -> dict[str, str]:
+    """The ``Authorization`` header that sends ``key`` to TorchServe (nothing without a key)."""
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _management_get(management_url: str, path: str, headers: Mapping[str, str] | None, timeout: float,
+                    params: Mapping[str, str | int] | None = None) -> Any:
+    """The JSON body of ``GET <management_url><path>``: :class:`ServeError` when it answers other than
+    200, :class:`ServeUnavailable` when it does not answer, or not with JSON (the cause chained)."""
+    try:
+        r = requests.get(f"{management_url}{path}", params=dict(params or {}), headers=dict(headers or {}),
+                         timeout=timeout)
+        if r.status_code != 200:
+            raise ServeError(r.status_code, "ManagementError", f"GET {path} answered {r.status_code}")
+        return r.json()
+    except (requests.RequestException, ValueError) as err:
+        raise ServeUnavailable(f"the management API at {management_url} is not reachable "
+                               f"({type(err).__name__})") from err
+
+
 def list_models(management_url: str, headers: Mapping[str, str] | None = None, *, timeout: float = 5.0) -> list[str]:
-    """The names of the models TorchServe hosts (management ``GET /models``, every page), sorted.
-    :class:`ServeError` when it answers other than 200; :class:`ServeUnavailable` when it does not
-    answer, or not with JSON (the cause is chained)."""
+    """The names of the models TorchServe hosts (management ``GET /models``, every page), sorted;
+    errors as :func:`_management_get`."""
     names: list[str] = []
     token: str | None = None
     for _ in range(100):  # TorchServe pages the list (limit 100, nextPageToken)
-        params: dict[str, str | int] = {"limit": 100, **({"next_page_token": token} if token else {})}
-        try:
-            r = requests.get(f"{management_url}/models", params=params, headers=dict(headers or {}), timeout=timeout)
-            if r.status_code != 200:
-                raise ServeError(r.status_code, "ManagementError", f"GET /models answered {r.status_code}")
-            body = r.json()
-            names += [str(m["modelName"]) for m in body.get("models", []) if isinstance(m, dict) and "modelName" in m]
-        except (requests.RequestException, ValueError, AttributeError) as err:
-            raise ServeUnavailable(f"the management API at {management_url} is not reachable "
-                                   f"({type(err).__name__})") from err
+        body = _management_get(management_url, "/models", headers, timeout,
+                               {"limit": 100, **({"next_page_token": token} if token else {})})
+        if not isinstance(body, dict):
+            raise ServeUnavailable(f"the management API at {management_url} is not reachable (BadResponse)")
+        names += [str(m["modelName"]) for m in body.get("models", []) if isinstance(m, dict) and "modelName" in m]
         token = body.get("nextPageToken")
         if not token:
             break
     return sorted(set(names))
+
+
+def describe_model(management_url: str, name: str, headers: Mapping[str, str] | None = None, *,
+                   timeout: float = 5.0) -> dict[str, Any]:
+    """The management API's description of model ``name`` (workers with pid and status, batch size,
+    ``minWorkers``...); errors as :func:`_management_get`."""
+    body = _management_get(management_url, f"/models/{name}", headers, timeout)
+    if not (isinstance(body, list) and body and isinstance(body[0], dict)):
+        raise ServeUnavailable(f"the management API at {management_url} is not reachable (BadResponse)")
+    return body[0]
+
+
+def model_ready(management_url: str, name: str, headers: Mapping[str, str] | None = None, *,
+                timeout: float = 5.0) -> bool:
+    """True when model ``name`` has its minimum workers READY (``/ping`` is Healthy before that)."""
+    try:
+        info = describe_model(management_url, name, headers, timeout=timeout)
+        ready = [w for w in info.get("workers", []) if isinstance(w, dict) and w.get("status") == "READY"]
+        return len(ready) >= max(1, int(info.get("minWorkers", 1)))
+    except (ServeError, ServeUnavailable, TypeError, ValueError):
+        return False
 
 
 def _read_image(image: bytes | str | os.PathLike) -> bytes:
@@ -107,45 +166,58 @@ class Client:
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)
 
-    # -- auth ---------------------------------------------------------------------------------
-    def _key(self, kind: str = "inference") -> str | None:
+    # -- auth and management ------------------------------------------------------------------
+    def key(self, kind: str = "inference") -> str | None:
+        """The key sent with ``kind`` calls (``inference``, ``management``, ``API``): the token given
+        (inference calls), else the key file's, read now (TorchServe rewrites it)."""
         if self._token and kind == "inference":
             return self._token
-        if self.key_file is not None and self.key_file.is_file():
-            try:
-                return json.loads(self.key_file.read_text(encoding="utf-8"))[kind]["key"]
-            except (OSError, ValueError, KeyError, TypeError):
-                return None
-        return None
+        return read_key_file(self.key_file, kind)
 
-    def _headers(self) -> dict[str, str]:
-        key = self._key()
-        return {"Authorization": f"Bearer {key}"} if key else {}
+    def headers(self, kind: str = "inference") -> dict[str, str]:
+        """The ``Authorization`` header of ``kind`` calls (empty without a key)."""
+        return bearer(self.key(kind))
 
     def refresh_token(self) -> bool:
         """Ask TorchServe for a new inference key with the API key of the key file (the server writes
         it to the key file); True when a new key is in place."""
-        api_key = self._key("API")
+        api_key = self.key("API")
         if self._token or not api_key:
             return False
-        before = self._key()
+        before = self.key()
         try:
             r = self.session.get(f"{self.management_url}/token", params={"type": "inference"},
-                                 headers={"Authorization": f"Bearer {api_key}"}, timeout=self.timeout)
+                                 headers=bearer(api_key), timeout=self.timeout)
         except requests.RequestException:
             return False
         for _ in range(20):  # the server rewrites the file
-            if r.ok and self._key() != before:
+            if r.ok and self.key() != before:
                 return True
             time.sleep(0.05)
         return False
+
+    def models(self, *, timeout: float = 5.0) -> list[str]:
+        """The models the server hosts (:func:`list_models` with the management key)."""
+        return list_models(self.management_url, self.headers("management"), timeout=timeout)
+
+    def model_ready(self, name: str | None = None) -> bool:
+        """Whether model ``name`` (None: this client's) has its workers ready (:func:`model_ready`)."""
+        return model_ready(self.management_url, name or self.model, self.headers("management"))
+
+    @property
+    def where(self) -> str:
+        """Where the model runs, one line of Markdown for a page."""
+        return f"Model server: {self.url} · model `{self.model}`"
+
+    def warm_up(self) -> None:
+        """Nothing to load here: the server holds the model."""
 
     # -- calls --------------------------------------------------------------------------------
     def _request(self, method: str, path: str, **kw: Any) -> requests.Response:
         url = f"{self.url}{path}"
         extra = kw.pop("headers", None) or {}
         for attempt in range(2):
-            headers = self._headers()
+            headers = self.headers()
             try:
                 r = self.session.request(method, url, headers={**headers, **extra},
                                          timeout=self.timeout, **kw)
@@ -153,7 +225,7 @@ class Client:
                 raise ServeUnavailable(f"TorchServe is not reachable at {self.url} ({type(err).__name__})") from None
             refused = r.status_code in (400, 401) and "InvalidKeyException" in r.text[:300]
             if refused and attempt == 0 and self.key_file is not None:
-                if self._headers() != headers or self.refresh_token():  # key file rewritten, or renewed now
+                if self.headers() != headers or self.refresh_token():  # key file rewritten, or renewed now
                     continue
             return r
         return r
@@ -240,23 +312,25 @@ def _next_port(url: str) -> str:
 # -- in-process -------------------------------------------------------------------------------------
 
 _SERVICES: dict[tuple, Any] = {}
+_SERVICES_LOCK = threading.Lock()
 
 
 def local_service(model_path: str | os.PathLike, atlas: str | os.PathLike | None = None, *,
                   name: str | None = None) -> Any:
     """The :class:`~deepminer.explain.service.ExplainService` of ``model_path`` (+ atlas), loaded once
-    per file version; it keeps its own cache, so a new sketch on the same image skips the forward
-    pass here too."""
+    per file version (one at a time; threads asking at once wait for the one load); it keeps its own
+    cache, so a new sketch on the same image skips the forward pass here too."""
     from deepminer.explain.service import ExplainService
 
     model_path = Path(model_path)
     if not model_path.is_file():
         raise InputError(f"{model_path}: no such model file")
     key = (str(model_path.resolve()), model_path.stat().st_mtime_ns, str(atlas) if atlas else None, name)
-    if key not in _SERVICES:
-        _SERVICES.clear()
-        _SERVICES[key] = ExplainService.load(model_path, atlas, name=name or model_path.stem, version="local")
-    return _SERVICES[key]
+    with _SERVICES_LOCK:
+        if key not in _SERVICES:
+            _SERVICES.clear()
+            _SERVICES[key] = ExplainService.load(model_path, atlas, name=name or model_path.stem, version="local")
+        return _SERVICES[key]
 
 
 def _with_methods(options: ExplainOptions | None, methods: Sequence[str] | None,
@@ -270,6 +344,115 @@ def _with_methods(options: ExplainOptions | None, methods: Sequence[str] | None,
     return ExplainOptions.parse(opts.to_json())
 
 
+class LocalClient:
+    """:class:`Client`'s interface without a server: the server's own request path (the same option
+    checks, sketch decoding, tissue mask and engine, :class:`~deepminer.explain.service.ExplainService`)
+    on ``model_path`` in this process, answers passed through the API's encoding so that they equal
+    the served ones. ``atlas``: default ``atlas/`` beside the model file when there is one; ``name``:
+    the model's name in answers (default: the file's stem). The service is loaded on first use."""
+
+    management_url: str | None = None  #: (no management API in process)
+
+    def __init__(self, model_path: str | os.PathLike, *, name: str | None = None,
+                 atlas: str | os.PathLike | None = None):
+        from deepminer.model_folder import ModelFolder
+
+        self.model_path = Path(model_path)
+        self.atlas = atlas if atlas is not None else ModelFolder.of(self.model_path).atlas_or_none()
+        self.name = name
+        self.model = name or self.model_path.stem
+
+    @property
+    def service(self) -> Any:
+        """The loaded :class:`~deepminer.explain.service.ExplainService` (:func:`local_service`)."""
+        return local_service(self.model_path, self.atlas, name=self.name)
+
+    def ping(self) -> bool:
+        """True when the model file is there."""
+        return self.model_path.is_file()
+
+    def explain_raw(self, image: bytes | str | os.PathLike, options: Mapping[str, Any] | None = None, *,
+                    explanations: bool = False) -> dict:
+        """The JSON body :meth:`Client.explain_raw` would return."""
+        return self._answer(image, ExplainOptions.parse(dict(options or {}), num_units=self.service.num_units),
+                            explanations).to_json()
+
+    def explain_methods(self, image: bytes | str | os.PathLike, methods: Sequence[str] | None, *,
+                        target: str | None = None, options: ExplainOptions | None = None) -> Explanation:
+        """As :meth:`Client.explain_methods` (``POST /explanations``)."""
+        return self._decoded(image, _with_methods(options, methods, target), explanations=True)
+
+    def explain(self, image: bytes | str | os.PathLike, options: ExplainOptions | None = None, *,
+                top_units: int = DEFAULTS["top_units"], unit_maps: str = DEFAULTS["unit_maps"],
+                sketch: np.ndarray | None = None, max_side: int | None = None,
+                ablate: Sequence[int] | None = None) -> Explanation:
+        """As :meth:`Client.explain` (``POST /predictions``)."""
+        if options is None:
+            options = ExplainOptions.build(top_units=top_units, unit_maps=unit_maps, sketch=sketch, max_side=max_side,
+                                           ablate=ablate, num_units=self.service.num_units)
+        return self._decoded(image, options, explanations=False)
+
+    def _answer(self, image: bytes | str | os.PathLike, options: ExplainOptions, explanations: bool) -> Explanation:
+        label = "image" if isinstance(image, (bytes, bytearray, memoryview)) else str(image)
+        call = self.service.explain_methods if explanations else self.service.explain
+        return call(_read_image(image), options, name=label)
+
+    def _decoded(self, image: bytes | str | os.PathLike, options: ExplainOptions, *, explanations: bool) -> Explanation:
+        return Explanation.from_json(self._answer(image, options, explanations).to_json())
+
+    def models(self, *, timeout: float = 5.0) -> list[str]:
+        """This model and the other folders of its store that hold a ``model.pt`` (``model_store/<name>/``)."""
+        from deepminer.model_folder import store_models
+
+        folder = self.model_path.parent
+        return sorted({self.model, *(m.name for m in store_models(folder.parent) if m.root != folder)})
+
+    def model_ready(self, name: str | None = None) -> bool:
+        """Whether model ``name`` (None: this one) has its weights file."""
+        from deepminer.model_folder import ModelFolder
+
+        if name in (None, self.model):
+            return self.model_path.is_file()
+        return ModelFolder(self.model_path.parent.parent / str(name)).model.is_file()
+
+    @property
+    def where(self) -> str:
+        """Where the model runs, one line of Markdown for a page."""
+        return f"Model: in-process ({self.model_path.parent.name}/{self.model_path.name})"
+
+    def warm_up(self) -> None:
+        """Load the model now (the first explanation then starts at once)."""
+        if self.model_path.is_file():
+            local_service(self.model_path, self.atlas, name=self.name)
+
+    def close(self) -> None:
+        """Nothing to close (the loaded service is shared, :func:`local_service`)."""
+
+    def __enter__(self) -> LocalClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def connect(backend: str = "serve", *, model: str = DEFAULT_MODEL, url: str = DEFAULT_URL,
+            model_dir: str | os.PathLike | None = None, key_file: str | os.PathLike | None = None,
+            token: str | None = None, timeout: float = 60, management_url: str | None = None) -> Client | LocalClient:
+    """The client of ``model``: the one place that decides whether it is served or runs here.
+    ``backend="serve"``: :class:`Client` of TorchServe at ``url`` (with ``key_file``/``token`` when
+    token authorization is on); ``"local"``: :class:`LocalClient` of ``model_dir/model.pt`` (with
+    its ``atlas/``), answering as ``model``."""
+    if backend == "local":
+        if model_dir is None:
+            raise InputError("backend local: no model folder (model_dir) given")
+        from deepminer.model_folder import ModelFolder
+
+        return LocalClient(ModelFolder(model_dir).model, name=model)
+    if backend != "serve":
+        raise InputError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    return Client(url, model=model, key_file=key_file, token=token, timeout=timeout, management_url=management_url)
+
+
 def local_explain(model_path: str | os.PathLike, image: bytes | str | os.PathLike,
                   options: ExplainOptions | None = None, *, top_units: int = DEFAULTS["top_units"],
                   unit_maps: str = DEFAULTS["unit_maps"], sketch: np.ndarray | None = None,
@@ -277,25 +460,15 @@ def local_explain(model_path: str | os.PathLike, image: bytes | str | os.PathLik
                   name: str | None = None, methods: Sequence[str] | None = None,
                   target: str | None = None, ablate: Sequence[int] | None = None) -> Explanation:
     """The same :class:`~deepminer.explanation.Explanation` as :meth:`Client.explain`, computed in
-    this process by the server's own request path (same option checks, sketch decoding, tissue
-    mask, engine) and passed through the API's encoding, so it equals the served answer. ``atlas``
-    defaults to an ``atlas/`` folder beside the model file when there is one.
+    this process (:class:`LocalClient`). ``atlas`` defaults to an ``atlas/`` folder beside the model
+    file when there is one.
 
     ``methods`` (or ``target``, or options carrying them): the answer of :meth:`Client.explain_methods`
     (``POST /explanations``) instead, saliency maps included. ``ablate``: as :meth:`Client.explain`."""
-    from deepminer.model_folder import ModelFolder
-
-    model_path = Path(model_path)
-    if atlas is None:
-        atlas = ModelFolder.of(model_path).atlas_or_none()
-    service = local_service(model_path, atlas, name=name)
-    label = "image" if isinstance(image, (bytes, bytearray, memoryview)) else str(image)
+    client = LocalClient(model_path, name=name, atlas=atlas)
     if options is None:
         options = ExplainOptions.build(top_units=top_units, unit_maps=unit_maps, sketch=sketch, max_side=max_side,
-                                       ablate=ablate, num_units=service.num_units)
+                                       ablate=ablate, num_units=client.service.num_units)
     if methods is not None or target is not None or options.methods or options.target is not None:
-        options = _with_methods(options, methods, target)
-        exp = service.explain_methods(_read_image(image), options, name=label)
-    else:
-        exp = service.explain(_read_image(image), options, name=label)
-    return Explanation.from_json(exp.to_json())
+        return client.explain_methods(image, methods, target=target, options=options)
+    return client.explain(image, options)

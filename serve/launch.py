@@ -8,7 +8,6 @@ Java frontend and its Python workers).
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -28,6 +27,9 @@ PORT_KEYS = ("inference", "management", "metrics", "grpc_inference", "grpc_manag
 #: ``server.maxUploadSize`` (``DEEPMINER_UPLOAD_MB`` from ``profile_env``, used by the Procfile) and the
 #: lab proxy's ``client_max_body_size`` (serve/proxy.py). ``DEEPMINER_UPLOAD_MB`` overrides it.
 UPLOAD_LIMIT_MB = 64
+#: the request header the lab profile's sign-in proxy (serve/proxy.py) sets to the signed-in user; the
+#: workbench takes the annotator from it (``DEEPMINER_USER_HEADER``, from :func:`profile_env`)
+USER_HEADER = "X-Deepminer-User"
 
 
 def upload_limit_mb(env: Mapping[str, str] | None = None) -> int:
@@ -67,11 +69,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def read_key_file(path: str | os.PathLike, kind: str = "inference") -> str:
-    """The ``inference`` / ``management`` / ``API`` key from TorchServe's ``key_file.json``."""
-    return json.loads(Path(path).read_text(encoding="utf-8"))[kind]["key"]
 
 
 class TorchServe:
@@ -124,12 +121,10 @@ class TorchServe:
         return props.get("disable_token_authorization", "false").lower() != "true"
 
     def _headers(self, kind: str) -> dict[str, str]:
-        if self.token_auth and self.key_file.is_file():
-            try:
-                return {"Authorization": f"Bearer {read_key_file(self.key_file, kind)}"}
-            except (ValueError, KeyError, OSError):  # being written right now
-                return {}
-        return {}
+        """The ``Authorization`` header of ``kind`` calls (none while the key file is being written)."""
+        from deepminer.client import bearer, read_key_file
+
+        return bearer(read_key_file(self.key_file, kind)) if self.token_auth else {}
 
     # -- life cycle --------------------------------------------------------------------------
     def write_config(self) -> Path:
@@ -204,13 +199,16 @@ class TorchServe:
         return log.read_text(errors="replace").count("Backend worker process died") if log.is_file() else 0
 
     def _model_ready(self, name: str) -> bool:
+        from deepminer.client import model_ready
+
         return model_ready(self.management_url, name, self._headers("management"))
 
     def describe(self, name: str) -> dict:
-        """The management API's description of model ``name`` (workers with pid, batch size...)."""
-        r = requests.get(f"{self.management_url}/models/{name}", headers=self._headers("management"), timeout=5)
-        r.raise_for_status()
-        return r.json()[0]
+        """The management API's description of model ``name`` (workers with pid, batch size...;
+        :func:`deepminer.client.describe_model`)."""
+        from deepminer.client import describe_model
+
+        return describe_model(self.management_url, name, self._headers("management"))
 
     def worker_pids(self, name: str) -> list[int]:
         return [int(w["pid"]) for w in self.describe(name).get("workers", []) if w.get("pid")]
@@ -270,17 +268,6 @@ def served_models(management_url: str, headers: Mapping[str, str] | None = None)
         return []
 
 
-def model_ready(management_url: str, name: str, headers: Mapping[str, str] | None = None) -> bool:
-    """True when model ``name`` has its minimum workers READY (``/ping`` is Healthy before that)."""
-    try:
-        r = requests.get(f"{management_url}/models/{name}", headers=dict(headers or {}), timeout=5)
-        info = r.json()[0]
-    except (requests.RequestException, ValueError, KeyError, IndexError, TypeError):
-        return False
-    ready = [w for w in info.get("workers", []) if w.get("status") == "READY"]
-    return len(ready) >= max(1, int(info.get("minWorkers", 1)))
-
-
 def _group_alive(pgid: int) -> bool:
     """True while any process of group ``pgid`` is alive (zombies excluded)."""
     try:
@@ -312,12 +299,8 @@ def profile_env(profile: str, ui_port: int, root: Path = SERVE_DIR.parent) -> di
            "TS_MAX_REQUEST_SIZE": str(upload_limit_mb() * 1024 * 1024)}
     if props.get("disable_token_authorization", "false").lower() != "true":
         env["DEEPMINER_KEY_FILE"] = str(root / "var" / "serve" / "key_file.json")
-    if profile == "lab":  # the sign-in proxy (serve/proxy.py) sets this header; the workbench reads it
-        from serve.proxy import USER_HEADER
-
-        env["DEEPMINER_USER_HEADER"] = USER_HEADER
-    else:
-        env["DEEPMINER_USER_HEADER"] = ""
+    # the sign-in proxy (lab profile, serve/proxy.py) sets this header; the workbench reads it
+    env["DEEPMINER_USER_HEADER"] = USER_HEADER if profile == "lab" else ""
     return env
 
 
@@ -363,16 +346,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from deepminer.client import Client
 
-    client = Client(env["DEEPMINER_SERVE_URL"], key_file=env["DEEPMINER_KEY_FILE"] or None, timeout=5)
-    model = os.environ.get("DEEPMINER_MODEL") or "demo"
+    client = Client(env["DEEPMINER_SERVE_URL"], model=os.environ.get("DEEPMINER_MODEL") or "demo",
+                    key_file=env["DEEPMINER_KEY_FILE"] or None, timeout=5,
+                    management_url=env["DEEPMINER_MANAGEMENT_URL"])
 
     def ready() -> bool:  # the default model and every other model of the store
-        key = client._key("management")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        if not (client.ping() and model_ready(env["DEEPMINER_MANAGEMENT_URL"], model, headers)):
+        if not (client.ping() and client.model_ready()):
             return False
-        names = served_models(env["DEEPMINER_MANAGEMENT_URL"], headers)
-        return all(model_ready(env["DEEPMINER_MANAGEMENT_URL"], n, headers) for n in names)
+        names = served_models(client.management_url, client.headers("management"))
+        return all(client.model_ready(n) for n in names)
 
     ui = f"http://127.0.0.1:{args.ui_port}/_stcore/health"
     deadline = time.monotonic() + args.timeout

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from deepminer.cli import main
-from deepminer.client import Client, ServeError, ServeUnavailable, local_explain
+from deepminer.client import Client, ServeError, ServeUnavailable, bearer, local_explain, read_key_file
 from deepminer.errors import InputError
 from deepminer.explanation import Explanation
 from deepminer.options import ExplainOptions, mask_to_png
@@ -99,6 +99,20 @@ def test_keep_alive_uses_one_connection(server):
 
 
 @pytest.mark.serve
+def test_management_helpers(server):
+    """The management API through the client: the hosted models, a model's description, readiness."""
+    from deepminer.client import describe_model
+
+    with Client(server.inference_url, model=MODEL, management_url=server.management_url) as c:
+        assert c.models() == [MODEL] and c.model_ready() and not c.model_ready("nope")
+    info = describe_model(server.management_url, MODEL)
+    assert info["modelName"] == MODEL and any(w.get("status") == "READY" for w in info["workers"])
+    with pytest.raises(ServeError) as err:
+        describe_model(server.management_url, "nope")
+    assert err.value.status == 404
+
+
+@pytest.mark.serve
 def test_unknown_model_is_a_serve_error(server):
     with Client(server.inference_url, model="nope") as c:
         with pytest.raises(ServeError) as err:
@@ -173,13 +187,55 @@ def test_unreachable_server():
 def test_key_file_is_read_and_re_read(tmp_path):
     kf = tmp_path / "key_file.json"
     c = Client("http://127.0.0.1:1", key_file=kf)
-    assert c._headers() == {}  # not written yet
+    assert c.headers() == {} and c.key("management") is None  # not written yet
     kf.write_text(json.dumps({"inference": {"key": "abc"}, "management": {"key": "m"}, "API": {"key": "k"}}))
-    assert c._headers() == {"Authorization": "Bearer abc"}
+    assert c.headers() == {"Authorization": "Bearer abc"} and c.headers("management") == {"Authorization": "Bearer m"}
     kf.write_text(json.dumps({"inference": {"key": "new"}, "management": {"key": "m"}, "API": {"key": "k"}}))
-    assert c._headers() == {"Authorization": "Bearer new"}
-    assert Client("http://x:1", token="t")._headers() == {"Authorization": "Bearer t"}
+    assert c.headers() == {"Authorization": "Bearer new"}
+    kf.write_text('{"inference": {"ke')  # being written by TorchServe: no key yet, no error
+    assert c.headers() == {} and read_key_file(kf) is None
+    token = Client("http://x:1", token="t")
+    assert token.headers() == {"Authorization": "Bearer t"} and token.headers("management") == {}
     assert c.management_url == "http://127.0.0.1:2"  # TorchServe's layout: inference port + 1
+    assert bearer("k1") == {"Authorization": "Bearer k1"} and bearer(None) == bearer("") == {}
+    assert read_key_file(None) is None and read_key_file(tmp_path / "missing.json") is None
+
+
+def test_connect_decides_local_or_served_in_one_place(model_path, tmp_path):
+    """One factory: ``local`` runs the model folder in process (the same answers as ``local_explain``),
+    ``serve`` talks HTTP; both have the client's interface."""
+    from deepminer.client import LocalClient, connect
+
+    served = connect("serve", url="http://127.0.0.1:9/", model="demo", token="t")
+    assert isinstance(served, Client) and served.url == "http://127.0.0.1:9" and served.model == "demo"
+    assert served.where == "Model server: http://127.0.0.1:9 · model `demo`"
+    local = connect("local", model="demo", model_dir=model_path.parent)
+    assert isinstance(local, LocalClient) and local.model == "demo" and local.ping()
+    assert local.where == f"Model: in-process ({model_path.parent.name}/model.pt)"
+    with pytest.raises(InputError, match="backend: 'gpu' is not one of serve, local"):
+        connect("gpu")
+    for name in ("Client", "LocalClient"):  # the same calls on either
+        for method in ("explain", "explain_methods", "explain_raw", "ping", "models", "model_ready", "warm_up", "close"):
+            assert callable(getattr(served if name == "Client" else local, method)), (name, method)
+    img = picture(160, 120, 7)
+    with local:
+        local.warm_up()
+        res = local.explain(img, top_units=3, unit_maps="top")
+        peers = local.explain_methods(img, ["cam", "gradcam"], target="benign")
+        raw = local.explain_raw(img, {"top_units": 3, "unit_maps": "top"})
+    want = local_explain(model_path, img, top_units=3, unit_maps="top", name="demo")
+    assert res.prediction == want.prediction and res.top_units == want.top_units
+    np.testing.assert_array_equal(res.class_maps, want.class_maps)
+    assert res.model["name"] == "demo" and raw["model"]["name"] == "demo" and raw["prediction"] == res.prediction
+    assert set(peers.method_maps) == {"cam", "gradcam"} and peers.method_maps["gradcam"].shape == res.cam.shape[1:]
+    # the models of a local store: this one and its sibling folders with weights
+    store = tmp_path / "store"
+    for name in ("alpha", "beta", "empty"):
+        (store / name).mkdir(parents=True)
+    for name in ("alpha", "beta"):
+        (store / name / "model.pt").write_bytes(model_path.read_bytes())
+    c = connect("local", model="demo", model_dir=store / "alpha")
+    assert c.models() == ["beta", "demo"] and c.model_ready() and c.model_ready("beta") and not c.model_ready("empty")
 
 
 def test_from_env(monkeypatch, tmp_path):

@@ -40,11 +40,7 @@ with st.sidebar:
     st.markdown("### DeepMiner Studio")
     state.annotator_box()
     state.model_picker()
-    s = state.settings()
-    if s.backend == "local":
-        st.caption(f"Model: in-process ({s.model_dir.name}/{s.model_path.name})")
-    else:
-        st.caption(f"Model server: {s.serve_url} · model `{s.model}`")
+    st.caption(state.client().where)
     key = state.current_key()
     if key is not None:
         st.caption(f"Labels for {key.short}")

@@ -23,11 +23,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from deepminer.client import BACKENDS
 from deepminer.labels import default_url
 from deepminer.model_folder import ModelFolder
 
 ROOT = Path(__file__).resolve().parents[1]
-BACKENDS = ("serve", "local")
 
 
 def _path(value: str) -> Path:

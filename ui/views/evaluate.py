@@ -222,11 +222,6 @@ def _callers():
     s = state.settings()
     # what scoring needs: the maps and the breast region the server used (no unit maps)
     opts = ExplainOptions.build(max_side=s.max_side, unit_maps="none", tissue_mask=True)
-    if s.backend == "local":
-        from deepminer.client import local_explain
-
-        return (lambda d: local_explain(s.model_path, d, opts, name=s.model),
-                lambda d, m, t: local_explain(s.model_path, d, opts, name=s.model, methods=m, target=t))
     c = state.client()
     return (lambda d: c.explain(d, opts), lambda d, m, t: c.explain_methods(d, m, target=t, options=opts))
 

@@ -39,12 +39,7 @@ def _describe(err: Exception) -> str:
 
 
 def _explainer():
-    s = state.settings()
-    if s.backend == "local":
-        from deepminer.client import local_explain
-
-        return lambda data: local_explain(s.model_path, data, max_side=s.max_side, name=s.model, unit_maps="top")
-    c = state.client()
+    s, c = state.settings(), state.client()
     return lambda data: c.explain(data, max_side=s.max_side, unit_maps="top")
 
 
