@@ -3,9 +3,10 @@ the workbench (Streamlit) and the inference API (TorchServe), both of which stay
 
 * TLS always: the lab's own certificate (``DEEPMINER_TLS_CERT`` / ``DEEPMINER_TLS_KEY``, PEM), else a
   self-signed one made with the ``openssl`` command on first run (``var/proxy/tls/``);
-* every request authenticated with HTTP basic auth against a password file of bcrypt hashes
-  (``var/proxy/users``, managed by ``deepminer users``; nginx reads it on every request, so adding or
-  removing a user needs no restart);
+* every request authenticated by the sign-in service (:mod:`serve.auth`, nginx's ``auth_request``):
+  the password (bcrypt hashes in ``var/proxy/users``, managed by ``deepminer users``; re-read when it
+  changes, no restart) is checked once, then a signed session cookie; failed sign-ins are throttled
+  (429 + ``Retry-After``); ``/signin`` and ``/signout`` are its pages;
 * the proxy sets :data:`USER_HEADER` to the signed-in user itself (a client-sent header of that name
   is replaced), and the workbench takes the annotator from it;
 * ``/`` -> the workbench (WebSockets forwarded), ``/api/`` -> TorchServe's inference port (the proxy
@@ -31,6 +32,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from deepminer.atomic import atomic_file
 from serve.launch import UPLOAD_LIMIT_MB, USER_HEADER, upload_limit_message
@@ -95,6 +97,7 @@ class ProxyConfig:
     upload_mb: int = UPLOAD_LIMIT_MB
     rate_per_s: int = RATE_PER_S
     burst: int = BURST
+    auth_port: int = 0  #: the sign-in service (serve/auth.py) on 127.0.0.1; 0: a free one when started
 
     def __post_init__(self) -> None:
         self.work = Path(self.work).resolve()
@@ -109,6 +112,11 @@ class ProxyConfig:
     @property
     def token_include(self) -> Path:
         return self.work / "torchserve-auth.conf"
+
+    @property
+    def secret_file(self) -> Path:
+        """The session cookies' signing secret (serve/auth.py; delete it to end every session)."""
+        return self.work / "session.key"
 
     @property
     def logs(self) -> Path:
@@ -129,8 +137,24 @@ def render(cfg: ProxyConfig) -> str:
     # every location sets all its headers (nginx inherits proxy_set_header only into locations that
     # set none); the signed-in user is set here: a client-sent header of this name never passes
     headers = "".join(f"            proxy_set_header {k} {v};\n" for k, v in (
-        (USER_HEADER, "$remote_user"), ("Host", "$http_host"), ("X-Forwarded-For", "$remote_addr"),
+        (USER_HEADER, "$auth_user"), ("Host", "$http_host"), ("X-Forwarded-For", "$remote_addr"),
         ("X-Forwarded-Proto", "https")))
+    unauthorized = json.dumps({"code": 401, "type": "Unauthorized",
+                               "message": "Sign in: a session cookie, or the name and password (HTTP basic)."})
+    throttled = json.dumps({"code": 429, "type": "TooManyRequests",
+                            "message": "Too many failed sign-ins from this address or for this name: wait and try again."})
+    # add_header in a location drops the server's: every location that adds one says them all
+    security = ('add_header Strict-Transport-Security "max-age=31536000" always; '
+                'add_header X-Content-Type-Options nosniff always;')
+    # the sign-in service (serve/auth.py) says who sent a request: a session cookie, or basic credentials
+    # (checked once, then cached); it answers 401 (nobody) or 403 + Retry-After (throttled)
+    signed_in = (f"auth_request /_auth; auth_request_set $auth_user $upstream_http_x_auth_user;\n"
+                 f"            auth_request_set $auth_cookie $upstream_http_set_cookie; "
+                 f"auth_request_set $auth_retry $upstream_http_retry_after;\n"
+                 f"            add_header Set-Cookie $auth_cookie; {security}\n"
+                 f"            error_page 403 = @throttled; error_page 413 @too_large; error_page 429 @too_many;")
+    to_auth = (f"proxy_set_header X-Real-IP $remote_addr; proxy_set_header X-Original-URI $request_uri; "
+               f"proxy_set_header Host $http_host; proxy_pass http://127.0.0.1:{cfg.auth_port}")
     # started as root (a container), nginx's workers would run as nobody anyway: say so; otherwise
     # everything runs as the account that started it
     user = f"user nobody {WORKER_GROUP};\n" if os.geteuid() == 0 else ""
@@ -143,7 +167,9 @@ http {{
     include /etc/nginx/mime.types;
     default_type application/octet-stream;
     server_tokens off;
-    access_log {cfg.logs}/access.log combined;
+    log_format signed_in '$remote_addr - $auth_user [$time_local] "$request" $status $body_bytes_sent '
+                         '"$http_referer" "$http_user_agent"';
+    access_log {cfg.logs}/access.log signed_in;
     client_body_temp_path {w}/tmp/body;
     proxy_temp_path {w}/tmp/proxy;
     fastcgi_temp_path {w}/tmp/fastcgi;
@@ -165,8 +191,7 @@ http {{
         add_header Strict-Transport-Security "max-age=31536000" always;
         add_header X-Content-Type-Options nosniff always;
 
-        auth_basic "DeepMiner Studio";
-        auth_basic_user_file {cfg.users_file};
+        set $auth_user "";
         limit_req zone=per_client burst={cfg.burst} nodelay;
 
         error_page 413 @too_large;
@@ -179,13 +204,39 @@ http {{
         proxy_send_timeout {READ_TIMEOUT_S}s;
         proxy_request_buffering on;
 
+        # the sign-in service: the check nginx makes for every request, the sign-in form and sign-out
+        location = /_auth {{
+            internal;
+            proxy_pass_request_body off; proxy_set_header Content-Length "";
+            {to_auth}/check;
+        }}
+        location = /signin {{ {to_auth}/signin; }}
+        location = /signout {{ {to_auth}/signout; }}
+        location @signin_form {{
+            {security}
+            if ($request_method != GET) {{ return 401 {_q(unauthorized)}; }}
+            {to_auth};
+        }}
+        location @unauthorized {{
+            {security} add_header WWW-Authenticate 'Basic realm="DeepMiner Studio"' always;
+            default_type application/json; return 401 {_q(unauthorized)};
+        }}
+        location @throttled {{
+            {security} add_header Retry-After $auth_retry always;
+            default_type application/json; return 429 {_q(throttled)};
+        }}
+
         # the inference API (TorchServe's inference port only; management and metrics stay unproxied)
         location /api/ {{
+            {signed_in}
+            error_page 401 = @unauthorized;
             include {cfg.token_include};
 {headers}            proxy_pass http://127.0.0.1:{cfg.inference_port}/;
         }}
-        # the workbench, WebSockets included (/_stcore/stream)
+        # the workbench, WebSockets included (/_stcore/stream); without a session: the sign-in form
         location / {{
+            {signed_in}
+            error_page 401 = @signin_form;
             proxy_set_header Upgrade $http_upgrade;
             proxy_set_header Connection $connection_upgrade;
 {headers}            proxy_buffering off;
@@ -247,6 +298,7 @@ class Nginx:
     def __init__(self, cfg: ProxyConfig):
         self.cfg = cfg
         self.proc: subprocess.Popen | None = None
+        self.auth: Any = None  #: the sign-in service (serve.auth.AuthServer) while started
 
     @property
     def url(self) -> str:
@@ -254,6 +306,12 @@ class Nginx:
         return f"https://{host}:{self.cfg.port}"
 
     def start(self, timeout: float = 20.0, *, foreground_io: bool = False) -> "Nginx":
+        from serve.auth import AuthServer
+
+        self.cfg.logs.mkdir(parents=True, exist_ok=True)
+        self.auth = AuthServer(self.cfg.users_file, self.cfg.secret_file, port=self.cfg.auth_port,
+                               log_file=self.cfg.logs / "auth.log").start()
+        self.cfg.auth_port = self.auth.port
         prepare(self.cfg)
         out = None if foreground_io else subprocess.DEVNULL
         self.proc = subprocess.Popen([nginx_binary(), *_nginx_args(self.cfg)], stdout=out, stderr=out,
@@ -286,6 +344,9 @@ class Nginx:
         return False
 
     def stop(self, timeout: float = 10.0) -> None:
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
         if self.proc is None:
             return
         try:
@@ -320,6 +381,7 @@ def config_from_env(env: dict[str, str] | None = None) -> ProxyConfig:
         key=Path(env["DEEPMINER_TLS_KEY"]) if env.get("DEEPMINER_TLS_KEY") else None,
         key_file=Path(key_file) if key_file else None,
         upload_mb=int(env.get("DEEPMINER_UPLOAD_MB", str(UPLOAD_LIMIT_MB))),
+        auth_port=int(env.get("DEEPMINER_AUTH_PORT", "0")),
     )
 
 
