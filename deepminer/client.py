@@ -91,9 +91,21 @@ def _management_get(management_url: str, path: str, headers: Mapping[str, str] |
                                f"({type(err).__name__})") from err
 
 
-def list_models(management_url: str, headers: Mapping[str, str] | None = None, *, timeout: float = 5.0) -> list[str]:
-    """The names of the models TorchServe hosts (management ``GET /models``, every page), sorted;
-    errors as :func:`_management_get`."""
+#: the second registration of a model's archive that does its heavy work (``POST /explanations``: peer
+#: saliency; set evaluations) in its own worker, so ``/predictions`` never waits behind it
+#: (``scripts/serve.sh`` and ``serve.launch.with_heavy_pools`` register it, docs/serving.md)
+HEAVY_SUFFIX = "-heavy"
+
+
+def heavy_pool(model: str) -> str:
+    """The served name of ``model``'s heavy-work pool."""
+    return model if model.endswith(HEAVY_SUFFIX) else model + HEAVY_SUFFIX
+
+
+def list_models(management_url: str, headers: Mapping[str, str] | None = None, *, timeout: float = 5.0,
+                pools: bool = False) -> list[str]:
+    """The names of the models TorchServe hosts (management ``GET /models``, every page), sorted,
+    without the heavy-work pools (:func:`heavy_pool`) unless ``pools``; errors as :func:`_management_get`."""
     names: list[str] = []
     token: str | None = None
     for _ in range(100):  # TorchServe pages the list (limit 100, nextPageToken)
@@ -105,7 +117,7 @@ def list_models(management_url: str, headers: Mapping[str, str] | None = None, *
         token = body.get("nextPageToken")
         if not token:
             break
-    return sorted(set(names))
+    return sorted(n for n in set(names) if pools or not n.endswith(HEAVY_SUFFIX))
 
 
 def describe_model(management_url: str, name: str, headers: Mapping[str, str] | None = None, *,
@@ -152,6 +164,7 @@ class Client:
         self._token = token
         self.management_url = (management_url or _next_port(self.url)).rstrip("/")
         self.session = requests.Session()
+        self._no_pool: set[str] = set()  #: models whose heavy pool the server does not have (a 404)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "Client":
@@ -242,17 +255,28 @@ class Client:
             return False
 
     def explain_raw(self, image: bytes | str | os.PathLike, options: Mapping[str, Any] | None = None, *,
-                    explanations: bool = False) -> dict:
+                    explanations: bool = False, heavy: bool = False) -> dict:
         """POST an image (+ options) to ``/predictions/<model>`` (``explanations``:
-        ``/explanations/<model>``) and return the JSON body; raises :class:`ServeError` on 4xx/5xx."""
+        ``/explanations/<model>``) and return the JSON body; raises :class:`ServeError` on 4xx/5xx.
+        Explanations, and ``heavy`` work (a set evaluation), go to the model's heavy pool
+        (:func:`heavy_pool`) when the server has one, else to the model itself."""
         data = _read_image(image)
-        path = f"/{'explanations' if explanations else 'predictions'}/{self.model}"
-        if options:
-            files = {"data": ("image", data, "application/octet-stream"),
-                     "options": (None, json.dumps(dict(options)), "application/json")}
-            r = self._request("POST", path, files=files)
-        else:  # the bare body: TorchServe skips decoding a multipart form (about 3 ms for 200 KB)
-            r = self._request("POST", path, data=data, headers={"Content-Type": "application/octet-stream"})
+        endpoint = "explanations" if explanations else "predictions"
+        names = [self.model]
+        if (explanations or heavy) and self.model not in self._no_pool:
+            names.insert(0, heavy_pool(self.model))
+        for name in names:
+            path = f"/{endpoint}/{name}"
+            if options:
+                files = {"data": ("image", data, "application/octet-stream"),
+                         "options": (None, json.dumps(dict(options)), "application/json")}
+                r = self._request("POST", path, files=files)
+            else:  # the bare body: TorchServe skips decoding a multipart form (about 3 ms for 200 KB)
+                r = self._request("POST", path, data=data, headers={"Content-Type": "application/octet-stream"})
+            if r.status_code == 404 and name != self.model and "ModelNotFound" in r.text[:300]:
+                self._no_pool.add(self.model)  # a server without pools: the model itself from now on
+                continue
+            break
         return _body_or_raise(r)
 
     def explain_methods(self, image: bytes | str | os.PathLike, methods: Sequence[str], *, target: str | None = None,
@@ -268,15 +292,17 @@ class Client:
     def explain(self, image: bytes | str | os.PathLike, options: ExplainOptions | None = None, *,
                 top_units: int = DEFAULTS["top_units"], unit_maps: str = DEFAULTS["unit_maps"],
                 sketch: np.ndarray | None = None, max_side: int | None = None,
-                ablate: Sequence[int] | None = None) -> Explanation:
+                ablate: Sequence[int] | None = None, heavy: bool = False) -> Explanation:
         """Explain one image (bytes or a path): prediction, CAMs, unit influence, unit maps and, with
         a ``sketch`` (bool mask, any size), every unit's IoU with it; with ``ablate`` (unit ids),
         :attr:`Explanation.ablation`: the answer with those units silenced. ``options`` wins over the
-        keyword arguments when given."""
+        keyword arguments when given. ``heavy``: part of a long job (a set evaluation), sent to the
+        model's heavy pool (:meth:`explain_raw`)."""
         if options is None:
             options = ExplainOptions.build(top_units=top_units, unit_maps=unit_maps, sketch=sketch, max_side=max_side,
                                            ablate=ablate)
-        return Explanation.from_json(self.explain_raw(image, None if options.is_default else options.to_json()))
+        return Explanation.from_json(self.explain_raw(image, None if options.is_default else options.to_json(),
+                                                      heavy=heavy))
 
     def close(self) -> None:
         self.session.close()
@@ -372,8 +398,8 @@ class LocalClient:
         return self.model_path.is_file()
 
     def explain_raw(self, image: bytes | str | os.PathLike, options: Mapping[str, Any] | None = None, *,
-                    explanations: bool = False) -> dict:
-        """The JSON body :meth:`Client.explain_raw` would return."""
+                    explanations: bool = False, heavy: bool = False) -> dict:
+        """The JSON body :meth:`Client.explain_raw` would return (``heavy``: no pools in one process)."""
         return self._answer(image, ExplainOptions.parse(dict(options or {}), num_units=self.service.num_units),
                             explanations).to_json()
 
@@ -385,7 +411,7 @@ class LocalClient:
     def explain(self, image: bytes | str | os.PathLike, options: ExplainOptions | None = None, *,
                 top_units: int = DEFAULTS["top_units"], unit_maps: str = DEFAULTS["unit_maps"],
                 sketch: np.ndarray | None = None, max_side: int | None = None,
-                ablate: Sequence[int] | None = None) -> Explanation:
+                ablate: Sequence[int] | None = None, heavy: bool = False) -> Explanation:
         """As :meth:`Client.explain` (``POST /predictions``)."""
         if options is None:
             options = ExplainOptions.build(top_units=top_units, unit_maps=unit_maps, sketch=sketch, max_side=max_side,

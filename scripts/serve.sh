@@ -24,6 +24,12 @@ for mar in "$STORE"/*/model.pt; do
 done
 [[ " ${MODELS[*]} " == *" $MODEL=$MODEL.mar "* ]] || MODELS+=("$MODEL=$MODEL.mar")
 THREADS=$(( $(nproc) / ${#MODELS[@]} ))
+# each archive again as the model's heavy pool (deepminer.client.HEAVY_SUFFIX): its own worker for
+# /explanations (peer saliency) and set evaluations, so /predictions never waits behind them
+# (DEEPMINER_HEAVY_POOL=0: none; docs/serving.md "Deploying in a lab")
+if [ "${DEEPMINER_HEAVY_POOL:-1}" != 0 ]; then
+  for m in "${MODELS[@]}"; do MODELS+=("${m%%=*}-heavy=${m#*=}"); done
+fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( THREADS > 0 ? THREADS : 1 ))}
 # OpenMP threads sleep between parallel regions instead of spinning: the cores are shared with the other
 # workers and the workbench (docs/serving.md)

@@ -64,6 +64,15 @@ def write_properties(path: str | os.PathLike, props: Mapping[str, str], header: 
     return path
 
 
+def with_heavy_pools(models: Mapping[str, str]) -> dict[str, str]:
+    """``models`` (name -> archive) plus each archive registered again as the model's heavy pool
+    (:func:`deepminer.client.heavy_pool`: its own worker for ``/explanations`` and set evaluations),
+    as ``scripts/serve.sh`` does."""
+    from deepminer.client import heavy_pool
+
+    return {**models, **{heavy_pool(name): mar for name, mar in models.items()}}
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` right now."""
     with socket.socket() as s:
@@ -156,7 +165,10 @@ class TorchServe:
                     "METRICS_LOCATION": str(self.workdir / "logs")})
         env.pop("TS_CONFIG_FILE", None)
         # the workers share the cores: torch threads per worker = cores / models (as scripts/serve.sh)
-        env.setdefault("OMP_NUM_THREADS", str(worker_threads(len(self.models))))
+        from deepminer.client import HEAVY_SUFFIX
+
+        light = [m for m in self.models if not m.endswith(HEAVY_SUFFIX)]  # a pool shares its model's threads
+        env.setdefault("OMP_NUM_THREADS", str(worker_threads(len(light) or 1)))
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no spinning between parallel regions (docs/serving.md)
         cmd = [self.python, "-m", "ts.model_server", "--foreground", "--ts-config", str(self.config_path),
                "--model-store", str(self.model_store), "--ncs"]

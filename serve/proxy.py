@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from deepminer.atomic import atomic_file
+from deepminer.client import HEAVY_SUFFIX
 from serve.launch import UPLOAD_LIMIT_MB, USER_HEADER, upload_limit_message
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +98,7 @@ class ProxyConfig:
     upload_mb: int = UPLOAD_LIMIT_MB
     rate_per_s: int = RATE_PER_S
     burst: int = BURST
+    heavy_pool: bool = True  #: /api/explanations/<model> goes to the model's heavy pool (deepminer.client.heavy_pool)
     auth_port: int = 0  #: the sign-in service (serve/auth.py) on 127.0.0.1; 0: a free one when started
 
     def __post_init__(self) -> None:
@@ -153,6 +155,12 @@ def render(cfg: ProxyConfig) -> str:
                  f"auth_request_set $auth_retry $upstream_http_retry_after;\n"
                  f"            add_header Set-Cookie $auth_cookie; {security}\n"
                  f"            error_page 403 = @throttled; error_page 413 @too_large; error_page 429 @too_many;")
+    heavy = "" if not cfg.heavy_pool else (
+        "        # peer saliency in the heavy pool's own worker: /predictions never waits behind it\n"
+        "        location /api/explanations/ {\n"
+        f"            {signed_in}\n            error_page 401 = @unauthorized;\n"
+        f"            include {cfg.token_include};\n{headers}"
+        f"            proxy_pass http://127.0.0.1:{cfg.inference_port}$heavy_uri$is_args$args;\n        }}\n")
     to_auth = (f"proxy_set_header X-Real-IP $remote_addr; proxy_set_header X-Original-URI $request_uri; "
                f"proxy_set_header Host $http_host; proxy_pass http://127.0.0.1:{cfg.auth_port}")
     # started as root (a container), nginx's workers would run as nobody anyway: say so; otherwise
@@ -181,6 +189,8 @@ http {{
     limit_req_zone $binary_remote_addr zone=per_client:10m rate={cfg.rate_per_s}r/s;
     limit_req_status 429;
     map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+    # /api/explanations/<model> -> TorchServe's /explanations/<model>{HEAVY_SUFFIX}: the heavy pool
+    map $uri $heavy_uri {{ "~^/api/explanations/(?<pool_model>[^/]+?)(?:{HEAVY_SUFFIX})?$" /explanations/$pool_model{HEAVY_SUFFIX}; default ""; }}
 
     server {{
         listen {cfg.host}:{cfg.port} ssl;
@@ -233,7 +243,7 @@ http {{
             include {cfg.token_include};
 {headers}            proxy_pass http://127.0.0.1:{cfg.inference_port}/;
         }}
-        # the workbench, WebSockets included (/_stcore/stream); without a session: the sign-in form
+{heavy}        # the workbench, WebSockets included (/_stcore/stream); without a session: the sign-in form
         location / {{
             {signed_in}
             error_page 401 = @signin_form;
@@ -382,6 +392,7 @@ def config_from_env(env: dict[str, str] | None = None) -> ProxyConfig:
         key_file=Path(key_file) if key_file else None,
         upload_mb=int(env.get("DEEPMINER_UPLOAD_MB", str(UPLOAD_LIMIT_MB))),
         auth_port=int(env.get("DEEPMINER_AUTH_PORT", "0")),
+        heavy_pool=env.get("DEEPMINER_HEAVY_POOL", "1") != "0",
     )
 
 

@@ -223,7 +223,9 @@ def _callers():
     # what scoring needs: the maps and the breast region the server used (no unit maps)
     opts = ExplainOptions.build(max_side=s.max_side, unit_maps="none", tissue_mask=True)
     c = state.client()
-    return (lambda d: c.explain(d, opts), lambda d, m, t: c.explain_methods(d, m, target=t, options=opts))
+    # a set is a long job: its calls go to the model's heavy pool (deepminer.client.heavy_pool), the
+    # other pages' requests never wait behind it
+    return (lambda d: c.explain(d, opts, heavy=True), lambda d, m, t: c.explain_methods(d, m, target=t, options=opts))
 
 
 @st.cache_resource(show_spinner=False)
