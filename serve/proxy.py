@@ -421,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, TimeoutError, OSError) as err:
         print(f"proxy: error: {err}", file=sys.stderr)
         return 1
-    print(f"proxy: https on {cfg.host}:{cfg.port} (users: {cfg.users_file}; certificate: {cfg.cert})", flush=True)
+    print(f"proxy: https on {cfg.host}:{cfg.port} (users: {cfg.users_file}; certificate: {cfg.cert}; "
+          f"sign-in service on 127.0.0.1:{cfg.auth_port}, log {cfg.logs / 'auth.log'})", flush=True)
     stop = {"now": False}
 
     def _stop(*_: object) -> None:

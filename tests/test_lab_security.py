@@ -380,6 +380,12 @@ def test_browser_signs_in_once_every_page_opens_first_draw_ratio(lab, artifacts_
                     draws[kind].append(_first_draw(ctx.new_page(), url))
                     ctx.close()
             page.screenshot(path=str(artifacts_dir / "lab-pages.png"), full_page=True)
+            # sign out: the sidebar's link; the session ends (the next page asks again)
+            assert page.locator('a[href="/signout"]').count() == 1
+            page.goto(lab["url"] + "/signout", wait_until="commit")
+            page.get_by_role("button", name="Sign in").wait_for(timeout=30_000)
+            page.goto(lab["url"] + "/explain", wait_until="commit")
+            page.get_by_role("button", name="Sign in").wait_for(timeout=30_000)
         finally:
             browser.close()
     signed_in = auth_log.read_text().count("signed in name='alice'") - signed_in_before

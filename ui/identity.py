@@ -35,7 +35,8 @@ def annotator_box() -> None:
     is signed in (no box: the name comes from the sign-in)."""
     if base_settings().user_header:
         user = signed_in_user()
-        st.sidebar.caption(f"Signed in as **{md_escape(user)}**" if user
+        # /signout: the lab proxy's sign-in service (serve/auth.py) ends the session
+        st.sidebar.caption(f"Signed in as **{md_escape(user)}** · [Sign out](/signout)" if user
                            else "Not signed in: open the workbench through the lab's sign-in address.")
         return
     st.sidebar.text_input("Your name (stored with every label)", key=Keys.ANNOTATOR, max_chars=100,

@@ -1,5 +1,5 @@
 """``deepminer users add|remove|list``: the lab proxy's password file (``name:bcrypt-hash`` lines, the
-htpasswd format nginx's ``auth_basic_user_file`` reads).
+htpasswd format; the lab proxy's sign-in service, ``serve/auth.py``, checks it).
 
 The password is read from a prompt (twice, not echoed) or, with ``--password-stdin``, from the first
 line of standard input; never from the command line (it would land in shell history and ``ps``).
@@ -21,7 +21,8 @@ HELP = "add, remove or list the people who may sign in to the lab profile (bcryp
 DESCRIPTION = (
     "Manage the password file of the lab proxy (DEEPMINER_PROFILE=lab make run): one 'name:bcrypt-hash' line "
     "per person. The signed-in name is the annotator stored with every label. Passwords come from a prompt "
-    "or from standard input (--password-stdin), never from the command line."
+    "or from standard input (--password-stdin), never from the command line. A new password, or removing a "
+    "person, ends their open sessions at once."
 )
 DEFAULT_FILE = "var/proxy/users"
 USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$")
