@@ -528,3 +528,25 @@ def test_forged_header_ignored_and_canaries_nowhere(lab, tmp_path, artifacts_dir
     assert not {k: v for k, v in hits.items() if v}, hits
     print(f"\nbrowser through the proxy (upload, explain, label): {browser_s:.1f} s; "
           f"searched {len(places)} logs, exports and database files for the canaries")
+
+
+@pytest.mark.slow
+@pytest.mark.serve
+def test_small_load_test_over_the_proxy(lab, tmp_path):
+    """scripts/loadtest.py (locust), small: 4 users explaining, sketching, evaluating and labelling at
+    once for 15 s through the proxy; no error, no label lost. The longer run (docs/serving.md):
+    ``DEEPMINER_LOAD_USERS=8 DEEPMINER_LOAD_SECONDS=120`` with this test, or the script against a lab."""
+    users, seconds = os.environ.get("DEEPMINER_LOAD_USERS", "4"), os.environ.get("DEEPMINER_LOAD_SECONDS", "15")
+    for name in ("bob", "carol"):
+        assert _users_cli(lab["proxy"].users_file, "add", name, "--password-stdin", password=PASSWORD).returncode == 0
+    cmd = [sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--url", lab["url"], "--cacert", str(lab["proxy"].cert),
+           "--model", "demo", "--users", users, "--time", seconds, "--size", "384", "--out", str(tmp_path / "load"),
+           *[a for n in ("alice", "bob", "carol") for a in ("--user", f"{n}:{PASSWORD}")]]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=int(seconds) + 400, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    print("\n" + r.stdout[-2500:])
+    assert r.returncode == 0, r.stdout[-2500:] + r.stderr[-2500:]
+    report = (tmp_path / "load" / "report.txt").read_text()
+    assert "errors: 0" in report and ", 0 lost" in report
+    for kind in ("sign in", "explain", "sketch", "evaluate", "label"):
+        assert re.search(rf"^{kind}\s+\d+\s+0\s", report, re.M), (kind, report)
