@@ -37,3 +37,72 @@ def tiny_demo(tmp_path_factory) -> dict:
     dissect(root / "demo" / "model.pt", data, split="train", out=root / "demo" / "atlas", progress=False,
             batch_size=64, topk=8)
     return {"root": root, "data": data, "model_dir": root / "demo"}
+
+
+# -- shared across modules: one chromium, shared TorchServes ----------------------------------------
+# Tests that only read from a server share one per session; a test that restarts, breaks or
+# reconfigures a server (lab profile, a bare interpreter, nginx in front) keeps a private one.
+
+@pytest.fixture(scope="session")
+def chromium_browser():
+    """Debian chromium through Playwright, launched once per session; each test opens its own
+    context (``browser.new_page``/``open_workbench``: fresh cookies and storage)."""
+    from playwright.sync_api import sync_playwright
+
+    from serve.workbench import launch_chromium
+
+    with sync_playwright() as pw:
+        browser = launch_chromium(pw)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    """The tiny model (random weights, seed 1) saved as ``<folder>/model.pt`` (nothing else beside it)."""
+    from modelfixtures import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tmp_path_factory, tiny_model_path):
+    """One real TorchServe (demo profile: no token) serving :func:`tiny_model_path` as
+    :data:`modelfixtures.TINY_MODEL` (the shipped model-config, ``max_batch_delay`` 5 ms), for every module that only
+    sends it requests. One intra-op thread in the worker: on a small shared test machine (2 cores, other
+    jobs) torch's default of one thread per core oversubscribes it and a forward+backward gets ~100x
+    slower."""
+    from modelfixtures import TINY_MODEL, start_tiny_server
+
+    ts = start_tiny_server(tmp_path_factory, tiny_model_path, TINY_MODEL, max_batch_delay=5,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    yield ts
+    ts.stop()
+
+
+@pytest.fixture(scope="session")
+def two_models(tiny_demo, tmp_path_factory) -> dict:
+    """Two tiny models with atlases over the same phantoms (:func:`modelfixtures.two_model_store`)."""
+    from modelfixtures import two_model_store
+
+    return two_model_store(tiny_demo, tmp_path_factory.mktemp("compare") / "model_store")
+
+
+@pytest.fixture(scope="session")
+def two_model_server(two_models, tmp_path_factory):
+    """One TorchServe (demo profile) serving both :func:`two_models` as ``alpha`` and ``beta``, archived as
+    scripts/model_store.sh does (atlas + MODEL_CARD.md); OMP_NUM_THREADS unset, so each worker runs
+    cores / models torch threads (``serve.launch.worker_threads``)."""
+    from serve.archive import build_mar
+    from serve.launch import TorchServe
+
+    mars = tmp_path_factory.mktemp("mars")
+    for name, key in (("alpha", "a"), ("beta", "b")):
+        build_mar(two_models[key] / "model.pt", mars, name=name, atlas=two_models[key] / "atlas",
+                  extra=[two_models[key] / "MODEL_CARD.md"])
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    ts = TorchServe(mars, {"alpha": "alpha.mar", "beta": "beta.mar"}, tmp_path_factory.mktemp("ts"), profile="demo",
+                    env=env)
+    ts.start(timeout=300)
+    yield ts
+    ts.stop()

@@ -7,6 +7,8 @@ import torch
 
 from deepminer.models import build_model
 
+TINY_MODEL = "tiny"  # the name the session's shared tiny TorchServe (conftest.py ``tiny_server``) serves it as
+
 
 def tiny_model(seed: int = 0):
     """The registry's ``tiny`` FCN (32 units, stride 16), random weights from ``seed``, eval mode."""

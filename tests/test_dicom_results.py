@@ -211,7 +211,6 @@ def test_bench_row_full_field():
 def test_workbench_download_and_studies_messages(app_env, monkeypatch, tmp_path):  # noqa: F811 - the fixture
     """AppTest (in-process model): the Explain page offers the DICOM results for a DICOM only; the
     Studies page without a PACS, with one that is down: a message each, no exception."""
-    import socket
 
     from dicomfixtures import write_dicom
     from test_ui_apptest import _app, _png
@@ -235,9 +234,9 @@ def test_workbench_download_and_studies_messages(app_env, monkeypatch, tmp_path)
     monkeypatch.delenv("DEEPMINER_PACS", raising=False)
     at = _app("views/studies.py")
     assert any("No PACS is configured" in i.value for i in at.info)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from serve.launch import free_port
+
+    port = free_port()
     monkeypatch.setenv("DEEPMINER_DICOMWEB_URL", f"http://127.0.0.1:{port}/dicom-web")
     at = _app("views/studies.py")
     assert not at.exception, at.exception
