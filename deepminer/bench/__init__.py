@@ -38,6 +38,10 @@ request gives a second, noise-free figure: round trip - own forward (``serve_ove
 **Start-up** (:func:`measure_startup`): the wall time of fresh ``python -m deepminer --help`` and
 ``python -m deepminer inspect`` (of a generated 4500 x 3000 16-bit DICOM) subprocesses, medians.
 
+**Inputs** (:mod:`~deepminer.bench.decode`, with the ``whole`` case): a full-field 4500 x 3000 16-bit
+image decoded and its tissue mask found (PNG, DICOM, RLE DICOM; ``decode_mask_s``), and the GloVe
+word vectors loaded (``word_vectors_load_s``).
+
 The package keeps one module per group of rows: :mod:`~deepminer.bench.common` (the cases,
 :data:`TARGETS`, timers, inputs, the models), :mod:`~deepminer.bench.case` (the per-case rows),
 :mod:`~deepminer.bench.dissect`, :mod:`~deepminer.bench.serving`, :mod:`~deepminer.bench.startup`,
@@ -51,6 +55,7 @@ from deepminer.bench.common import (CASES, DEFAULT_ARCH, DEFAULT_MODEL, DISSECT_
                                     PATCHES_PER_IMAGE, SERVE_SIZE, SKETCH_QUANTILE, TARGETS, ModelSpec, bench_images,
                                     check, default_specs, environment, load_spec, median, percentile, png8_variants,
                                     rectangle_sketch, timed, timed_ms)
+from deepminer.bench.decode import decode_inputs, format_inputs, measure_decode, measure_word_vectors
 from deepminer.bench.dicom import measure_dicom_results
 from deepminer.bench.dissect import PhantomPatches, measure_dissect, phantom_patches
 from deepminer.bench.report import format_table, to_json
@@ -64,7 +69,7 @@ __all__ = [
     "CASES", "DEFAULT_ARCH", "DEFAULT_MODEL", "DISSECT_BATCHES", "DISSECT_IMAGE_PX", "MG_FOR_PRESENTATION",
     "PATCHES_PER_IMAGE", "SERVE_JIT_WARMUP", "SERVE_SIZE", "SKETCH_QUANTILE", "STARTUP_DICOM", "TARGETS",
     "InputError", "ModelSpec", "PhantomPatches", "bench_domain", "bench_images", "check", "command_wall_s",
-    "default_specs", "environment", "format_startup", "format_table", "load_spec", "measure_case",
+    "decode_inputs", "default_specs", "format_inputs", "measure_decode", "measure_word_vectors", "environment", "format_startup", "format_table", "load_spec", "measure_case",
     "measure_dicom_results", "measure_dissect", "measure_serve", "measure_startup", "median", "percentile",
     "phantom_patches", "png8_variants", "rectangle_sketch", "run_bench", "startup_dicom", "timed", "timed_ms",
     "to_json",

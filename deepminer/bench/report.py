@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from deepminer.bench.common import TARGETS
+from deepminer.bench.decode import format_inputs
 from deepminer.bench.startup import format_startup
 
 def _fmt(v: Any, digits: int = 1) -> str:
@@ -88,6 +89,7 @@ def format_table(report: dict[str, Any]) -> str:
                    f"{d['dicom_results_ms']:.0f} ms {d['check']['dicom_results_ms']} "
                    f"(target <= {TARGETS['dicom_results_ms'][1]:.0f} ms; process CPU {d['cpu_ms']:.0f} ms, all "
                    f"threads); decoding the source {d['decode_ms']:.0f} ms")
+    out += format_inputs(report.get("decode"), report.get("word_vectors"))
     if report.get("startup"):
         out += format_startup(report["startup"])
     return "\n".join(out)

@@ -11,6 +11,7 @@ from deepminer import runtime
 from deepminer.bench.case import bench_domain, measure_case
 from deepminer.bench.common import (CASES, DISSECT_IMAGE_PX, SERVE_SIZE, SKETCH_QUANTILE, TARGETS, ModelSpec,
                                     bench_images, check, environment, load_spec)
+from deepminer.bench.decode import measure_decode, measure_word_vectors
 from deepminer.bench.dicom import measure_dicom_results
 from deepminer.bench.dissect import measure_dissect
 from deepminer.bench.serving import SERVE_JIT_WARMUP, measure_serve
@@ -21,12 +22,13 @@ def run_bench(specs: Sequence[ModelSpec], *, cases: Sequence[str] = tuple(CASES)
               warmup: int = 1, batch_size: int = 32, device: str = "auto", threads: int | None = None,
               round_trip: Callable[[bytes], float] | None = None, serve_url: str | None = None,
               dissect: bool = True, progress: bool = True, dissect_image_px: int = DISSECT_IMAGE_PX,
-              serve_warmup: int = SERVE_JIT_WARMUP,
+              serve_warmup: int = SERVE_JIT_WARMUP, inputs: bool = True,
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Bench every model of ``specs`` on every case; the JSON-ready report (see docs/bench.md).
     Applies :func:`deepminer.runtime.keep_freed_memory` (process-wide, as every ``deepminer``
     command and the server do). ``threads``: torch CPU threads during the run (restored afterwards). ``serve_warmup``: untimed
-    requests before the serve measurement (:func:`measure_serve`'s ``jit_warmup``)."""
+    requests before the serve measurement (:func:`measure_serve`'s ``jit_warmup``). ``inputs``: with the
+    ``whole`` case, also the input rows (:mod:`deepminer.bench.decode`)."""
     unknown = [c for c in cases if c not in CASES]
     if unknown or not cases:
         raise InputError(f"--cases: unknown case {unknown[0]!r}; known: {', '.join(CASES)}" if unknown
@@ -44,14 +46,14 @@ def run_bench(specs: Sequence[ModelSpec], *, cases: Sequence[str] = tuple(CASES)
     try:
         return _bench(specs, cases=cases, repeats=repeats, warmup=warmup, batch_size=batch_size, device=device,
                       round_trip=round_trip, serve_url=serve_url, dissect=dissect, progress=progress,
-                      dissect_image_px=dissect_image_px, serve_warmup=serve_warmup, log=log)
+                      dissect_image_px=dissect_image_px, serve_warmup=serve_warmup, inputs=inputs, log=log)
     finally:
         torch.set_num_threads(before)  # a library call leaves the process as it found it
 
 
 def _bench(specs: Sequence[ModelSpec], *, cases: Sequence[str], repeats: int, warmup: int, batch_size: int,
            device: str, round_trip: Callable[[bytes], float] | None, serve_url: str | None, dissect: bool,
-           progress: bool, dissect_image_px: int, serve_warmup: int,
+           progress: bool, dissect_image_px: int, serve_warmup: int, inputs: bool,
            log: Callable[[str], None] | None) -> dict[str, Any]:
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     rep_log = say if progress else None
@@ -103,6 +105,10 @@ def _bench(specs: Sequence[ModelSpec], *, cases: Sequence[str], repeats: int, wa
         say(f"bench: DICOM results (SEG + SR + SC) of a {STARTUP_DICOM[0]}x{STARTUP_DICOM[1]} DICOM, "
             f"{loaded[0][1]['name']}")
         report["dicom_results"] = measure_dicom_results(loaded[0][0], repeats=repeats, warmup=warmup)
+        if inputs:
+            say(f"bench: full-field decode + tissue mask ({STARTUP_DICOM[0]}x{STARTUP_DICOM[1]}), word vectors load")
+            report["decode"] = measure_decode(repeats=repeats, warmup=warmup, log=rep_log)
+            report["word_vectors"] = measure_word_vectors(repeats=repeats, warmup=warmup)
     if round_trip is not None:
         model, info = loaded[0]
         say(f"bench: serve round trip {serve_url or ''} vs {info['name']} forward at "
