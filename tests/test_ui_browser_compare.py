@@ -30,20 +30,10 @@ SIDEBAR = '[data-testid="stSidebar"]'
 
 
 @pytest.fixture(scope="module")
-def models(two_models) -> dict:
-    """The session's two tiny models (conftest.py ``two_models``)."""
-    return two_models
-
-
-@pytest.fixture(scope="module")
-def server(two_model_server):
-    """The session's TorchServe serving both (conftest.py ``two_model_server``; test_compare.py uses it too)."""
-    return two_model_server
-
-
-@pytest.fixture(scope="module")
-def workbench(server, models, tmp_path_factory):
-    """``streamlit run ui/app.py``: default model alpha (its folder the store's ``alpha/``)."""
+def workbench(two_model_server, two_models, tmp_path_factory):
+    """``streamlit run ui/app.py`` against the session's two-model TorchServe (conftest.py; test_compare.py
+    uses it too): default model alpha (its folder the store's ``alpha/``)."""
+    server, models = two_model_server, two_models
     work = tmp_path_factory.mktemp("workbench")
     port = free_port()
     env = {**os.environ, "DEEPMINER_SERVE_URL": server.inference_url, "DEEPMINER_MANAGEMENT_URL": server.management_url,
@@ -63,10 +53,11 @@ def _pick(page, label: str, option: str, scope: str = '[data-testid="stMain"]') 
     after_input(page)
 
 
-def test_compare_two_models_in_browser(chromium_browser, workbench, server, models, artifacts_dir, tmp_path):
-
+def test_compare_two_models_in_browser(chromium_browser, workbench, two_model_server, artifacts_dir, tmp_path):
     from deepminer.client import Client
     from deepminer.labels import LabelStore
+
+    server = two_model_server
 
     image = tmp_path / "mammo-compare.png"
     image.write_bytes(square_mammogram(11, 1, side=512))
