@@ -178,7 +178,8 @@ def test_cli_json_and_table(capsys):
     out = json.loads(capsys.readouterr().out)
     r = out["models"]["tiny"]["cases"]["patch"]
     assert r["forward_ms"] > 0 and r["explain_vs_forward"] > 0 and "whole" not in out["models"]["tiny"]["cases"]
-    assert main(argv) == 0
+    assert out["startup"]["startup_help_s"] > 0  # a whole run ends with the start-up rows
+    assert main(argv + ["--no-startup"]) == 0  # (the start-up subprocesses once is enough)
     assert "tiny   patch  224x224" in capsys.readouterr().out
 
 
@@ -189,7 +190,7 @@ def test_two_models_in_one_run(tmp_path, capsys):
     path.parent.mkdir()
     save_model(build_model("tiny", pretrained=False), path)
     argv = ["bench", "--model", str(path), "--arch", "tiny", "--cases", "patch", "--repeats", "1",
-            "--warmup", "0", "--no-dissect", "--no-eval", "--json"]
+            "--warmup", "0", "--no-dissect", "--no-eval", "--no-startup", "--json"]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert list(out["models"]) == ["demo", "tiny"]

@@ -442,7 +442,7 @@ def test_bench_serve_against_the_real_server(server, model_dir, capsys):
 
     rc = main(["bench", "--model", str(model_dir / "model.pt"), "--cases", "patch", "--no-dissect",
                "--repeats", "3", "--warmup", "0", "--serve", server.inference_url, "--serve-model", MODEL,
-               "--key-file", str(server.key_file), "--serve-warmup", "4", "--json"])
+               "--key-file", str(server.key_file), "--serve-warmup", "4", "--no-eval", "--no-startup", "--json"])
     assert rc == 0
     s = json.loads(capsys.readouterr().out)["serve"]
     assert s["server_device"] == "cpu" and s["server_threads"] == s["forward_threads"] >= 1
