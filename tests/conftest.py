@@ -7,11 +7,30 @@ import torch
 
 from deepminer.runtime import keep_freed_memory
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# under pytest-xdist (``-n N``) the cores are shared by N workers: fewer torch threads each
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 keep_freed_memory()  # as every deepminer command and the server run (faster forward passes)
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
+
+
+# Modules that share a session server (below) run in the same pytest-xdist worker with
+# ``--dist loadgroup``; every other module stays whole in one worker (its module fixtures built once).
+SHARED_SERVER_MODULES = {
+    "test_client.py": "tiny-server", "test_serve_explanations.py": "tiny-server",
+    "test_ui_browser_studies.py": "tiny-server",
+    "test_compare.py": "two-model-server", "test_ui_browser_compare.py": "two-model-server",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group(SHARED_SERVER_MODULES.get(name, name)))
 
 
 @pytest.fixture
