@@ -14,9 +14,6 @@ import numpy as np
 
 from serve.workbench import VIEWPORT, idle
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 @contextlib.contextmanager
 def new_context(browser, **options) -> Iterator:
     """A fresh browser context (its own cookies and storage: a new visitor) of the shared ``browser``,
