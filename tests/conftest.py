@@ -125,3 +125,30 @@ def two_model_server(two_models, tmp_path_factory):
     ts.start(timeout=300)
     yield ts
     ts.stop()
+
+
+# -- AppTest (tests/apptest.py has the helpers) ----------------------------------------------------
+
+@pytest.fixture(scope="session")
+def ui_fixture(tiny_demo):
+    """A tiny model + its atlas + a phantom data set (also the sample images), built once."""
+    return tiny_demo
+
+
+@pytest.fixture
+def app_env(ui_fixture, tmp_path, monkeypatch):
+    """Environment for one AppTest: fresh label store, local backend, Streamlit caches cleared."""
+    import streamlit as st
+
+    db = tmp_path / "labels.db"
+    env = {"DEEPMINER_BACKEND": "local", "DEEPMINER_MODEL_DIR": str(ui_fixture["model_dir"]),
+           "DEEPMINER_SAMPLES": str(ui_fixture["data"]), "DEEPMINER_LABELS_URL": f"sqlite:///{db}",
+           "DEEPMINER_MODEL": "demo", "DEEPMINER_MAX_SIDE": "512"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("DEEPMINER_DATA_ROOT", raising=False)
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    yield {**ui_fixture, "db": db, "url": f"sqlite:///{db}"}
+    st.cache_resource.clear()
+    st.cache_data.clear()

@@ -105,7 +105,7 @@ def test_open_exam_explain_and_store_results(orthanc, filled, tmp_path):
     stored back and read from Orthanc: dciodvfy clean, the CAM and the references right."""
     import highdicom as hd
     from modelfixtures import tiny_checkpoint
-    from test_dicom_results import dciodvfy_errors
+    from dicomfixtures import dciodvfy_errors
 
     from deepminer.client import local_explain
     from deepminer.dicom_results import cam_for_seg

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from deepminer.client import Client, ServeError, local_explain
-from modelfixtures import TINY_MODEL
-from test_explain_methods import breast_png
+from modelfixtures import TINY_MODEL, breast_png
 
 pytestmark = pytest.mark.serve
 MODEL = TINY_MODEL

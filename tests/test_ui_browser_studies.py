@@ -102,7 +102,7 @@ def _views_on_screen(page) -> int:
 
 def test_studies_page(chromium_browser, studies_app, served, pacs, artifacts_dir, tmp_path):
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
-    from test_dicom_results import dciodvfy_errors
+    from dicomfixtures import dciodvfy_errors
 
     import highdicom as hd
 
