@@ -268,7 +268,7 @@ def test_every_input_format(client, tmp_path):
 
 
 def test_raw_body_and_kserve_style_base64(server, client, good):
-    headers = client._headers()
+    headers = client.headers()
     r = requests.post(f"{server.inference_url}/predictions/{MODEL}", data=good,
                       headers={**headers, "Content-Type": "image/png"}, timeout=60)
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
@@ -312,7 +312,7 @@ def test_bad_input_is_a_4xx_json_and_the_worker_keeps_serving(case, server, clie
     files = {"data": ("image", data, "application/octet-stream")}
     if options is not None:
         files["options"] = (None, options, "application/json")
-    r = requests.post(f"{server.inference_url}/predictions/{MODEL}", files=files, headers=client._headers(), timeout=60)
+    r = requests.post(f"{server.inference_url}/predictions/{MODEL}", files=files, headers=client.headers(), timeout=60)
     assert r.status_code == status, r.text
     body = r.json()
     assert set(body) == {"code", "type", "message"} and body["code"] == status
@@ -331,7 +331,7 @@ def test_client_raises_serve_error(client):
 
 def test_a_form_body_is_refused_with_a_hint(server, client):
     r = requests.post(f"{server.inference_url}/predictions/{MODEL}", data=b"abc",
-                      headers={**client._headers(), "Content-Type": "application/x-www-form-urlencoded"}, timeout=30)
+                      headers={**client.headers(), "Content-Type": "application/x-www-form-urlencoded"}, timeout=30)
     assert r.status_code == 400 and "multipart part 'data'" in r.json()["message"]
 
 
