@@ -341,10 +341,6 @@ def _load_tiff_fallback(data: bytes, source: str, max_pixels: int, first: BaseEx
 
 
 # --------------------------------------------------------------------------------------------- DICOM
-_PATIENT_ID_HINT = re.compile(r"(LEFT|RIGHT)_(CC|MLO)(?:_|$)")
-_VIEW_CODES = {"R-10242": "CC", "399162004": "CC", "R-10226": "MLO", "399368009": "MLO"}
-
-
 def _load_dicom(data: bytes, source: str, max_pixels: int) -> LoadedImage:
     import pydicom
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
@@ -357,6 +353,9 @@ def _load_dicom(data: bytes, source: str, max_pixels: int) -> LoadedImage:
         raise InputError(f"{source}: not a readable DICOM file ({_short(err)})") from None
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise InputError(f"{source}: DICOM file has no pixel data")
+    from deepminer.dicom_source import check_image
+
+    check_image(ds, source)
     try:
         rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     except (TypeError, ValueError):
@@ -523,16 +522,7 @@ def _dicom_colour(arr: np.ndarray, ds, photometric: str) -> tuple[np.ndarray, in
 
 
 def _dicom_laterality_view(ds) -> tuple[str | None, str | None]:
-    lat = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "") or "").strip().upper()
-    laterality = lat if lat in ("L", "R") else None
-    vp = str(ds.get("ViewPosition", "") or "").strip().upper()
-    view = vp if vp in ("CC", "MLO") else None
-    if view is None and ds.get("ViewCodeSequence"):
-        code = str(ds.ViewCodeSequence[0].get("CodeValue", "")).strip()
-        view = _VIEW_CODES.get(code)
-    if laterality is None or view is None:  # CBIS-DDSM: PatientID like Mass-Training_P_00001_LEFT_CC
-        hint = _PATIENT_ID_HINT.search(str(ds.get("PatientID", "")).upper())
-        if hint:
-            laterality = laterality or hint.group(1)[0]
-            view = view or hint.group(2)
-    return laterality, view
+    from deepminer.dicom_source import placement
+
+    place = placement(ds)
+    return place.laterality, place.view
