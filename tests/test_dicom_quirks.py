@@ -48,6 +48,7 @@ def test_quirk_inspect_explain_dicom_out(quirk, model, tmp_path, capsys):
     sc = pydicom.dcmread(out / "sc.dcm")
     source = pydicom.dcmread(src)
     assert seg.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+    assert sc.file_meta.TransferSyntaxUID == pydicom.uid.JPEGLSLossless and sc.pixel_array.shape[2] == 3
     assert seg.pixel_array.shape == (seg.NumberOfFrames, source.Rows, source.Columns)
     expected = _expected_orientation(quirk, laterality, view)
     assert list(seg.PatientOrientation) == expected and list(sc.PatientOrientation) == expected, quirk
