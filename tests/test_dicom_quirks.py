@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from dicomfixtures import QUIRKS, REFUSED, write_quirk
 from test_dicom_results import dciodvfy_errors
+from test_ui_apptest import app_env, ui_fixture  # noqa: F401 - the AppTest fixtures, shared
 
 from deepminer.cli import main
 
@@ -163,3 +164,23 @@ def test_rle_round_trip(dtype, samples):
             ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, 0
             ds.PixelData = encapsulate([encode_frame(arr)])
             assert np.array_equal(ds.pixel_array.reshape(arr.shape), arr), (shape, dtype)
+
+
+def test_workbench_upload_quirks(app_env, tmp_path):  # noqa: F811 - the AppTest fixture
+    """The Explain page (AppTest, in-process model): quirk DICOMs are explained and offered as DICOM
+    results; a multi-frame or non-MG file gets a one-line message on the page, no exception."""
+    from test_ui_apptest import _app
+
+    at = _app()
+    for quirk in ("film_cc", "jpeg2000", "utf8_name"):
+        src = write_quirk(tmp_path / f"{quirk}.dcm", quirk)
+        at.file_uploader(key="upload").upload(src.name, src.read_bytes(), "application/dicom").run()
+        assert not at.exception, (quirk, at.exception)
+        assert "DICOM results (SEG, SR, SC)" in [b.proto.label for b in at.get("download_button")], quirk
+    for quirk, words in REFUSED.items():
+        src = write_quirk(tmp_path / f"{quirk}.dcm", quirk)
+        at.file_uploader(key="upload").upload(src.name, src.read_bytes(), "application/dicom").run()
+        assert not at.exception, (quirk, at.exception)
+        said = [m.value.replace("\\", "") for m in [*at.error, *at.warning]]  # markdown escapes off
+        assert any(words in m and "\n" not in m.strip() for m in said), (quirk, said)
+        assert "DICOM results (SEG, SR, SC)" not in [b.proto.label for b in at.get("download_button")]
