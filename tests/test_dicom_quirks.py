@@ -184,3 +184,18 @@ def test_workbench_upload_quirks(app_env, tmp_path):  # noqa: F811 - the AppTest
         said = [m.value.replace("\\", "") for m in [*at.error, *at.warning]]  # markdown escapes off
         assert any(words in m and "\n" not in m.strip() for m in said), (quirk, said)
         assert "DICOM results (SEG, SR, SC)" not in [b.proto.label for b in at.get("download_button")]
+
+
+def test_refused_over_http_answer(model, tmp_path):
+    """The request path the TorchServe handler runs (ExplainService + error_json): a multi-frame or
+    non-MG DICOM answers 400 with the one-line reason; a quirk source is explained."""
+    from deepminer.explain.service import ExplainService, error_json
+
+    service = ExplainService.load(model)
+    ok = service.explain(write_quirk(tmp_path / "ok.dcm", "film_mlo", view="MLO").read_bytes())
+    assert ok.input["format"] == "dicom"
+    for quirk, words in REFUSED.items():
+        with pytest.raises(Exception) as info:
+            service.explain(write_quirk(tmp_path / f"{quirk}.dcm", quirk).read_bytes())
+        status, body = error_json(info.value)
+        assert status == 400 and words in body["message"] and "\n" not in body["message"], (quirk, body)
