@@ -361,7 +361,7 @@ def write_cbis_fixture(root: str | Path, *, seed: int = 0) -> dict:
 #: written by :func:`write_quirk`; REFUSED ones cannot give a valid result and are refused in one line
 QUIRKS = ("film_cc", "film_mlo", "invalid_orientation", "series_laterality", "patient_id_only",
           "retired_pn", "latin1_name", "utf8_name", "no_dates", "old_dates", "monochrome1", "bits12",
-          "imager_spacing_only", "no_spacing", "rle", "jpeg2000", "jpegls", "deflated", "voi_lut_sequence")
+          "imager_spacing_only", "no_spacing", "rle", "rle_cross_rows", "jpeg2000", "jpegls", "deflated", "voi_lut_sequence")
 REFUSED = {"multi_frame": "multi-frame", "non_mg": "not a mammogram"}
 
 
@@ -453,5 +453,16 @@ def write_quirk(path: str | Path, quirk: str, *, laterality: str = "L", view: st
         ds.compress(JPEGLSLossless, values)
     elif quirk == "deflated":
         ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    elif quirk == "rle_cross_rows":  # PackBits packets that run over row ends, as some encoders write
+        from deepminer.rle import packbits_rows
+
+        big = values.astype(">u2").view(np.uint8).reshape(*values.shape, 2)
+        segs = [packbits_rows(np.ascontiguousarray(big[:, :, b]).reshape(1, -1)) for b in range(2)]
+        head = np.zeros(16, "<u4")
+        head[0], head[1], head[2] = 2, 64, 64 + len(segs[0])
+        ds.PixelData = encapsulate([head.tobytes() + b"".join(segs)])
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+        ds.file_meta.TransferSyntaxUID = RLELossless
     ds.save_as(path, enforce_file_format=True)
     return path
