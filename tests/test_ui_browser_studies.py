@@ -296,3 +296,84 @@ def test_quirk_exam_upload(quirk_app, artifacts_dir, tmp_path):
         _shot(page, artifacts_dir / "ui-studies-quirks.png")
         browser.close()
     assert "Traceback" not in quirk_app["log"].read_text(errors="replace")
+
+
+REAL_SHAPE = (4084, 3328)  # height x width: 13.6 MP, a digitized film's size
+
+
+def _film_pair(folder: Path) -> dict[str, list[Path]]:
+    """Two RLE Lossless DICOMs of each kind, REAL_SHAPE, 12 bits stored: ``real``: a scanned film
+    (burned-in text, a label, film border and grain; packets across row ends as some archives'
+    encoders write them, film archive headers: series Laterality, single-valued Patient Orientation);
+    ``generated``: a phantom, per-row RLE. The second of each differs in its SOP instance only."""
+    from dicomfixtures import synthetic_film, write_dicom, write_quirk
+    from PIL import Image
+    from pydicom.uid import generate_uid
+
+    from deepminer.data.phantoms import render_phantom
+
+    h, w = REAL_SHAPE
+    film, _ = synthetic_film(h // 4, w // 4, seed=2)
+    film = np.asarray(Image.fromarray(film).resize((w, h), Image.Resampling.BILINEAR)).astype(np.float32)
+    film = np.clip(film + np.random.default_rng(2).normal(0, 6, film.shape), 0, 4095).astype(np.uint16)
+    real = write_quirk(folder / "real-1.dcm", "rle_cross_rows", laterality="R", view="MLO", height=64)
+    ds = pydicom.dcmread(real)  # the film's pixels in that header, encoded the same way
+    from deepminer.rle import packbits_rows
+    from pydicom.encaps import encapsulate
+
+    big = film.astype(">u2").view(np.uint8).reshape(h, w, 2)
+    segs = [packbits_rows(np.ascontiguousarray(big[:, :, b]).reshape(1, -1)) for b in range(2)]
+    head = np.zeros(16, "<u4")
+    head[0], head[1], head[2] = 2, 64, 64 + len(segs[0])
+    ds.Rows, ds.Columns = h, w
+    ds.PixelData = encapsulate([head.tobytes() + b"".join(segs)])
+    ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+    ds.save_as(real, enforce_file_format=True)
+    img = np.asarray(render_phantom(5, 0, size=h).image)
+    values = np.zeros(REAL_SHAPE, np.uint16)
+    values[:img.shape[0], :min(w, img.shape[1])] = np.clip(img[:, :w], 0, 4095)
+    gen = write_dicom(folder / "generated-1.dcm", values, bits_stored=12, fast_rle=True, laterality="R", view="CC")
+    out: dict[str, list[Path]] = {"real": [real], "generated": [gen]}
+    for kind, first in (("real", real), ("generated", gen)):
+        d = pydicom.dcmread(first)
+        d.SOPInstanceUID = d.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        second = folder / f"{kind}-2.dcm"
+        d.save_as(second, enforce_file_format=True)
+        out[kind].append(second)
+    return out
+
+
+def test_real_vs_generated_explain_time(quirk_app, tiny_server, artifacts_dir, tmp_path):
+    """The Explain page, side by side in one run: a 13.6 MP film-like RLE DICOM and a generated one of
+    the same size, each uploaded twice (the second differs in its header only: decoded and explained
+    from scratch); upload -> explanation on screen, and the server's own decode/tissue times.
+    ``test-artifacts/explain-real-vs-generated.json``."""
+    from playwright.sync_api import sync_playwright
+    from test_ui_browser import _upload
+
+    from deepminer.client import Client
+
+    files = _film_pair(tmp_path)
+    result: dict[str, object] = {"image": f"{REAL_SHAPE[1]} x {REAL_SHAPE[0]} 16-bit (12 stored) RLE Lossless",
+                                 "model": "tiny test model (TorchServe)", "upload_to_explanation_s": {}}
+    with sync_playwright() as pw:
+        browser, page = open_workbench(pw, quirk_app["url"])
+        _nav(page, "Explain")
+        _idle(page)
+        for kind in ("generated", "real"):
+            times = []
+            for path in files[kind]:
+                times.append(round(_upload(page, path, size=(REAL_SHAPE[1], REAL_SHAPE[0])), 2))
+                _idle(page)
+            result["upload_to_explanation_s"][kind] = times  # type: ignore[index]
+        browser.close()
+    with Client(tiny_server["ts"].inference_url, model="demo", timeout=120) as c:
+        result["server_ms"] = {k: {m: c.explain(files[k][0].read_bytes(), max_side=1024).timing_ms.get(m)
+                                   for m in ("decode", "tissue", "handler")} for k in files}
+    result["bytes"] = {k: files[k][0].stat().st_size for k in files}
+    result["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    (artifacts_dir / "explain-real-vs-generated.json").write_text(json.dumps(result, indent=1) + "\n")
+    print("\n" + json.dumps(result))
+    up = result["upload_to_explanation_s"]
+    assert all(0 < t < 30 for k in up for t in up[k]), up  # type: ignore[union-attr]
+    assert "Traceback" not in quirk_app["log"].read_text(errors="replace")
