@@ -5,6 +5,9 @@ files from a scanner or from TCIA."""
 from __future__ import annotations
 
 import csv
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -354,6 +357,17 @@ def write_cbis_fixture(root: str | Path, *, seed: int = 0) -> dict:
     for key, name in names.items():
         write_csv(root / name, MASS_COLUMNS if key[0] == "mass" else CALC_COLUMNS, rows[key])
     return truth
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The ``Error`` lines dciodvfy prints for a file (warnings are not errors)."""
+    exe = shutil.which("dciodvfy")
+    assert exe, "dciodvfy is missing: apt-get install dicom3tools (bash scripts/setup.sh as root)"
+    out = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
+    lines = (out.stdout + out.stderr).splitlines()
+    assert any(re.match(r"^(Warning|Error|Segmentation|Comprehensive|Secondary|SOP)", ln) or ln.strip()
+               for ln in lines), "dciodvfy printed nothing"
+    return [ln for ln in lines if ln.startswith("Error")]
 
 
 # ------------------------------------------------------------------------- real-archive quirk corpus

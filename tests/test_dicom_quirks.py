@@ -9,9 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
-from dicomfixtures import QUIRKS, REFUSED, write_quirk
-from test_dicom_results import dciodvfy_errors
-from test_ui_apptest import app_env, ui_fixture  # noqa: F401 - the AppTest fixtures, shared
+from dicomfixtures import QUIRKS, REFUSED, dciodvfy_errors, write_quirk
 
 from deepminer.cli import main
 
@@ -166,12 +164,12 @@ def test_rle_round_trip(dtype, samples):
             assert np.array_equal(ds.pixel_array.reshape(arr.shape), arr), (shape, dtype)
 
 
-def test_workbench_upload_quirks(app_env, tmp_path):  # noqa: F811 - the AppTest fixture
+def test_workbench_upload_quirks(app_env, tmp_path):
     """The Explain page (AppTest, in-process model): quirk DICOMs are explained and offered as DICOM
     results; a multi-frame or non-MG file gets a one-line message on the page, no exception."""
-    from test_ui_apptest import _app
+    from apptest import run_app
 
-    at = _app()
+    at = run_app()
     for quirk in ("film_cc", "jpeg2000", "utf8_name"):
         src = write_quirk(tmp_path / f"{quirk}.dcm", quirk)
         at.file_uploader(key="upload").upload(src.name, src.read_bytes(), "application/dicom").run()

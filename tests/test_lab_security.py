@@ -33,7 +33,10 @@ import numpy as np
 import pytest
 import requests
 import urllib3
-from test_ui_browser import CHROMIUM_ARGS, _free_port, _NOT_RUNNING, wait_healthy
+from browser import new_context
+
+from serve.launch import free_port
+from serve.workbench import NOT_RUNNING, wait_healthy
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,7 +228,7 @@ def lab(tiny_demo, tmp_path_factory):
     try:
         users = proxy_dir / "users"
         assert _users_cli(users, "add", "alice", "--password-stdin", password=PASSWORD).returncode == 0
-        ui_port = _free_port()
+        ui_port = free_port()
         env = {**os.environ, "DEEPMINER_SERVE_URL": ts.inference_url, "DEEPMINER_MODEL": "demo",
                "DEEPMINER_BACKEND": "serve", "DEEPMINER_MODEL_DIR": str(tiny_demo["model_dir"]),
                "DEEPMINER_DATA_ROOT": str(tiny_demo["data"]), "DEEPMINER_KEY_FILE": str(ts.key_file),
@@ -239,7 +242,7 @@ def lab(tiny_demo, tmp_path_factory):
         procs.append(subprocess.Popen(_procfile_ui_command(env), cwd=ROOT, env=env, stdout=log,
                                       stderr=subprocess.STDOUT, start_new_session=True))
         log.close()
-        nginx = Nginx(ProxyConfig(ui_port=ui_port, inference_port=ts.ports["inference"], port=_free_port(),
+        nginx = Nginx(ProxyConfig(ui_port=ui_port, inference_port=ts.ports["inference"], port=free_port(),
                                   host="127.0.0.1", work=proxy_dir, users_file=users, key_file=ts.key_file,
                                   upload_mb=LIMIT_MB)).start()
         wait_healthy(procs[0], f"http://127.0.0.1:{ui_port}", work / "streamlit.log")
@@ -319,10 +322,7 @@ def test_upload_over_the_limit_gets_the_one_message(lab):
 @pytest.mark.slow
 @pytest.mark.serve
 @pytest.mark.browser
-def test_forged_header_ignored_and_canaries_nowhere(lab, tmp_path, artifacts_dir):
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian chromium is missing: run `bash scripts/setup.sh` (as root) first"
-    from playwright.sync_api import sync_playwright
+def test_forged_header_ignored_and_canaries_nowhere(chromium_browser, lab, tmp_path, artifacts_dir):
 
     from deepminer.client import Client
     from deepminer.labels import LabelStore
@@ -330,18 +330,16 @@ def test_forged_header_ignored_and_canaries_nowhere(lab, tmp_path, artifacts_dir
 
     dicom = _canary_dicom(tmp_path / "study-0001.dcm")
     t0 = time.perf_counter()
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
-        ctx = browser.new_context(viewport={"width": 1280, "height": 900}, ignore_https_errors=True,
-                                  http_credentials={"username": "alice", "password": PASSWORD},
-                                  extra_http_headers={"X-Deepminer-User": "mallory"})  # forged: must be ignored
+    with new_context(chromium_browser, viewport={"width": 1280, "height": 900}, ignore_https_errors=True,
+                     http_credentials={"username": "alice", "password": PASSWORD},
+                     extra_http_headers={"X-Deepminer-User": "mallory"}) as ctx:  # forged: must be ignored
         page = ctx.new_page()
         try:
             page.goto(lab["url"] + "/", wait_until="commit")
             page.get_by_text("Upload a mammogram").wait_for(timeout=120_000)
-            page.wait_for_function(_NOT_RUNNING, timeout=120_000)
+            page.wait_for_function(NOT_RUNNING, timeout=120_000)
             page.get_by_text("Signed in as alice").wait_for(timeout=60_000)  # the sidebar, from the sign-in
-            page.wait_for_function(_NOT_RUNNING, timeout=60_000)
+            page.wait_for_function(NOT_RUNNING, timeout=60_000)
             assert page.get_by_label("Your name (stored with every label)").count() == 0  # no name box
             assert "mallory" not in page.content()
             # a file over the limit: the uploader refuses it before sending, with the same number
@@ -351,7 +349,7 @@ def test_forged_header_ignored_and_canaries_nowhere(lab, tmp_path, artifacts_dir
             page.get_by_text(re.compile(rf"File must be {LIMIT_MB}(\.0)? ?MB or smaller")).wait_for(timeout=30_000)
             page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(dicom))
             page.get_by_text(re.compile(r"^study-0001\.dcm · 512 x 512 px")).wait_for(timeout=120_000)
-            page.wait_for_function(_NOT_RUNNING, timeout=60_000)
+            page.wait_for_function(NOT_RUNNING, timeout=60_000)
             page.get_by_text(re.compile(r"^Prediction: ")).wait_for(timeout=30_000)
             page.wait_for_timeout(500)
             page.screenshot(path=str(artifacts_dir / "lab-explain.png"), full_page=True)
@@ -360,13 +358,13 @@ def test_forged_header_ignored_and_canaries_nowhere(lab, tmp_path, artifacts_dir
             # label a unit on the Sketch & label page (the annotator comes from the sign-in)
             page.locator('[data-testid="stSidebarNavLink"]', has_text="Sketch & label").first.click()
             page.get_by_text("Label units", exact=True).wait_for(timeout=60_000)
-            page.wait_for_function(_NOT_RUNNING, timeout=60_000)
+            page.wait_for_function(NOT_RUNNING, timeout=60_000)
             form = page.locator('[data-testid="stForm"]').first
             units_box = form.locator('[data-testid="stMultiSelect"]')
             option = page.get_by_role("option", name=re.compile(r"^unit \d+")).first
             for attempt in range(4):  # the dropdown closes when a rerun lands between opening it and the
                 # click on the option (the option then never comes back): open it again and click again
-                page.wait_for_function(_NOT_RUNNING, timeout=60_000)
+                page.wait_for_function(NOT_RUNNING, timeout=60_000)
                 units_box.locator("input").click()
                 units_box.locator("input").fill("unit")
                 try:
@@ -387,7 +385,7 @@ def test_forged_header_ignored_and_canaries_nowhere(lab, tmp_path, artifacts_dir
             while not watch.history() and time.monotonic() < deadline:
                 page.wait_for_timeout(500)
             watch.engine.dispose()
-            page.wait_for_function(_NOT_RUNNING, timeout=60_000)
+            page.wait_for_function(NOT_RUNNING, timeout=60_000)
             page.screenshot(path=str(artifacts_dir / "lab-label.png"), full_page=True)
             assert not any(c.decode() in page.content() for c in CANARY_BYTES)
         except Exception:
@@ -395,8 +393,6 @@ def test_forged_header_ignored_and_canaries_nowhere(lab, tmp_path, artifacts_dir
             access = lab["proxy_dir"] / "logs" / "access.log"
             print("\n".join(access.read_text(errors="replace").splitlines()[-30:]) if access.is_file() else "")
             raise
-        finally:
-            browser.close()
     browser_s = time.perf_counter() - t0
 
     store = LabelStore(lab["labels_url"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,21 +15,17 @@ import numpy as np
 import pydicom
 import pytest
 
+from serve.launch import free_port
+
 pytestmark = pytest.mark.skipif(shutil.which("Orthanc") is None and not Path("/usr/sbin/Orthanc").is_file(),
                                 reason="Orthanc is missing: bash scripts/setup.sh (as root)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
     from deepminer.pacs import Orthanc
 
-    orth = Orthanc(tmp_path_factory.mktemp("orthanc"), _free_port()).start(timeout=60)
+    orth = Orthanc(tmp_path_factory.mktemp("orthanc"), free_port()).start(timeout=60)
     print(f"\nOrthanc ready in {orth.started_s:.2f} s")
     yield orth
     orth.stop()
@@ -93,7 +88,7 @@ def test_pacs_down_and_refusals(orthanc):
     from deepminer.errors import InputError
     from deepminer.pacs import Pacs, PacsError, PacsUnavailable
 
-    with Pacs(f"http://127.0.0.1:{_free_port()}/dicom-web", timeout=5) as p:
+    with Pacs(f"http://127.0.0.1:{free_port()}/dicom-web", timeout=5) as p:
         with pytest.raises(PacsUnavailable) as e:
             p.search_studies()
         assert "not reachable" in str(e.value) and "\n" not in str(e.value)
@@ -110,7 +105,7 @@ def test_open_exam_explain_and_store_results(orthanc, filled, tmp_path):
     stored back and read from Orthanc: dciodvfy clean, the CAM and the references right."""
     import highdicom as hd
     from modelfixtures import tiny_checkpoint
-    from test_dicom_results import dciodvfy_errors
+    from dicomfixtures import dciodvfy_errors
 
     from deepminer.client import local_explain
     from deepminer.dicom_results import cam_for_seg
@@ -211,7 +206,7 @@ def test_quirk_exam_from_pacs(orthanc, tmp_path):
     from dicomfixtures import write_quirk
     from modelfixtures import tiny_checkpoint
     from pydicom.uid import generate_uid
-    from test_dicom_results import dciodvfy_errors
+    from dicomfixtures import dciodvfy_errors
 
     from deepminer.client import local_explain
     from deepminer.pacs import Pacs
