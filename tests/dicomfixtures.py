@@ -468,15 +468,22 @@ def write_quirk(path: str | Path, quirk: str, *, laterality: str = "L", view: st
     elif quirk == "deflated":
         ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     elif quirk == "rle_cross_rows":  # PackBits packets that run over row ends, as some encoders write
-        from deepminer.rle import packbits_rows
-
-        big = values.astype(">u2").view(np.uint8).reshape(*values.shape, 2)
-        segs = [packbits_rows(np.ascontiguousarray(big[:, :, b]).reshape(1, -1)) for b in range(2)]
-        head = np.zeros(16, "<u4")
-        head[0], head[1], head[2] = 2, 64, 64 + len(segs[0])
-        ds.PixelData = encapsulate([head.tobytes() + b"".join(segs)])
-        ds["PixelData"].VR = "OB"
-        ds["PixelData"].is_undefined_length = True
-        ds.file_meta.TransferSyntaxUID = RLELossless
+        set_rle_cross_rows(ds, values)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def set_rle_cross_rows(ds: Dataset, values: np.ndarray) -> None:
+    """Store uint16 ``values`` in ``ds`` as RLE Lossless whose PackBits packets run over row ends
+    (each byte segment encoded as one long row), as some archives' encoders write them."""
+    from deepminer.rle import packbits_rows
+
+    big = values.astype(">u2").view(np.uint8).reshape(*values.shape, 2)
+    segs = [packbits_rows(np.ascontiguousarray(big[:, :, b]).reshape(1, -1)) for b in range(2)]
+    head = np.zeros(16, "<u4")
+    head[0], head[1], head[2] = 2, 64, 64 + len(segs[0])
+    ds.Rows, ds.Columns = values.shape
+    ds.PixelData = encapsulate([head.tobytes() + b"".join(segs)])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = RLELossless

@@ -295,7 +295,7 @@ def _film_pair(folder: Path) -> dict[str, list[Path]]:
     (burned-in text, a label, film border and grain; packets across row ends as some archives'
     encoders write them, film archive headers: series Laterality, single-valued Patient Orientation);
     ``generated``: a phantom, per-row RLE. The second of each differs in its SOP instance only."""
-    from dicomfixtures import synthetic_film, write_dicom, write_quirk
+    from dicomfixtures import set_rle_cross_rows, synthetic_film, write_dicom, write_quirk
     from PIL import Image
     from pydicom.uid import generate_uid
 
@@ -307,16 +307,7 @@ def _film_pair(folder: Path) -> dict[str, list[Path]]:
     film = np.clip(film + np.random.default_rng(2).normal(0, 6, film.shape), 0, 4095).astype(np.uint16)
     real = write_quirk(folder / "real-1.dcm", "rle_cross_rows", laterality="R", view="MLO", height=64)
     ds = pydicom.dcmread(real)  # the film's pixels in that header, encoded the same way
-    from deepminer.rle import packbits_rows
-    from pydicom.encaps import encapsulate
-
-    big = film.astype(">u2").view(np.uint8).reshape(h, w, 2)
-    segs = [packbits_rows(np.ascontiguousarray(big[:, :, b]).reshape(1, -1)) for b in range(2)]
-    head = np.zeros(16, "<u4")
-    head[0], head[1], head[2] = 2, 64, 64 + len(segs[0])
-    ds.Rows, ds.Columns = h, w
-    ds.PixelData = encapsulate([head.tobytes() + b"".join(segs)])
-    ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+    set_rle_cross_rows(ds, film)
     ds.save_as(real, enforce_file_format=True)
     img = np.asarray(render_phantom(5, 0, size=h).image)
     values = np.zeros(REAL_SHAPE, np.uint16)
