@@ -253,3 +253,40 @@ def test_quirk_exam_from_pacs(orthanc, tmp_path):
             assert str(got.PatientName) == "DOE^JANE"
             if inst.modality in ("SEG", "OT"):
                 assert len(got.PatientOrientation) == 2 and got.PatientOrientation[0] in ("A", "P")
+
+
+def test_every_quirk_through_the_pacs(orthanc, tmp_path):
+    """Each source of the quirk corpus stored in Orthanc (STOW-RS), retrieved (WADO-RS), explained,
+    its SEG/SR/SC stored back and read from Orthanc: dciodvfy clean, the patient's name as repaired."""
+    from dicomfixtures import QUIRKS, dciodvfy_errors, write_quirk
+    from modelfixtures import tiny_checkpoint
+    from pydicom.uid import generate_uid
+
+    from deepminer.client import local_explain
+    from deepminer.dicom_results import build_results, read_source
+    from deepminer.pacs import Pacs
+
+    model = tiny_checkpoint(tmp_path / "m")
+    study_uid = generate_uid()
+    sources = {q: write_quirk(tmp_path / f"{q}.dcm", q, study_uid=study_uid, patient_id="QUIRKS", height=256)
+               for q in QUIRKS}
+    with Pacs(orthanc.dicomweb_url) as p:
+        assert len(p.store([pydicom.dcmread(f) for f in sources.values()])) == len(QUIRKS)
+        study, = p.search_studies(patient_id="QUIRKS").studies
+        insts = [i for i in p.instances(study.uid) if i.is_mammogram]
+        assert len(insts) == len(QUIRKS)
+        results = []
+        for inst in insts:
+            data = p.retrieve_bytes(inst)
+            expl = local_explain(model, data, max_side=256, unit_maps="top")
+            results += list(build_results(read_source(data), expl).datasets().values())
+        assert len(p.store(results, study_uid=study.uid)) == 3 * len(QUIRKS)
+        written = [i for i in p.instances(study.uid) if i.modality != "MG"]
+        assert len(written) == 3 * len(QUIRKS)
+        for inst in written:
+            path = tmp_path / f"{inst.modality}-{inst.sop_uid}.dcm"
+            path.write_bytes(p.retrieve_bytes(inst))
+            assert dciodvfy_errors(path) == [], (inst.modality, dciodvfy_errors(path))
+            assert str(pydicom.dcmread(path, stop_before_pixels=True).PatientName) in ("DOE^JANE", "SMITH^MARY^ANN",
+                                                                                    "Müller^Jürgen",
+                                                                                    "山田^太郎=ヤマダ^タロウ")
