@@ -37,6 +37,11 @@ def test_quirk_inspect_explain_dicom_out(quirk, model, tmp_path, capsys):
     assert main(["inspect", str(src)]) == 0
     facts = dict(line.split(": ", 1) for line in capsys.readouterr().out.strip().splitlines())
     assert (facts["laterality"], facts["view"]) == (laterality, view), facts
+    if quirk == "film_cc":  # where they were found, said
+        assert facts["inferred"] == (f"laterality {laterality} from Laterality (series); "
+                                     f"view {view} from PatientOrientation"), facts
+    elif quirk == "patient_id_only":
+        assert facts["inferred"] == f"laterality {laterality} from PatientID; view {view} from PatientID", facts
 
     out = tmp_path / "results"
     assert main(["explain", str(src), "--model", str(model), "--dicom-out", str(out)]) == 0, capsys.readouterr().err
