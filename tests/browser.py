@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from serve.workbench import VIEWPORT, idle
+from serve.workbench import NOT_RUNNING, VIEWPORT, idle
 
 @contextlib.contextmanager
 def new_context(browser, **options) -> Iterator:
@@ -86,3 +88,21 @@ def square_mammogram(seed: int, index: int, side: int = 1024) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(canvas.astype(np.uint16)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def explain_upload(page, path: Path, size: tuple[int, int] = (1024, 1024)) -> float:
+    """Upload ``path`` (``size`` = width, height) on the Explain page; seconds until the page shows
+    this image's explanation completely (caption with its name and size, CAM, sentence; the script
+    finished)."""
+    t0 = time.perf_counter()
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(path))
+    try:
+        page.get_by_text(f"{path.name} · {size[0]} x {size[1]} px").wait_for(timeout=120_000)
+        page.wait_for_function(NOT_RUNNING, timeout=60_000)
+        elapsed = time.perf_counter() - t0
+        page.get_by_text("DeepMiner explanation", exact=True).wait_for(timeout=5_000)
+        page.get_by_text(re.compile(r"^CAM of ")).first.wait_for(timeout=5_000)
+    except Exception:
+        page.screenshot(path=str(Path(__file__).resolve().parents[1] / "test-artifacts" / "ui-failure.png"))
+        raise
+    return elapsed

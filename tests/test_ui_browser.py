@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser import after_input, nav, new_page, open_workbench, shot, square_mammogram
+from browser import after_input, explain_upload, nav, new_page, open_workbench, shot, square_mammogram
 
 from serve.launch import free_port
 from serve.workbench import NOT_RUNNING, idle, streamlit_app
@@ -126,24 +126,6 @@ def _draw_box(page, left: float, top: float, width: float, height: float) -> Non
     page.mouse.up()
 
 
-def _upload(page, path: Path, size: tuple[int, int] = (1024, 1024)) -> float:
-    """Upload ``path`` (``size`` = width, height) on the Explain page; seconds until the page shows
-    this image's explanation completely (caption with its name and size, CAM, sentence; the script
-    finished)."""
-    t0 = time.perf_counter()
-    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(path))
-    try:
-        page.get_by_text(f"{path.name} · {size[0]} x {size[1]} px").wait_for(timeout=120_000)
-        page.wait_for_function(NOT_RUNNING, timeout=60_000)
-        elapsed = time.perf_counter() - t0
-        page.get_by_text("DeepMiner explanation", exact=True).wait_for(timeout=5_000)
-        page.get_by_text(re.compile(r"^CAM of ")).first.wait_for(timeout=5_000)
-    except Exception:
-        page.screenshot(path=str(ROOT / "test-artifacts" / "ui-failure.png"))
-        raise
-    return elapsed
-
-
 def _radio(page, label: str):
     return page.locator('[data-testid="stRadio"]', has_text=label).first
 
@@ -183,10 +165,10 @@ def test_workbench_end_to_end(chromium_browser, workbench, torchserve, full_fiel
         after_input(page)
 
         # 1. upload, see the CAM: first image (cold UI process), second (warm)
-        timing["upload_to_explanation_first_s"] = _upload(page, images[1])
+        timing["upload_to_explanation_first_s"] = explain_upload(page, images[1])
         idle(page)
         timing["explain_call_first_ms"] = _explain_ms(page)
-        timing["upload_to_explanation_s"] = _upload(page, images[0])
+        timing["upload_to_explanation_s"] = explain_upload(page, images[0])
         idle(page)
         timing["explain_call_ms"] = _explain_ms(page)
         # which units the server finds most influential (to label two the explanation will name)
@@ -243,7 +225,7 @@ def test_workbench_end_to_end(chromium_browser, workbench, torchserve, full_fiel
         page.reload()
         nav(page, "Explain")
         idle(page)
-        _upload(page, images[0])
+        explain_upload(page, images[0])
         idle(page)
         sentence = page.get_by_text(re.compile(r"most influenced by units labelled"))
         sentence.wait_for(timeout=30_000)
@@ -269,7 +251,7 @@ def test_workbench_end_to_end(chromium_browser, workbench, torchserve, full_fiel
         idle(page)
         dicom_s = []
         for path in full_field_dicoms:
-            dicom_s.append(_upload(page, path, size=(DICOM_SHAPE[1], DICOM_SHAPE[0])))
+            dicom_s.append(explain_upload(page, path, size=(DICOM_SHAPE[1], DICOM_SHAPE[0])))
             idle(page)
             assert page.get_by_text(re.compile(r"^Prediction: \w+ \(\d\.\d\d\)$")).count() == 1
             assert page.get_by_text(re.compile(r"^CAM of ")).count() >= 1
@@ -287,7 +269,7 @@ def test_workbench_end_to_end(chromium_browser, workbench, torchserve, full_fiel
 
         # 7. the class radios follow the image: choose a class the model did not predict for mammo-a,
         # keep it over a rerun, then a new image (predicted otherwise) starts at its own prediction
-        _upload(page, images[0])
+        explain_upload(page, images[0])
         idle(page)
         assert page.get_by_text(f"Prediction: {pred_a}").count() == 1
         assert _radio_value(page, "CAM of class") == pred_a
@@ -300,7 +282,7 @@ def test_workbench_end_to_end(chromium_browser, workbench, torchserve, full_fiel
         assert _radio_value(page, "Class probability map") == not_a
         assert page.get_by_text(f"CAM of {not_a}").count() >= 1
         shot(page, artifacts_dir / "ui-explain-chosen-class.png")
-        _upload(page, other)
+        explain_upload(page, other)
         idle(page)
         assert page.get_by_text(f"Prediction: {pred_c}").count() == 1
         shot(page, artifacts_dir / "ui-explain-new-image.png")
@@ -442,7 +424,7 @@ def test_evaluate_page(chromium_browser, workbench, torchserve, artifacts_dir, t
         ys, xs = np.nonzero(np.asarray(ph.lesion))
         nav(page, "Explain")
         idle(page)
-        _upload(page, img)
+        explain_upload(page, img)
         idle(page)
         page.get_by_text("Evaluate this map against your outline").click()
         page.get_by_text("Outline the finding").wait_for(timeout=60_000)
@@ -497,7 +479,7 @@ def test_silencing_units(chromium_browser, workbench, torchserve, model_dir, art
     assert silenced.cache_hit and silenced.timing_ms["forward"] == 0  # from the cached unit maps
 
     with open_workbench(chromium_browser, workbench["url"]) as page:
-        _upload(page, image)
+        explain_upload(page, image)
         idle(page)
         # Explain: silence the label's units
         box = page.locator('[data-testid="stSelectbox"]', has_text="Silence the units labelled").first
@@ -556,7 +538,7 @@ def test_out_of_domain_banner(chromium_browser, workbench, torchserve, model_dir
     assert served.domain is not None and not served.domain["in_domain"], served.domain
     banner = domain_banner(served.model, served.domain)
     with open_workbench(chromium_browser, workbench["url"]) as page:
-        _upload(page, photo, size=(512, 512))
+        explain_upload(page, photo, size=(512, 512))
         alert = page.locator('[data-testid="stAlert"]', has_text="Out of the model's domain")
         alert.wait_for(timeout=30_000)
         shown = " ".join(alert.inner_text().split())

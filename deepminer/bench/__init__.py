@@ -51,7 +51,7 @@ vectors); the run is :mod:`~deepminer.bench.run`, its table and JSON :mod:`~deep
 from __future__ import annotations
 
 from deepminer.bench.case import bench_domain, measure_case
-from deepminer.bench.common import (CASES, DEFAULT_ARCH, DEFAULT_MODEL, DISSECT_BATCHES, DISSECT_IMAGE_PX,
+from deepminer.bench.common import (CASES, DICOM_RESULT_MB, DEFAULT_ARCH, DEFAULT_MODEL, DISSECT_BATCHES, DISSECT_IMAGE_PX,
                                     PATCHES_PER_IMAGE, SERVE_SIZE, SKETCH_QUANTILE, TARGETS, ModelSpec, bench_images,
                                     check, default_specs, environment, load_spec, median, percentile, png8_variants,
                                     rectangle_sketch, timed, timed_ms)
@@ -66,6 +66,7 @@ from deepminer.bench.startup import (MG_FOR_PRESENTATION, STARTUP_DICOM, command
 from deepminer.errors import InputError
 
 __all__ = [
+    "DICOM_RESULT_MB",
     "CASES", "DEFAULT_ARCH", "DEFAULT_MODEL", "DISSECT_BATCHES", "DISSECT_IMAGE_PX", "MG_FOR_PRESENTATION",
     "PATCHES_PER_IMAGE", "SERVE_JIT_WARMUP", "SERVE_SIZE", "SKETCH_QUANTILE", "STARTUP_DICOM", "TARGETS",
     "InputError", "ModelSpec", "PhantomPatches", "bench_domain", "bench_images", "check", "command_wall_s",

@@ -5,7 +5,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from deepminer.bench.common import TARGETS
+from deepminer.bench.common import DICOM_RESULT_MB, TARGETS
 from deepminer.bench.decode import format_inputs
 from deepminer.bench.startup import format_startup
 
@@ -88,7 +88,9 @@ def format_table(report: dict[str, Any]) -> str:
         out.append(f"DICOM results (SEG + SR + SC, built and serialised) of a {d['image']}: "
                    f"{d['dicom_results_ms']:.0f} ms {d['check']['dicom_results_ms']} "
                    f"(target <= {TARGETS['dicom_results_ms'][1]:.0f} ms; process CPU {d['cpu_ms']:.0f} ms, all "
-                   f"threads); decoding the source {d['decode_ms']:.0f} ms")
+                   f"threads); decoding the source {d['decode_ms']:.0f} ms; sizes "
+                   + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in d["bytes"].items())
+                   + f" (SEG and SC target <= {DICOM_RESULT_MB:.0f} MB each)")
     out += format_inputs(report.get("decode"), report.get("word_vectors"))
     if report.get("startup"):
         out += format_startup(report["startup"])
