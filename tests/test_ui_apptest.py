@@ -491,8 +491,15 @@ def test_evaluate_mask_upload_scores_every_method_with_the_baselines(app_env):
     assert methods[-2:] in (["random (baseline)", "tissue prior (baseline)"],
                             ["tissue prior (baseline)", "random (baseline)"])
     assert list(table["baseline"]) == [False] * (len(methods) - 2) + [True, True]
+    assert {"CAM", "probability map", "Grad-CAM", "Grad-CAM++", "guided backprop"} <= set(methods)
+    assert not {"integrated gradients", "SmoothGrad"} & set(methods)  # the slow ones only when asked
+    at.toggle(key=Keys.EVAL_PEERS_SLOW).set_value(True).run()
+    assert not at.exception, at.exception
+    table = _frames(at)[0]
+    methods = list(table["method"])
     assert {"CAM", "probability map", "Grad-CAM", "Grad-CAM++", "guided backprop", "integrated gradients",
             "SmoothGrad"} <= set(methods)
+    assert list(table["baseline"]) == [False] * (len(methods) - 2) + [True, True]
     auprc = [a for a, b in zip(table["AUPRC"], table["baseline"]) if not b]
     assert auprc == sorted(auprc, reverse=True)
     # the CAM's AUPRC is the engine's, on the image as the page scores it (the preview, here 256 px)
