@@ -25,11 +25,12 @@ sha1 of the label's comparison form, the label as meaning), and an unlabelled un
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,7 @@ TOP_SEGMENTS = 3  #: unit masks written as segments after the CAM
 SC_MAX_SIDE = 1536  #: long side of the Secondary Capture
 SERIES_NUMBERS = {"seg": 9901, "sr": 9902, "sc": 9903}
 NEED_DICOM = "DICOM results need a DICOM source"
+SEGMENTATION_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"  #: Segmentation Storage
 
 
 @dataclass
@@ -61,6 +63,7 @@ class DicomResults:
     sr: Any
     sc: Any
     units: list[int]  #: the units written as segments 2.. (in order)
+    repairs: list[str] = field(default_factory=list)  #: what was repaired in the source's header
 
     def datasets(self) -> dict[str, Any]:
         return {"seg": self.seg, "sr": self.sr, "sc": self.sc}
@@ -209,27 +212,35 @@ def build_results(source: Dataset, expl: Explanation, *, labels: Mapping[int, st
     (the decoded image, grey float [0, 1]) saves decoding ``source`` again for the SC."""
     from pydicom.uid import generate_uid
 
+    from deepminer.dicom_source import check_image, result_header
+
     shape = (int(source.Rows), int(source.Columns))
-    if int(getattr(source, "NumberOfFrames", 1) or 1) != 1:
-        raise InputError(f"{NEED_DICOM} with a single frame; this one has {source.NumberOfFrames}")
+    check_image(source, "source")
     labels = dict(labels or {})
     units = pick_units(expl, labels, n_units)
     if pixels is None:
         pixels = decode_pixels(source)
-    source = _with_type2(source)
+    header = result_header(source, pixels)
+    source = header.dataset
     equipment = _equipment(expl)
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(1) as pool:  # the SC's picture (Pillow, numpy) beside the SEG and the SR
-        sc_job = pool.submit(_capture, source, expl, shape, pixels, equipment, generate_uid())
-        seg = _segmentation(source, expl, units, labels, thresholds, shape, equipment, generate_uid())
-        sr = _report(source, seg, expl, units, labels, equipment, generate_uid())
-        sc = sc_job.result()
-    return DicomResults(seg, sr, sc, units)
-
-
-_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-          "ReferringPhysicianName", "StudyID", "AccessionNumber")
+    # the SEG's identity is fixed first, so the SR (pure Python) is built beside the SEG's and the
+    # SC's pixel work (numpy, Pillow, CharLS: mostly outside the GIL)
+    seg_ref = copy.deepcopy(source)  # a header (no pixel data): small
+    seg_ref.SOPClassUID = SEGMENTATION_CLASS
+    seg_ref.SOPInstanceUID, seg_ref.SeriesInstanceUID = generate_uid(), generate_uid()
+    with ThreadPoolExecutor(2) as pool:
+        sc_job = pool.submit(_capture, source, header, expl, pixels, equipment, generate_uid())
+        sr_job = pool.submit(_report, source, seg_ref, expl, units, labels, equipment, generate_uid())
+        seg = _segmentation(source, header, expl, units, labels, thresholds, shape, equipment, seg_ref)
+        sr, sc = sr_job.result(), sc_job.result()
+    for ds in (seg, sr, sc):  # the text as the header holds it (UTF-8 when not ASCII)
+        if "SpecificCharacterSet" in source:
+            ds.SpecificCharacterSet = source.SpecificCharacterSet
+        elif "SpecificCharacterSet" in ds:
+            del ds.SpecificCharacterSet
+    return DicomResults(seg, sr, sc, units, header.repairs)
 
 
 def decode_pixels(source: Dataset) -> np.ndarray:
@@ -239,23 +250,6 @@ def decode_pixels(source: Dataset) -> np.ndarray:
     buf = io.BytesIO()
     source.save_as(buf, enforce_file_format=False)
     return load_image(buf.getvalue()).pixels
-
-
-def _with_type2(source: Dataset) -> Dataset:
-    """The source's header (no pixel data) with the Type 2 patient/study attributes it lacks added
-    empty, as the standard allows (highdicom copies them into every object)."""
-    from pydicom.dataset import Dataset as _Dataset
-
-    head = _Dataset()
-    for elem in source:
-        if elem.tag.group != 0x7FE0:  # pixel data stays behind (not needed: metadata is enough)
-            head.add(elem)
-    if hasattr(source, "file_meta"):
-        head.file_meta = source.file_meta
-    for kw in _TYPE2:
-        if kw not in head:
-            setattr(head, kw, "")
-    return head
 
 
 def _segment_algorithm(expl: Explanation):
@@ -268,7 +262,7 @@ def _segment_algorithm(expl: Explanation):
         parameters={"weights_sha256": _weights(expl)})
 
 
-def _segmentation(source, expl, units, labels, thresholds, shape, equipment, series_uid):
+def _segmentation(source, header, expl, units, labels, thresholds, shape, equipment, ref):
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -301,11 +295,17 @@ def _segmentation(source, expl, units, labels, thresholds, shape, equipment, ser
     # highdicom builds the object from an all-zero stack of the same shape (its checks of a float
     # stack sort all 13.5 M x segments values: seconds for a full-field image), then the frames get
     # the 8-bit values computed above; tests read them back with highdicom
-    zeros = np.zeros((1, *shape, len(frames)), dtype=np.uint8)
+    # highdicom builds the object around an all-zero stack (checked and copied: 0.4 s for a
+    # full-field image); it is given a 2 x 2 one, against the source's header with that size, and the
+    # object gets the source's size with the real frames below (no plane geometry depends on it: an
+    # MG image has no Frame of Reference)
+    small = copy.deepcopy(source)
+    small.Rows = small.Columns = 2
+    zeros = np.zeros((1, 2, 2, len(frames)), dtype=np.uint8)
     seg = hd.seg.Segmentation(
-        source_images=[source], pixel_array=zeros, segmentation_type="FRACTIONAL",
-        segment_descriptions=descriptions, series_instance_uid=series_uid,
-        series_number=SERIES_NUMBERS["seg"], sop_instance_uid=hd.UID(), instance_number=1,
+        source_images=[small], pixel_array=zeros, segmentation_type="FRACTIONAL",
+        segment_descriptions=descriptions, series_instance_uid=ref.SeriesInstanceUID,
+        series_number=SERIES_NUMBERS["seg"], sop_instance_uid=ref.SOPInstanceUID, instance_number=1,
         manufacturer=MANUFACTURER, manufacturer_model_name=str(expl.model.get("name") or "model")[:64],
         software_versions=__version__, device_serial_number=_weights(expl)[:64],
         fractional_type="PROBABILITY", max_fractional_value=255,
@@ -313,10 +313,36 @@ def _segmentation(source, expl, units, labels, thresholds, shape, equipment, ser
         omit_empty_frames=False, contributing_equipment=equipment)
     if int(seg.NumberOfFrames) != len(frames) or seg.BitsAllocated != 8:
         raise RuntimeError(f"SEG layout: {seg.NumberOfFrames} frames of {seg.BitsAllocated} bits")
-    seg.PixelData = frames.tobytes()  # frame k = segment k (one frame per segment, none omitted)
+    seg.Rows, seg.Columns = shape
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    measures = shared.get("PixelMeasuresSequence")
+    if measures and "SliceThickness" not in measures[0]:
+        # highdicom copies a projection image's Pixel Spacing into Pixel Measures without a Slice
+        # Thickness, then cannot read its own object back; without a Frame of Reference the
+        # functional group is not required: left out
+        del shared.PixelMeasuresSequence
+    _encapsulate_rle(seg, frames)  # frame k = segment k (one frame per segment, none omitted)
     seg.SeriesDescription = SERIES_DESCRIPTION
-    seg.PatientOrientation = source.get("PatientOrientation", "")  # type 2C (no Image Orientation here)
+    seg.PatientOrientation = list(header.orientation or []) or ""  # type 2C (no Image Orientation here)
     return seg
+
+
+def _encapsulate_rle(ds, frames) -> None:
+    """Pixel Data as RLE Lossless frames (:mod:`deepminer.rle`): the lossless syntax both OHIF's SEG
+    reader and Weasis decode; the frames are encoded in parallel (numpy releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
+
+    from deepminer.rle import encode_frame
+
+    with ThreadPoolExecutor(min(4, len(frames))) as pool:
+        encoded = list(pool.map(encode_frame, frames))
+    ds.PixelData = encapsulate(encoded)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = RLELossless
 
 
 def _local(value: str, meaning: str):
@@ -388,13 +414,27 @@ def _report(source, seg, expl, units, labels, equipment, series_uid):
     report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=codes.SCT.Mammography,
                                      imaging_measurements=groups)
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[source, _with_type2(seg)], content=report, series_instance_uid=series_uid,  # headers: UIDs
+        evidence=[source, seg], content=report, series_instance_uid=series_uid,  # headers: UIDs
         series_number=SERIES_NUMBERS["sr"], sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
         contributing_equipment=equipment)
     _frame_or_segment(sr)
     sr.SeriesDescription = SERIES_DESCRIPTION
     return sr
+
+
+def _encapsulate_jpegls(ds, rgb: np.ndarray) -> None:
+    """The SC's RGB picture as JPEG-LS Lossless (CharLS through pyjpegls: a quarter of RLE's size
+    at a fifth of its time on this picture), which the image decoders of OHIF (cornerstone's
+    codec-charls) and Weasis read; one frame, colour-by-pixel (Planar Configuration 0)."""
+    import jpeg_ls
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLSLossless
+
+    ds.PixelData = encapsulate([bytes(jpeg_ls.encode(np.ascontiguousarray(rgb)))])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
 
 
 def _frame_or_segment(ds) -> None:
@@ -433,20 +473,23 @@ def overlay_picture(expl: Explanation, pixels: np.ndarray, max_side: int = SC_MA
     return np.asarray(im)
 
 
-def _capture(source, expl, shape, pixels, equipment, series_uid):
+def _capture(source, header, expl, pixels, equipment, series_uid):
     import highdicom as hd
 
     rgb = overlay_picture(expl, pixels)
-    orient = tuple(str(v) for v in source.get("PatientOrientation", []) or [])
+    orient = header.orientation
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT", series_instance_uid=series_uid, series_number=SERIES_NUMBERS["sc"],
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER,
-        patient_orientation=orient if len(orient) == 2 else ("A", "F"),
-        laterality=source.get("ImageLaterality") or source.get("Laterality") or None,
+        patient_orientation=("A", "F"), laterality=header.placement.laterality,
         contributing_equipment=equipment)
-    if len(orient) != 2:
-        sc.PatientOrientation = ""  # not known: type 2, empty (never an invented orientation)
+    # highdicom takes one letter per value only (an MLO's column is e.g. "FR"): set here; not known:
+    # Type 2, empty (never an invented orientation)
+    sc.PatientOrientation = list(orient) if orient else ""
+    if "Laterality" not in sc:
+        sc.Laterality = ""  # Type 2C for a paired body part: empty when no attribute says it
+    _encapsulate_jpegls(sc, rgb)
     sc.SeriesDescription = SERIES_DESCRIPTION
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = f"{WARNING}. Overlay of the CAM of {expl.prediction}."

@@ -21,24 +21,12 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import requests
-
 ROOT = Path(__file__).resolve().parents[1]
-NOT_RUNNING = """() => { const a = document.querySelector('[data-testid="stApp"]');
-    return a && a.getAttribute('data-test-script-state') === 'notRunning'; }"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def lesion_set(folder: Path, images: int, seed: int, size: int) -> list[Path]:
@@ -58,12 +46,6 @@ def lesion_set(folder: Path, images: int, seed: int, size: int) -> list[Path]:
     return [folder / r["image"] for r in keep]
 
 
-def idle(page, timeout: float = 120_000) -> None:
-    page.wait_for_timeout(200)
-    page.wait_for_function(NOT_RUNNING, timeout=timeout)
-    page.wait_for_timeout(300)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=50, help="images in each set (default 50)")
@@ -80,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     from playwright.sync_api import sync_playwright
 
     from deepminer.client import Client
-    from serve.launch import TorchServe
+    from serve.launch import TorchServe, free_port
+    from serve.workbench import NOT_RUNNING, VIEWPORT, idle, launch_chromium, streamlit_app
 
     work = Path(tempfile.mkdtemp(prefix="deepminer-bench-eval-"))
     plain_paths = lesion_set(work / "plain", args.images, 41, args.size)
@@ -100,34 +83,21 @@ def main(argv: list[str] | None = None) -> int:
                "DEEPMINER_MANAGEMENT_URL": ts.management_url,
                "DEEPMINER_BACKEND": "serve", "DEEPMINER_LABELS_URL": f"sqlite:///{work / 'labels.db'}",
                "DEEPMINER_SAMPLES": str(work / "page"), "DEEPMINER_MAX_SIDE": str(args.max_side)}
-        log = open(work / "streamlit.log", "wb")
-        ui = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "ui" / "app.py"),
-                               "--server.address", "127.0.0.1", "--server.port", str(port), "--server.headless",
-                               "true", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
-                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            for _ in range(400):
-                try:
-                    if requests.get(f"{url}/_stcore/health", timeout=2).text.strip() == "ok":
-                        break
-                except requests.RequestException:
-                    time.sleep(0.3)
-            with sync_playwright() as pw:
-                browser = pw.chromium.launch(executable_path=chromium, headless=True,
-                                             args=["--no-sandbox", "--disable-gpu"])
-                page = browser.new_page(viewport={"width": 1280, "height": 800})
+        with streamlit_app(env, port, work) as url, sync_playwright() as pw:
+            browser = launch_chromium(pw)
+            try:
+                page = browser.new_page(viewport=VIEWPORT)
                 page.goto(url)
                 page.get_by_text("Upload a mammogram").wait_for(timeout=120_000)
-                idle(page)
+                idle(page, 120_000)
                 page.locator('[data-testid="stSidebarNavLink"]', has_text="Evaluate").first.click()
                 page.get_by_text("Evaluate explanations", exact=True).wait_for(timeout=60_000)
-                idle(page)
+                idle(page, 120_000)
                 page.locator('[data-testid="stRadio"] label', has_text="A set of images with masks").click()
-                idle(page)
+                idle(page, 120_000)
                 page.locator('[data-testid="stRadio"] label', has_text="Bundled phantom test set").click()
                 page.get_by_text(f"{args.images} image(s) with a mask").wait_for(timeout=300_000)
-                idle(page)
+                idle(page, 120_000)
                 t0 = time.perf_counter()
                 page.get_by_role("button", name="Run", exact=True).click()
                 try:
@@ -142,11 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                 out["evaluate_click_to_summary_s"] = round(time.perf_counter() - t0, 2)
                 caption = page.get_by_text(re.compile(r"^Evaluated \d+ images in")).first.inner_text()
                 out["page_run_loop_s"] = float(re.search(r"in ([\d.]+) s", caption).group(1))  # the loop alone
+            finally:
                 browser.close()
-        finally:
-            os.killpg(ui.pid, 15)
-            ui.wait(20)
-            log.close()
     out["ratio"] = round(float(out["evaluate_click_to_summary_s"]) / float(out["plain_predictions_s"]), 2)
     shutil.rmtree(work, ignore_errors=True)
     dest = ROOT / "test-artifacts" / "bench-evaluate-page.json"

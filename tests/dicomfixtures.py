@@ -5,6 +5,9 @@ files from a scanner or from TCIA."""
 from __future__ import annotations
 
 import csv
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -354,3 +357,133 @@ def write_cbis_fixture(root: str | Path, *, seed: int = 0) -> dict:
     for key, name in names.items():
         write_csv(root / name, MASS_COLUMNS if key[0] == "mass" else CALC_COLUMNS, rows[key])
     return truth
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The ``Error`` lines dciodvfy prints for a file (warnings are not errors)."""
+    exe = shutil.which("dciodvfy")
+    assert exe, "dciodvfy is missing: apt-get install dicom3tools (bash scripts/setup.sh as root)"
+    out = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
+    lines = (out.stdout + out.stderr).splitlines()
+    assert any(re.match(r"^(Warning|Error|Segmentation|Comprehensive|Secondary|SOP)", ln) or ln.strip()
+               for ln in lines), "dciodvfy printed nothing"
+    return [ln for ln in lines if ln.startswith("Error")]
+
+
+# ------------------------------------------------------------------------- real-archive quirk corpus
+#: the quirks of DICOMs from real mammography archives (digitized film, CBIS-DDSM, vendors), each
+#: written by :func:`write_quirk`; REFUSED ones cannot give a valid result and are refused in one line
+QUIRKS = ("film_cc", "film_mlo", "invalid_orientation", "series_laterality", "patient_id_only",
+          "retired_pn", "latin1_name", "utf8_name", "no_dates", "old_dates", "monochrome1", "bits12",
+          "imager_spacing_only", "no_spacing", "rle", "rle_cross_rows", "jpeg2000", "jpegls", "deflated", "voi_lut_sequence")
+REFUSED = {"multi_frame": "multi-frame", "non_mg": "not a mammogram"}
+
+
+def quirk_pixels(height: int = 384, *, laterality: str = "L", view: str = "CC", seed: int = 0) -> np.ndarray:
+    """A phantom breast as 12-bit values in uint16, the chest wall on the image's left for a left
+    breast and on its right for a right one (as a film digitizer stores them)."""
+    from deepminer.data.phantoms import render_phantom
+
+    ph = render_phantom(seed, 0 if laterality == "R" else 1, size=height, view=view, laterality=laterality)
+    return np.clip(ph.image, 0, 4095).astype(np.uint16)
+
+
+def write_quirk(path: str | Path, quirk: str, *, laterality: str = "L", view: str = "CC",
+                study_uid: str | None = None, patient_id: str | None = None, height: int = 384) -> Path:
+    """One source DICOM with ``quirk`` (:data:`QUIRKS` or :data:`REFUSED`), of a ``laterality``
+    ``view`` mammogram. Unless the quirk is about it: laterality only in the series' Laterality, the
+    view only in a single-valued Patient Orientation (as digitized-film archives write them), no
+    ImageLaterality/ViewPosition, a retired-form name, ISO_IR 100."""
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
+
+    path = Path(path)
+    values = quirk_pixels(height, laterality=laterality, view=view)
+    photometric = "MONOCHROME1" if quirk == "monochrome1" else "MONOCHROME2"
+    if quirk == "monochrome1":
+        values = (4095 - values).astype(np.uint16)
+    pid = patient_id or "FILM0001"
+    if quirk == "patient_id_only":
+        pid = f"Mass-Training_P_00001_{'LEFT' if laterality == 'L' else 'RIGHT'}_{view}"
+    write_dicom(path, values, photometric=photometric, bits_stored=12, patient_id=pid, study_uid=study_uid,
+                fast_rle=quirk in ("rle", "film_cc", "film_mlo"))
+    ds = pydicom.dcmread(path)
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = "DOE, JANE"
+    ds.StudyDate, ds.StudyTime = "19980312", "101500"
+    ds.PixelSpacing = [0.05, 0.05]
+    if quirk != "patient_id_only":
+        ds.Laterality = laterality
+        ds.PatientOrientation = view
+    if quirk == "patient_id_only":
+        ds.PatientOrientation = ""
+    elif quirk == "invalid_orientation":
+        ds.PatientOrientation = ["L", view]  # second value not a direction
+        ds.ViewPosition = view
+    elif quirk == "series_laterality":
+        ds.ViewPosition = view
+        ds.PatientOrientation = ""
+    elif quirk == "retired_pn":
+        ds.PatientName = "SMITH, MARY ANN"
+        ds.ReferringPhysicianName = "JONES, P"
+    elif quirk == "latin1_name":
+        ds.PatientName = "Müller^Jürgen"
+        ds.InstitutionName = "Klinik Köln"
+    elif quirk == "utf8_name":
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.PatientName = "山田^太郎=ヤマダ^タロウ"
+        ds.StudyDescription = "Μαστογραφία"
+    elif quirk == "no_dates":
+        for kw in ("StudyDate", "StudyTime"):
+            delattr(ds, kw)
+    elif quirk == "old_dates":
+        ds.StudyDate, ds.StudyTime = "1998.03.12", "10:15:00"
+        ds.PatientBirthDate = "19451345"  # month 13: not a date
+    elif quirk == "imager_spacing_only":
+        del ds.PixelSpacing
+        ds.ImagerPixelSpacing = [0.07, 0.07]
+    elif quirk == "no_spacing":
+        del ds.PixelSpacing
+    elif quirk == "voi_lut_sequence":
+        item = pydicom.Dataset()
+        item.LUTDescriptor = [4096, 0, 16]
+        item.add_new("LUTData", "OW", np.linspace(0, 65535, 4096).astype("<u2").tobytes())
+        ds.VOILUTSequence = pydicom.Sequence([item])
+    elif quirk == "multi_frame":
+        ds.NumberOfFrames = 2
+        ds.PixelData = values.tobytes() * 2
+    elif quirk == "non_mg":
+        ds.Modality = "CT"
+    if quirk == "jpeg2000":  # Pillow's OpenJPEG writes the lossless (5-3 wavelet) codestream
+        import io as _io
+
+        buf = _io.BytesIO()
+        Image.fromarray(values).save(buf, format="JPEG2000", irreversible=False, no_jp2=True)
+        ds.PixelData = encapsulate([buf.getvalue()])
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+        ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    elif quirk == "jpegls":
+        ds.compress(JPEGLSLossless, values)
+    elif quirk == "deflated":
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    elif quirk == "rle_cross_rows":  # PackBits packets that run over row ends, as some encoders write
+        set_rle_cross_rows(ds, values)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def set_rle_cross_rows(ds: Dataset, values: np.ndarray) -> None:
+    """Store uint16 ``values`` in ``ds`` as RLE Lossless whose PackBits packets run over row ends
+    (each byte segment encoded as one long row), as some archives' encoders write them."""
+    from deepminer.rle import packbits_rows
+
+    big = values.astype(">u2").view(np.uint8).reshape(*values.shape, 2)
+    segs = [packbits_rows(np.ascontiguousarray(big[:, :, b]).reshape(1, -1)) for b in range(2)]
+    head = np.zeros(16, "<u4")
+    head[0], head[1], head[2] = 2, 64, 64 + len(segs[0])
+    ds.Rows, ds.Columns = values.shape
+    ds.PixelData = encapsulate([head.tobytes() + b"".join(segs)])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = RLELossless

@@ -1,11 +1,16 @@
 """Small builders the engine tests share: a seeded tiny model, a seeded random grey image, a
-rectangular sketch."""
+rectangular sketch, a breast-like PNG."""
 from __future__ import annotations
+
+import io
 
 import numpy as np
 import torch
+from PIL import Image
 
 from deepminer.models import build_model
+
+TINY_MODEL = "tiny"  # the name the session's shared tiny TorchServe (conftest.py ``tiny_server``) serves it as
 
 
 def tiny_model(seed: int = 0):
@@ -70,3 +75,15 @@ def two_model_store(tiny_demo: dict, folder, *, second_seed: int = 3) -> dict:
     for d in (a, b):
         (d / "MODEL_CARD.md").write_text(f"# {d.name}: a tiny test model (random weights)\n", encoding="utf-8")
     return {"store": store, "a": a, "b": b, "data": tiny_demo["data"]}
+
+
+def breast_png(h: int = 256, w: int = 192, seed: int = 0) -> bytes:
+    """A bright textured half-ellipse with a blob on black (enough for the tissue mask), 8-bit PNG."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    inside = ((yy - h / 2) / (0.45 * h)) ** 2 + (xx / (0.8 * w)) ** 2 < 1
+    blob = np.exp(-(((yy - h * 0.4) ** 2 + (xx - w * 0.35) ** 2) / (2 * (0.06 * min(h, w)) ** 2)))
+    img = np.clip(inside * (0.55 + 0.25 * rng.random((h, w)) + 0.3 * blob), 0, 1)
+    buf = io.BytesIO()
+    Image.fromarray((img * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()

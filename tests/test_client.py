@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +16,11 @@ from deepminer.client import Client, ServeError, ServeUnavailable, bearer, local
 from deepminer.errors import InputError
 from deepminer.explanation import Explanation
 from deepminer.options import ExplainOptions, mask_to_png
-from modelfixtures import start_tiny_server, tiny_checkpoint
+from modelfixtures import TINY_MODEL
 
-MODEL = "tiny"
+from serve.launch import free_port
+
+MODEL = TINY_MODEL
 
 
 def picture(h: int, w: int, seed: int = 0) -> bytes:
@@ -32,22 +33,15 @@ def picture(h: int, w: int, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def model_path(tiny_model_path) -> Path:
+    return tiny_model_path
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, model_path):
-    ts = start_tiny_server(tmp_path_factory, model_path, MODEL, max_batch_delay=5)
-    yield ts
-    ts.stop()
+def server(tiny_server):
+    """The session's tiny TorchServe (conftest.py), serving ``model_path`` as ``MODEL``."""
+    return tiny_server
 
 
 # -- against the server -----------------------------------------------------------------------------
@@ -177,7 +171,7 @@ def test_explain_cli_against_the_server(server, tmp_path, capsys):
 # -- without a server -------------------------------------------------------------------------------
 
 def test_unreachable_server():
-    url = f"http://127.0.0.1:{closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     c = Client(url, timeout=3)
     assert c.ping() is False
     with pytest.raises(ServeUnavailable, match=f"TorchServe is not reachable at {url}"):
@@ -264,15 +258,11 @@ def test_sketch_travels_as_a_png_mask():
 
 def test_list_models_names_why_the_list_is_unknown():
     """Nothing listening: ServeUnavailable naming the management URL, the requests error chained."""
-    import socket
-
     import requests
 
     from deepminer.client import list_models
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ServeUnavailable, match=f"the management API at {url} is not reachable") as info:
         list_models(url, timeout=2)
     assert isinstance(info.value.__cause__, requests.RequestException)

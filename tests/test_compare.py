@@ -16,15 +16,14 @@ import torch.nn.functional as F
 from deepminer.atlas import Atlas
 from deepminer.defaults import MIN_LABEL_IOU
 from deepminer.models import load_model
-from modelfixtures import two_model_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def two_atlases(tiny_demo, tmp_path_factory) -> dict:
-    """Two tiny models with atlases over the same phantoms (:func:`modelfixtures.two_model_store`)."""
-    return two_model_store(tiny_demo, tmp_path_factory.mktemp("store") / "models")
+def two_atlases(two_models) -> dict:
+    """Two tiny models with atlases over the same phantoms (the session's ``two_models``, conftest.py)."""
+    return two_models
 
 
 # -- unit mask sizes (deepminer dissect) --------------------------------------------------------------
@@ -154,56 +153,47 @@ def test_model_column_from_local_explanations(two_atlases):
 
 @pytest.mark.serve
 @pytest.mark.slow
-def test_one_server_serves_several_models(two_atlases, tmp_path_factory):
+def test_one_server_serves_several_models(two_atlases, two_model_server):
     """Two models archived like scripts/model_store.sh does (atlas + the other files of the folder) in
     one TorchServe: both answer with their own weights; a model the server does not host answers 404
     in one line and both keep serving; the management API lists both (what the workbench's picker
     reads); each worker runs cores / models torch threads."""
     from deepminer.client import Client, ServeError
-    from serve.archive import build_mar, mar_contents
-    from serve.launch import TorchServe, served_models, worker_threads
+    from serve.archive import mar_contents
+    from serve.launch import served_models, worker_threads
 
-    store = tmp_path_factory.mktemp("mars")
+    ts = two_model_server  # conftest.py: both archived as scripts/model_store.sh does
     for name in ("alpha", "beta"):
-        folder = two_atlases["a" if name == "alpha" else "b"]
-        build_mar(folder / "model.pt", store, name=name, atlas=folder / "atlas", extra=[folder / "MODEL_CARD.md"])
-        assert "MODEL_CARD.md" in mar_contents(store / f"{name}.mar")["files"]
-    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_NUM_THREADS"}
-    ts = TorchServe(store, {"alpha": "alpha.mar", "beta": "beta.mar"}, tmp_path_factory.mktemp("ts"),
-                    profile="demo", env=env)
-    ts.start(timeout=300)
-    try:
-        png = io.BytesIO()
-        from PIL import Image
+        assert "MODEL_CARD.md" in mar_contents(ts.model_store / f"{name}.mar")["files"]
+    png = io.BytesIO()
+    from PIL import Image
 
-        Image.fromarray((np.random.default_rng(0).random((256, 256)) * 65535).astype(np.uint16)).save(png, "PNG")
-        data = png.getvalue()
-        want = {n: load_model(two_atlases["a" if n == "alpha" else "b"] / "model.pt") for n in ("alpha", "beta")}
-        from deepminer.models.checkpoints import weights_sha256
+    Image.fromarray((np.random.default_rng(0).random((256, 256)) * 65535).astype(np.uint16)).save(png, "PNG")
+    data = png.getvalue()
+    want = {n: load_model(two_atlases["a" if n == "alpha" else "b"] / "model.pt") for n in ("alpha", "beta")}
+    from deepminer.models.checkpoints import weights_sha256
 
-        bodies = {}
-        for name in ("alpha", "beta"):
-            exp = Client(ts.inference_url, model=name).explain(data)
-            assert exp.model["weights_sha256"] == weights_sha256(want[name])
-            assert exp.model["name"] == name
-            assert exp.server["threads"] == worker_threads(2)
-            bodies[name] = exp
-        assert not np.allclose(bodies["alpha"].cam, bodies["beta"].cam)
-        r = requests.post(f"{ts.inference_url}/predictions/nosuch", data=data, timeout=30)
-        assert r.status_code == 404
-        msg = r.json().get("message", "")
-        assert msg and "\n" not in msg.strip()
-        with pytest.raises(ServeError) as err:
-            Client(ts.inference_url, model="nosuch").explain(data)
-        assert err.value.status == 404
-        for name in ("alpha", "beta"):  # still serving
-            assert Client(ts.inference_url, model=name).explain(data).model["name"] == name
-        assert served_models(ts.management_url) == ["alpha", "beta"]
-        listing = requests.get(f"{ts.management_url}/models", timeout=5).json()
-        assert {m["modelName"] for m in listing["models"]} == {"alpha", "beta"}
-        assert json.loads(json.dumps(ts.describe("beta")))["minWorkers"] == 1
-    finally:
-        ts.stop()
+    bodies = {}
+    for name in ("alpha", "beta"):
+        exp = Client(ts.inference_url, model=name).explain(data)
+        assert exp.model["weights_sha256"] == weights_sha256(want[name])
+        assert exp.model["name"] == name
+        assert exp.server["threads"] == worker_threads(2)
+        bodies[name] = exp
+    assert not np.allclose(bodies["alpha"].cam, bodies["beta"].cam)
+    r = requests.post(f"{ts.inference_url}/predictions/nosuch", data=data, timeout=30)
+    assert r.status_code == 404
+    msg = r.json().get("message", "")
+    assert msg and "\n" not in msg.strip()
+    with pytest.raises(ServeError) as err:
+        Client(ts.inference_url, model="nosuch").explain(data)
+    assert err.value.status == 404
+    for name in ("alpha", "beta"):  # still serving
+        assert Client(ts.inference_url, model=name).explain(data).model["name"] == name
+    assert served_models(ts.management_url) == ["alpha", "beta"]
+    listing = requests.get(f"{ts.management_url}/models", timeout=5).json()
+    assert {m["modelName"] for m in listing["models"]} == {"alpha", "beta"}
+    assert json.loads(json.dumps(ts.describe("beta")))["minWorkers"] == 1
 
 
 def test_worker_threads():

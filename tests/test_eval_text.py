@@ -2,7 +2,6 @@
 word fallbacks, the tokeniser on DDSM report lines, and the real GloVe vectors."""
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -131,14 +130,13 @@ def test_explanation_text_agreement_top1_and_top8():
 
 
 def test_real_glove_loads_once_and_knows_the_vocabulary():
-    t0 = time.perf_counter()
+    """(How long the load takes is a row of ``deepminer bench``: ``word_vectors_load_s``.)"""
     wv = WordVectors.default()
     assert wv is WordVectors.default() is shared_vectors()
     v = wv.vector("mass")
-    elapsed = time.perf_counter() - t0
     assert v is not None and v.shape == (50,) and v.dtype == np.float32
     assert len(wv) == 400_000 and wv.dim == 50 and "mass" in wv and wv.vector("spiculated") is None
-    assert wv.load_seconds is not None and elapsed < 10, elapsed
+    assert wv.load_seconds is not None  # loaded (once: the same instance above)
     # every word of the project's vocabulary resolves (GloVe or the table), none is dropped
     missing = {}
     for c in CONCEPTS:

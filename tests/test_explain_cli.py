@@ -3,7 +3,6 @@ The ``--url`` success path runs against a real server in tests/test_client.py.""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from PIL import Image
 from deepminer.cli import main
 from deepminer.encoding import decode_array
 from deepminer.models import build_model, save_model
+from serve.launch import free_port
 
 
 @pytest.fixture(scope="module")
@@ -101,12 +101,6 @@ def test_local_matches_a_plain_forward_pass(model_path, tmp_path, capsys):
     assert not np.allclose(served_max, raw_max, rtol=5e-3, atol=5e-3)  # the label would have fired units
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("case", ["missing image", "not an image", "server down", "bad top units", "bad max side",
                                   "missing model"])
 def test_errors_are_one_line_exit_2(case, model_path, image, tmp_path, capsys):
@@ -114,7 +108,7 @@ def test_errors_are_one_line_exit_2(case, model_path, image, tmp_path, capsys):
     junk.write_bytes(b"definitely not a picture" * 5)
     args = {"missing image": [str(tmp_path / "nope.png"), "--model", str(model_path)],
             "not an image": [str(junk), "--model", str(model_path)],
-            "server down": [str(image), "--url", f"http://127.0.0.1:{_closed_port()}", "--timeout", "3"],
+            "server down": [str(image), "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "3"],
             "bad top units": [str(image), "--model", str(model_path), "--top-units", "0"],
             "bad max side": [str(image), "--model", str(model_path), "--max-side", "8"],
             "missing model": [str(image), "--model", str(tmp_path / "none.pt")]}[case]

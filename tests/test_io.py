@@ -330,7 +330,17 @@ def test_third_party_dicoms_shipped_with_pydicom():
     tiffish = get_testdata_file("examples_rgb_color.dcm")
     if not (plain and rle and tiffish):
         pytest.skip("pydicom test files not installed")
-    a, b = load_image(plain), load_image(rle)
+    with pytest.raises(InputError, match="Modality MR is not a mammogram"):
+        load_image(plain)  # an MR slice is refused by name; its pixels, relabelled OT, decode below
+
+    def as_other(path):
+        ds = pydicom.dcmread(path)
+        ds.Modality = "OT"  # the encoded pixel data stays as the other encoder wrote it
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        return buf.getvalue()
+
+    a, b = load_image(as_other(plain)), load_image(as_other(rle))
     np.testing.assert_array_equal(a.pixels, b.pixels)
     ds = pydicom.dcmread(plain)
     raw = pixel_array(ds).astype(np.float64)
@@ -339,5 +349,25 @@ def test_third_party_dicoms_shipped_with_pydicom():
     np.testing.assert_allclose(a.pixels, np.clip((raw - (c - 0.5)) / (w - 1) + 0.5, 0, 1), atol=1e-6)
     with open(tiffish, "rb") as fh:
         assert fh.read(4) == b"II*\x00"
-    c = load_image(tiffish)
+    us = as_other(tiffish)  # an ultrasound frame, its TIFF-header preamble kept
+    assert us[:4] == b"II*\x00"
+    c = load_image(us)
     assert c.format == "dicom" and c.photometric == "RGB"
+
+
+def test_rle_fast_path_takes_packets_across_rows(tmp_path, monkeypatch):
+    """RLE whose PackBits packets run over row ends (some archives' encoders) is decoded by the fast
+    path (PIL, one long row per segment), equal to pydicom's own decoding."""
+    import pydicom.pixels
+    from dicomfixtures import write_quirk
+
+    src = write_quirk(tmp_path / "x.dcm", "rle_cross_rows")
+    expect = load_image(src).pixels
+    assert np.array_equal(pydicom.dcmread(src).pixel_array, pydicom.dcmread(write_quirk(
+        tmp_path / "y.dcm", "bits12")).pixel_array)
+
+    def no(*a, **k):
+        raise AssertionError("pydicom's decoder was used")
+
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", no)
+    np.testing.assert_array_equal(load_image(src).pixels, expect)

@@ -36,7 +36,10 @@ import numpy as np
 import pytest
 import requests
 import urllib3
-from test_ui_browser import CHROMIUM_ARGS, _free_port, _NOT_RUNNING, wait_healthy
+from browser import new_context
+
+from serve.launch import free_port
+from serve.workbench import NOT_RUNNING, wait_healthy
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,7 +231,7 @@ def lab(tiny_demo, tmp_path_factory):
     try:
         users = proxy_dir / "users"
         assert _users_cli(users, "add", "alice", "--password-stdin", password=PASSWORD).returncode == 0
-        ui_port = _free_port()
+        ui_port = free_port()
         env = {**os.environ, "DEEPMINER_SERVE_URL": ts.inference_url, "DEEPMINER_MODEL": "demo",
                "DEEPMINER_BACKEND": "serve", "DEEPMINER_MODEL_DIR": str(tiny_demo["model_dir"]),
                "DEEPMINER_DATA_ROOT": str(tiny_demo["data"]), "DEEPMINER_KEY_FILE": str(ts.key_file),
@@ -242,7 +245,7 @@ def lab(tiny_demo, tmp_path_factory):
         procs.append(subprocess.Popen(_procfile_ui_command(env), cwd=ROOT, env=env, stdout=log,
                                       stderr=subprocess.STDOUT, start_new_session=True))
         log.close()
-        nginx = Nginx(ProxyConfig(ui_port=ui_port, inference_port=ts.ports["inference"], port=_free_port(),
+        nginx = Nginx(ProxyConfig(ui_port=ui_port, inference_port=ts.ports["inference"], port=free_port(),
                                   host="127.0.0.1", work=proxy_dir, users_file=users, key_file=ts.key_file,
                                   upload_mb=LIMIT_MB)).start()
         wait_healthy(procs[0], f"http://127.0.0.1:{ui_port}", work / "streamlit.log")
@@ -334,60 +337,50 @@ def _first_draw(page, url: str) -> tuple[float, int]:
     t0 = time.perf_counter()
     page.goto(url + "/", wait_until="commit")
     page.get_by_text("Upload a mammogram").wait_for(timeout=120_000)
-    page.wait_for_function(_NOT_RUNNING, timeout=120_000)
+    page.wait_for_function(NOT_RUNNING, timeout=120_000)
     return time.perf_counter() - t0, len(seen)
 
 
 @pytest.mark.slow
 @pytest.mark.serve
 @pytest.mark.browser
-def test_browser_signs_in_once_every_page_opens_first_draw_ratio(lab, artifacts_dir):
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian chromium is missing: run `bash scripts/setup.sh` (as root) first"
-    from playwright.sync_api import sync_playwright
-
+def test_browser_signs_in_once_every_page_opens_first_draw_ratio(chromium_browser, lab, artifacts_dir):
     auth_log = lab["proxy_dir"] / "logs" / "auth.log"
     signed_in_before = auth_log.read_text().count("signed in name='alice'") if auth_log.is_file() else 0
     direct_url = f"http://127.0.0.1:{lab['ui_port']}"
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
-        try:
-            proxied = browser.new_context(viewport={"width": 1280, "height": 900}, ignore_https_errors=True)
-            page = proxied.new_page()
-            _sign_in(page, lab["url"], "/explain")
-            page.wait_for_url(re.compile(r"/explain$"), timeout=60_000)  # back where the form was shown
-            page.get_by_text("Signed in as alice").wait_for(timeout=120_000)
-            page.wait_for_function(_NOT_RUNNING, timeout=120_000)
-            # every page opens (signed in once: the session cookie carries the rest)
-            links = page.locator('[data-testid="stSidebarNavLink"]')
-            hrefs = [links.nth(i).get_attribute("href") for i in range(links.count())]
-            assert len(hrefs) >= 5 and all(h and h.startswith(lab["url"]) for h in hrefs), hrefs
-            for name in hrefs:  # each page by its address, as a bookmark would open it
-                assert name is not None
-                page.goto(name, wait_until="commit")
-                page.locator('[data-testid="stSidebarNavLink"]').first.wait_for(timeout=120_000)
-                page.wait_for_function(_NOT_RUNNING, timeout=120_000)
-                assert page.locator('[data-testid="stException"]').count() == 0, name
-                assert "Sign in to continue" not in page.content(), name
-            # the first draw, side by side: direct to Streamlit on loopback, and through the proxy
-            # (each in a fresh context, so no browser cache; the proxied one with the session signed in above)
-            session = proxied.storage_state()
-            draws: dict[str, list[tuple[float, int]]] = {"direct": [], "proxy": []}
-            for _ in range(3):
-                for kind, url, ctx_kw in (("direct", direct_url, {}),
-                                          ("proxy", lab["url"], {"ignore_https_errors": True, "storage_state": session})):
-                    ctx = browser.new_context(viewport={"width": 1280, "height": 900}, **ctx_kw)
+    with new_context(chromium_browser, viewport={"width": 1280, "height": 900}, ignore_https_errors=True) as proxied:
+        page = proxied.new_page()
+        _sign_in(page, lab["url"], "/explain")
+        page.wait_for_url(re.compile(r"/explain$"), timeout=60_000)  # back where the form was shown
+        page.get_by_text("Signed in as alice").wait_for(timeout=120_000)
+        page.wait_for_function(NOT_RUNNING, timeout=120_000)
+        # every page opens (signed in once: the session cookie carries the rest)
+        links = page.locator('[data-testid="stSidebarNavLink"]')
+        hrefs = [links.nth(i).get_attribute("href") for i in range(links.count())]
+        assert len(hrefs) >= 5 and all(h and h.startswith(lab["url"]) for h in hrefs), hrefs
+        for name in hrefs:  # each page by its address, as a bookmark would open it
+            assert name is not None
+            page.goto(name, wait_until="commit")
+            page.locator('[data-testid="stSidebarNavLink"]').first.wait_for(timeout=120_000)
+            page.wait_for_function(NOT_RUNNING, timeout=120_000)
+            assert page.locator('[data-testid="stException"]').count() == 0, name
+            assert "Sign in to continue" not in page.content(), name
+        # the first draw, side by side: direct to Streamlit on loopback, and through the proxy
+        # (each in a fresh context, so no browser cache; the proxied one with the session signed in above)
+        session = proxied.storage_state()
+        draws: dict[str, list[tuple[float, int]]] = {"direct": [], "proxy": []}
+        for _ in range(3):
+            for kind, url, ctx_kw in (("direct", direct_url, {}),
+                                      ("proxy", lab["url"], {"ignore_https_errors": True, "storage_state": session})):
+                with new_context(chromium_browser, viewport={"width": 1280, "height": 900}, **ctx_kw) as ctx:
                     draws[kind].append(_first_draw(ctx.new_page(), url))
-                    ctx.close()
-            page.screenshot(path=str(artifacts_dir / "lab-pages.png"), full_page=True)
-            # sign out: the sidebar's link; the session ends (the next page asks again)
-            assert page.locator('a[href="/signout"]').count() == 1
-            page.goto(lab["url"] + "/signout", wait_until="commit")
-            page.get_by_role("button", name="Sign in").wait_for(timeout=30_000)
-            page.goto(lab["url"] + "/explain", wait_until="commit")
-            page.get_by_role("button", name="Sign in").wait_for(timeout=30_000)
-        finally:
-            browser.close()
+        page.screenshot(path=str(artifacts_dir / "lab-pages.png"), full_page=True)
+        # sign out: the sidebar's link; the session ends (the next page asks again)
+        assert page.locator('a[href="/signout"]').count() == 1
+        page.goto(lab["url"] + "/signout", wait_until="commit")
+        page.get_by_role("button", name="Sign in").wait_for(timeout=30_000)
+        page.goto(lab["url"] + "/explain", wait_until="commit")
+        page.get_by_role("button", name="Sign in").wait_for(timeout=30_000)
     signed_in = auth_log.read_text().count("signed in name='alice'") - signed_in_before
     assert signed_in == 1  # one password check for the whole visit
     direct = float(np.median([t for t, _ in draws["direct"]]))
@@ -401,10 +394,7 @@ def test_browser_signs_in_once_every_page_opens_first_draw_ratio(lab, artifacts_
 @pytest.mark.slow
 @pytest.mark.serve
 @pytest.mark.browser
-def test_forged_header_ignored_and_canaries_nowhere(lab, tmp_path, artifacts_dir):
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian chromium is missing: run `bash scripts/setup.sh` (as root) first"
-    from playwright.sync_api import sync_playwright
+def test_forged_header_ignored_and_canaries_nowhere(chromium_browser, lab, tmp_path, artifacts_dir):
 
     from deepminer.client import Client
     from deepminer.labels import LabelStore
@@ -412,17 +402,15 @@ def test_forged_header_ignored_and_canaries_nowhere(lab, tmp_path, artifacts_dir
 
     dicom = _canary_dicom(tmp_path / "study-0001.dcm")
     t0 = time.perf_counter()
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
-        ctx = browser.new_context(viewport={"width": 1280, "height": 900}, ignore_https_errors=True,
-                                  extra_http_headers={"X-Deepminer-User": "mallory"})  # forged: must be ignored
+    with new_context(chromium_browser, viewport={"width": 1280, "height": 900}, ignore_https_errors=True,
+                     extra_http_headers={"X-Deepminer-User": "mallory"}) as ctx:  # forged: must be ignored
         page = ctx.new_page()
         try:
             _sign_in(page, lab["url"])
             page.get_by_text("Upload a mammogram").wait_for(timeout=120_000)
-            page.wait_for_function(_NOT_RUNNING, timeout=120_000)
+            page.wait_for_function(NOT_RUNNING, timeout=120_000)
             page.get_by_text("Signed in as alice").wait_for(timeout=60_000)  # the sidebar, from the sign-in
-            page.wait_for_function(_NOT_RUNNING, timeout=60_000)
+            page.wait_for_function(NOT_RUNNING, timeout=60_000)
             assert page.get_by_label("Your name (stored with every label)").count() == 0  # no name box
             assert "mallory" not in page.content()
             # a file over the limit: the uploader refuses it before sending, with the same number
@@ -432,7 +420,7 @@ def test_forged_header_ignored_and_canaries_nowhere(lab, tmp_path, artifacts_dir
             page.get_by_text(re.compile(rf"File must be {LIMIT_MB}(\.0)? ?MB or smaller")).wait_for(timeout=30_000)
             page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(dicom))
             page.get_by_text(re.compile(r"^study-0001\.dcm · 512 x 512 px")).wait_for(timeout=120_000)
-            page.wait_for_function(_NOT_RUNNING, timeout=60_000)
+            page.wait_for_function(NOT_RUNNING, timeout=60_000)
             page.get_by_text(re.compile(r"^Prediction: ")).wait_for(timeout=30_000)
             page.wait_for_timeout(500)
             page.screenshot(path=str(artifacts_dir / "lab-explain.png"), full_page=True)
@@ -441,13 +429,13 @@ def test_forged_header_ignored_and_canaries_nowhere(lab, tmp_path, artifacts_dir
             # label a unit on the Sketch & label page (the annotator comes from the sign-in)
             page.locator('[data-testid="stSidebarNavLink"]', has_text="Sketch & label").first.click()
             page.get_by_text("Label units", exact=True).wait_for(timeout=60_000)
-            page.wait_for_function(_NOT_RUNNING, timeout=60_000)
+            page.wait_for_function(NOT_RUNNING, timeout=60_000)
             form = page.locator('[data-testid="stForm"]').first
             units_box = form.locator('[data-testid="stMultiSelect"]')
             option = page.get_by_role("option", name=re.compile(r"^unit \d+")).first
             for attempt in range(4):  # the dropdown closes when a rerun lands between opening it and the
                 # click on the option (the option then never comes back): open it again and click again
-                page.wait_for_function(_NOT_RUNNING, timeout=60_000)
+                page.wait_for_function(NOT_RUNNING, timeout=60_000)
                 units_box.locator("input").click()
                 units_box.locator("input").fill("unit")
                 try:
@@ -468,7 +456,7 @@ def test_forged_header_ignored_and_canaries_nowhere(lab, tmp_path, artifacts_dir
             while not watch.history() and time.monotonic() < deadline:
                 page.wait_for_timeout(500)
             watch.engine.dispose()
-            page.wait_for_function(_NOT_RUNNING, timeout=60_000)
+            page.wait_for_function(NOT_RUNNING, timeout=60_000)
             page.screenshot(path=str(artifacts_dir / "lab-label.png"), full_page=True)
             assert not any(c.decode() in page.content() for c in CANARY_BYTES)
         except Exception:
@@ -476,8 +464,6 @@ def test_forged_header_ignored_and_canaries_nowhere(lab, tmp_path, artifacts_dir
             access = lab["proxy_dir"] / "logs" / "access.log"
             print("\n".join(access.read_text(errors="replace").splitlines()[-30:]) if access.is_file() else "")
             raise
-        finally:
-            browser.close()
     browser_s = time.perf_counter() - t0
 
     store = LabelStore(lab["labels_url"])

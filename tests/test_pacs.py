@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,21 +15,17 @@ import numpy as np
 import pydicom
 import pytest
 
+from serve.launch import free_port
+
 pytestmark = pytest.mark.skipif(shutil.which("Orthanc") is None and not Path("/usr/sbin/Orthanc").is_file(),
                                 reason="Orthanc is missing: bash scripts/setup.sh (as root)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
     from deepminer.pacs import Orthanc
 
-    orth = Orthanc(tmp_path_factory.mktemp("orthanc"), _free_port()).start(timeout=60)
+    orth = Orthanc(tmp_path_factory.mktemp("orthanc"), free_port()).start(timeout=60)
     print(f"\nOrthanc ready in {orth.started_s:.2f} s")
     yield orth
     orth.stop()
@@ -93,7 +88,7 @@ def test_pacs_down_and_refusals(orthanc):
     from deepminer.errors import InputError
     from deepminer.pacs import Pacs, PacsError, PacsUnavailable
 
-    with Pacs(f"http://127.0.0.1:{_free_port()}/dicom-web", timeout=5) as p:
+    with Pacs(f"http://127.0.0.1:{free_port()}/dicom-web", timeout=5) as p:
         with pytest.raises(PacsUnavailable) as e:
             p.search_studies()
         assert "not reachable" in str(e.value) and "\n" not in str(e.value)
@@ -110,7 +105,7 @@ def test_open_exam_explain_and_store_results(orthanc, filled, tmp_path):
     stored back and read from Orthanc: dciodvfy clean, the CAM and the references right."""
     import highdicom as hd
     from modelfixtures import tiny_checkpoint
-    from test_dicom_results import dciodvfy_errors
+    from dicomfixtures import dciodvfy_errors
 
     from deepminer.client import local_explain
     from deepminer.dicom_results import cam_for_seg
@@ -200,3 +195,98 @@ def test_mirroring_and_scores_rules():
     assert (s["R"].score, s["R"].from_view, s["R"].agree) == (0.7, "MLO", False)
     assert s["R"].difference == pytest.approx(0.5) and "disagree" in s["R"].agreement_text
     assert (s["L"].score, s["L"].agree, s["L"].agreement_text) == (0.4, None, "one view only")
+
+
+def test_quirk_exam_from_pacs(orthanc, tmp_path):
+    """A 4-view exam of DICOMs as film archives hold them (laterality only in the series' Laterality,
+    the view only in a single-valued Patient Orientation or in ViewPosition; RLE, JPEG-LS; a retired
+    name, ISO_IR 100), plus a view with no laterality anywhere: stored, opened from the PACS, the four
+    hung with what was inferred and from where, the fifth named as not hung; the results stored back
+    and read from Orthanc, dciodvfy clean, with the derived Patient Orientation."""
+    from dicomfixtures import write_quirk
+    from modelfixtures import tiny_checkpoint
+    from pydicom.uid import generate_uid
+    from dicomfixtures import dciodvfy_errors
+
+    from deepminer.client import local_explain
+    from deepminer.pacs import Pacs
+    from ui import studies
+
+    study_uid = generate_uid()
+    kinds = {("R", "CC"): "film_cc", ("L", "CC"): "series_laterality", ("R", "MLO"): "film_mlo",
+             ("L", "MLO"): "jpegls"}
+    files = [write_quirk(tmp_path / f"{lat}{vw}.dcm", q, laterality=lat, view=vw, study_uid=study_uid,
+                         patient_id="QUIRK-EXAM") for (lat, vw), q in kinds.items()]
+    stray = write_quirk(tmp_path / "stray.dcm", "film_cc", study_uid=study_uid, patient_id="QUIRK-EXAM")
+    ds = pydicom.dcmread(stray)
+    del ds.Laterality
+    ds.save_as(stray)
+    model = tiny_checkpoint(tmp_path / "m")
+    with Pacs(orthanc.dicomweb_url) as p:
+        assert len(p.store([pydicom.dcmread(f) for f in [*files, stray]])) == 5
+        study, = p.search_studies(patient_id="QUIRK-EXAM").studies
+        insts = [i for i in p.instances(study.uid) if i.is_mammogram]
+        assert len(insts) == 5
+        fetch = [(i.sop_uid, i.sop_uid[-6:], lambda i=i: p.retrieve_bytes(i)) for i in insts]
+        exam = studies.open_exam(fetch, lambda b: local_explain(model, b, max_side=384, unit_maps="top"), 384,
+                                 study_uid=study.uid)
+        assert exam.problem is None and exam.hanging.missing == [] and len(exam.explained) == 4
+        for (lat, vw), q in kinds.items():
+            v = exam.slot(lat, vw)
+            assert (v.laterality, v.view) == (lat, vw) and v.mirror is False
+            assert f"laterality {lat} from Laterality (series)" in v.inferred, v.inferred
+            assert (f"view {vw} from PatientOrientation" in v.inferred) == (q != "series_laterality"), v.inferred
+        (unplaced, why), = exam.hanging.unplaced
+        assert why == "no laterality"
+        assert unplaced.key == pydicom.dcmread(stray).SOPInstanceUID
+
+        datasets, skipped = studies.dicom_results(exam)
+        assert len(datasets) == 12
+        assert len(p.store(datasets, study_uid=study.uid)) == 12
+        for inst in p.instances(study.uid):
+            if inst.modality == "MG":
+                continue
+            path = tmp_path / f"{inst.modality}-{inst.sop_uid}.dcm"
+            path.write_bytes(p.retrieve_bytes(inst))
+            assert dciodvfy_errors(path) == [], (inst.modality, dciodvfy_errors(path))
+            got = pydicom.dcmread(path)
+            assert str(got.PatientName) == "DOE^JANE"
+            if inst.modality in ("SEG", "OT"):
+                assert len(got.PatientOrientation) == 2 and got.PatientOrientation[0] in ("A", "P")
+
+
+def test_every_quirk_through_the_pacs(orthanc, tmp_path):
+    """Each source of the quirk corpus stored in Orthanc (STOW-RS), retrieved (WADO-RS), explained,
+    its SEG/SR/SC stored back and read from Orthanc: dciodvfy clean, the patient's name as repaired."""
+    from dicomfixtures import QUIRKS, dciodvfy_errors, write_quirk
+    from modelfixtures import tiny_checkpoint
+    from pydicom.uid import generate_uid
+
+    from deepminer.client import local_explain
+    from deepminer.dicom_results import build_results, read_source
+    from deepminer.pacs import Pacs
+
+    model = tiny_checkpoint(tmp_path / "m")
+    study_uid = generate_uid()
+    sources = {q: write_quirk(tmp_path / f"{q}.dcm", q, study_uid=study_uid, patient_id="QUIRKS", height=256)
+               for q in QUIRKS}
+    with Pacs(orthanc.dicomweb_url) as p:
+        assert len(p.store([pydicom.dcmread(f) for f in sources.values()])) == len(QUIRKS)
+        study, = p.search_studies(patient_id="QUIRKS").studies
+        insts = [i for i in p.instances(study.uid) if i.is_mammogram]
+        assert len(insts) == len(QUIRKS)
+        results = []
+        for inst in insts:
+            data = p.retrieve_bytes(inst)
+            expl = local_explain(model, data, max_side=256, unit_maps="top")
+            results += list(build_results(read_source(data), expl).datasets().values())
+        assert len(p.store(results, study_uid=study.uid)) == 3 * len(QUIRKS)
+        written = [i for i in p.instances(study.uid) if i.modality != "MG"]
+        assert len(written) == 3 * len(QUIRKS)
+        for inst in written:
+            path = tmp_path / f"{inst.modality}-{inst.sop_uid}.dcm"
+            path.write_bytes(p.retrieve_bytes(inst))
+            assert dciodvfy_errors(path) == [], (inst.modality, dciodvfy_errors(path))
+            assert str(pydicom.dcmread(path, stop_before_pixels=True).PatientName) in ("DOE^JANE", "SMITH^MARY^ANN",
+                                                                                    "Müller^Jürgen",
+                                                                                    "山田^太郎=ヤマダ^タロウ")

@@ -13,7 +13,6 @@ import base64
 import io
 import json
 import os
-import statistics
 import struct
 import subprocess
 import sys
@@ -269,7 +268,7 @@ def test_every_input_format(client, tmp_path):
 
 
 def test_raw_body_and_kserve_style_base64(server, client, good):
-    headers = client._headers()
+    headers = client.headers()
     r = requests.post(f"{server.inference_url}/predictions/{MODEL}", data=good,
                       headers={**headers, "Content-Type": "image/png"}, timeout=60)
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
@@ -313,7 +312,7 @@ def test_bad_input_is_a_4xx_json_and_the_worker_keeps_serving(case, server, clie
     files = {"data": ("image", data, "application/octet-stream")}
     if options is not None:
         files["options"] = (None, options, "application/json")
-    r = requests.post(f"{server.inference_url}/predictions/{MODEL}", files=files, headers=client._headers(), timeout=60)
+    r = requests.post(f"{server.inference_url}/predictions/{MODEL}", files=files, headers=client.headers(), timeout=60)
     assert r.status_code == status, r.text
     body = r.json()
     assert set(body) == {"code", "type", "message"} and body["code"] == status
@@ -332,7 +331,7 @@ def test_client_raises_serve_error(client):
 
 def test_a_form_body_is_refused_with_a_hint(server, client):
     r = requests.post(f"{server.inference_url}/predictions/{MODEL}", data=b"abc",
-                      headers={**client._headers(), "Content-Type": "application/x-www-form-urlencoded"}, timeout=30)
+                      headers={**client.headers(), "Content-Type": "application/x-www-form-urlencoded"}, timeout=30)
     assert r.status_code == 400 and "multipart part 'data'" in r.json()["message"]
 
 
@@ -414,27 +413,6 @@ def test_load_8_clients_x_25_requests(server):
     assert rss_after - rss_before < 100 * 2**20
 
 
-def test_round_trip_overhead(server):
-    """What TorchServe + HTTP + JSON add to the handler's own time, request by request."""
-    img = png(breast(1024, 1024, 7))
-    delay = server.describe(MODEL)["maxBatchDelay"]
-    rows = []
-    with Client(server.inference_url, model=MODEL, key_file=server.key_file) as c:
-        for i in range(12):
-            t0 = time.perf_counter()
-            body = c.explain_raw(img)
-            if i >= 2:  # warm
-                rows.append(((time.perf_counter() - t0) * 1000, body["timing_ms"]["handler"]))
-    p50 = statistics.median(r for r, _ in rows)
-    handler = statistics.median(h for _, h in rows)
-    overhead = statistics.median(r - h for r, h in rows)
-    print(f"\nround trip 1024x1024 8-bit PNG, tiny model: p50 {p50:.1f} ms, handler {handler:.1f} ms, "
-          f"overhead p50 {overhead:.1f} ms")
-    # quiet machine: the batch delay and under 50 ms more; a shared CI machine slows every process,
-    # so a share of the handler time is allowed on top
-    assert overhead < delay + 50 + 0.5 * handler
-
-
 def test_token_authorization_and_locked_down_apis(server, client):
     r = requests.get(f"{server.inference_url}/ping", timeout=10)
     assert r.status_code in (400, 401)  # no token, no answer
@@ -464,7 +442,7 @@ def test_bench_serve_against_the_real_server(server, model_dir, capsys):
 
     rc = main(["bench", "--model", str(model_dir / "model.pt"), "--cases", "patch", "--no-dissect",
                "--repeats", "3", "--warmup", "0", "--serve", server.inference_url, "--serve-model", MODEL,
-               "--key-file", str(server.key_file), "--serve-warmup", "4", "--json"])
+               "--key-file", str(server.key_file), "--serve-warmup", "4", "--no-eval", "--no-startup", "--json"])
     assert rc == 0
     s = json.loads(capsys.readouterr().out)["serve"]
     assert s["server_device"] == "cpu" and s["server_threads"] == s["forward_threads"] >= 1

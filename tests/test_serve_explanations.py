@@ -4,7 +4,6 @@ target, served == in-process, one-line 400s that leave the worker serving, and a
 over 100 consecutive gradient requests (no autograd graph or gradients kept between requests)."""
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -13,26 +12,22 @@ import pytest
 import torch
 
 from deepminer.client import Client, ServeError, local_explain
-from modelfixtures import start_tiny_server, tiny_checkpoint
-from test_explain_methods import breast_png
+from modelfixtures import TINY_MODEL, breast_png
 
 pytestmark = pytest.mark.serve
-MODEL = "tiny"
+MODEL = TINY_MODEL
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("model"))
+def model_path(tiny_model_path) -> Path:
+    return tiny_model_path
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, model_path):
-    # the shipped model-config.yaml (max_gradient_methods 3); one intra-op thread: on a small shared
-    # test machine (2 cores, other jobs) torch's default of one thread per core oversubscribes it and
-    # the tiny model's forward+backward gets ~100x slower
-    ts = start_tiny_server(tmp_path_factory, model_path, MODEL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    yield ts
-    ts.stop()
+def server(tiny_server):
+    """The session's tiny TorchServe (conftest.py): the shipped model-config.yaml (max_gradient_methods
+    3), one intra-op thread in the worker."""
+    return tiny_server
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +64,7 @@ def test_maps_on_the_cam_grid_for_the_target_and_served_equals_local(server, cli
     t = served.classes.index(target)
     for m in methods:
         assert served.method_maps[m].shape == grid == served.map_size, m
-        assert served.method_ms[m] >= 0
+    assert set(served.method_ms) == set(methods)  # every method timed, no other
     np.testing.assert_array_equal(served.method_maps["cam"], served.cam[t])
     np.testing.assert_array_equal(served.method_maps["class_map"], served.class_maps[t])
     assert not np.array_equal(served.method_maps["cam"], first.method_maps["cam"])  # the target is honoured

@@ -8,57 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-APP = str(ROOT / "ui" / "app.py")
-
-
-@pytest.fixture(scope="session")
-def ui_fixture(tiny_demo):
-    """A tiny model + its atlas + a phantom data set (also the sample images), built once."""
-    return tiny_demo
-
-
-@pytest.fixture
-def app_env(ui_fixture, tmp_path, monkeypatch):
-    """Environment for one AppTest: fresh label store, local backend, Streamlit caches cleared."""
-    import streamlit as st
-
-    db = tmp_path / "labels.db"
-    env = {"DEEPMINER_BACKEND": "local", "DEEPMINER_MODEL_DIR": str(ui_fixture["model_dir"]),
-           "DEEPMINER_SAMPLES": str(ui_fixture["data"]), "DEEPMINER_LABELS_URL": f"sqlite:///{db}",
-           "DEEPMINER_MODEL": "demo", "DEEPMINER_MAX_SIDE": "512"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("DEEPMINER_DATA_ROOT", raising=False)
-    st.cache_resource.clear()
-    st.cache_data.clear()
-    yield {**ui_fixture, "db": db, "url": f"sqlite:///{db}"}
-    st.cache_resource.clear()
-    st.cache_data.clear()
-
-
-def _app(page: str | None = None, annotator: str | None = "alice"):
-    from streamlit.testing.v1 import AppTest
-
-    at = AppTest.from_file(APP, default_timeout=120)
-    if annotator:
-        at.session_state["annotator"] = annotator
-    at.run()
-    assert not at.exception, at.exception
-    if page:
-        at.switch_page(page)
-        at.run()
-        assert not at.exception, at.exception
-    return at
-
-
-def _png(ui_fixture, i: int = 0) -> tuple[str, bytes]:
-    from deepminer.data.dataset import read_manifest
-
-    rows = read_manifest(ui_fixture["data"])
-    path = Path(ui_fixture["data"]) / rows[i]["image"]
-    return path.name, path.read_bytes()
+from apptest import run_app as _app
+from apptest import sample_png as _png
 
 
 def _texts(at) -> str:
@@ -540,8 +491,15 @@ def test_evaluate_mask_upload_scores_every_method_with_the_baselines(app_env):
     assert methods[-2:] in (["random (baseline)", "tissue prior (baseline)"],
                             ["tissue prior (baseline)", "random (baseline)"])
     assert list(table["baseline"]) == [False] * (len(methods) - 2) + [True, True]
+    assert {"CAM", "probability map", "Grad-CAM", "Grad-CAM++", "guided backprop"} <= set(methods)
+    assert not {"integrated gradients", "SmoothGrad"} & set(methods)  # the slow ones only when asked
+    at.toggle(key=Keys.EVAL_PEERS_SLOW).set_value(True).run()
+    assert not at.exception, at.exception
+    table = _frames(at)[0]
+    methods = list(table["method"])
     assert {"CAM", "probability map", "Grad-CAM", "Grad-CAM++", "guided backprop", "integrated gradients",
             "SmoothGrad"} <= set(methods)
+    assert list(table["baseline"]) == [False] * (len(methods) - 2) + [True, True]
     auprc = [a for a, b in zip(table["AUPRC"], table["baseline"]) if not b]
     assert auprc == sorted(auprc, reverse=True)
     # the CAM's AUPRC is the engine's, on the image as the page scores it (the preview, here 256 px)

@@ -13,55 +13,25 @@ else a tiny model profiled on a few phantoms.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
+from browser import after_input, explain_upload, nav, new_page, open_workbench, shot, square_mammogram
+
+from serve.launch import free_port
+from serve.workbench import NOT_RUNNING, idle, streamlit_app
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.serve]
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "model_store" / "demo"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-VIEWPORT = {"width": 1280, "height": 800}
 LABEL = "<i>Spiculated</i> margin & co"  # typed as a new concept; must come back as text
 NAME_FIELD = "Your name (stored with every label)"
-_NOT_RUNNING = """() => { const a = document.querySelector('[data-testid="stApp"]');
-    return a && a.getAttribute('data-test-script-state') === 'notRunning'; }"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _square_mammogram(seed: int, index: int, side: int = 1024) -> bytes:
-    """A phantom mammogram padded to ``side`` x ``side`` (16-bit PNG)."""
-    from PIL import Image
-
-    from deepminer.data.phantoms import render_phantom
-
-    ph = render_phantom(seed, index, size=side)
-    img = np.asarray(ph.image)
-    canvas = np.zeros((side, side), dtype=img.dtype)
-    canvas[: img.shape[0], : img.shape[1]] = img[:side, :side]
-    buf = io.BytesIO()
-    Image.fromarray(canvas.astype(np.uint16)).save(buf, format="PNG")
-    return buf.getvalue()
-
 
 DICOM_SHAPE = (4500, 3000)  # height x width: a full-field digital mammogram (13.5 MP)
 
@@ -126,7 +96,7 @@ def workbench(torchserve, model_dir, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("workbench")
     samples = generate_dataset(work / "samples", 2, 5, 256)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DEEPMINER_SERVE_URL": torchserve.inference_url, "DEEPMINER_MODEL": "demo",
            "DEEPMINER_MANAGEMENT_URL": torchserve.management_url,
            "DEEPMINER_BACKEND": "serve", "DEEPMINER_MODEL_DIR": str(model_dir),
@@ -138,84 +108,10 @@ def workbench(torchserve, model_dir, tmp_path_factory):
         yield {"url": url, "labels_url": env["DEEPMINER_LABELS_URL"], "log": work / "streamlit.log"}
 
 
-def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float = 120.0) -> None:
-    """Wait until the Streamlit process ``proc`` answers ``url/_stcore/health``; fails with its log
-    (``log``) when it exits first, or after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, log.read_text(errors="replace")
-        try:
-            if requests.get(f"{url}/_stcore/health", timeout=2).text.strip() == "ok":
-                return
-        except requests.RequestException:
-            pass
-        assert time.monotonic() < deadline, "streamlit did not come up"
-        time.sleep(0.3)
-
-
-def open_workbench(pw, url: str, **page_options):
-    """Debian chromium on the workbench at ``url``, the first page drawn and idle: ``(browser, page)``
-    (``page_options``: for ``new_page``; the viewport :data:`VIEWPORT` unless given)."""
-    browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS, headless=True)
-    page = browser.new_page(**{"viewport": VIEWPORT, **page_options})
-    page.goto(url)
-    page.get_by_text("Upload a mammogram").wait_for(timeout=120_000)
-    _idle(page, 120_000)
-    return browser, page
-
-
-@contextlib.contextmanager
-def streamlit_app(env: dict, port: int, work: Path):
-    """``streamlit run ui/app.py`` on 127.0.0.1:``port`` with ``env`` (log: ``work/streamlit.log``);
-    yields its URL once healthy and ends its process group afterwards."""
-    log = open(work / "streamlit.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "ui" / "app.py"), "--server.address", "127.0.0.1",
-         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(proc, url, work / "streamlit.log")
-        yield url
-    finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait(10)
-        log.close()
-
-
-def _idle(page, timeout: float = 60_000) -> None:
-    """Wait until Streamlit has finished running the script (and the browser has drawn it)."""
-    page.wait_for_timeout(200)
-    page.wait_for_function(_NOT_RUNNING, timeout=timeout)
-    page.wait_for_timeout(300)
-
-
-def _nav(page, name: str) -> None:
-    """Go to a page through the sidebar navigation."""
-    page.locator('[data-testid="stSidebarNavLink"]', has_text=name).first.click()
-
-
 def _explain_ms(page) -> float:
     """The explain call's own wall time, as the Explain page reports it."""
     text = page.get_by_text(re.compile(r"explained in \d+ ms")).first.inner_text()
     return float(re.search(r"explained in (\d+) ms", text).group(1))
-
-
-def _after_input(page) -> None:
-    """Wait for the rerun an input triggers (it may start a moment later), then for it to finish."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
-    try:
-        page.wait_for_function("""() => document.querySelector('[data-testid="stApp"]')
-            .getAttribute('data-test-script-state') === 'running'""", timeout=3_000)
-    except PlaywrightTimeout:
-        pass  # it already ran
-    _idle(page)
 
 
 def _draw_box(page, left: float, top: float, width: float, height: float) -> None:
@@ -230,37 +126,6 @@ def _draw_box(page, left: float, top: float, width: float, height: float) -> Non
     page.mouse.up()
 
 
-def _shot(page, path: Path) -> None:
-    """A screenshot of the whole page (Streamlit scrolls inside its main block, so grow the window)."""
-    _idle(page)
-    h = page.evaluate("""() => { const m = document.querySelector('[data-testid="stMain"]');
-        const els = [...document.querySelectorAll('[data-testid="stElementContainer"]')];
-        return Math.max(m.scrollHeight, ...els.map(e => e.getBoundingClientRect().bottom + m.scrollTop)) + 60; }""")
-    page.set_viewport_size({"width": VIEWPORT["width"], "height": int(min(max(h, VIEWPORT["height"]), 6000))})
-    page.wait_for_timeout(1500)  # plotly redraws at the new size
-    page.screenshot(path=str(path))
-    page.set_viewport_size(VIEWPORT)
-    page.wait_for_timeout(300)
-
-
-def _upload(page, path: Path, size: tuple[int, int] = (1024, 1024)) -> float:
-    """Upload ``path`` (``size`` = width, height) on the Explain page; seconds until the page shows
-    this image's explanation completely (caption with its name and size, CAM, sentence; the script
-    finished)."""
-    t0 = time.perf_counter()
-    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(path))
-    try:
-        page.get_by_text(f"{path.name} · {size[0]} x {size[1]} px").wait_for(timeout=120_000)
-        page.wait_for_function(_NOT_RUNNING, timeout=60_000)
-        elapsed = time.perf_counter() - t0
-        page.get_by_text("DeepMiner explanation", exact=True).wait_for(timeout=5_000)
-        page.get_by_text(re.compile(r"^CAM of ")).first.wait_for(timeout=5_000)
-    except Exception:
-        page.screenshot(path=str(ROOT / "test-artifacts" / "ui-failure.png"))
-        raise
-    return elapsed
-
-
 def _radio(page, label: str):
     return page.locator('[data-testid="stRadio"]', has_text=label).first
 
@@ -272,13 +137,10 @@ def _radio_value(page, label: str) -> str:
 
 def _choose(page, label: str, option: str) -> None:
     _radio(page, label).locator("label:has(input)", has_text=re.compile(rf"^{re.escape(option)}$")).click()
-    _after_input(page)
+    after_input(page)
 
 
-def test_workbench_end_to_end(workbench, torchserve, full_field_dicoms, artifacts_dir, tmp_path):
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian chromium is missing: run `bash scripts/setup.sh` (as root) first"
-    from playwright.sync_api import sync_playwright
+def test_workbench_end_to_end(chromium_browser, workbench, torchserve, full_field_dicoms, artifacts_dir, tmp_path):
 
     from deepminer.labels import LabelStore
     from deepminer.client import Client
@@ -286,30 +148,28 @@ def test_workbench_end_to_end(workbench, torchserve, full_field_dicoms, artifact
     # two images the server has never seen (it caches features by content); a third warms it up
     images = [tmp_path / "mammo-a.png", tmp_path / "mammo-b.png"]
     for i, p in enumerate(images):
-        p.write_bytes(_square_mammogram(11, i))
+        p.write_bytes(square_mammogram(11, i))
     with Client(torchserve.inference_url, model="demo", timeout=120) as c:
-        c.explain(_square_mammogram(11, 2), max_side=1024)
+        c.explain(square_mammogram(11, 2), max_side=1024)
 
     timing: dict[str, float] = {}
     steps: dict[str, float] = {}
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport=VIEWPORT)
+    with new_page(chromium_browser) as page:
         t0 = time.perf_counter()
         page.goto(workbench["url"])
         page.get_by_text("Upload a mammogram").wait_for(timeout=120_000)
-        _idle(page, 120_000)
+        idle(page, 120_000)
         timing["first_page_load_s"] = time.perf_counter() - t0
         page.get_by_label(NAME_FIELD).fill("Dr. Playwright")
         page.get_by_label(NAME_FIELD).press("Enter")
-        _after_input(page)
+        after_input(page)
 
         # 1. upload, see the CAM: first image (cold UI process), second (warm)
-        timing["upload_to_explanation_first_s"] = _upload(page, images[1])
-        _idle(page)
+        timing["upload_to_explanation_first_s"] = explain_upload(page, images[1])
+        idle(page)
         timing["explain_call_first_ms"] = _explain_ms(page)
-        timing["upload_to_explanation_s"] = _upload(page, images[0])
-        _idle(page)
+        timing["upload_to_explanation_s"] = explain_upload(page, images[0])
+        idle(page)
         timing["explain_call_ms"] = _explain_ms(page)
         # which units the server finds most influential (to label two the explanation will name)
         with Client(torchserve.inference_url, model="demo", timeout=120) as c:
@@ -318,7 +178,7 @@ def test_workbench_end_to_end(workbench, torchserve, full_field_dicoms, artifact
             pred_a = ref.prediction
             other = tmp_path / "mammo-c.png"
             for i in (7, 2, 3, 4, 5, 6, 8, 9, 11, 1, 12, 13, 14, 15, 16):
-                other.write_bytes(_square_mammogram(11, i))
+                other.write_bytes(square_mammogram(11, i))
                 pred_c = c.explain(other.read_bytes(), max_side=1024).prediction
                 if pred_c != pred_a:
                     break
@@ -326,20 +186,20 @@ def test_workbench_end_to_end(workbench, torchserve, full_field_dicoms, artifact
         pick = ref.top_units[ref.prediction][:2]
         assert page.get_by_text(f"Prediction: {ref.prediction}").count() == 1
         assert page.get_by_text(re.compile(r"1024 x 1024 px")).count() == 1
-        _shot(page, artifacts_dir / "ui-explain.png")
+        shot(page, artifacts_dir / "ui-explain.png")
 
         steps["explain"] = time.perf_counter() - t0
         # 2. draw a rectangle on the canvas, see the ranked units
-        _nav(page, "Sketch & label")
+        nav(page, "Sketch & label")
         page.get_by_text("Unit map", exact=True).wait_for(timeout=60_000)
-        _idle(page)
+        idle(page)
         sketch_on = page.locator('[data-testid="stMain"] [data-testid="stSelectbox"]').first  # not the sidebar's
         shown = sketch_on.inner_text() + " " + " ".join(sketch_on.locator("input").evaluate_all(
             "els => els.map(e => e.value + ' ' + (e.getAttribute('aria-label') || ''))"))
         assert f"Whole image ({images[0].name})" in shown, shown
         _draw_box(page, 0.25, 0.3, 0.3, 0.3)
         page.get_by_text(re.compile(r"^Units ranked by IoU")).wait_for(timeout=60_000)
-        _idle(page)
+        idle(page)
         assert page.get_by_text(re.compile(r"^unit \d+ · IoU ")).count() >= 1  # the units' masks
 
         steps["sketch"] = time.perf_counter() - t0
@@ -357,42 +217,42 @@ def test_workbench_end_to_end(workbench, torchserve, full_field_dicoms, artifact
         page.keyboard.press("Enter")
         form.get_by_role("button", name="Label the selected units").click()
         page.get_by_text(re.compile(r"^Labelled 2 unit\(s\)")).wait_for(timeout=30_000)
-        _idle(page)
-        _shot(page, artifacts_dir / "ui-sketch.png")
+        idle(page)
+        shot(page, artifacts_dir / "ui-sketch.png")
 
         steps["label"] = time.perf_counter() - t0
         # 4. reload: a new session; the labels are kept and named in the explanation, as text
         page.reload()
-        _nav(page, "Explain")
-        _idle(page)
-        _upload(page, images[0])
-        _idle(page)
+        nav(page, "Explain")
+        idle(page)
+        explain_upload(page, images[0])
+        idle(page)
         sentence = page.get_by_text(re.compile(r"most influenced by units labelled"))
         sentence.wait_for(timeout=30_000)
         assert LABEL in sentence.inner_text()
         assert page.locator("i", has_text="Spiculated").count() == 0  # never rendered as HTML
-        _shot(page, artifacts_dir / "ui-explain-labelled.png")
+        shot(page, artifacts_dir / "ui-explain-labelled.png")
 
         steps["reload"] = time.perf_counter() - t0
         # 5. the other pages
-        _nav(page, "Unit atlas")
+        nav(page, "Unit atlas")
         page.get_by_text(re.compile(r"^\d+ of \d+ labelled$")).wait_for(timeout=60_000)
-        _idle(page)
-        _shot(page, artifacts_dir / "ui-atlas.png")
-        _nav(page, "Labels")
+        idle(page)
+        shot(page, artifacts_dir / "ui-atlas.png")
+        nav(page, "Labels")
         page.get_by_text("Current labels (2 units)").wait_for(timeout=60_000)
-        _idle(page)
-        _shot(page, artifacts_dir / "ui-labels.png")
+        idle(page)
+        shot(page, artifacts_dir / "ui-labels.png")
         steps["atlas_labels"] = time.perf_counter() - t0
 
         # 6. a full-field 4,500 x 3,000 16-bit RLE DICOM (13 MB): upload -> explanation, twice (the
         # second file differs in its header only: both are decoded and explained from scratch)
-        _nav(page, "Explain")
-        _idle(page)
+        nav(page, "Explain")
+        idle(page)
         dicom_s = []
         for path in full_field_dicoms:
-            dicom_s.append(_upload(page, path, size=(DICOM_SHAPE[1], DICOM_SHAPE[0])))
-            _idle(page)
+            dicom_s.append(explain_upload(page, path, size=(DICOM_SHAPE[1], DICOM_SHAPE[0])))
+            idle(page)
             assert page.get_by_text(re.compile(r"^Prediction: \w+ \(\d\.\d\d\)$")).count() == 1
             assert page.get_by_text(re.compile(r"^CAM of ")).count() >= 1
         timing["upload_to_explanation_dicom_first_s"], timing["upload_to_explanation_dicom_s"] = dicom_s
@@ -404,13 +264,13 @@ def test_workbench_end_to_end(workbench, torchserve, full_field_dicoms, artifact
         (artifacts_dir / "ui-timing-dicom.json").write_text(json.dumps(dicom, indent=1) + "\n")
         print(f"\nupload -> explanation ({DICOM_SHAPE[1]} x {DICOM_SHAPE[0]} RLE DICOM, "
               f"{dicom['bytes'] / 1e6:.1f} MB): {dicom_s[0]:.2f} s, {dicom_s[1]:.2f} s")
-        _shot(page, artifacts_dir / "ui-explain-dicom.png")
+        shot(page, artifacts_dir / "ui-explain-dicom.png")
         steps["dicom"] = time.perf_counter() - t0
 
         # 7. the class radios follow the image: choose a class the model did not predict for mammo-a,
         # keep it over a rerun, then a new image (predicted otherwise) starts at its own prediction
-        _upload(page, images[0])
-        _idle(page)
+        explain_upload(page, images[0])
+        idle(page)
         assert page.get_by_text(f"Prediction: {pred_a}").count() == 1
         assert _radio_value(page, "CAM of class") == pred_a
         assert _radio_value(page, "Class probability map") == pred_a
@@ -421,16 +281,15 @@ def test_workbench_end_to_end(workbench, torchserve, full_field_dicoms, artifact
         assert _radio_value(page, "CAM of class") == not_a
         assert _radio_value(page, "Class probability map") == not_a
         assert page.get_by_text(f"CAM of {not_a}").count() >= 1
-        _shot(page, artifacts_dir / "ui-explain-chosen-class.png")
-        _upload(page, other)
-        _idle(page)
+        shot(page, artifacts_dir / "ui-explain-chosen-class.png")
+        explain_upload(page, other)
+        idle(page)
         assert page.get_by_text(f"Prediction: {pred_c}").count() == 1
-        _shot(page, artifacts_dir / "ui-explain-new-image.png")
+        shot(page, artifacts_dir / "ui-explain-new-image.png")
         assert _radio_value(page, "CAM of class") == pred_c
         assert _radio_value(page, "Class probability map") == pred_c
         assert page.get_by_text(re.compile(rf"^CAM of {pred_c}\b")).count() == 1
         assert page.get_by_text(f"P({pred_c}) per position (blue 0, red 1)").count() == 1
-        browser.close()
 
     store = LabelStore(workbench["labels_url"])
     (model, weights), = store.models()
@@ -443,21 +302,17 @@ def test_workbench_end_to_end(workbench, torchserve, full_field_dicoms, artifact
     (artifacts_dir / "ui-timing.json").write_text(json.dumps(timing, indent=1) + "\n")
     print(f"\nupload -> explanation (1024 x 1024): {timing['upload_to_explanation_s']:.2f} s "
           f"(first upload of the UI process: {timing['upload_to_explanation_first_s']:.2f} s)")
-    assert timing["upload_to_explanation_s"] < 10, timing
 
 
-def test_evaluate_page(workbench, torchserve, artifacts_dir, tmp_path):
+def test_evaluate_page(chromium_browser, workbench, torchserve, artifacts_dir, tmp_path):
     """The Evaluate page: (a) a zip of phantoms with masks (one mask of the wrong size, one ``../``
     member), the skipped members named, a CAM-only run, the summary, the per-image CSV downloaded;
     (b) a lesion outlined on the canvas, the per-method scores. Times in ``ui-timing-evaluate.json``:
     the run vs the same number of plain ``/predictions`` calls, and outline -> CAM scores."""
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian chromium is missing: run `bash scripts/setup.sh` (as root) first"
     import csv
     import zipfile
 
     from evalzip import eval_zip
-    from playwright.sync_api import sync_playwright
 
     from deepminer.client import Client
     from deepminer.data.phantoms import render_phantom
@@ -481,31 +336,29 @@ def test_evaluate_page(workbench, torchserve, artifacts_dir, tmp_path):
 
     timing: dict[str, object] = {"images": len(ids), "image_size": "256 px phantoms (151 x 256)"}
     timing["plain_predictions_cold_s"] = plain_calls()  # also warms the server's cache of these images
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport=VIEWPORT, accept_downloads=True)
+    with new_page(chromium_browser, accept_downloads=True) as page:
         # a direct link to a page runs the app with its sidebar (a `pages/` folder beside app.py would
         # make Streamlit run the page file alone, listing the files as pages: ui/views/ avoids that)
         page.goto(workbench["url"] + "/evaluate")
         page.get_by_text("Evaluate explanations", exact=True).wait_for(timeout=120_000)
-        _idle(page, 120_000)
-        nav = [t.split("\n")[-1].strip() for t in page.locator('[data-testid="stSidebarNavLink"]').all_inner_texts()]
-        assert "Sketch & label" in nav and "app" not in nav, nav
+        idle(page, 120_000)
+        links = [t.split("\n")[-1].strip() for t in page.locator('[data-testid="stSidebarNavLink"]').all_inner_texts()]
+        assert "Sketch & label" in links and "app" not in links, links
         assert page.locator('[data-testid="stSidebar"]').get_by_text("DeepMiner Studio").count() == 1
         page.goto(workbench["url"])
         page.get_by_text("Upload a mammogram").wait_for(timeout=120_000)
-        _idle(page, 120_000)
-        _nav(page, "Evaluate")
+        idle(page, 120_000)
+        nav(page, "Evaluate")
         page.get_by_text("Evaluate explanations", exact=True).wait_for(timeout=60_000)
-        _idle(page)
+        idle(page)
         assert page.get_by_text("Choose an image on the Explain page first").count() == 1
 
         # (a) a set from a zip
         page.locator('[data-testid="stRadio"] label', has_text="A set of images with masks").click()
-        _after_input(page)
+        after_input(page)
         page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(zpath))
         page.get_by_text(re.compile(rf"^{len(ids)} image\(s\) with a mask")).wait_for(timeout=60_000)
-        _idle(page)
+        idle(page)
         skipped = page.locator('[data-testid="stExpander"]', has_text="Skipped: 2")
         skipped.wait_for(timeout=10_000)
         shown = skipped.inner_text()
@@ -514,11 +367,11 @@ def test_evaluate_page(workbench, torchserve, artifacts_dir, tmp_path):
         for _ in range(2):  # the first run of a UI process also opens its connections; the second is steady
             t0 = time.perf_counter()
             page.get_by_role("button", name="Run", exact=True).click()
-            _after_input(page)  # (the second time the first run's summary is on the page until the rerun)
+            after_input(page)  # (the second time the first run's summary is on the page until the rerun)
             page.get_by_text(re.compile(rf"^Summary over {len(ids)} images")).wait_for(timeout=120_000)
-            page.wait_for_function(_NOT_RUNNING, timeout=60_000)
+            page.wait_for_function(NOT_RUNNING, timeout=60_000)
             clicks.append(time.perf_counter() - t0)
-            _idle(page)
+            idle(page)
             text = page.get_by_text(re.compile(r"^Evaluated \d+ images in")).first.inner_text()
             runs.append(float(re.search(r"in ([\d.]+) s", text).group(1)))
         timing["evaluate_run_s"], timing["evaluate_click_to_summary_s"] = runs, clicks
@@ -535,7 +388,7 @@ def test_evaluate_page(workbench, torchserve, artifacts_dir, tmp_path):
         assert sorted({r["image_id"] for r in rows}) == sorted(ids)
         assert {r["method"] for r in rows} == {"cam", "class_map", "random", "tissue_prior"}
         assert len(rows) == 4 * len(ids) and all(r["auprc"] for r in rows)
-        _shot(page, artifacts_dir / "ui-evaluate-set.png")
+        shot(page, artifacts_dir / "ui-evaluate-set.png")
 
         # Cancel mid-run: a slow peer (integrated gradients, seconds per image) keeps the run going
         # long enough to click Cancel after the first image; the partial results say so
@@ -544,38 +397,38 @@ def test_evaluate_page(workbench, torchserve, artifacts_dir, tmp_path):
         peers.locator("input").fill("integrated")
         page.get_by_role("option", name=re.compile(r"^integrated gradients")).first.click()
         page.keyboard.press("Escape")
-        _after_input(page)
+        after_input(page)
         chips = peers.inner_text()
         assert "integrated gradients" in chips, chips
         page.get_by_role("button", name="Run", exact=True).click()
         try:
             page.get_by_text(re.compile(rf"^[1-{len(ids) - 1}] of {len(ids)} images")).wait_for(timeout=120_000)
         except Exception:
-            _shot(page, artifacts_dir / "ui-evaluate-cancel-failed.png")
+            shot(page, artifacts_dir / "ui-evaluate-cancel-failed.png")
             raise
         page.get_by_role("button", name="Cancel", exact=True).click()
         note = page.get_by_text(re.compile(rf"^Cancelled after \d+ of {len(ids)} images"))
         note.wait_for(timeout=60_000)
-        _idle(page)
+        idle(page)
         done = int(re.search(r"after (\d+) of", note.inner_text()).group(1))
         assert 1 <= done < len(ids), note.inner_text()
         assert page.get_by_text(re.compile(rf"^Summary over {done} images")).count() == 1
         assert page.get_by_role("button", name="Cancel", exact=True).count() == 0
         assert page.locator('[data-testid="stException"]').count() == 0
-        _shot(page, artifacts_dir / "ui-evaluate-cancelled.png")
+        shot(page, artifacts_dir / "ui-evaluate-cancelled.png")
 
         # (b) one image, outlined on the canvas: a malignant phantom, its lesion's box
         ph = render_phantom(11, 2, size=1024)
         img = tmp_path / "mammo-lesion.png"
-        img.write_bytes(_square_mammogram(11, 2))
+        img.write_bytes(square_mammogram(11, 2))
         ys, xs = np.nonzero(np.asarray(ph.lesion))
-        _nav(page, "Explain")
-        _idle(page)
-        _upload(page, img)
-        _idle(page)
+        nav(page, "Explain")
+        idle(page)
+        explain_upload(page, img)
+        idle(page)
         page.get_by_text("Evaluate this map against your outline").click()
         page.get_by_text("Outline the finding").wait_for(timeout=60_000)
-        _idle(page)
+        idle(page)
         _choose(page, "Outline with", "Rectangle")
         canvas = page.locator("canvas.upper-canvas").first
         canvas.wait_for(timeout=30_000)
@@ -588,38 +441,34 @@ def test_evaluate_page(workbench, torchserve, artifacts_dir, tmp_path):
         page.mouse.up()
         page.get_by_text(re.compile(r"^CAM and probability map scored in")).wait_for(timeout=30_000)
         timing["outline_to_cam_scores_s"] = time.perf_counter() - t1
-        page.wait_for_function(_NOT_RUNNING, timeout=180_000)
+        page.wait_for_function(NOT_RUNNING, timeout=180_000)
         timing["outline_to_all_scores_s"] = time.perf_counter() - t1
-        _idle(page)
+        idle(page)
         caps = page.get_by_text(re.compile(r" · AUPRC ")).all_inner_texts()
         names = [c.split(" · ")[0] for c in caps]
         assert {"CAM", "probability map", "Grad-CAM", "random (baseline)", "tissue prior (baseline)"} <= set(names), caps
         assert names[-2:] in (["random (baseline)", "tissue prior (baseline)"],
                               ["tissue prior (baseline)", "random (baseline)"]), names
         assert page.locator('[data-testid="stException"]').count() == 0
-        _shot(page, artifacts_dir / "ui-evaluate-outline.png")
-        browser.close()
+        shot(page, artifacts_dir / "ui-evaluate-outline.png")
     (artifacts_dir / "ui-timing-evaluate.json").write_text(json.dumps(timing, indent=1) + "\n")
     print(f"\nevaluate {len(ids)} images (CAM only): runs {timing['evaluate_run_s']} s vs "
           f"{timing['plain_predictions_s']:.2f} s of plain /predictions ({timing['ratio_run_vs_plain']}x); "
           f"outline -> CAM scores {timing['outline_to_cam_scores_s']:.2f} s")
 
 
-def test_silencing_units(workbench, torchserve, model_dir, artifacts_dir, tmp_path):
+def test_silencing_units(chromium_browser, workbench, torchserve, model_dir, artifacts_dir, tmp_path):
     """"What if these units were quiet?": on Sketch & label, a large rectangle, then "Silence the
     matching units" (before/after/change and the class map after); on Explain, "Silence a label's
     units" for a label stored for this model. The numbers are the server's own ablation answer.
     Screenshots ``ui-sketch-silenced.png`` and ``ui-explain-silenced.png``."""
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian chromium is missing: run `bash scripts/setup.sh` (as root) first"
-    from playwright.sync_api import sync_playwright
 
     from deepminer.atlas import Atlas
     from deepminer.client import Client
     from deepminer.labels import LabelStore
 
     image = tmp_path / "mammo-silence.png"
-    image.write_bytes(_square_mammogram(13, 0))
+    image.write_bytes(square_mammogram(13, 0))
     with Client(torchserve.inference_url, model="demo", timeout=120) as c:
         ref = c.explain(image.read_bytes(), max_side=1024)
     units = sorted(ref.top_units[ref.prediction][:3])
@@ -629,60 +478,55 @@ def test_silencing_units(workbench, torchserve, model_dir, artifacts_dir, tmp_pa
         silenced = c.explain(image.read_bytes(), max_side=1024, ablate=units)
     assert silenced.cache_hit and silenced.timing_ms["forward"] == 0  # from the cached unit maps
 
-    with sync_playwright() as pw:
-        browser, page = open_workbench(pw, workbench["url"])
-        _upload(page, image)
-        _idle(page)
+    with open_workbench(chromium_browser, workbench["url"]) as page:
+        explain_upload(page, image)
+        idle(page)
         # Explain: silence the label's units
         box = page.locator('[data-testid="stSelectbox"]', has_text="Silence the units labelled").first
         box.scroll_into_view_if_needed()
         box.locator("input").click()
         page.get_by_role("option", name="quiet test label").first.click()
-        _after_input(page)
+        after_input(page)
         page.get_by_text(re.compile(r"^Silenced:")).first.wait_for(timeout=60_000)
         text = page.locator('[data-testid="stMarkdownContainer"]', has_text="Silenced:").first.inner_text()
         assert f"units {', '.join(map(str, units))}" in text and f"\u2192 {silenced.ablation.prediction}" in text
         cls = silenced.ablation.prediction
         assert page.get_by_text(f"P({cls}) per position with the units silenced (blue 0, red 1)").count() == 1
-        _shot(page, artifacts_dir / "ui-explain-silenced.png")
+        shot(page, artifacts_dir / "ui-explain-silenced.png")
 
         # Sketch & label: a large rectangle, then silence the matching units
-        _nav(page, "Sketch & label")
+        nav(page, "Sketch & label")
         page.get_by_text("Unit map", exact=True).wait_for(timeout=60_000)
-        _idle(page)
+        idle(page)
         _draw_box(page, 0.1, 0.1, 0.8, 0.8)
         page.get_by_text(re.compile(r"^Units ranked by IoU")).wait_for(timeout=60_000)
-        _idle(page)
+        idle(page)
         toggle = page.locator('[data-testid="stCheckbox"]', has_text=re.compile(r"Silence the \d+ matching unit"))
         assert toggle.count() == 1, page.get_by_text(re.compile(r"^Units ranked by IoU")).first.inner_text()
         toggle.first.click()
-        _after_input(page)
+        after_input(page)
         page.get_by_text(re.compile(r"^Silenced:")).first.wait_for(timeout=60_000)
         assert page.get_by_text(re.compile(r"per position with the units silenced")).count() == 1
-        _shot(page, artifacts_dir / "ui-sketch-silenced.png")
+        shot(page, artifacts_dir / "ui-sketch-silenced.png")
 
         # Unit atlas: is influence causal? (the atlas's ablation.json, when measured)
-        _nav(page, "Unit atlas")
+        nav(page, "Unit atlas")
         page.get_by_text("Is influence causal?", exact=True).wait_for(timeout=60_000)
-        _idle(page)
+        idle(page)
         if (model_dir / "atlas" / "ablation.json").is_file():
             page.get_by_text(re.compile(r"mean influence vs the mean drop of P")).first.wait_for(timeout=30_000)
         else:
             assert page.get_by_text(re.compile(r"^No ablation measurement for this atlas yet")).count() == 1
-        _shot(page, artifacts_dir / "ui-atlas-ablation.png")
-        browser.close()
+        shot(page, artifacts_dir / "ui-atlas-ablation.png")
 
 
-def test_out_of_domain_banner(workbench, torchserve, model_dir, artifacts_dir, tmp_path):
+def test_out_of_domain_banner(chromium_browser, workbench, torchserve, model_dir, artifacts_dir, tmp_path):
     """A natural photograph (scikit-image's astronaut) on the Explain page of the demo model: the
     out-of-domain banner, worded from the model's training data (``ui-out-of-domain.png``)."""
     if not (model_dir / "domain.pt").is_file():
         pytest.skip(f"{model_dir} has no domain.pt (deepminer domain-fit, docs/domain.md)")
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian chromium is missing: run `bash scripts/setup.sh` (as root) first"
     import skimage.data
     from PIL import Image
-    from playwright.sync_api import sync_playwright
 
     from deepminer.client import Client
     from ui.logic import domain_banner
@@ -693,9 +537,8 @@ def test_out_of_domain_banner(workbench, torchserve, model_dir, artifacts_dir, t
         served = c.explain(photo.read_bytes(), max_side=1024)
     assert served.domain is not None and not served.domain["in_domain"], served.domain
     banner = domain_banner(served.model, served.domain)
-    with sync_playwright() as pw:
-        browser, page = open_workbench(pw, workbench["url"])
-        _upload(page, photo, size=(512, 512))
+    with open_workbench(chromium_browser, workbench["url"]) as page:
+        explain_upload(page, photo, size=(512, 512))
         alert = page.locator('[data-testid="stAlert"]', has_text="Out of the model's domain")
         alert.wait_for(timeout=30_000)
         shown = " ".join(alert.inner_text().split())
@@ -703,5 +546,4 @@ def test_out_of_domain_banner(workbench, torchserve, model_dir, artifacts_dir, t
         if "synthetic phantoms" in str(served.model.get("trained_on")):
             assert "The model was trained on synthetic phantoms" in shown, shown
         assert banner.split(" (")[0] in shown and f"threshold {served.domain['threshold']:.4g}" in shown, (shown, banner)
-        _shot(page, artifacts_dir / "ui-out-of-domain.png")
-        browser.close()
+        shot(page, artifacts_dir / "ui-out-of-domain.png")

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from modelfixtures import two_model_store
-from test_ui_browser import (_after_input, _free_port, _idle, _nav, _shot, _square_mammogram,
-                             open_workbench, streamlit_app)
+from browser import after_input, nav, open_workbench, shot, square_mammogram
+
+from serve.launch import free_port
+from serve.workbench import idle, streamlit_app
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.serve]
 
@@ -30,31 +30,12 @@ SIDEBAR = '[data-testid="stSidebar"]'
 
 
 @pytest.fixture(scope="module")
-def models(tiny_demo, tmp_path_factory) -> dict:
-    return two_model_store(tiny_demo, tmp_path_factory.mktemp("compare") / "model_store")
-
-
-@pytest.fixture(scope="module")
-def server(models, tmp_path_factory):
-    """One TorchServe serving both (archived as scripts/model_store.sh does)."""
-    from serve.archive import build_mar
-    from serve.launch import TorchServe
-
-    mars = tmp_path_factory.mktemp("mars")
-    for name, key in (("alpha", "a"), ("beta", "b")):
-        build_mar(models[key] / "model.pt", mars, name=name, atlas=models[key] / "atlas",
-                  extra=[models[key] / "MODEL_CARD.md"])
-    ts = TorchServe(mars, {"alpha": "alpha.mar", "beta": "beta.mar"}, tmp_path_factory.mktemp("ts"), profile="demo")
-    ts.start(timeout=300)
-    yield ts
-    ts.stop()
-
-
-@pytest.fixture(scope="module")
-def workbench(server, models, tmp_path_factory):
-    """``streamlit run ui/app.py``: default model alpha (its folder the store's ``alpha/``)."""
+def workbench(two_model_server, two_models, tmp_path_factory):
+    """``streamlit run ui/app.py`` against the session's two-model TorchServe (conftest.py; test_compare.py
+    uses it too): default model alpha (its folder the store's ``alpha/``)."""
+    server, models = two_model_server, two_models
     work = tmp_path_factory.mktemp("workbench")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DEEPMINER_SERVE_URL": server.inference_url, "DEEPMINER_MANAGEMENT_URL": server.management_url,
            "DEEPMINER_MODEL": "alpha", "DEEPMINER_BACKEND": "serve", "DEEPMINER_MODEL_DIR": str(models["a"]),
            "DEEPMINER_DATA_ROOT": str(models["data"]), "DEEPMINER_LABELS_URL": f"sqlite:///{work / 'labels.db'}",
@@ -69,19 +50,17 @@ def _pick(page, label: str, option: str, scope: str = '[data-testid="stMain"]') 
     """Choose ``option`` in the selectbox ``label`` (in ``scope``: the main block or the sidebar)."""
     page.locator(f'{scope} [data-testid="stSelectbox"]', has_text=label).first.click()
     page.get_by_role("option", name=option, exact=True).click()
-    _after_input(page)
+    after_input(page)
 
 
-def test_compare_two_models_in_browser(workbench, server, models, artifacts_dir, tmp_path):
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian chromium is missing: run `bash scripts/setup.sh` (as root) first"
-    from playwright.sync_api import sync_playwright
-
+def test_compare_two_models_in_browser(chromium_browser, workbench, two_model_server, artifacts_dir, tmp_path):
     from deepminer.client import Client
     from deepminer.labels import LabelStore
 
+    server = two_model_server
+
     image = tmp_path / "mammo-compare.png"
-    image.write_bytes(_square_mammogram(11, 1, side=512))
+    image.write_bytes(square_mammogram(11, 1, side=512))
     with Client(server.inference_url, model="alpha", timeout=120) as c:
         ra = c.explain(image.read_bytes(), max_side=512)
     with Client(server.inference_url, model="beta", timeout=120) as c:
@@ -92,18 +71,17 @@ def test_compare_two_models_in_browser(workbench, server, models, artifacts_dir,
     store.set_labels("alpha", ra.model["weights_sha256"], [unit], LABEL, "Dr. Playwright")
     store.close()
 
-    with sync_playwright() as pw:
-        # the app's own navigation (a first load of /compare runs the page alone)
-        browser, page = open_workbench(pw, workbench["url"])
+    # the app's own navigation (a first load of /compare runs the page alone)
+    with open_workbench(chromium_browser, workbench["url"]) as page:
         try:
-            _nav(page, "Compare")
+            nav(page, "Compare")
             page.get_by_text("Compare two models").wait_for(timeout=120_000)
-            _idle(page, 120_000)
+            idle(page, 120_000)
             t0 = time.perf_counter()
             page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(image))
             page.get_by_text("The atlases compared").wait_for(timeout=120_000)
             page.get_by_text(re.compile(r"^beta: \w+ \(\d\.\d\d\)$")).wait_for(timeout=120_000)
-            _idle(page)
+            idle(page)
             elapsed = time.perf_counter() - t0
             assert page.get_by_text(f"alpha: {ra.prediction} ({ra.probabilities[ra.prediction]:.2f})").count() == 1
             assert page.get_by_text(f"beta: {rb.prediction} ({rb.probabilities[rb.prediction]:.2f})").count() == 1
@@ -115,7 +93,7 @@ def test_compare_two_models_in_browser(workbench, server, models, artifacts_dir,
             for text in ("Concepts: the best unit of each model", "Unit mask sizes", "Top-20 coverage per class"):
                 assert page.get_by_text(text, exact=True).count() == 1, text
             page.get_by_text(re.compile(r"median ROI fraction")).first.wait_for(timeout=5_000)
-            _shot(page, artifacts_dir / "ui-compare.png")
+            shot(page, artifacts_dir / "ui-compare.png")
 
             # Model B = Model A: a one-line message
             _pick(page, "Model B", "alpha")
@@ -124,19 +102,17 @@ def test_compare_two_models_in_browser(workbench, server, models, artifacts_dir,
 
             # the sidebar's picker: every page follows it, labels keyed by beta's weights
             _pick(page, "Model", "beta", SIDEBAR)
-            _nav(page, "Explain")
+            nav(page, "Explain")
             page.get_by_text(re.compile(r"model `?beta`?")).first.wait_for(timeout=60_000)
             page.get_by_text(f"Prediction: {rb.prediction}").wait_for(timeout=120_000)
-            _idle(page)
+            idle(page)
             assert page.get_by_text(f"Labels for beta @ {rb.model['weights_sha256'][:12]}").count() == 1
             assert page.get_by_text(LABEL).count() == 0
             _pick(page, "Model", "alpha", SIDEBAR)
             page.get_by_text(f"Prediction: {ra.prediction}").wait_for(timeout=120_000)
-            _idle(page)
+            idle(page)
             assert page.get_by_text(re.compile(LABEL)).count() >= 1  # alpha's label back, never lost
         except Exception:
             page.screenshot(path=str(artifacts_dir / "ui-compare-failure.png"))
             raise
-        finally:
-            browser.close()
     print(f"\nCompare page: upload to both explanations and the atlases {elapsed:.1f} s")

@@ -64,6 +64,7 @@ class Keys:
     #: the Evaluate page: the outline tool, a mask file, the explained class (per image), the peer
     #: methods, the set's source and zip upload, the set's method checkboxes, Run and Cancel
     EVAL_TOOL, EVAL_MASK, EVAL_CLASS, EVAL_PEERS = "eval_tool", "eval_mask", "eval_class", "eval_peers"
+    EVAL_PEERS_SLOW = "eval_peers_slow"
     EVAL_SOURCE, EVAL_ZIP, EVAL_SET_PEERS = "eval_source", "eval_zip", "eval_set_peers"
     EVAL_RUN, EVAL_CANCEL, EVAL_MODE = "eval_run", "eval_cancel", "eval_mode"
 

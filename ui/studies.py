@@ -33,6 +33,8 @@ class View:
     laterality: str | None = None
     view: str | None = None
     orientation: tuple[str, ...] = ()
+    inferred: list[str] = field(default_factory=list)  #: laterality/view read from elsewhere than
+    #: ImageLaterality/ViewPosition, and from where (deepminer.dicom_source.Placement.inferred)
     preview: np.ndarray | None = None  #: grey float [0, 1], long side <= PREVIEW_SIDE
     model_bytes: bytes | None = None  #: what the model is sent (a 16-bit PNG at the explained size)
     mirror: bool = False
@@ -107,19 +109,22 @@ def _decode(v: View, max_side: int | None = None) -> View:
     return v
 
 
-def _dicom_orientation(data: bytes) -> tuple[str, ...]:
-    """Patient Orientation of a DICOM file (header only), () when absent or not DICOM."""
+def _dicom_header(data: bytes) -> tuple[tuple[str, ...], list[str]]:
+    """Patient Orientation of a DICOM file (header only; () when absent, not DICOM, or not the two
+    valid values a hanging can use) and what its laterality/view were inferred from."""
     import io
 
     import pydicom
 
+    from deepminer.dicom_source import placement, valid_orientation
+
     if data[128:132] != b"DICM":
-        return ()
+        return (), []
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["PatientOrientation"])
-    except Exception:  # noqa: BLE001 - no orientation then; the decoder reports real problems
-        return ()
-    return tuple(str(x) for x in (ds.get("PatientOrientation") or []))
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - nothing to say then; the decoder reports real problems
+        return (), []
+    return valid_orientation(ds.get("PatientOrientation") or []) or (), placement(ds).inferred()
 
 
 def open_exam(fetch: Sequence[tuple[str, str, Callable[[], bytes]]], explain: Callable[[bytes], Any],
@@ -139,7 +144,7 @@ def open_exam(fetch: Sequence[tuple[str, str, Callable[[], bytes]]], explain: Ca
         except DeepMinerError as err:
             v.error = f"{name}: {err}"
             return v
-        v.orientation = _dicom_orientation(v.data)
+        v.orientation, v.inferred = _dicom_header(v.data)
         return _decode(v, max_side)
 
     def run(v: View) -> View:

@@ -8,7 +8,8 @@ HELP = "print what an image file holds (size, bit depth, photometric, laterality
 DESCRIPTION = (
     "Load one mammogram (DICOM, PNG, JPEG or TIFF; 8 or 16 bit) through the project's loader and print "
     "one 'key: value' line per fact: file, format, size (width x height), bit depth, photometric "
-    "interpretation, laterality and view (when the file says), tissue fraction. With --out, also write "
+    "interpretation, laterality and view (when the file says; for a DICOM, also where they were found when "
+    "not in ImageLaterality/ViewPosition), tissue fraction. With --out, also write "
     "<stem>_image.png (the normalized image, 8 bit) and <stem>_tissue.png (the breast tissue mask, 0/255)."
 )
 
@@ -22,8 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="refuse larger images (decompression-bomb guard)")
 
 
-def facts(loaded, mask) -> list[tuple[str, str]]:
-    """The printed facts, in order."""
+def facts(loaded, mask, inferred: list[str] | None = None) -> list[tuple[str, str]]:
+    """The printed facts, in order; ``inferred``: what a DICOM's laterality/view were read from
+    (:meth:`deepminer.dicom_source.Placement.inferred`), a line when not empty."""
     from deepminer.data.tissue import tissue_fraction
 
     return [
@@ -34,6 +36,7 @@ def facts(loaded, mask) -> list[tuple[str, str]]:
         ("photometric", loaded.photometric),
         ("laterality", loaded.laterality or "unknown"),
         ("view", loaded.view or "unknown"),
+        *([("inferred", "; ".join(inferred))] if inferred else []),
         ("tissue fraction", f"{tissue_fraction(mask):.3f}"),
     ]
 
@@ -69,7 +72,14 @@ def run(args: argparse.Namespace) -> int:
                     written.append(target)
         except OSError as err:
             raise InputError(f"{out}: cannot write ({err.strerror or err})") from None
-    for key, value in facts(loaded, mask):
+    inferred: list[str] = []
+    if loaded.format == "dicom":
+        import pydicom
+
+        from deepminer.dicom_source import placement
+
+        inferred = placement(pydicom.dcmread(args.image, stop_before_pixels=True, force=True)).inferred()
+    for key, value in facts(loaded, mask, inferred):
         print(f"{key}: {value}")
     for target in written:
         print(f"wrote: {target}")

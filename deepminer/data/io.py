@@ -341,10 +341,6 @@ def _load_tiff_fallback(data: bytes, source: str, max_pixels: int, first: BaseEx
 
 
 # --------------------------------------------------------------------------------------------- DICOM
-_PATIENT_ID_HINT = re.compile(r"(LEFT|RIGHT)_(CC|MLO)(?:_|$)")
-_VIEW_CODES = {"R-10242": "CC", "399162004": "CC", "R-10226": "MLO", "399368009": "MLO"}
-
-
 def _load_dicom(data: bytes, source: str, max_pixels: int) -> LoadedImage:
     import pydicom
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
@@ -357,6 +353,9 @@ def _load_dicom(data: bytes, source: str, max_pixels: int) -> LoadedImage:
         raise InputError(f"{source}: not a readable DICOM file ({_short(err)})") from None
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise InputError(f"{source}: DICOM file has no pixel data")
+    from deepminer.dicom_source import check_image
+
+    check_image(ds, source)
     try:
         rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     except (TypeError, ValueError):
@@ -439,7 +438,12 @@ def _decode_first_frame(ds, ts) -> np.ndarray:
 
 def _decode_rle_fast(ds) -> np.ndarray | None:
     """Single-sample 8/16-bit RLE Lossless decoded with PIL's PackBits codec (the same byte-level
-    scheme), ~10x faster than pydicom's pure-Python loop. None when the file is outside that case."""
+    scheme), ~10x faster than pydicom's loop. Each segment is decoded as one long row, so encoders
+    whose packets cross row ends (several archives' are) take this path too, and the byte segments
+    of a 16-bit image are decoded in two threads (PIL's decoder releases the GIL). None when the
+    file is outside that case."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from PIL import Image
     from pydicom.encaps import generate_frames
 
@@ -455,12 +459,18 @@ def _decode_rle_fast(ds) -> np.ndarray | None:
     if len(frame) < 64 or struct.unpack("<I", frame[:4])[0] != nseg:
         return None
     offsets = list(struct.unpack(f"<{nseg}I", frame[4:4 + 4 * nseg])) + [len(frame)]
-    planes = []
+
+    def plane(k: int) -> np.ndarray:
+        seg = frame[offsets[k]:offsets[k + 1]]
+        return np.asarray(Image.frombytes("L", (cols * rows, 1), seg, "packbits", "L")).reshape(rows, cols)
+
     try:
-        for k in range(nseg):
-            seg = frame[offsets[k]:offsets[k + 1]]
-            planes.append(np.asarray(Image.frombytes("L", (cols, rows), seg, "packbits", "L")))
-    except Exception:  # noqa: BLE001 - short segment, or packets that cross rows: pydicom's decoder decides
+        if nseg == 1:
+            planes = [plane(0)]
+        else:
+            with ThreadPoolExecutor(nseg) as pool:
+                planes = list(pool.map(plane, range(nseg)))
+    except Exception:  # noqa: BLE001 - a short segment: pydicom's decoder decides
         return None
     if nseg == 1:
         arr = planes[0]
@@ -523,16 +533,7 @@ def _dicom_colour(arr: np.ndarray, ds, photometric: str) -> tuple[np.ndarray, in
 
 
 def _dicom_laterality_view(ds) -> tuple[str | None, str | None]:
-    lat = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "") or "").strip().upper()
-    laterality = lat if lat in ("L", "R") else None
-    vp = str(ds.get("ViewPosition", "") or "").strip().upper()
-    view = vp if vp in ("CC", "MLO") else None
-    if view is None and ds.get("ViewCodeSequence"):
-        code = str(ds.ViewCodeSequence[0].get("CodeValue", "")).strip()
-        view = _VIEW_CODES.get(code)
-    if laterality is None or view is None:  # CBIS-DDSM: PatientID like Mass-Training_P_00001_LEFT_CC
-        hint = _PATIENT_ID_HINT.search(str(ds.get("PatientID", "")).upper())
-        if hint:
-            laterality = laterality or hint.group(1)[0]
-            view = view or hint.group(2)
-    return laterality, view
+    from deepminer.dicom_source import placement
+
+    place = placement(ds)
+    return place.laterality, place.view

@@ -68,8 +68,10 @@ def one_image() -> None:
     c1, c2 = st.columns([2, 3])
     cls = c1.selectbox("Explained class", classes, index=classes.index(exp.prediction),
                        key=K.of_image(K.EVAL_CLASS, ref), help="Default: the prediction.")
-    peers = c2.toggle("Also the gradient peers (Grad-CAM, Grad-CAM++, guided backprop; integrated gradients and "
-                      "SmoothGrad take seconds)", value=True, key=K.EVAL_PEERS)
+    fast = c2.toggle("Also the gradient peers (Grad-CAM, Grad-CAM++, guided backprop)", value=True, key=K.EVAL_PEERS)
+    slow = c2.toggle("...and integrated gradients and SmoothGrad (many passes each: about a minute on a 2-core "
+                     "CPU, and the model answers no one else meanwhile)", value=False, key=K.EVAL_PEERS_SLOW)
+    peers = [m for m in ev.PEERS if (m in ev.PEERS_SLOW and slow) or (m not in ev.PEERS_SLOW and fast)]
     left, right = st.columns([5, 6], gap="medium")
     with left:
         h, w = view.shape[:2]
@@ -112,7 +114,7 @@ def one_image() -> None:
         took = f"{(time.perf_counter() - t0) * 1000:.0f} ms"
         _show_scores(slot, scores, maps, scene, took)
         if peers:
-            for batch in ev.requests_for(ev.PEERS):
+            for batch in ev.requests_for(peers):
                 slow = any(m in ev.PEERS_SLOW for m in batch)
                 with st.spinner(f"Computing {', '.join(ev.method_name(m) for m in batch)}"
                                 + (" (seconds)..." if slow else "...")):

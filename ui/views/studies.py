@@ -112,7 +112,9 @@ if source == "From the PACS":
                         _open([(i.sop_uid, f"{i.laterality or '?'}{i.view or '?'} ({i.sop_uid[-8:]})",
                                 lambda i=i: pacs.retrieve_bytes(i)) for i in images], study.uid)
 else:
-    files = st.file_uploader("Four mammograms (DICOM with ImageLaterality and ViewPosition)", accept_multiple_files=True,
+    files = st.file_uploader("Four mammograms (DICOM: laterality and view from ImageLaterality/ViewPosition, the "
+                             "series' Laterality, a Patient Orientation naming the view, or a CBIS-DDSM PatientID)",
+                             accept_multiple_files=True,
                              key="studies_upload")
     if st.button("Open as exam", type="primary", disabled=not files):
         _open([(f.name, f.name, lambda f=f: f.getvalue()) for f in files or []], None)
@@ -138,6 +140,9 @@ if exam.hanging.missing:
     st.caption("Missing views: " + ", ".join(exam.hanging.missing))
 for ev, why in exam.hanging.unplaced:
     st.caption(f"Not hung: {render.md_escape(ev.item.name)} ({why})")
+for v in slotted:
+    if v.inferred:
+        st.caption(f"{v.slot_name} ({render.md_escape(v.name)}): " + "; ".join(v.inferred))
 
 for vw in VIEWS:
     cols = st.columns(2, gap="small")
