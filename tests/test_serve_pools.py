@@ -94,4 +94,6 @@ def test_predictions_stay_fast_while_explanations_run(server):
           f"{len(done)} heavy jobs meanwhile")
     assert done, "no explanation ran alongside"
     assert one_heavy_s > 4 * _p95(quiet), "the heavy request is not heavy enough to tell"
-    assert _p95(busy) <= 2 * _p95(quiet) + 0.05, (busy, quiet)
+    # 2x is the target; 0.1 s on top for a shared test machine (make test runs two xdist workers): without
+    # the pools a prediction waits for a whole explanation (seconds), far above either
+    assert _p95(busy) <= 2 * _p95(quiet) + 0.1, (busy, quiet)
