@@ -206,16 +206,34 @@ def test_client_explain_methods_posts_multipart_to_explanations(monkeypatch):
     body = _explanation(target="normal", method_maps={"gradcam": np.ones((4, 3), np.float32)},
                         method_ms={"gradcam": 3.0}).to_json()
 
+    urls: list[str] = []
+    has_pool = {"value": True}
+
     def fake(self, method, url, **kw):
         sent.update(method=method, url=url, **kw)
+        urls.append(url)
+        if url.endswith("-heavy") and not has_pool["value"]:
+            missing = _Answer({"code": 404, "type": "ModelNotFoundException", "message": "Model not found"})
+            missing.status_code = 404
+            return missing
         return _Answer(body)
 
     monkeypatch.setattr(requests.Session, "request", fake)
     client = Client("http://127.0.0.1:9", model="tiny")
     exp = client.explain_methods(b"\x89PNG image", ["gradcam"], target="normal",
                                  options=ExplainOptions(top_units=2, max_side=256))
-    assert (sent["method"], sent["url"]) == ("POST", "http://127.0.0.1:9/explanations/tiny")
-    assert json.loads(sent["files"]["options"][1]) == {"top_units": 2, "unit_maps": "top", "max_side": 256,
+    # explanations go to the model's heavy-work pool (docs/serving.md)...
+    assert (sent["method"], urls) == ("POST", ["http://127.0.0.1:9/explanations/tiny-heavy"])
+    first = dict(sent)
+    # ...and to the model itself on a server without pools, from then on without asking again
+    has_pool["value"] = False
+    urls.clear()
+    bare = Client("http://127.0.0.1:9", model="tiny")
+    for _ in range(2):
+        bare.explain_methods(b"\x89PNG image", ["gradcam"], target="normal")
+    assert urls == ["http://127.0.0.1:9/explanations/tiny-heavy", "http://127.0.0.1:9/explanations/tiny",
+                    "http://127.0.0.1:9/explanations/tiny"]
+    assert json.loads(first["files"]["options"][1]) == {"top_units": 2, "unit_maps": "top", "max_side": 256,
                                                        "methods": ["gradcam"], "target": "normal"}
     assert exp.target == "normal" and exp.method_maps["gradcam"].shape == (4, 3) and exp.method_ms == {"gradcam": 3.0}
     with pytest.raises(InputError, match=r"^options\.methods: must be one of"):
