@@ -69,8 +69,8 @@ def one_image() -> None:
     cls = c1.selectbox("Explained class", classes, index=classes.index(exp.prediction),
                        key=K.of_image(K.EVAL_CLASS, ref), help="Default: the prediction.")
     fast = c2.toggle("Also the gradient peers (Grad-CAM, Grad-CAM++, guided backprop)", value=True, key=K.EVAL_PEERS)
-    slow = c2.toggle("...and integrated gradients and SmoothGrad (many passes each: about a minute on a 2-core "
-                     "CPU, and the model answers no one else meanwhile)", value=False, key=K.EVAL_PEERS_SLOW)
+    slow = c2.toggle("...and integrated gradients, SmoothGrad (slow)", value=False, key=K.EVAL_PEERS_SLOW,
+                     help="Many passes of the model each: about a minute for both at 1024 px on a 2-core CPU.")
     peers = [m for m in ev.PEERS if (m in ev.PEERS_SLOW and slow) or (m not in ev.PEERS_SLOW and fast)]
     left, right = st.columns([5, 6], gap="medium")
     with left:
