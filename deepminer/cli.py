@@ -32,12 +32,13 @@ from deepminer.commands import (
     patches,
     phantoms,
     train,
+    train_whole,
     users,
 )
 from deepminer.errors import DeepMinerError
 
 COMMANDS: tuple[ModuleType, ...] = (atlas_ablation, bench, dissect, domain_fit, evaluate, evaluate_explanations, explain, import_cbis, inspect,
-                                    patches, phantoms, train, users)
+                                    patches, phantoms, train, train_whole, users)
 ENTRY_POINT_GROUP = "deepminer.commands"
 
 

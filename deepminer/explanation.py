@@ -187,6 +187,8 @@ class Explanation:
     method_maps: dict[str, np.ndarray] = field(default_factory=dict)
     method_ms: dict[str, float] = field(default_factory=dict)
     ablation: Ablation | None = None
+    #: bool ``(h, w)``: the breast cells a whole-image model pooled over (None for a patch model's rule)
+    breast_cells: np.ndarray | None = None
 
     # -- geometry ---------------------------------------------------------------------------------
     @property

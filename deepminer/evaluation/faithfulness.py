@@ -214,6 +214,11 @@ def deletion_insertion(model: FCN, image: Any, cell_map: Any, target: int, tissu
         return torch.where((rank >= n) & (rank < n_cells), filled, x[0, 0])
 
     probs: dict[tuple[str, int], float] = {}
+    # a whole-image model pools over the breast cells of the ORIGINAL image (a deleted cell is still breast)
+    from deepminer.explain.engine import image_level
+    from deepminer.models.fcn import breast_cells
+
+    cells = breast_cells(x[:, :1], (h, w))[0] if image_level(model) is not None else None
     was_training = model.training
     model.eval()
     try:
@@ -226,7 +231,7 @@ def deletion_insertion(model: FCN, image: Any, cell_map: Any, target: int, tissu
                     raise InputError(f"cell_map: a {h}x{w} map, but the model's maps of this image "
                                      f"are {logits.shape[-2]}x{logits.shape[-1]} cells")
                 for b, k in enumerate(keys):
-                    p, _, _ = image_probabilities(model, logits[b:b + 1], (hi, wi), patch_px)
+                    p, _, _ = image_probabilities(model, logits[b:b + 1], (hi, wi), patch_px, cells)
                     probs[k] = float(p[target])
     finally:
         model.train(was_training)

@@ -39,7 +39,7 @@ from deepminer.explain.sketch import sketch_iou
 from deepminer.explain.units import QUANTILE, quantile_thresholds
 from deepminer.explanation import Ablation, Explanation, UnitMaps, rank_by_influence
 from deepminer.geometry import DEFAULT_MAX_SIDE
-from deepminer.models.fcn import FCN
+from deepminer.models.fcn import FCN, breast_cells
 from deepminer.models.fcn import patch_px as model_patch_px
 from deepminer.options import DEFAULTS, UNIT_MAPS
 
@@ -54,10 +54,21 @@ def cam_from_features(model: FCN, feats: torch.Tensor,
     return torch.einsum("ck,bkhw->bchw", model.unit_weights.to(feats.dtype), feats)
 
 
+def image_level(model: FCN) -> dict | None:
+    """A whole-image model's ``meta["image_level"]`` (pool, temperature), or None for a patch model."""
+    level = (getattr(model, "meta", None) or {}).get("image_level")
+    return level if isinstance(level, dict) else None
+
+
 def image_probabilities(model: FCN, class_logits: torch.Tensor, input_hw: tuple[int, int],
-                        patch_px: int | None = None
+                        patch_px: int | None = None, cells: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, str, tuple[int, int, int, int] | None]:
     """Image-level probabilities ``[C]`` from class-map logits ``(1, C, h, w)``.
+
+    * A whole-image model (``deepminer train-whole``: ``meta["image_level"]``): its head's own pooling
+      over the breast ``cells`` (bool ``(h, w)``, :func:`deepminer.models.fcn.breast_cells`; all cells
+      when None), divided by the temperature fitted on validation, softmax: exactly what it was
+      trained and calibrated on.
 
     * WILDCAT head: softmax of the head's own pooling (top-k + alpha x bottom-k) over the whole
       map, i.e. exactly ``softmax(model(x))``; it was made for maps of any size.
@@ -72,6 +83,15 @@ def image_probabilities(model: FCN, class_logits: torch.Tensor, input_hw: tuple[
 
     Returns ``(probabilities, rule, window)``; ``window`` = ``(i0, j0, i1, j1)`` cells or None.
     """
+    level = image_level(model)
+    if level is not None:
+        h, w = class_logits.shape[-2:]
+        c = cells if cells is not None else torch.ones((h, w), dtype=torch.bool, device=class_logits.device)
+        temperature = float(level.get("temperature") or 1.0)
+        pooled = model.pool(class_logits.float(), c[None].to(class_logits.device))[0]
+        rule = (f"whole image: {level.get('pool', 'pooled')} over {int(c.sum())} of {h * w} cells, "
+                f"/ temperature {temperature:.3g}, softmax")
+        return torch.softmax(pooled / temperature, 0), rule, None
     if getattr(model, "head_type", "gap") == "wildcat":
         probs = torch.softmax(model.pool(class_logits)[0].float(), 0)
         return probs, "wildcat: softmax of the head's pooling", None
@@ -89,7 +109,7 @@ def image_probabilities(model: FCN, class_logits: torch.Tensor, input_hw: tuple[
 
 
 def ablate_features(model: FCN, feats: torch.Tensor, units: Any, input_hw: tuple[int, int],
-                    patch_px: int | None = None
+                    patch_px: int | None = None, cells: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, str, tuple[int, int, int, int] | None]:
     """The model with ``units`` silenced, from its unit maps ``feats`` ``(1, K, h, w)``: those
     channels set to zero, then the head (``class_logits``) and the image rule
@@ -104,7 +124,7 @@ def ablate_features(model: FCN, feats: torch.Tensor, units: Any, input_hw: tuple
         if ids:
             f[:, ids] = 0
         logits = model.class_logits(f)
-        probs, rule, window = image_probabilities(model, logits, input_hw, patch_px)
+        probs, rule, window = image_probabilities(model, logits, input_hw, patch_px, cells)
         return probs, torch.softmax(logits.float(), 1)[0], rule, window
 
 
@@ -137,8 +157,9 @@ def ablation_from_features(model: FCN, feats: np.ndarray | torch.Tensor, units: 
             feats = torch.from_numpy(feats)
     f = feats.to(device)[None]
     hw = (int(core.input["model_height"]), int(core.input["model_width"]))
+    cells = None if core.breast_cells is None else torch.from_numpy(np.ascontiguousarray(core.breast_cells))
     with _one_cpu_thread(device):
-        probs, maps, _, window = ablate_features(model, f, units, hw, patch_px)
+        probs, maps, _, window = ablate_features(model, f, units, hw, patch_px, cells)
     p = probs.float().cpu().numpy()
     classes = core.classes
     after = {c: float(v) for c, v in zip(classes, p)}
@@ -263,7 +284,9 @@ def _forward(model: FCN, img: torch.Tensor, max_side: int | None, patch_px: int 
             cam = cam_from_features(model, feats, logits)[0]
             unit_max = feats[0].flatten(1).amax(1)
             influence = model.unit_weights.float() * unit_max.float()[None, :]
-            probs, rule, window = image_probabilities(model, logits, (int(x.shape[-2]), int(x.shape[-1])), patch_px)
+            cells = breast_cells(x, tuple(logits.shape[-2:]))[0] if image_level(model) is not None else None
+            probs, rule, window = image_probabilities(model, logits, (int(x.shape[-2]), int(x.shape[-1])), patch_px,
+                                                      cells)
             arrays = [a.float().cpu().numpy() for a in (class_maps, cam, unit_max, influence, probs)]
             maps_np = feats[0].to(torch.float16).cpu().numpy()
             feats_np = feats[0].float().cpu().numpy()
@@ -291,4 +314,5 @@ def _forward(model: FCN, img: torch.Tensor, max_side: int | None, patch_px: int 
                "units": int(unit_max_np.shape[0]),
                "trained_on": str((getattr(model, "meta", None) or {}).get("trained_on") or NOT_RECORDED)},
         probability_rule=rule, window=window,
+        breast_cells=None if cells is None else cells.cpu().numpy(),
     ), feats_np

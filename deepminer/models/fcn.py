@@ -54,8 +54,13 @@ class GAPHead(nn.Module):
     def maps(self, feats: torch.Tensor) -> torch.Tensor:
         return self.fc(feats)
 
-    def pool(self, maps: torch.Tensor) -> torch.Tensor:
-        return maps.mean(dim=(2, 3))
+    def pool(self, maps: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean over positions; with ``cells`` (bool ``(B, h, w)``, see :func:`breast_cells`) the
+        mean over those cells only (a whole-image model pools over the breast)."""
+        if cells is None:
+            return maps.mean(dim=(2, 3))
+        w = cells.to(maps.dtype)[:, None]
+        return (maps * w).sum(dim=(2, 3)) / w.sum(dim=(2, 3)).clamp_min(1.0)
 
     @property
     def unit_weights(self) -> torch.Tensor:
@@ -79,6 +84,23 @@ class GAPHead(nn.Module):
             else:
                 bias.zero_()
         return head
+
+
+BREAST_CELL_SHARE = 0.5  #: a cell is breast when at least this share of its input pixels is tissue
+
+
+def breast_cells(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Bool ``(B, h, w)``: the cells of an ``h x w`` map whose input pixels are at least
+    :data:`BREAST_CELL_SHARE` tissue, for a tissue-masked grey batch ``x`` ``(B, 1, H, W)`` (outside
+    the breast = exactly 0, as :func:`deepminer.data.tissue.tissue_region` leaves it). An image with no
+    such cell gets every cell (nothing to pool over otherwise). The cells tile the input as the maps
+    do (adaptive average pooling)."""
+    share = torch.nn.functional.adaptive_avg_pool2d((x[:, :1] > 0).float(), hw)[:, 0]
+    cells = share >= BREAST_CELL_SHARE
+    empty = ~cells.flatten(1).any(1)
+    if bool(empty.any()):
+        cells[empty] = True
+    return cells
 
 
 class FCN(nn.Module):
@@ -122,9 +144,10 @@ class FCN(nn.Module):
         """Class logit maps ``(B, C, h, w)`` from unit maps."""
         return self.head.maps(feats)
 
-    def pool(self, maps: torch.Tensor) -> torch.Tensor:
-        """Image-level logits ``(B, C)`` from class logit maps (the head's own pooling)."""
-        return self.head.pool(maps)
+    def pool(self, maps: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
+        """Image-level logits ``(B, C)`` from class logit maps (the head's own pooling; over the
+        ``cells`` only when given, bool ``(B, h, w)``)."""
+        return self.head.pool(maps, cells)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.class_logits(self.forward_features(x)))

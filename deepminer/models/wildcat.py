@@ -41,8 +41,19 @@ def resolve_k(k: int | float, positions: int) -> int:
     return min(int(k), positions)
 
 
-def wildcat_pool(maps: torch.Tensor, k: int | float, alpha: float) -> torch.Tensor:
-    """``(B, C, h, w)`` -> ``(B, C)``: mean of the k highest + alpha x mean of the k lowest positions."""
+def wildcat_pool(maps: torch.Tensor, k: int | float, alpha: float,
+                 cells: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, C, h, w)`` -> ``(B, C)``: mean of the k highest + alpha x mean of the k lowest positions.
+    With ``cells`` (bool ``(B, h, w)``) only those positions count, and a fractional ``k`` is a share
+    of them (image by image)."""
+    if cells is not None:
+        out = []
+        for b in range(maps.shape[0]):
+            sel = maps[b][:, cells[b]]  # (C, n)
+            if sel.shape[1] == 0:
+                sel = maps[b].flatten(1)
+            out.append(wildcat_pool(sel[None, :, :, None], k, alpha))
+        return torch.cat(out, 0)
     flat = maps.flatten(2)
     kk = resolve_k(k, flat.shape[2])
     score = flat.topk(kk, dim=2).values.mean(dim=2)
@@ -84,9 +95,9 @@ class WildcatHead(nn.Module):
         """Class maps ``(B, C, h, w)``: the mean of each class's M maps."""
         return self.all_maps(feats).mean(dim=2)
 
-    def pool(self, maps: torch.Tensor) -> torch.Tensor:
-        """Image logits ``(B, C)`` by WILDCAT spatial pooling."""
-        return wildcat_pool(maps, self.k, self.alpha)
+    def pool(self, maps: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
+        """Image logits ``(B, C)`` by WILDCAT spatial pooling (over ``cells`` only, when given)."""
+        return wildcat_pool(maps, self.k, self.alpha, cells)
 
     @property
     def unit_weights(self) -> torch.Tensor:

@@ -1,0 +1,134 @@
+"""The whole-image training stage (``deepminer train-whole``, issue 21): a tiny run learns a planted
+lesion signal from image-level labels only and predicts all three classes; the checkpoint records its
+scale, pooling and temperature; the engine's image rule pools over the breast cells."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from deepminer import CLASSES
+from deepminer.data.dataset import write_manifest
+from deepminer.data.io import png16
+from deepminer.errors import InputError
+from deepminer.explain.engine import explain_image, image_probabilities
+from deepminer.models import build_model, load_model, save_model
+from deepminer.models.fcn import breast_cells
+from deepminer.whole_image import WholeImageConfig, fit_temperature, train_whole
+
+H, W = 96, 64
+
+
+def _image(rng: np.random.Generator, label: str) -> np.ndarray:
+    """A 'breast' (a half ellipse against the left edge, textured), black outside; benign images
+    carry one grey disc, malignant ones a brighter, larger one; the lesion is small (a few per cent of
+    the breast), so pooling over the whole image must find it."""
+    yy, xx = np.mgrid[0:H, 0:W]
+    breast = ((yy - H / 2) / (0.45 * H)) ** 2 + (xx / (0.9 * W)) ** 2 <= 1
+    img = np.where(breast, 0.35 + 0.08 * rng.standard_normal((H, W)), 0.0)
+    cy, cx = rng.integers(int(0.3 * H), int(0.7 * H)), rng.integers(6, int(0.5 * W))
+    if label == "benign":
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 16] = 0.7
+    elif label == "malignant":
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 36] = 1.0
+    return np.clip(img, 0, 1) * breast
+
+
+def _dataset(folder, n_per_class: dict[str, int], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for split, n in n_per_class.items():
+        for label in CLASSES:
+            for i in range(n):
+                iid = f"{split}_{label}_{i}"
+                img = _image(rng, label)
+                (folder / "images" / f"{iid}.png").write_bytes(png16((img * 4095).round().astype(np.uint16), bits=12))
+                rows.append({"image_id": iid, "patient_id": iid, "view": "CC", "split": split, "label": label,
+                             "image": f"images/{iid}.png", "lesion_mask": "", "report": ""})
+    write_manifest(folder, rows)
+    (folder / "phantoms.json").write_text(json.dumps({"size": H, "pixel_spacing_mm": 0.5}), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("whole")
+    data = root / "data"
+    _dataset(data, {"train": 24, "val": 10, "test": 10}, seed=0)
+    torch.manual_seed(0)
+    patch = build_model("tiny", num_classes=3, pretrained=False)
+    save_model(patch, root / "patch.pt", patch_size=32)
+    cfg = WholeImageConfig(model=str(root / "patch.pt"), data=str(data), out=str(root / "run"), long_side=H,
+                           train_from="block2", epochs=15, lr=0.2, batch_size=8, flips=2, patience=None)
+    metrics = train_whole(cfg, progress=False)
+    return root, data, metrics
+
+
+def test_learns_a_planted_signal_from_image_labels_and_predicts_every_class(trained):
+    root, data, metrics = trained
+    model = load_model(root / "run" / "best.pt")
+    val = metrics["val"]["after_temperature"]
+    assert val["accuracy"] >= 0.9, val
+    assert all(v > 0 for v in val["predicted"].values()), val
+    # held-out test images, explained as the server would (engine, the model's scale and rule)
+    from deepminer.data.dataset import read_manifest
+    from deepminer.data.io import load_image
+
+    right, seen = 0, set()
+    for r in read_manifest(data):
+        if r["split"] != "test":
+            continue
+        e = explain_image(model, load_image(str(data / r["image"])).pixels, max_side=None, unit_maps="none")
+        assert e.probability_rule.startswith("whole image: breast cells: mean"), e.probability_rule
+        right += e.prediction == r["label"]
+        seen.add(e.prediction)
+    assert right >= 26 and seen == set(CLASSES), (right, seen)
+
+
+def test_the_checkpoint_records_its_scale_pooling_and_temperature(trained):
+    root, _, metrics = trained
+    model = load_model(root / "run" / "best.pt")
+    scale, level = model.meta["scale"], model.meta["image_level"]
+    assert scale["long_side"] == H and scale["mm_per_px"] == pytest.approx(0.5)
+    assert 0 < scale["breast_extent_px"] < H
+    assert level["temperature"] == pytest.approx(metrics["image_level"]["temperature"]) and level["temperature"] > 0
+    assert "synthetic" in model.meta["trained_on"] or "phantom" in model.meta["trained_on"] or model.meta["trained_on"]
+    # the frozen layers did not move
+    start = load_model(root / "patch.pt")
+    assert torch.equal(start.features.block1[0].weight, model.features.block1[0].weight)
+    assert not torch.equal(start.features.block4[0].weight, model.features.block4[0].weight)
+
+
+def test_the_image_rule_pools_over_breast_cells_only_and_applies_the_temperature():
+    torch.manual_seed(1)
+    model = build_model("tiny", num_classes=3, pretrained=False).eval()
+    model.meta = {"image_level": {"pool": "breast cells: mean", "temperature": 2.0}}
+    logits = torch.randn(1, 3, 4, 5)
+    cells = torch.zeros(4, 5, dtype=torch.bool)
+    cells[1:3, 0:2] = True
+    p, rule, window = image_probabilities(model, logits, (64, 80), cells=cells)
+    want = torch.softmax(logits[0][:, cells].mean(1) / 2.0, 0)  # by hand: mean of the 4 cells, / T
+    assert torch.allclose(p, want, atol=1e-6) and window is None and "4 of 20 cells" in rule
+    # the breast cells of a tissue-masked input: a cell is breast when >= half its pixels are tissue
+    x = torch.zeros(1, 1, 8, 8)
+    x[..., :, :3] = 0.5   # columns 0-2: tissue; cells are 4x4 px -> the left cell column has 3/4 tissue
+    assert breast_cells(x, (2, 2))[0].tolist() == [[True, False], [True, False]]
+    assert breast_cells(torch.zeros(1, 1, 8, 8), (2, 2)).all()  # no tissue at all: every cell
+
+
+def test_temperature_recovers_a_known_overconfidence():
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(0, 1.5, size=(4000, 3))
+    p = np.exp(true_logits) / np.exp(true_logits).sum(1, keepdims=True)
+    y = np.array([rng.choice(3, p=row) for row in p])
+    t = fit_temperature(true_logits * 3.0, y)  # logits 3x too confident
+    assert t == pytest.approx(3.0, rel=0.1)
+
+
+def test_bad_settings_are_one_line_errors(tmp_path):
+    with pytest.raises(InputError, match="no such dataset folder"):
+        train_whole(WholeImageConfig(model=str(tmp_path / "m.pt"), data=str(tmp_path / "none"), out=str(tmp_path / "o")))
+    with pytest.raises(InputError, match="--flips"):
+        WholeImageConfig(model="m", data=str(tmp_path), out="o", flips=3).check()
