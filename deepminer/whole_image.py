@@ -222,6 +222,7 @@ def _start_model(cfg: WholeImageConfig):
     import torch
 
     from deepminer.models import load_model
+    from deepminer.models.fcn import GAPHead
     from deepminer.models.wildcat import WildcatHead
 
     model = load_model(cfg.model)
@@ -235,9 +236,14 @@ def _start_model(cfg: WholeImageConfig):
         with torch.no_grad():
             w = old.unit_weights.detach()  # (C, K): every map of a class starts at the class's weights
             new.conv.weight.copy_(w.repeat_interleave(cfg.wildcat_maps, 0)[:, :, None, None])
-            bias = getattr(old, "fc", None)
-            b = bias.bias if bias is not None else old.conv.bias.view(len(model.classes), -1).mean(1)
-            new.conv.bias.copy_(b.detach().repeat_interleave(cfg.wildcat_maps))
+            if isinstance(old, GAPHead):
+                b = old.fc.bias
+            else:
+                b = old.conv.bias
+                b = None if b is None else b.view(len(model.classes), -1).mean(1)
+            bias = new.conv.bias
+            if b is not None and bias is not None:
+                bias.copy_(b.detach().repeat_interleave(cfg.wildcat_maps))
         model.head = new
         model.head_type = "wildcat"
     elif head != model.head_type:
@@ -420,7 +426,7 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
                                                 f"wildcat top-k + {head_kw.get('alpha')} x bottom-k, k {head_kw.get('k')}"),
                    "temperature": temperature, "trained": "whole images, image-level labels",
                    "breast_cell_share": 0.5}
-    metrics = {
+    metrics: dict[str, Any] = {
         "config": asdict(cfg), "frozen_parameters": len(frozen), "scale": scale, "image_level": image_level,
         "data": {"train_images": len(rows_tr), "val_images": len(rows_va),
                  "train_labels": {c: int((train_c.labels == i).sum()) for i, c in enumerate(CLASSES)},

@@ -284,7 +284,7 @@ def _forward(model: FCN, img: torch.Tensor, max_side: int | None, patch_px: int 
             cam = cam_from_features(model, feats, logits)[0]
             unit_max = feats[0].flatten(1).amax(1)
             influence = model.unit_weights.float() * unit_max.float()[None, :]
-            cells = breast_cells(x, tuple(logits.shape[-2:]))[0] if image_level(model) is not None else None
+            cells = breast_cells(x, (int(logits.shape[-2]), int(logits.shape[-1])))[0] if image_level(model) is not None else None
             probs, rule, window = image_probabilities(model, logits, (int(x.shape[-2]), int(x.shape[-1])), patch_px,
                                                       cells)
             arrays = [a.float().cpu().numpy() for a in (class_maps, cam, unit_max, influence, probs)]
