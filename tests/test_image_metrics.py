@@ -118,3 +118,31 @@ def test_fit_temperature_recovers_the_scale():
     assert fit_temperature(z, y) == pytest.approx(1.0, rel=0.08)
     with pytest.raises(ValueError):
         fit_temperature(z[:, :2], y)
+
+
+def test_reliability_diagram_and_card_section(tmp_path):
+    from PIL import Image
+
+    from deepminer.evaluation.figures import reliability_diagram
+    from deepminer.model_card import image_level_section
+
+    z, y, _ = _data(300, seed=6)
+    before = image_level_metrics(y, softmax(z * 2.0), CLASSES, n_boot=100)
+    t = fit_temperature(z * 2.0, y)
+    after = image_level_metrics(y, softmax(z * 2.0, t), CLASSES, n_boot=100)
+    path = reliability_diagram(after["reliability"], tmp_path / "reliability.png", ece=after["ece"],
+                               before=before["reliability"])
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 300 and im.text["Description"] == "complete"
+    empty = reliability_diagram(image_level_metrics([], np.zeros((0, 3)), CLASSES)["reliability"], tmp_path / "e.png")
+    with Image.open(empty) as im:
+        assert "nothing to draw" in im.text["Description"]
+    md = image_level_section(after, uncalibrated=before, temperature=t, figure="reliability.png")
+    assert f"| AUC malignant | {after['auc']['malignant']['value']:.3f} [" in md
+    assert f"ECE (top-label, 15 bins), before -> after T = {t:.3f} | {before['ece']:.3f} -> {after['ece']:.3f}" in md
+    assert "| normal | " + " | ".join(str(v) for v in after["confusion"][0]) in md
+    assert "![reliability diagram](reliability.png)" in md
+    rows = [ln for ln in md.splitlines() if ln.startswith("| (")]
+    assert len(rows) == sum(1 for b in after["reliability"] if b["count"])
+    plain = image_level_section(image_level_metrics(y, softmax(z), CLASSES, n_boot=0))
+    assert "| AUC normal | 0." in plain and "[" not in plain.split("| AUC normal |")[1].split("\n")[0]
