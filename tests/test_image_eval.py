@@ -1,0 +1,81 @@
+"""Whole-image predictions over a dataset folder (deepminer.image_eval): the server's answer, the
+scale rule, the report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deepminer.errors import InputError
+from deepminer.image_eval import (folder_spacing_mm, image_level_report, image_rows, predict_images,
+                                  probability_matrix)
+from modelfixtures import tiny_model
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from deepminer.data.phantoms import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("imgeval") / "data", 6, 4, 160, splits={"test": 1.0},
+                            label_mix={"normal": 0.34, "benign": 0.33, "malignant": 0.33})
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(2)
+
+
+def test_predictions_equal_the_servers_answer(data, model):
+    from deepminer.explain.service import ExplainService
+
+    preds = predict_images(model, data, "test", progress=False)
+    assert [p["image_id"] for p in preds] == [r["image_id"] for r in image_rows(data, "test")]
+    service = ExplainService(model, name="tiny", settings={"keep_freed_memory": False})
+    for p in preds[:2]:
+        row = next(r for r in image_rows(data, "test") if r["image_id"] == p["image_id"])
+        body = (data / row["image"]).read_bytes()
+        exp = service.explain(body, {"unit_maps": "none"})
+        assert exp.prediction == p["prediction"]
+        for c in model.classes:
+            assert p["probabilities"][c] == pytest.approx(exp.probabilities[c], abs=1e-6)
+        assert p["side"] == min(160, max(exp.input["height"], exp.input["width"]))
+        assert p["side_rule"].startswith("default")  # the tiny model records no scale
+        assert p["label"] == row["label"] and p["y"] == list(model.classes).index(row["label"])
+
+
+def test_max_side_limit_and_spacing(data, model, tmp_path):
+    small = predict_images(model, data, "test", max_side=96, limit=2, progress=False)
+    assert len(small) == 2 and all(p["side"] == 96 and p["side_rule"].startswith("asked") for p in small)
+    assert folder_spacing_mm(data) is None  # phantoms.json without pixel_spacing_mm
+    meta = json.loads((data / "phantoms.json").read_text())
+    (tmp_path / "phantoms.json").write_text(json.dumps({**meta, "pixel_spacing_mm": 0.25}))
+    assert folder_spacing_mm(tmp_path) == 0.25
+    with pytest.raises(InputError, match="split 'val' has no image"):
+        predict_images(model, data, "val")
+    with pytest.raises(InputError, match="--limit"):
+        predict_images(model, data, "test", limit=0)
+
+
+def test_spacing_picks_the_side_of_a_scaled_model(data, model, monkeypatch, tmp_path):
+    import shutil
+
+    folder = tmp_path / "d"
+    shutil.copytree(data, folder)
+    meta = json.loads((folder / "phantoms.json").read_text())
+    (folder / "phantoms.json").write_text(json.dumps({**meta, "pixel_spacing_mm": 1.5}))
+    monkeypatch.setattr(model, "meta", {**(getattr(model, "meta", None) or {}),
+                                        "scale": {"long_side": 128, "mm_per_px": 2.0, "breast_extent_px": 60.0}},
+                        raising=False)
+    preds = predict_images(model, folder, "test", limit=1, progress=False)
+    assert preds[0]["side"] == 120 and preds[0]["side_rule"].startswith("pixel spacing")  # 160 * 1.5 / 2.0
+
+
+def test_report(data, model):
+    rep = image_level_report(model, data, "test", n_boot=100, progress=False)
+    assert rep["images"] == 6 and rep["metrics"]["n"] == 6
+    y, probs = probability_matrix(rep["predictions"], model.classes)
+    assert probs.shape == (6, 3) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert sum(map(sum, rep["metrics"]["confusion"])) == 6
+    assert sum(rep["side_rules"].values()) == 6
