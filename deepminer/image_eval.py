@@ -131,3 +131,36 @@ def image_level_report(model: Any, folder: str | os.PathLike, split: str = "test
             "seconds": round(seconds, 2), "seconds_per_image": round(seconds / max(1, len(preds)), 3),
             "metrics": image_level_metrics(y, probs, list(model.classes), n_boot=n_boot, seed=seed),
             "predictions": preds}
+
+
+def _ci(est: dict[str, Any] | None) -> str:
+    from deepminer.model_card import fmt_interval
+
+    return fmt_interval(est)
+
+
+def format_metrics(metrics: dict[str, Any]) -> list[str]:
+    """:func:`deepminer.metrics.image_level_metrics` as text lines: per class n and AUC [95% CI], the
+    abnormal-vs-normal AUC, accuracy, ECE / NLL / Brier, the confusion matrix."""
+    from deepminer.model_card import fmt_number
+
+    classes = list(metrics["classes"])
+    boot = metrics.get("bootstrap") or {}
+    has_ci = bool(boot.get("resamples"))
+    width = max(10, *(len(c) + 1 for c in classes))
+    lines = [f"{'class':<{width}} {'n':>5} {'predicted':>9}  AUC" + (" [95% CI]" if has_ci else "")]
+    for c in classes:
+        lines.append(f"{c:<{width}} {metrics['counts'][c]:>5} {metrics['predicted_counts'][c]:>9}  "
+                     f"{_ci(metrics['auc'][c])}")
+    ab = metrics.get("abnormal_auc") or {}
+    lines.append(f"abnormal vs normal AUC (score {ab.get('score', '1 - p(normal)')}): {_ci(ab)}")
+    lines.append(f"accuracy ({len(classes)} classes, argmax): {_ci(metrics['accuracy'])}; "
+                 f"ECE {fmt_number(metrics.get('ece'))} (top-label, {len(metrics.get('reliability') or [])} bins); "
+                 f"NLL {fmt_number(metrics.get('nll'))}; Brier {fmt_number(metrics.get('brier'))}")
+    lines.append("confusion (rows = truth, columns = predicted):")
+    lines.append(" " * width + " " + " ".join(f"{c:>{max(6, len(c))}}" for c in classes))
+    for c, row in zip(classes, metrics["confusion"]):
+        lines.append(f"{c:<{width}} " + " ".join(f"{int(v):>{max(6, len(k))}}" for v, k in zip(row, classes)))
+    if has_ci:
+        lines.append(f"[95% CI]: percentile bootstrap over images, {boot['resamples']} resamples, seed {boot['seed']}")
+    return lines

@@ -79,3 +79,24 @@ def test_report(data, model):
     assert probs.shape == (6, 3) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
     assert sum(map(sum, rep["metrics"]["confusion"])) == 6
     assert sum(rep["side_rules"].values()) == 6
+
+
+def test_evaluate_command(data, tmp_path, capsys):
+    from deepminer.cli import main
+    from deepminer.models import save_model
+
+    path = save_model(tiny_model(2), tmp_path / "model.pt", patch_size=48)
+    assert main(["evaluate", "--model", str(path), "--data", str(data), "--bootstrap", "100", "--max-side", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "patch-max baseline, image-level malignant" in out
+    assert "image level (whole image, one prediction each): 6 images, model-input long side 128..128 px" in out
+    assert "abnormal vs normal AUC" in out and "confusion (rows = truth, columns = predicted):" in out
+    assert main(["evaluate", "--model", str(path), "--data", str(data), "--bootstrap", "100", "--json"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    m = body["images"]["metrics"]
+    assert body["images"]["images"] == 6 and m["n"] == 6 and set(m["auc"]) == {"normal", "benign", "malignant"}
+    assert len(body["images"]["predictions"]) == 6 and "image_level" in body["patches"]
+    assert main(["evaluate", "--model", str(path), "--data", str(data), "--no-image-level", "--json"]) == 0
+    assert "images" not in json.loads(capsys.readouterr().out)
+    assert main(["evaluate", "--model", str(path), "--data", str(data), "--max-side", "10"]) == 2
+    assert "--max-side: must be in 64..4096, got 10" in capsys.readouterr().err
