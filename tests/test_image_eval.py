@@ -100,3 +100,22 @@ def test_evaluate_command(data, tmp_path, capsys):
     assert "images" not in json.loads(capsys.readouterr().out)
     assert main(["evaluate", "--model", str(path), "--data", str(data), "--max-side", "10"]) == 2
     assert "--max-side: must be in 64..4096, got 10" in capsys.readouterr().err
+
+
+def test_classification_summary_of_records():
+    from deepminer.evaluation.results import MIN_IMAGES_FOR_CI, ImageRecord, classification_summary
+    from deepminer.metrics import image_level_metrics
+
+    rng = np.random.default_rng(0)
+    classes = ["normal", "benign", "malignant"]
+    probs = rng.dirichlet([1, 1, 1], size=3 * MIN_IMAGES_FOR_CI)
+    labels = [classes[i % 3] for i in range(len(probs))]
+    recs = [ImageRecord(f"i{i}", lab, classes[int(p.argmax())], probabilities=dict(zip(classes, map(float, p))))
+            for i, (lab, p) in enumerate(zip(labels, probs))]
+    got = classification_summary(recs + [ImageRecord("old", "benign")], classes, n_resamples=200, seed=1)
+    want = image_level_metrics([classes.index(lab) for lab in labels], probs, classes, n_boot=200, seed=1)
+    assert got["intervals"] is True and got["images_without_probabilities"] == 1
+    assert got["auc"] == want["auc"] and got["confusion"] == want["confusion"]
+    few = classification_summary(recs[:-1], classes, n_resamples=200)  # malignant: one image short
+    assert few["intervals"] is False and np.isnan(few["accuracy"]["lo"]) and few["n"] == len(recs) - 1
+    assert classification_summary([ImageRecord("x", "normal")], classes) is None
