@@ -119,3 +119,24 @@ def test_classification_summary_of_records():
     few = classification_summary(recs[:-1], classes, n_resamples=200)  # malignant: one image short
     assert few["intervals"] is False and np.isnan(few["accuracy"]["lo"]) and few["n"] == len(recs) - 1
     assert classification_summary([ImageRecord("x", "normal")], classes) is None
+
+
+def test_evaluate_page_classification_tables():
+    from deepminer.evaluation.results import ImageRecord
+    from ui import evaluate as ev
+
+    classes = ["normal", "benign", "malignant"]
+    probs = {"a": [0.7, 0.2, 0.1], "b": [0.1, 0.6, 0.3], "c": [0.2, 0.3, 0.5], "d": [0.5, 0.3, 0.2]}
+    labels = {"a": "normal", "b": "benign", "c": "malignant", "d": "malignant"}
+    recs = [ImageRecord(i, labels[i], classes[int(np.argmax(p))], probabilities=dict(zip(classes, p)))
+            for i, p in probs.items()] + [ImageRecord("x", None, problem="unreadable")]
+    cl = ev.classification(recs)
+    assert cl["n"] == 4 and cl["intervals"] is False and cl["accuracy"]["value"] == 0.75
+    metrics, confusion = ev.classification_rows(cl)
+    assert metrics[0] == {"metric": "AUC normal (one-vs-rest)", "value": "1.000", "images": 1}
+    assert confusion[2] == {"truth": "malignant", "predicted normal": 1, "predicted benign": 0,
+                            "predicted malignant": 1, "total": 2}
+    body = json.loads(ev.report_json([], {"dataset": "x"}, classification=cl))
+    assert body["classification"]["confusion"] == cl["confusion"] and body["classification"]["accuracy"]["lo"] is None
+    assert "classification" not in json.loads(ev.report_json([], {}))
+    assert ev.classification([ImageRecord("x", None)]) is None
