@@ -160,7 +160,7 @@ def model_card(metrics: dict) -> str:
                   *_metric_rows(rep, "this model")]
         il = rep.get("image_level")
         if il:
-            lines += ["", f"Image level (score = max over the image's {'sampled ' if capped else ''}patches of P(malignant); "
+            lines += ["", f"Image level, patch-max baseline (score = max over the image's {'sampled ' if capped else ''}patches of P(malignant); "
                       f"{il['n_images']} images, {il['n_positive']} malignant): AUC {fmt_number(il['auc'])}, "
                       f"pAUC {fmt_number(il['pauc'])}."]
     lines += ["", "## Limitations", "",
