@@ -403,7 +403,7 @@ def reliability_diagram(bins: Sequence[Mapping[str, Any]], path: str | os.PathLi
                         before: Sequence[Mapping[str, Any]] | None = None) -> Path:
     """The reliability diagram of :func:`deepminer.metrics.reliability_bins` (``{"lo", "hi", "count",
     "confidence", "accuracy"}`` per bin): per non-empty bin a bar of its accuracy over the bin, a red
-    gap to its mean confidence, the diagonal of perfect calibration, and the image count per bin
+    hatched gap to its mean confidence (above the bar: over-confident; inside it: under-confident), the diagonal of perfect calibration, and the image count per bin
     below. ``before``: the bins before temperature scaling, drawn as a grey line. Empty bins are left
     blank (said in a note when every bin is)."""
     plt = _pyplot()
@@ -416,7 +416,7 @@ def reliability_diagram(bins: Sequence[Mapping[str, Any]], path: str | os.PathLi
         ax.bar(lo, float(b["accuracy"]), width=hi - lo, align="edge", color="#1f77b4", edgecolor="white",
                label="accuracy" if i == 0 else None)
         ax.bar(lo, float(b["confidence"]) - float(b["accuracy"]), bottom=float(b["accuracy"]), width=hi - lo,
-               align="edge", color="#d62728", alpha=0.35, edgecolor="#d62728",
+               align="edge", facecolor="none", hatch="///", edgecolor="#d62728", linewidth=0.8,
                label="gap to mean confidence" if i == 0 else None)
     if before:
         pts = [(float(b["confidence"]), float(b["accuracy"])) for b in before
