@@ -5,6 +5,11 @@
   the high-sensitivity band ``TPR in [tpr, 1]``, normalised to ``[0, 1]``.
 * :func:`histogram_baseline` — the trivial baseline of the model card: logistic regression on each
   patch's intensity histogram.
+* :func:`image_level_metrics` — the whole-image classification report (issue 21): per-class and
+  abnormal-vs-normal AUC and 3-class accuracy with 95% bootstrap intervals, the confusion matrix,
+  ECE with its reliability table, NLL and Brier score;
+  :func:`expected_calibration_error`, :func:`reliability_bins`, :func:`fit_temperature` and
+  :func:`softmax` (temperature scaling, Guo et al. 2017). Numpy/scipy only, no torch.
 
 **pAUC definition.** With the ROC curve ``FPR(t)`` written as a function of the true-positive rate
 ``t`` (the piecewise-linear curve through scikit-learn's ``roc_curve`` points), the partial area is
@@ -19,6 +24,7 @@ with AUC 0.872, max 0.2); multiply ours by ``1 - tpr`` to compare.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -143,6 +149,186 @@ def histogram_baseline(train_patches: Sequence[np.ndarray], train_labels: Sequen
     report = classification_report(test_labels, probs, classes)
     report["bins"] = bins
     return report
+
+
+# -- image level: calibration ---------------------------------------------------------------------
+
+ECE_BINS = 15  #: equal-width confidence bins of the ECE and the reliability table (Guo et al. 2017)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature`` (float64, numerically stable)."""
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _nll_at(z: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    from scipy.special import logsumexp
+
+    s = z / temperature
+    return float(np.mean(logsumexp(s, axis=1) - s[np.arange(y.size), y]))
+
+
+def fit_temperature(logits: np.ndarray, y: Sequence[int] | np.ndarray, *,
+                    bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The temperature ``T > 0`` that minimises the mean negative log-likelihood of
+    ``softmax(logits / T)`` on ``(logits (N, C), y (N,) class indices)``: a bounded 1-D search over
+    ``log T`` in ``log(bounds)`` (Brent, ``scipy.optimize.minimize_scalar``, x tolerance 1e-7).
+
+    Temperature scaling (Guo et al. 2017) keeps every argmax (accuracy and AUCs unchanged) and only
+    changes how confident the probabilities are. Fit it on validation logits, never on the test set.
+    """
+    from scipy.optimize import minimize_scalar
+
+    z = np.asarray(logits, dtype=np.float64)
+    yy = np.asarray(y).astype(int).ravel()
+    if z.ndim != 2 or z.shape[0] != yy.size or yy.size == 0:
+        raise ValueError(f"fit_temperature: logits {z.shape} and y ({yy.size},) must be (N, C) and (N,), N > 0")
+    if yy.min() < 0 or yy.max() >= z.shape[1]:
+        raise ValueError(f"fit_temperature: class indices must be in [0, {z.shape[1]})")
+    lo, hi = (math.log(b) for b in bounds)
+    res = minimize_scalar(lambda t: _nll_at(z, yy, math.exp(t)), bounds=(lo, hi), method="bounded",
+                          options={"xatol": 1e-7})
+    return float(math.exp(res.x))
+
+
+def reliability_bins(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, n_bins: int = ECE_BINS) -> list[dict]:
+    """The top-label reliability table: ``n_bins`` equal-width bins of the confidence
+    ``max_c p_c`` over ``[0, 1]``, bin ``b`` holding ``b/n < conf <= (b+1)/n`` (the first bin also
+    holds 0). Per bin ``{"lo", "hi", "count", "confidence" (mean), "accuracy" (share whose argmax
+    is the truth)}``; an empty bin has NaN confidence and accuracy."""
+    y = np.asarray(y_true).astype(int).ravel()
+    p = np.asarray(probs, dtype=np.float64)
+    conf = p.max(axis=1) if p.size else np.zeros(0)
+    right = (p.argmax(axis=1) == y) if p.size else np.zeros(0, dtype=bool)
+    b = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    out = []
+    for i in range(n_bins):
+        m = b == i
+        k = int(m.sum())
+        out.append({"lo": i / n_bins, "hi": (i + 1) / n_bins, "count": k,
+                    "confidence": float(conf[m].mean()) if k else _NAN,
+                    "accuracy": float(right[m].mean()) if k else _NAN})
+    return out
+
+
+def expected_calibration_error(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Top-label expected calibration error (Guo et al. 2017; Naeini et al. 2015):
+    ``sum_b (n_b / N) * |accuracy_b - confidence_b|`` over the bins of :func:`reliability_bins`
+    (empty bins contribute 0). NaN when there is no item."""
+    bins = reliability_bins(y_true, probs, n_bins)
+    n = sum(b["count"] for b in bins)
+    if not n:
+        return _NAN
+    return float(sum(b["count"] / n * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"]))
+
+
+# -- image level: the report -----------------------------------------------------------------------
+
+CI_LEVEL = 0.95
+
+
+def rank_auc(y_binary: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """ROC AUC along the last axis by the Mann-Whitney statistic with mid-ranks (ties count half):
+    the same number as ``roc_auc_score`` for each row; NaN for a row with one class only.
+    ``y_binary`` and ``score`` are ``(..., N)``; vectorised over the leading axes (bootstrap)."""
+    from scipy.stats import rankdata
+
+    yb = np.asarray(y_binary).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    ranks = rankdata(s, axis=-1)  # average method: ties get their mid-rank
+    n_pos = yb.sum(axis=-1).astype(np.float64)
+    n_neg = yb.shape[-1] - n_pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = ((ranks * yb).sum(axis=-1) - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+
+
+def _interval(value: float, samples: np.ndarray, level: float) -> dict:
+    """``{"value", "lo", "hi", "resamples"}``: the percentile interval of the finite ``samples``
+    (resamples where the statistic is undefined are skipped and not counted)."""
+    ok = samples[np.isfinite(samples)]
+    if not ok.size or not math.isfinite(value):
+        return {"value": value, "lo": _NAN, "hi": _NAN, "resamples": int(ok.size)}
+    lo, hi = np.quantile(ok, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    return {"value": value, "lo": float(lo), "hi": float(hi), "resamples": int(ok.size)}
+
+
+def image_level_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES,
+                        *, n_boot: int = 2000, seed: int = 0, level: float = CI_LEVEL, n_bins: int = ECE_BINS,
+                        negative: str = "normal") -> dict:
+    """The image-level classification report of ``probs (N, C)`` (column ``c`` = ``classes[c]``)
+    against ``y_true (N,)`` class indices.
+
+    Returns (JSON-able, NaN where undefined)::
+
+        {"n", "classes", "counts" {class: n true}, "predicted_counts" {class: n predicted},
+         "auc" {class: {"value", "lo", "hi", "resamples"}},   # one-vs-rest, score p_class
+         "abnormal_auc" {"value", "lo", "hi", "resamples", "score"},  # truth != negative, score 1 - p_negative
+         "accuracy" {"value", "lo", "hi", "resamples"},       # argmax == truth
+         "confusion" [[...]] (rows = truth, columns = predicted, counts, in ``classes`` order),
+         "ece", "reliability" [bins, :func:`reliability_bins`], "nll", "brier",
+         "bootstrap" {"resamples", "seed", "level", "method"}}
+
+    Intervals: percentile bootstrap over images (``n_boot`` resamples of N images drawn with
+    replacement, one seeded index matrix shared by every statistic, as
+    :func:`deepminer.evaluation.stats.bootstrap_ci` draws it). A resample in which an AUC is
+    undefined (its class, or every other class, absent) is skipped for that AUC, not redrawn;
+    ``resamples`` says how many were used. ``n_boot=0``: no intervals (lo/hi NaN). Point AUCs are
+    scikit-learn's ``roc_auc_score`` (:func:`per_class_auc`); the bootstrap ones the same statistic
+    by mid-ranks (:func:`rank_auc`). NLL: mean ``-log p_truth`` (p clipped at 1e-12); Brier: mean
+    over images of ``sum_c (p_c - [c == truth])^2`` (0 to 2).
+    """
+    from sklearn.metrics import confusion_matrix, roc_auc_score
+
+    y = np.asarray(y_true).astype(int).ravel()
+    p = np.asarray(probs, dtype=np.float64)
+    names = list(classes)
+    C = len(names)
+    if p.ndim != 2 or p.shape != (y.size, C):
+        raise ValueError(f"image_level_metrics: probs {p.shape} must be (N, {C}) for {y.size} labels")
+    if y.size and (y.min() < 0 or y.max() >= C):
+        raise ValueError(f"image_level_metrics: class indices must be in [0, {C})")
+    n = y.size
+    pred = p.argmax(axis=1) if n else np.zeros(0, dtype=int)
+    right = (pred == y).astype(np.float64)
+    neg = names.index(negative) if negative in names else None
+    rng_idx = (np.random.default_rng(seed).integers(0, n, size=(n_boot, n)) if n_boot > 0 and n
+               else np.zeros((0, n), dtype=int))
+
+    auc_point = per_class_auc(y, p, names)
+    auc: dict[str, dict] = {}
+    for c, name in enumerate(names):
+        yb = (y == c)
+        samples = rank_auc(yb[rng_idx], p[:, c][rng_idx]) if rng_idx.size else np.zeros(0)
+        auc[name] = _interval(auc_point[name], samples, level)
+    abnormal: dict = {"value": _NAN, "lo": _NAN, "hi": _NAN, "resamples": 0}
+    if neg is not None:
+        yb = y != neg
+        score = 1.0 - p[:, neg]
+        point = float(roc_auc_score(yb.astype(int), score)) if _binary_ok(yb.astype(int)) else _NAN
+        samples = rank_auc(yb[rng_idx], score[rng_idx]) if rng_idx.size else np.zeros(0)
+        abnormal = _interval(point, samples, level)
+    abnormal["score"] = f"1 - p({negative})"
+    acc = _interval(float(right.mean()) if n else _NAN,
+                    right[rng_idx].mean(axis=1) if rng_idx.size else np.zeros(0), level)
+    conf = confusion_matrix(y, pred, labels=list(range(C))) if n else np.zeros((C, C), dtype=int)
+    onehot = np.eye(C)[y] if n else np.zeros((0, C))
+    return {
+        "n": int(n), "classes": names,
+        "counts": {name: int((y == c).sum()) for c, name in enumerate(names)},
+        "predicted_counts": {name: int((pred == c).sum()) for c, name in enumerate(names)},
+        "auc": auc, "abnormal_auc": abnormal, "accuracy": acc,
+        "confusion": conf.astype(int).tolist(),
+        "ece": expected_calibration_error(y, p, n_bins), "reliability": reliability_bins(y, p, n_bins),
+        "nll": float(np.mean(-np.log(np.clip(p[np.arange(n), y], 1e-12, None)))) if n else _NAN,
+        "brier": float(np.mean(np.sum((p - onehot) ** 2, axis=1))) if n else _NAN,
+        "bootstrap": {"resamples": int(n_boot), "seed": int(seed), "level": float(level),
+                      "method": "percentile, images resampled with replacement; a resample where an AUC "
+                                "is undefined is skipped for that AUC"},
+    }
 
 
 def nan_to_none(obj):

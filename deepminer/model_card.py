@@ -36,6 +36,66 @@ def _frozen_text(cfg: dict, metrics: dict) -> str:
     return "nothing (all layers fine-tuned)"
 
 
+def fmt_interval(est: dict | None) -> str:
+    """``value [lo, hi]`` of an estimate of :func:`deepminer.metrics.image_level_metrics` (``n/a``
+    parts where undefined; the interval left out when there is none)."""
+    if not est:
+        return "n/a"
+    v, lo, hi = est.get("value"), est.get("lo"), est.get("hi")
+    has_ci = not any(x is None or (isinstance(x, float) and math.isnan(x)) for x in (lo, hi))
+    return fmt_number(v) + (f" [{fmt_number(lo)}, {fmt_number(hi)}]" if has_ci else "")
+
+
+def image_level_section(metrics: dict, *, uncalibrated: dict | None = None, temperature: float | None = None,
+                        figure: str | None = None, title: str = "Image level") -> str:
+    """The model card's image-level section (Markdown) from :func:`deepminer.metrics.image_level_metrics`
+    of the calibrated probabilities: per-class AUC [95% CI], abnormal-vs-normal AUC, 3-class
+    accuracy, ECE (and NLL, Brier) before -> after temperature scaling when ``uncalibrated`` (the same
+    metrics at T = 1) and ``temperature`` are given, the confusion matrix, the reliability table,
+    and ``figure`` (a path relative to the card, the PNG of
+    :func:`deepminer.evaluation.figures.reliability_diagram`)."""
+    m = metrics
+    classes = list(m.get("classes") or CLASSES)
+    boot = m.get("bootstrap") or {}
+    counts = ", ".join(f"{c} {m['counts'].get(c, 0)}" for c in classes)
+    lines = [f"## {title}", "",
+             f"{m['n']} images ({counts}), one prediction per "
+             "whole image. AUC one-vs-rest (score p(class)); abnormal = benign or malignant vs normal (score "
+             "1 - p(normal)); accuracy of the argmax over the classes. Brackets: 95% percentile bootstrap over "
+             f"images ({boot.get('resamples', 'n/a')} resamples, seed {boot.get('seed', 'n/a')}; a resample "
+             "missing a class is skipped for that AUC).", "",
+             "| metric | value [95% CI] |", "|---|---|"]
+    for c in classes:
+        lines.append(f"| AUC {c} | {fmt_interval(m['auc'].get(c))} |")
+    lines += [f"| AUC abnormal vs normal | {fmt_interval(m.get('abnormal_auc'))} |",
+              f"| accuracy ({len(classes)} classes) | {fmt_interval(m.get('accuracy'))} |"]
+    n_bins = len(m.get("reliability") or [])
+    if uncalibrated is not None:
+        t = f"T = {temperature:.3f}" if temperature is not None else "temperature scaling"
+        for key, name in (("ece", f"ECE (top-label, {n_bins} bins)"), ("nll", "NLL"), ("brier", "Brier")):
+            lines.append(f"| {name}, before -> after {t} | {fmt_number(uncalibrated.get(key))} -> {fmt_number(m.get(key))} |")
+    else:
+        if temperature is not None:
+            lines.append(f"| temperature | {temperature:.3f} |")
+        lines += [f"| ECE (top-label, {n_bins} bins) | {fmt_number(m.get('ece'))} |",
+                  f"| NLL | {fmt_number(m.get('nll'))} |", f"| Brier | {fmt_number(m.get('brier'))} |"]
+    lines += ["", "Confusion matrix (rows = truth, columns = prediction, images):", "",
+              "| truth \\ predicted | " + " | ".join(classes) + " | total |", "|---" * (len(classes) + 2) + "|"]
+    for c, row in zip(classes, m["confusion"]):
+        lines.append(f"| {c} | " + " | ".join(str(int(v)) for v in row) + f" | {sum(int(v) for v in row)} |")
+    lines.append("| predicted | " + " | ".join(str(m['predicted_counts'].get(c, 0)) for c in classes)
+                 + f" | {m['n']} |")
+    lines += ["", "Reliability (top-label confidence, equal-width bins; empty bins left out):", "",
+              "| confidence bin | images | mean confidence | accuracy |", "|---|---|---|---|"]
+    for b in m.get("reliability") or []:
+        if b.get("count"):
+            lines.append(f"| ({b['lo']:.3f}, {b['hi']:.3f}] | {b['count']} | {fmt_number(b.get('confidence'))} | "
+                         f"{fmt_number(b.get('accuracy'))} |")
+    if figure:
+        lines += ["", f"![reliability diagram]({figure})"]
+    return "\n".join(lines) + "\n"
+
+
 def model_card(metrics: dict) -> str:
     """The Markdown model card of a run (from its ``metrics.json`` content)."""
     cfg = metrics["config"]
@@ -100,7 +160,7 @@ def model_card(metrics: dict) -> str:
                   *_metric_rows(rep, "this model")]
         il = rep.get("image_level")
         if il:
-            lines += ["", f"Image level (score = max over the image's {'sampled ' if capped else ''}patches of P(malignant); "
+            lines += ["", f"Image level, patch-max baseline (score = max over the image's {'sampled ' if capped else ''}patches of P(malignant); "
                       f"{il['n_images']} images, {il['n_positive']} malignant): AUC {fmt_number(il['auc'])}, "
                       f"pAUC {fmt_number(il['pauc'])}."]
     lines += ["", "## Limitations", "",

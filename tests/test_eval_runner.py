@@ -69,6 +69,18 @@ def test_report_files_and_numbers(report_dir, eval_data, capsys):
     for name in ("bars_auprc.png", "pr_curves.png", "deletion_insertion.png", "sanity.png", "gallery_cam.png"):
         assert (report_dir / "figures" / name).stat().st_size > 1000
     assert not any(p.name.startswith(".") for p in report_dir.parent.iterdir() if "report" in p.name)  # no resume left
+    # how right the model was on the images it explained: the records' own predictions, every image
+    cl = report["classification"]
+    truth = {r["image_id"]: (r["label"], r["prediction"]) for r in rows}
+    classes = ["normal", "benign", "malignant"]
+    assert cl["n"] == 8 and cl["classes"] == classes and cl["intervals"] is False  # 8 images: no intervals
+    want = [[sum(1 for t, p in truth.values() if t == a and p == b) for b in classes] for a in classes]
+    assert cl["confusion"] == want
+    assert cl["accuracy"]["value"] == pytest.approx(sum(t == p for t, p in truth.values()) / 8)
+    from deepminer.evaluation.report import format_table
+
+    text = format_table(report)
+    assert "how right the model was on the 8 images explained" in text and "abnormal vs normal AUC" in text
 
 
 def test_resume_skips_kept_images_and_refuses_other_settings(eval_data, tmp_path, monkeypatch, capsys):

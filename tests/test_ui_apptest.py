@@ -538,6 +538,7 @@ def test_evaluate_a_zip_lists_skipped_runs_and_exports(app_env, tmp_path):
     text = _texts(at)
     assert f"Summary over {len(ids)} images" in text, text
     assert "weights sha256" in text and "set\\.zip" in text, text
+    assert "How right the model was" not in text  # images/ + masks/ without manifest.csv: no labels to score
     summary = [f for f in _frames(at) if "auprc" in getattr(f, "columns", [])][0]
     assert list(summary["method"])[-2:] == ["random (baseline)", "tissue prior (baseline)"] or \
         set(list(summary["method"])[-2:]) == {"random (baseline)", "tissue prior (baseline)"}
@@ -556,6 +557,34 @@ def test_evaluate_a_zip_lists_skipped_runs_and_exports(app_env, tmp_path):
     at.file_uploader(key=Keys.EVAL_ZIP).upload("bad.zip", b"not a zip", "application/zip").run()
     assert not at.exception, at.exception
     assert any("Cannot use this set" in e.value for e in at.error)
+
+
+def test_evaluate_a_labelled_set_says_how_right_the_model_was(app_env, tmp_path):
+    """A zip in the dataset-folder layout carries labels: the page shows the image-level
+    classification (accuracy, per-class AUC, confusion) of the images it explained."""
+    import io
+    import zipfile
+
+    from deepminer.data.phantoms import generate_dataset
+    from ui.state import Keys
+
+    data = generate_dataset(tmp_path / "set", 4, 5, 192, label_mix={"normal": 0.5, "malignant": 0.5})
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for p in data.rglob("*"):
+            if p.is_file() and not p.relative_to(data).parts[0] == "masks":
+                z.write(p, str(p.relative_to(data)))
+    at = _app("views/evaluate.py")
+    at.radio(key=Keys.EVAL_MODE).set_value("A set of images with masks").run()
+    at.file_uploader(key=Keys.EVAL_ZIP).upload("set.zip", buf.getvalue(), "application/zip").run()
+    at.button(key=Keys.EVAL_RUN).click().run()
+    assert not at.exception, at.exception
+    run = _sess(at).eval_run
+    labelled = [r for r in run.records if r.label and r.probabilities]
+    assert labelled, [(r.image_id, r.label, r.problem) for r in run.records]
+    assert f"How right the model was on these {len(labelled)} images" in _texts(at)
+    confusion = [f for f in _frames(at) if "predicted malignant" in getattr(f, "columns", [])][0]
+    assert int(confusion["total"].sum()) == len(labelled)
 
 
 def test_evaluate_logic_sorting_baselines_and_intervals():

@@ -202,7 +202,8 @@ def evaluate_item(image_id: str, label: str | None, pixels: np.ndarray | None, l
         scene = Scene.make(pixels, lesion)
     i = class_index(exp, cls)
     view = view or ("truth" if cls is not None else "predicted")
-    rec = ImageRecord(image_id, label, exp.prediction, targets={view: exp.classes[i]})
+    rec = ImageRecord(image_id, label, exp.prediction, targets={view: exp.classes[i]},
+                      probabilities=dict(exp.probabilities))  # how right the model was (classification)
     if not scene.scorable:
         rec.problem = "the outline has no pixel inside the breast"
         return rec
@@ -289,11 +290,48 @@ def provenance(model: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def report_json(summary: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]) -> str:
-    """The JSON export: the settings (model, data set, methods, class, counts) and the summary."""
+def report_json(summary: Sequence[Mapping[str, Any]], settings: Mapping[str, Any],
+                classification: Mapping[str, Any] | None = None) -> str:
+    """The JSON export: the settings (model, data set, methods, class, counts), the summary and, when
+    given, how right the model was (:func:`classification`)."""
+    from deepminer.evaluation.results import clean_json
+
     rows = [{**{k: v for k, v in r.items() if k not in ("mean", "lo", "hi")}, "mean": _json_num(r["mean"]),
              "lo": _json_num(r["lo"]), "hi": _json_num(r["hi"])} for r in summary]
-    return json.dumps({"settings": dict(settings), "summary": rows}, indent=1) + "\n"
+    body: dict[str, Any] = {"settings": dict(settings), "summary": rows}
+    if classification is not None:
+        body["classification"] = clean_json(dict(classification))
+    return json.dumps(body, indent=1) + "\n"
+
+
+def classification(records: Sequence[ImageRecord], *, n_resamples: int = 1000, seed: int = 0) -> dict[str, Any] | None:
+    """How right the model was on the labelled images of the set (every record that kept its
+    probabilities, scored or not): :func:`deepminer.evaluation.results.classification_summary`, as
+    ``deepminer evaluate-explanations`` reports it; the classes in the model's order (the records'
+    probabilities). None when no record has both a label and probabilities."""
+    from deepminer.evaluation.results import classification_summary
+
+    first = next((r for r in records if r.probabilities), None)
+    if first is None:
+        return None
+    return classification_summary(records, list(first.probabilities), n_resamples=n_resamples, seed=seed)
+
+
+def classification_rows(cl: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The page's two tables of :func:`classification`: ``(metrics, confusion)`` — per-class AUC,
+    abnormal-vs-normal AUC, accuracy, ECE as ``value [95% CI]`` (no interval with fewer than 10
+    images of a class), and the confusion matrix (rows = truth, with the row totals)."""
+    from deepminer.model_card import fmt_interval, fmt_number
+
+    classes = list(cl["classes"])
+    metrics = [{"metric": f"AUC {c} (one-vs-rest)", "value": fmt_interval(cl["auc"][c]), "images": cl["counts"][c]}
+               for c in classes]
+    metrics += [{"metric": "AUC abnormal vs normal", "value": fmt_interval(cl["abnormal_auc"]), "images": cl["n"]},
+                {"metric": f"accuracy ({len(classes)} classes)", "value": fmt_interval(cl["accuracy"]), "images": cl["n"]},
+                {"metric": "ECE (top-label, 15 bins)", "value": fmt_number(cl["ece"]), "images": cl["n"]}]
+    confusion = [{"truth": c, **{f"predicted {k}": int(v) for k, v in zip(classes, row)}, "total": int(sum(row))}
+                 for c, row in zip(classes, cl["confusion"])]
+    return metrics, confusion
 
 
 def figures_zip(records: Sequence[ImageRecord], summary: Sequence[Mapping[str, Any]],

@@ -394,3 +394,50 @@ def sanity_plot(results: dict[str, list[float]], steps: list[str], bound: float,
     _note(fig, notes)
     fig.tight_layout(rect=(0, 0.05 if notes else 0, 1, 1))
     return _save(fig, path, notes)
+
+
+# -- 6. reliability diagram (image-level calibration) -----------------------------------------------
+
+def reliability_diagram(bins: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], *,
+                        ece: float | None = None, title: str = "Image level: reliability (top-label)",
+                        before: Sequence[Mapping[str, Any]] | None = None) -> Path:
+    """The reliability diagram of :func:`deepminer.metrics.reliability_bins` (``{"lo", "hi", "count",
+    "confidence", "accuracy"}`` per bin): per non-empty bin a bar of its accuracy over the bin, a red
+    hatched gap to its mean confidence (above the bar: over-confident; inside it: under-confident), the diagonal of perfect calibration, and the image count per bin
+    below. ``before``: the bins before temperature scaling, drawn as a grey line. Empty bins are left
+    blank (said in a note when every bin is)."""
+    plt = _pyplot()
+    kept = [b for b in bins if b.get("count") and b.get("accuracy") is not None and b["accuracy"] == b["accuracy"]]
+    notes = [] if kept else ["No image: nothing to draw."]
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(5.2, 6.0), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], color="#8f8f8f", linestyle="--", linewidth=1, label="perfectly calibrated")
+    for i, b in enumerate(kept):
+        lo, hi = float(b["lo"]), float(b["hi"])
+        ax.bar(lo, float(b["accuracy"]), width=hi - lo, align="edge", color="#1f77b4", edgecolor="white",
+               label="accuracy" if i == 0 else None)
+        ax.bar(lo, float(b["confidence"]) - float(b["accuracy"]), bottom=float(b["accuracy"]), width=hi - lo,
+               align="edge", facecolor="none", hatch="///", edgecolor="#d62728", linewidth=0.8,
+               label="gap to mean confidence" if i == 0 else None)
+    if before:
+        pts = [(float(b["confidence"]), float(b["accuracy"])) for b in before
+               if b.get("count") and b.get("accuracy") is not None and b["accuracy"] == b["accuracy"]]
+        if pts:
+            ax.plot(*zip(*pts), color="#5a5a5a", marker="o", markersize=3, linewidth=1,
+                    label="before temperature scaling")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy (argmax = truth)")
+    ax.grid(alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(_wrap(title + (f"\nECE {ece:.3f} ({len(bins)} equal-width bins)" if ece is not None and ece == ece
+                                else "")), fontsize=9)
+    lefts = [float(b["lo"]) for b in bins]
+    axc.bar(lefts, [int(b.get("count") or 0) for b in bins], width=[float(b["hi"]) - float(b["lo"]) for b in bins],
+            align="edge", color="#8f8f8f", edgecolor="white")
+    axc.set_xlabel("confidence (top-label probability)")
+    axc.set_ylabel("images")
+    axc.spines[["top", "right"]].set_visible(False)
+    _note(fig, notes)
+    fig.tight_layout(rect=(0, 0.04 if notes else 0, 1, 1))
+    return _save(fig, path, notes)

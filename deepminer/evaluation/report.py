@@ -14,7 +14,8 @@ import numpy as np
 
 from deepminer.evaluation.catalog import BASELINES, FAITHFULNESS, LOCALIZATION, LOWER_IS_BETTER, METRICS
 from deepminer.evaluation.context import Context
-from deepminer.evaluation.results import SUBSETS, VIEWS, ImageRecord, best_worst, clean_json, curves, summary_rows
+from deepminer.evaluation.results import (MIN_IMAGES_FOR_CI, SUBSETS, VIEWS, ImageRecord, best_worst, classification_summary, clean_json,
+                                         curves, summary_rows)
 
 REPORT_FORMAT = "deepminer-explanation-eval/1"
 
@@ -82,6 +83,8 @@ def build_report(ctx: Context, records: list[ImageRecord], *, seconds: float) ->
                    "normal_not_evaluated": sum(1 for r in records if r.label == "normal"),
                    "abnormal_without_mask": sum(1 for r in records if r.problem),
                    "true_positive": right, "accuracy_abnormal": right / len(abnormal) if abnormal else None},
+        "classification": classification_summary(records, ctx.model.classes, n_resamples=ctx.cfg.bootstrap,
+                                                 seed=ctx.cfg.seed),
         "summary": summary_rows(records, methods=ctx.methods, metrics=metrics, views=VIEWS, subsets=SUBSETS,
                                 reference=ctx.reference, n_resamples=ctx.cfg.bootstrap, seed=ctx.cfg.seed),
         "seconds": seconds, "env": env_info(),
@@ -94,6 +97,11 @@ def build_report(ctx: Context, records: list[ImageRecord], *, seconds: float) ->
             "intervals": f"95% percentile bootstrap over images, {ctx.cfg.bootstrap} resamples, seed {ctx.cfg.seed}; "
                          f"differences paired against {ctx.reference}",
             "trained_on": ctx.identity["model"].get("trained_on"),
+            "classification": "every image explained (normal ones too), from the explanation's probabilities at "
+                              f"max_side {ctx.cfg.max_side}: per-class one-vs-rest AUC, abnormal-vs-normal AUC "
+                              "(1 - p(normal)), argmax accuracy, confusion (rows truth), top-label ECE (15 bins); "
+                              f"95% bootstrap intervals only when every class has at least {MIN_IMAGES_FOR_CI} "
+                              "images",
         },
     }
     if "sanity" in ctx.metrics:
@@ -235,6 +243,14 @@ def format_table(report: dict[str, Any]) -> str:
                     f"on {c['abnormal']} abnormal images ({c['normal_not_evaluated']} normal counted, not evaluated; "
                     f"{skipped}{c['true_positive']} true positives); ground-truth class; mean [95% CI]; "
                     f"* = paired difference vs {report['reference']} excludes 0")
+    cl = report.get("classification")
+    if cl:
+        from deepminer.image_eval import format_metrics
+
+        lines.append(f"how right the model was on the {cl['n']} images explained (whole image, "
+                     + ("95% CI" if cl.get("intervals") else
+                        f"no intervals: a class has fewer than {cl.get('min_images_for_intervals')} images") + "):")
+        lines += ["  " + ln for ln in format_metrics(cl)]
     if report.get("gms"):
         g = report["gms"]
         lines.append(f"GMS (labels: {g['label_source']}): top-1 {_ci(g['top1'])}, top-8 {_ci(g['top8'])} over "

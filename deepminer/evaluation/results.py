@@ -186,3 +186,32 @@ def best_worst(records: Sequence[ImageRecord], method: str = "cam", view: str | 
     scored.sort(key=lambda r: -r.score(method, view, metric))
     best = scored[:min(k, max(1, len(scored) // 2))]
     return best, [r for r in scored[::-1][:min(k, len(scored) // 2)]]
+
+
+#: every class needs at least this many images for the image-level intervals (fewer: point values
+#: and counts only; a bootstrap over a handful of positives says little)
+MIN_IMAGES_FOR_CI = 10
+
+
+def classification_summary(records: Sequence[ImageRecord], classes: Sequence[str], *, n_resamples: int = 1000,
+                           seed: int = 0) -> dict[str, Any] | None:
+    """How right the model was on the images it explained: :func:`deepminer.metrics.image_level_metrics`
+    of the probabilities each record kept (the explanation's own forward pass, no second one), with
+    95% bootstrap intervals when every class has at least :data:`MIN_IMAGES_FOR_CI` images (else
+    none: ``"intervals": False``, the counts and the confusion matrix say the rest). None when no
+    record kept its probabilities."""
+    from deepminer.metrics import image_level_metrics
+
+    names = list(classes)
+    got = [r for r in records if r.probabilities and r.label in names
+           and all(c in r.probabilities for c in names)]
+    if not got:
+        return None
+    y = np.array([names.index(str(r.label)) for r in got], dtype=int)
+    probs = np.array([[float(r.probabilities[c]) for c in names] for r in got], dtype=np.float64)
+    enough = all(int((y == c).sum()) >= MIN_IMAGES_FOR_CI for c in range(len(names)))
+    out = image_level_metrics(y, probs, names, n_boot=n_resamples if enough else 0, seed=seed)
+    out["intervals"] = enough
+    out["min_images_for_intervals"] = MIN_IMAGES_FOR_CI
+    out["images_without_probabilities"] = len(records) - len(got)
+    return out

@@ -394,6 +394,15 @@ def _results(run: ev.SetRun) -> None:
     summary = ev.summary_rows(scored)
     st.subheader(f"Summary over {len(scored)} images (mean [95% bootstrap interval])")
     st.dataframe(ev.summary_table(summary), hide_index=True, key="eval_summary")
+    cl = ev.classification(run.records)
+    if cl:
+        st.subheader(f"How right the model was on these {cl['n']} images (whole image)")
+        metric_rows, confusion_rows = ev.classification_rows(cl)
+        c1, c2 = st.columns([3, 2])
+        c1.dataframe(metric_rows, hide_index=True, key="eval_classification")
+        c2.dataframe(confusion_rows, hide_index=True, key="eval_confusion")
+        st.caption("From the probabilities of each image's explanation. Brackets: 95% bootstrap interval over "
+                   "images, only when every class has at least 10 images; confusion rows are the truth.")
     cols = st.columns(3)
     for i, metric in enumerate(ev.METRICS):
         cols[i % 3].plotly_chart(render.metric_interval_bars(summary, metric, _names()), key=f"eval_bars_{metric}")
@@ -421,7 +430,8 @@ def _results(run: ev.SetRun) -> None:
     d1, d2, d3 = st.columns(3)
     d1.download_button("Per-image CSV", ev.per_image_csv(run.records), file_name="evaluation-per-image.csv",
                        mime="text/csv", key="eval_csv", on_click="ignore")
-    report = ev.report_json(summary, {**run.settings(), "evaluated_by": state.annotator() or None})  # who ran it
+    report = ev.report_json(summary, {**run.settings(), "evaluated_by": state.annotator() or None},  # who ran it
+                            classification=cl)
     d2.download_button("Summary JSON", report, file_name="evaluation-summary.json",
                        mime="application/json", key="eval_json", on_click="ignore")
     records = list(run.records)

@@ -1,0 +1,166 @@
+"""Image-level evaluation of a classifier (issue 21): one prediction per whole image of a dataset
+folder, made the way the server makes it, and the image-level report
+(:func:`deepminer.metrics.image_level_metrics`). Used by ``deepminer evaluate`` beside the patch
+level (:mod:`deepminer.patch_eval`).
+
+One image, as :meth:`deepminer.explain.service.ExplainService.explain` does it: decode
+(:func:`deepminer.data.io.load_image`), keep the breast (:func:`deepminer.data.tissue.tissue_region`:
+pixels outside the tissue mask set to 0), choose the model-input long side
+(:func:`deepminer.model_scale.input_side`: an asked ``max_side``, else the folder's pixel spacing,
+else the breast's extent, else the default), one forward pass (:func:`deepminer.explain.engine.explain_image`
+with no unit maps), its ``probabilities``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deepminer.errors import InputError
+
+
+def folder_spacing_mm(folder: str | os.PathLike) -> float | None:
+    """The pixel spacing (mm) a dataset folder records for its images: ``pixel_spacing_mm`` of its
+    ``phantoms.json``; None when absent (the scale then follows from the breast's extent)."""
+    path = Path(folder) / "phantoms.json"
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("pixel_spacing_mm")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def image_rows(folder: str | os.PathLike, split: str = "test", limit: int | None = None) -> list[dict]:
+    """The manifest rows of ``split`` (``all``: every row), in manifest order, the first ``limit``
+    (as ``deepminer evaluate-explanations`` picks them); one-line errors for an empty split."""
+    from deepminer.data.dataset import read_manifest
+
+    rows = [r for r in read_manifest(folder) if split == "all" or r["split"] == split]
+    if not rows:
+        raise InputError(f"{folder}: split {split!r} has no image")
+    if limit is not None:
+        if limit < 1:
+            raise InputError(f"--limit: must be >= 1, got {limit}")
+        rows = rows[:limit]
+    return rows
+
+
+def predict_pixels(model: Any, pixels: np.ndarray, *, max_side: int | None = None,
+                   spacing_mm: float | None = None, tissue: bool = True) -> dict[str, Any]:
+    """The whole-image prediction of one decoded grey image (float ``(H, W)`` in [0, 1]):
+    ``{"probabilities" {class: p}, "prediction", "height", "width", "side", "side_rule",
+    "tissue_fraction"}``."""
+    from deepminer.data.tissue import tissue_region
+    from deepminer.explain.engine import explain_image
+    from deepminer.model_scale import input_side
+
+    h, w = int(pixels.shape[0]), int(pixels.shape[1])
+    fraction, mask = None, None
+    if tissue:
+        pixels, fraction, mask = tissue_region(pixels)
+    side, rule = input_side(model, h, w, max_side=max_side, spacing_mm=spacing_mm,
+                            tissue=mask if fraction else None)
+    # TODO(scale): explain_image only shrinks to max_side; a side above max(h, w) (a small image
+    # brought up to the model's scale) is passed as is until the engine's exact resize is merged.
+    exp = explain_image(model, pixels, max_side=side, unit_maps="none", top_units=0)
+    return {"probabilities": {c: float(p) for c, p in exp.probabilities.items()}, "prediction": exp.prediction,
+            "height": h, "width": w, "side": int(side), "side_rule": rule,
+            "tissue_fraction": None if fraction is None else round(float(fraction), 4)}
+
+
+def predict_images(model: Any, folder: str | os.PathLike, split: str = "test", *, max_side: int | None = None,
+                   limit: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """One whole-image prediction per image of ``split`` (see the module docstring): per image
+    ``{"image_id", "label", "y" (index of the label in model.classes), "probabilities" {class: p},
+    "prediction", "height", "width", "side", "side_rule", "tissue_fraction", "seconds"}``.
+    ``max_side``: the model-input long side at most this (None: the model's scale,
+    :func:`deepminer.model_scale.input_side`); ``limit``: the first images only."""
+    from tqdm import tqdm
+
+    from deepminer.data.io import load_image
+
+    rows = image_rows(folder, split, limit)
+    classes = list(model.classes)
+    missing = sorted({r["label"] for r in rows} - set(classes))
+    if missing:
+        raise InputError(f"{folder}: labels {', '.join(missing)} are not classes of the model ({', '.join(classes)})")
+    spacing = folder_spacing_mm(folder)
+    out = []
+    for row in tqdm(rows, desc="images", unit="img", disable=not progress, leave=False, file=sys.stderr):
+        t0 = time.perf_counter()
+        loaded = load_image(Path(folder) / row["image"])
+        got = predict_pixels(model, loaded.pixels, max_side=max_side, spacing_mm=spacing)
+        out.append({"image_id": row["image_id"], "label": row["label"], "y": classes.index(row["label"]), **got,
+                    "seconds": round(time.perf_counter() - t0, 4)})
+    return out
+
+
+def probability_matrix(predictions: Sequence[dict[str, Any]], classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(y (N,), probs (N, C))`` of :func:`predict_images`' answers (columns in ``classes`` order)."""
+    y = np.array([list(classes).index(p["label"]) for p in predictions], dtype=int)
+    probs = np.array([[p["probabilities"][c] for c in classes] for p in predictions], dtype=np.float64)
+    return y, probs.reshape(len(predictions), len(classes))
+
+
+def image_level_report(model: Any, folder: str | os.PathLike, split: str = "test", *, max_side: int | None = None,
+                       limit: int | None = None, n_boot: int = 2000, seed: int = 0,
+                       progress: bool = True) -> dict[str, Any]:
+    """:func:`predict_images` and their :func:`deepminer.metrics.image_level_metrics`, plus how the
+    input sides were chosen and the time: ``{"images", "max_side", "spacing_mm", "side_rules"
+    {rule: n}, "sides" {"min", "max"}, "seconds", "seconds_per_image", "metrics", "predictions"}``."""
+    from deepminer.metrics import image_level_metrics
+
+    t0 = time.perf_counter()
+    preds = predict_images(model, folder, split, max_side=max_side, limit=limit, progress=progress)
+    seconds = time.perf_counter() - t0
+    y, probs = probability_matrix(preds, model.classes)
+    rules: dict[str, int] = {}
+    for p in preds:
+        rules[p["side_rule"]] = rules.get(p["side_rule"], 0) + 1
+    sides = [p["side"] for p in preds]
+    return {"images": len(preds), "max_side": max_side, "spacing_mm": folder_spacing_mm(folder),
+            "side_rules": rules, "sides": {"min": min(sides), "max": max(sides)},
+            "seconds": round(seconds, 2), "seconds_per_image": round(seconds / max(1, len(preds)), 3),
+            "metrics": image_level_metrics(y, probs, list(model.classes), n_boot=n_boot, seed=seed),
+            "predictions": preds}
+
+
+def _ci(est: dict[str, Any] | None) -> str:
+    from deepminer.model_card import fmt_interval
+
+    return fmt_interval(est)
+
+
+def format_metrics(metrics: dict[str, Any]) -> list[str]:
+    """:func:`deepminer.metrics.image_level_metrics` as text lines: per class n and AUC [95% CI], the
+    abnormal-vs-normal AUC, accuracy, ECE / NLL / Brier, the confusion matrix."""
+    from deepminer.model_card import fmt_number
+
+    classes = list(metrics["classes"])
+    boot = metrics.get("bootstrap") or {}
+    has_ci = bool(boot.get("resamples"))
+    width = max(10, *(len(c) + 1 for c in classes))
+    lines = [f"{'class':<{width}} {'n':>5} {'predicted':>9}  AUC" + (" [95% CI]" if has_ci else "")]
+    for c in classes:
+        lines.append(f"{c:<{width}} {metrics['counts'][c]:>5} {metrics['predicted_counts'][c]:>9}  "
+                     f"{_ci(metrics['auc'][c])}")
+    ab = metrics.get("abnormal_auc") or {}
+    lines.append(f"abnormal vs normal AUC (score {ab.get('score', '1 - p(normal)')}): {_ci(ab)}")
+    lines.append(f"accuracy ({len(classes)} classes, argmax): {_ci(metrics['accuracy'])}; "
+                 f"ECE {fmt_number(metrics.get('ece'))} (top-label, {len(metrics.get('reliability') or [])} bins); "
+                 f"NLL {fmt_number(metrics.get('nll'))}; Brier {fmt_number(metrics.get('brier'))}")
+    lines.append("confusion (rows = truth, columns = predicted):")
+    lines.append(" " * width + " " + " ".join(f"{c:>{max(6, len(c))}}" for c in classes))
+    for c, row in zip(classes, metrics["confusion"]):
+        lines.append(f"{c:<{width}} " + " ".join(f"{int(v):>{max(6, len(k))}}" for v, k in zip(row, classes)))
+    if has_ci:
+        lines.append(f"[95% CI]: percentile bootstrap over images, {boot['resamples']} resamples, seed {boot['seed']}")
+    return lines
