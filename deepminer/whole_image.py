@@ -67,6 +67,8 @@ class WholeImageConfig:
     flips: int = 2                #: flip variants of each training image: 1 none, 2 + left-right, 4 + up-down
     patience: int | None = 4
     trunk_cache: str | None = None  #: a file keeping the frozen trunk's outputs between runs (same data, trunk, scale)
+    cache_at: str | None = None   #: where the cached trunk ends (default: ``train_from``; with ``head``, the whole
+                                  #: backbone); a frozen stretch after it is run every epoch, without gradients
     limit: int | None = None      #: at most this many images per split (quick runs, tests)
     half: bool = False
     command: str = ""
@@ -330,6 +332,7 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
     from deepminer.models import save_model
     from deepminer.runtime import resolve_device
     from deepminer.defaults import PROBE
+    from deepminer.metrics import fit_temperature
     from deepminer.trunk import freeze_before, split_features
 
     cfg.check()
@@ -340,17 +343,21 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
     device = resolve_device(cfg.device)
     model = _start_model(cfg).to(device)
     frozen = freeze_before(model, cfg.train_from)
-    if cfg.train_from == PROBE:  # a linear probe: the whole backbone is the frozen trunk
+    cache_at = cfg.cache_at or (None if cfg.train_from == PROBE else cfg.train_from)
+    if cache_at is None:  # a linear probe: the whole backbone is the frozen trunk
         trunk, rest = model.features.eval(), torch.nn.Identity()
     else:
-        trunk, rest = split_features(model, cfg.train_from)
+        trunk, rest = split_features(model, cache_at)
+        if any(p.requires_grad for p in trunk.parameters()):
+            raise InputError(f"--cache-at {cache_at}: layers before it are trained (--train-from {cfg.train_from}); "
+                             "only a frozen trunk can be cached")
     spacing = data_spacing_mm(cfg.data)
     rows_tr = _rows(cfg.data, "train", cfg.limit, cfg.seed)
     rows_va = _rows(cfg.data, "val", cfg.limit, cfg.seed + 1)
     if not rows_tr or not rows_va:
         raise InputError(f"{cfg.data}: needs images in both the train and the val split")
     t0 = time.time()
-    key = {"data": str(Path(cfg.data).resolve()), "long_side": cfg.long_side, "train_from": cfg.train_from,
+    key = {"data": str(Path(cfg.data).resolve()), "long_side": cfg.long_side, "cache_at": cache_at,
            "trunk": _weights_key(trunk), "flips": cfg.flips}
     paths = [None, None] if not cfg.trunk_cache else [cfg.trunk_cache + ".train", cfg.trunk_cache + ".val"]
     train_c = TrunkCache.cached(paths[0], {**key, "ids": [r["image_id"] for r in rows_tr]},
@@ -448,14 +455,6 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
     save_model(model.cpu(), out / BEST, half=cfg.half, **meta)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1, default=str) + "\n", encoding="utf-8")
     return metrics
-
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature T > 0 minimising the NLL of ``softmax(logits / T)`` (Guo et al. 2017)."""
-    from scipy.optimize import minimize_scalar
-
-    res = minimize_scalar(lambda lt: _nll(logits / math.exp(lt), labels), bounds=(-4.0, 4.0), method="bounded")
-    return float(math.exp(res.x))
 
 
 def command_line(argv: list[str]) -> str:

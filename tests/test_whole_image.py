@@ -16,7 +16,8 @@ from deepminer.errors import InputError
 from deepminer.explain.engine import explain_image, image_probabilities
 from deepminer.models import build_model, load_model, save_model
 from deepminer.models.fcn import breast_cells
-from deepminer.whole_image import WholeImageConfig, fit_temperature, train_whole
+from deepminer.metrics import fit_temperature
+from deepminer.whole_image import WholeImageConfig, train_whole
 
 H, W = 96, 64
 

@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model-input long side of an image of the data's size (the model's scale)")
     parser.add_argument("--train-from", default=C.train_from, metavar="LAYER",
                         help="train this layer and those after it (and the head); 'head' = the head only (a probe)")
+    parser.add_argument("--cache-at", default=None, metavar="LAYER",
+                        help="where the cached frozen trunk ends (default: --train-from; with 'head', the whole backbone); "
+                             "e.g. net.blocks.5 for a probe, to share the GAP run's --trunk-cache")
     parser.add_argument("--epochs", type=int, default=C.epochs, help="at most this many epochs")
     parser.add_argument("--patience", type=int, default=C.patience,
                         help="stop when the validation loss has not improved for this many epochs")
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = WholeImageConfig(
         model=args.model, data=args.data, out=args.out, head=args.head, wildcat_maps=args.wildcat_maps,
         wildcat_k=args.wildcat_k, wildcat_alpha=args.wildcat_alpha, long_side=args.long_side,
-        train_from=args.train_from, epochs=args.epochs, patience=args.patience, lr=args.lr,
+        train_from=args.train_from, cache_at=args.cache_at, epochs=args.epochs, patience=args.patience, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size, limit=args.limit,
         flips=args.flips, trunk_cache=args.trunk_cache, seed=args.seed, device=args.device, half=args.half,
         command=command_line(sys.argv[2:] if len(sys.argv) > 2 else []))
