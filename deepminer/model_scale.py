@@ -76,3 +76,14 @@ def input_side(model_or_meta: Any, height: int, width: int, *, max_side: int | N
         if ext > 0:
             return _clamp(long * float(target) / ext), "breast extent"
     return _clamp(float(scale["long_side"])), f"model long side {int(scale['long_side'])} px (no spacing, no breast found)"
+
+
+def describe_scale(inp: dict) -> str:
+    """One line on the scale an explanation's ``input`` was computed at, for the CLI and the workbench:
+    ``"explained at 409 x 241 px (breast extent; the model's scale: long side 512 px)"``."""
+    side = f"{inp.get('model_height', '?')} x {inp.get('model_width', '?')} px"
+    how = inp.get("scale_source") or "not recorded"
+    ms = inp.get("model_scale")
+    own = f"; the model's scale: long side {int(ms['long_side'])} px" if isinstance(ms, dict) and ms.get("long_side") \
+        else "; the model records no scale"
+    return f"explained at {side} ({how}{own})"

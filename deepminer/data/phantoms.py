@@ -155,6 +155,7 @@ def generate_dataset(out: str | os.PathLike, count: int, seed: int, size: int = 
     """Write a phantom data set of ``count`` images (``ceil(count / 2)`` patients, CC then MLO) into
     ``out`` (a dataset folder, the contract in docs/data.md); the same arguments give the same bytes."""
     from deepminer.data.dataset import staged_output, write_manifest
+    from deepminer.model_scale import phantom_spacing_mm
 
     if isinstance(count, bool) or int(count) != count or count < 1:
         raise InputError(f"count: must be a positive integer, got {count}")
@@ -188,7 +189,8 @@ def generate_dataset(out: str | os.PathLike, count: int, seed: int, size: int = 
                 row["split"] = split_of[row["patient_id"]]
             write_manifest(stage, rows)
             meta = {"generator": "deepminer phantoms", "seed": int(seed), "count": int(count), "size": size,
-                    "width": int(round(ASPECT * size)), "bits_stored": BITS, "splits": splits,
+                    "width": int(round(ASPECT * size)), "bits_stored": BITS,
+                    "pixel_spacing_mm": phantom_spacing_mm(size), "splits": splits,
                     "label_mix": label_mix, "overlap": float(overlap), "concepts": list(PHANTOM_CONCEPTS)}
             (stage / "phantoms.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     except OSError as err:
