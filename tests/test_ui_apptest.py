@@ -426,7 +426,8 @@ def test_settings_and_text_escaping(monkeypatch):
                        "DEEPMINER_MAX_SIDE": "0"})
     assert s.labels_url == f"sqlite:///{ROOT / 'var' / 'x.db'}" and s.backend == "local" and s.max_side is None
     assert load_settings({"DEEPMINER_BACKEND": "nonsense"}).backend == "serve"
-    assert load_settings({}).max_side == 1024
+    assert load_settings({}).max_side is None  # no max_side asked: the model's own scale (issue 21)
+    assert load_settings({"DEEPMINER_MAX_SIDE": "1024"}).max_side == 1024
     assert md_escape("<b>x</b> **y**") == "&lt;b&gt;x&lt;/b&gt; \\*\\*y\\*\\*"
 
 

@@ -184,12 +184,12 @@ def png16(image: np.ndarray, *, bits: int = 16, text: dict[str, str] | None = No
     return buf.getvalue()
 
 
-def png16_of_pixels(pixels: np.ndarray) -> bytes:
+def png16_of_pixels(pixels: np.ndarray, *, text: dict[str, str] | None = None) -> bytes:
     """A grey float image in [0, 1] (clipped) as a 16-bit PNG with all 16 bits used (rounded to the
     nearest of 65,536 levels): what the workbench sends the model; :func:`load_image` reads back
-    ``pixels`` to within 1/131070."""
+    ``pixels`` to within 1/131070. ``text``: PNG text chunks (:func:`png16`)."""
     levels = np.rint(np.asarray(pixels, dtype=np.float32) * 65535.0)
-    return png16(np.clip(levels, 0, 65535).astype(np.uint16), bits=16)
+    return png16(np.clip(levels, 0, 65535).astype(np.uint16), bits=16, text=text)
 
 
 def _to_grey(arr: np.ndarray) -> np.ndarray:
