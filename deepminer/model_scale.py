@@ -84,6 +84,8 @@ def describe_scale(inp: dict) -> str:
     side = f"{inp.get('model_height', '?')} x {inp.get('model_width', '?')} px"
     how = inp.get("scale_source") or "not recorded"
     ms = inp.get("model_scale")
-    own = f"; the model's scale: long side {int(ms['long_side'])} px" if isinstance(ms, dict) and ms.get("long_side") \
-        else "; the model records no scale"
+    if isinstance(ms, dict) and ms.get("long_side"):
+        own = f"; the model's scale: long side {int(ms['long_side'])} px"
+    else:
+        own = "" if "records no scale" in how else "; the model records no scale"
     return f"explained at {side} ({how}{own})"

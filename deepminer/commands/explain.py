@@ -182,10 +182,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"{image_path}: {res.prediction} (p = {res.probabilities[res.prediction]:.3f})")
     print(f"  probabilities  {probs}")
     print(f"  model trained on  {res.model.get('trained_on', 'not recorded')} (not a diagnosis)")
-    print(f"  {describe_scale(res.input)}")
     units = ", ".join(f"{t['unit']} ({t['influence']:+.3g})" for t in summary["top_units"])
     print(f"  top units for {res.prediction} (influence)  {units}")
     print(f"  {describe_domain(res.domain, res.model.get('trained_on'))}")
+    print(f"  {describe_scale(res.input)}")
     if "sketch_matches" in summary:
         print("  units matching the sketch (IoU)  "
               + ", ".join(f"{m['unit']} ({m['iou']:.2f})" for m in summary["sketch_matches"]))
