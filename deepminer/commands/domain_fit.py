@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transform", choices=TRANSFORMS, default=DEFAULT_TRANSFORM,
                         help="applied to each unit's max activation before the Gaussian (sqrt: variance-stabilising)")
     parser.add_argument("--max-side", type=int, default=None,
-                        help="long side (px) the images are explained at, at most (default: the model's own scale, "
+                        help="long side (px) the images are explained at, at most (None: the model's own scale, "
                              f"as the server explains them; a model that records none: {DEFAULT_MAX_SIDE})")
     parser.add_argument("--limit", type=int, default=None, help="at most this many images per split (None: all)")
     parser.add_argument("--features", default=None, metavar="NPZ",

@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline, the bootstrap and sanity")
     parser.add_argument("--max-side", type=int, default=None,
                         help=f"long side images are explained at, at most, {MAX_SIDE_RANGE[0]}..{MAX_SIDE_RANGE[1]} "
-                             "(default: the model's own scale, as the server does: the image's or the folder's "
+                             "(None: the model's own scale, as the server does: the image's or the folder's "
                              f"pixel spacing, else the breast's extent; a model that records none: {DEFAULT_MAX_SIDE})")
     parser.add_argument("--atlas", default=None,
                         help="unit atlas (thresholds for unit masks, suggested labels; None: atlas/ beside the model)")

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unit-maps", choices=UNIT_MAPS, default=DEFAULTS["unit_maps"], help="unit maps to return")
     parser.add_argument("--max-side", type=int, default=DEFAULTS["max_side"],
                         help=f"long side the image is explained at, at most, {MAX_SIDE_RANGE[0]}..{MAX_SIDE_RANGE[1]} "
-                             f"(default: the model's own scale from its checkpoint, by the image's pixel spacing "
+                             f"(None: the model's own scale from its checkpoint, by the image's pixel spacing "
                              f"or the breast's extent; a model that records none: {DEFAULT_MAX_SIDE})")
     parser.add_argument("--sketch", default=None, help="mask image (non-zero = sketched region): rank units by IoU")
     parser.add_argument("--ablate", default=None, metavar="IDS",
