@@ -148,7 +148,8 @@ def test_server_default_max_side_still_caps(scaled_model):
 
 # -- the dataset folder and the workbench's upload -------------------------------------------------------
 
-def test_phantom_folder_records_its_spacing(tmp_path):
+def test_phantom_folder_records_its_spacing(tmp_path, scaled_model):
+    """phantoms.json and every image's PNG say the spacing; a generated phantom is explained by it."""
     from deepminer.data.dataset import pixel_spacing, read_manifest
 
     folder = generate_dataset(tmp_path / "d", 2, 3, 128)
@@ -156,6 +157,11 @@ def test_phantom_folder_records_its_spacing(tmp_path):
     assert meta["pixel_spacing_mm"] == phantom_spacing_mm(128)
     row = read_manifest(folder)[0]
     assert pixel_spacing(folder, row) == phantom_spacing_mm(128)
+    image = (folder / row["image"]).read_bytes()
+    assert load_image(image).spacing_mm == phantom_spacing_mm(128)
+    exp = ExplainService(scaled_model, settings={"cache_mb": 4}).explain(image)
+    assert exp.input["model_height"] == LONG and exp.input["scale_source"] == (
+        f"pixel spacing 1.875 mm -> {MM:.4g} mm/px")  # enlarged 2x: the model's scale
     assert pixel_spacing(folder, {**row, "pixel_spacing_mm": "0.07"}) == 0.07  # a manifest column wins
     del meta["pixel_spacing_mm"]  # a folder written before: its size says
     (folder / "phantoms.json").write_text(json.dumps(meta))

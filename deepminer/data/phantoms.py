@@ -84,10 +84,16 @@ def _mask_bytes(m: np.ndarray) -> bytes:
 
 
 def write_phantom(folder: Path, ph: Phantom) -> dict:
-    """Write one phantom's PNGs into a dataset folder; returns its manifest row (split left empty)."""
+    """Write one phantom's PNGs into a dataset folder; returns its manifest row (split left empty). The
+    image's PNG text chunks say its laterality, view and pixel spacing (mm, ``PixelSpacing``: a phantom
+    of any size is :data:`~deepminer.model_scale.PHANTOM_HEIGHT_MM` high), which the loader reads."""
+    from deepminer.data.io import SPACING_TEXT
+    from deepminer.model_scale import phantom_spacing_mm
+
     iid = ph.image_id
+    spacing = f"{phantom_spacing_mm(int(ph.image.shape[0])):.6g}"
     (folder / "images" / f"{iid}.png").write_bytes(
-        png16(ph.image, bits=BITS, text={"Laterality": ph.laterality, "View": ph.view}))
+        png16(ph.image, bits=BITS, text={"Laterality": ph.laterality, "View": ph.view, SPACING_TEXT: spacing}))
     for name in PHANTOM_CONCEPTS:
         (folder / "masks" / name / f"{iid}.png").write_bytes(_mask_bytes(ph.masks[name]))
     lesion = ""
