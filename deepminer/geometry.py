@@ -32,6 +32,17 @@ def fit_size(height: int, width: int, max_side: int | None, *, min_side: int = 1
     return max(min_side, round(height * f)), max(min_side, round(width * f))
 
 
+def side_size(height: int, width: int, side: int, *, min_side: int = 1) -> tuple[int, int]:
+    """``(height, width)`` scaled so the long side is exactly ``side`` (aspect kept, rounded, each
+    side at least ``min_side``): enlarged too, unlike :func:`fit_size` (a model's own scale,
+    :func:`deepminer.model_scale.input_side`)."""
+    long = max(height, width)
+    if long == side:
+        return int(height), int(width)
+    f = side / long
+    return max(min_side, round(height * f)), max(min_side, round(width * f))
+
+
 def fit_image(img: np.ndarray, max_side: int | None, *, reduce_first: bool = False) -> np.ndarray:
     """``img`` (grey float, or uint8 grey/RGB) scaled down by area (PIL's BOX filter) to
     :func:`fit_size` so its long side is at most ``max_side``; never enlarged (the array itself when

@@ -10,10 +10,20 @@ A whole-image model (``deepminer train-whole``) records in its checkpoint ``meta
 An image is brought to that scale, in this order of preference (:func:`input_side`):
 
 1. ``max_side`` asked by the caller: its long side fitted to at most that (the old behaviour);
-2. the image's pixel spacing (DICOM Pixel Spacing / Imager Pixel Spacing, or a phantom folder's
-   ``phantoms.json``): resized by ``spacing_mm / mm_per_px``;
+2. the image's pixel spacing (DICOM Pixel Spacing / Imager Pixel Spacing or a PNG text chunk
+   ``PixelSpacing``: :attr:`deepminer.data.io.LoadedImage.spacing_mm`; a dataset folder's:
+   :func:`deepminer.data.dataset.pixel_spacing`): resized by ``spacing_mm / mm_per_px``;
 3. the breast's extent (the tissue mask): resized so its extent matches the training median;
-4. a model without a recorded scale: :data:`~deepminer.geometry.DEFAULT_MAX_SIDE` as before.
+4. neither: the model's ``long_side``;
+
+and a model without a recorded scale: at most :data:`~deepminer.geometry.DEFAULT_MAX_SIDE` as before.
+The engine takes the result as ``explain_image(..., input_side=(side, how))`` (an exact long side,
+enlarging too); ``how`` comes back as ``input.scale_source`` (:func:`describe_scale` says it in words).
+
+Recording a scale (the training side): ``long_side`` = the model-input long side of the training
+images, ``mm_per_px`` = their :func:`phantom_spacing_mm` (or DICOM spacing) x original long side /
+``long_side``, ``breast_extent_px`` = the median :func:`breast_extent` of their tissue masks
+(:func:`deepminer.data.tissue.tissue_mask`) x ``long_side`` / original long side.
 
 Torch-free (the CLI and the workbench import it).
 """
@@ -76,3 +86,16 @@ def input_side(model_or_meta: Any, height: int, width: int, *, max_side: int | N
         if ext > 0:
             return _clamp(long * float(target) / ext), "breast extent"
     return _clamp(float(scale["long_side"])), f"model long side {int(scale['long_side'])} px (no spacing, no breast found)"
+
+
+def describe_scale(inp: dict) -> str:
+    """One line on the scale an explanation's ``input`` was computed at, for the CLI and the workbench:
+    ``"explained at 409 x 241 px (breast extent; the model's scale: long side 512 px)"``."""
+    side = f"{inp.get('model_height', '?')} x {inp.get('model_width', '?')} px"
+    how = inp.get("scale_source") or "not recorded"
+    ms = inp.get("model_scale")
+    if isinstance(ms, dict) and ms.get("long_side"):
+        own = f"; the model's scale: long side {int(ms['long_side'])} px"
+    else:
+        own = "" if "records no scale" in how else "; the model records no scale"
+    return f"explained at {side} ({how}{own})"

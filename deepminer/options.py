@@ -55,7 +55,8 @@ OPTIONS_SCHEMA: dict[str, Any] = {
                                   "resized to the image; > 127 = sketched): every unit's IoU with it"},
         "max_side": {"type": ["integer", "null"], "minimum": MAX_SIDE_RANGE[0], "maximum": MAX_SIDE_RANGE[1],
                      "default": None,
-                     "description": "long side (px) the image is explained at (null: the server's default)"},
+                     "description": "long side (px) the image is explained at, at most (null: the model's own scale; "
+                                    "input.scale_source says which was used)"},
         "methods": {"type": "array", "items": {"enum": list(EXPLAIN_METHODS)}, "uniqueItems": True, "default": [],
                     "description": "POST /explanations/<model> only: the saliency maps returned for the target "
                                    "(empty: cam); cam and class_map come from the explanation pass, the others "
@@ -130,7 +131,7 @@ class ExplainOptions:
     """Validated options of one explanation request (see :data:`OPTIONS_SCHEMA`).
 
     ``sketch``: the PNG bytes of a sketch mask (:func:`mask_to_png`), or None; decode it at the
-    image's size with :meth:`sketch_mask`. ``max_side`` None: the server's default. ``methods`` and
+    image's size with :meth:`sketch_mask`. ``max_side`` None: the model's own scale (the server's default). ``methods`` and
     ``target`` (the saliency maps and the class they explain) belong to ``POST /explanations`` only
     (:meth:`check_endpoint`).
     """

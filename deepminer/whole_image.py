@@ -97,20 +97,6 @@ class WholeImageConfig:
 
 # -- data ----------------------------------------------------------------------------------------
 
-def data_spacing_mm(folder: str | Path) -> float | None:
-    """The pixel spacing (mm) a dataset folder records: ``pixel_spacing_mm`` in its ``phantoms.json``,
-    else the phantom generator's spacing for its recorded ``size``; None when it says neither."""
-    from deepminer.model_scale import phantom_spacing_mm
-
-    meta_path = Path(folder) / "phantoms.json"
-    if not meta_path.is_file():
-        return None
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("pixel_spacing_mm"):
-        return float(meta["pixel_spacing_mm"])
-    return phantom_spacing_mm(int(meta["size"])) if meta.get("size") else None
-
-
 def prepared_image(path: str | Path, long_side: int):
     """``(x (1, 1, h, w) float32 tensor at the model's scale, tissue-masked; the tissue mask at that
     scale)`` for one image file, as the server prepares it."""
@@ -331,6 +317,7 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
     from deepminer.model_scale import breast_extent
     from deepminer.models import save_model
     from deepminer.runtime import resolve_device
+    from deepminer.data.dataset import pixel_spacing
     from deepminer.defaults import PROBE
     from deepminer.metrics import fit_temperature
     from deepminer.trunk import freeze_before, split_features
@@ -351,7 +338,6 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
         if any(p.requires_grad for p in trunk.parameters()):
             raise InputError(f"--cache-at {cache_at}: layers before it are trained (--train-from {cfg.train_from}); "
                              "only a frozen trunk can be cached")
-    spacing = data_spacing_mm(cfg.data)
     rows_tr = _rows(cfg.data, "train", cfg.limit, cfg.seed)
     rows_va = _rows(cfg.data, "val", cfg.limit, cfg.seed + 1)
     if not rows_tr or not rows_va:
@@ -370,7 +356,9 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
     # the scale: the data's long side brought to cfg.long_side
     from deepminer.data.io import load_image
 
-    native_long = max(load_image(str(Path(cfg.data) / rows_tr[0]["image"])).pixels.shape)
+    first = load_image(str(Path(cfg.data) / rows_tr[0]["image"]))
+    native_long = max(first.pixels.shape)
+    spacing = first.spacing_mm or pixel_spacing(cfg.data, rows_tr[0])
     extents = []
     for r in rows_tr[:200]:
         _, mask = prepared_image(Path(cfg.data) / r["image"], cfg.long_side)

@@ -63,7 +63,8 @@ def test_unit_peak_maps_back_to_the_dot_in_original_pixels():
     img[196:204, 292:300] = 1.0  # an 8x8 dot centred at (200, 296) in ORIGINAL pixels
     e = explain_image(model, img, max_side=240, unit_maps="all")
     assert e.input == {"height": 320, "width": 480, "scale": 0.5, "model_height": 160, "model_width": 240,
-                       "map_height": 20, "map_width": 30}
+                       "map_height": 20, "map_width": 30, "scale_source": "max_side: long side at most 240 px",
+                       "model_scale": None}
     i, j = np.unravel_index(np.argmax(e.unit_maps[0].astype(np.float32)), e.map_size)
     y0, x0, y1, x1 = e.cell_box(i, j)
     assert (y0, x0, y1, x1) == (192.0, 288.0, 208.0, 304.0)  # 16 original px per cell at scale 0.5

@@ -41,6 +41,8 @@ def test_local_text_output(model_path, image, capsys):
     assert out[1].split()[0] == "probabilities" and len(out[1].split()) == 7
     assert out[2].split()[:3] == ["model", "trained", "on"] and "not recorded" in out[2]  # says what it knows
     assert out[3].strip().startswith("top units for") and out[3].count("(") == 1 + 3  # "(influence)" + 3 units
+    # the scale it was explained at, and how (issue 21): a model without a recorded scale keeps the old default
+    assert out[5].strip() == "explained at 280 x 200 px (default: long side at most 1024 px (the model records no scale))"
 
 
 def test_local_json_and_overlays(model_path, image, tmp_path, capsys):
@@ -53,6 +55,7 @@ def test_local_json_and_overlays(model_path, image, tmp_path, capsys):
                "--sketch", str(sketch)])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
+    assert summary["scale"]["scale_source"].startswith("default") and summary["scale"]["model_scale"] is None
     probs = summary["probabilities"]
     assert summary["prediction"] == max(probs, key=probs.get) and sum(probs.values()) == pytest.approx(1, abs=2e-3)
     assert len(summary["top_units"]) == 8 and "sketch_matches" in summary

@@ -72,6 +72,8 @@ def test_explain_upload_sample_recent_and_cam_switch(app_env):
     from ui.logic import trained_on_note
 
     assert trained_on_note(res.model) in [c.value for c in at.caption] and "not recorded" in trained_on_note(res.model)
+    # and the scale it was explained at, and how (issue 21)
+    assert any(c.value.startswith("Explained at ") and "px (" in c.value for c in at.caption), _captions(at)
     sentence = [t.value for t in at.text]
     assert sentence == [f"{res.prediction.capitalize()} ({res.probabilities[res.prediction]:.2f}): none of its 8 "
                         "most influential units is labelled yet."]
@@ -426,7 +428,8 @@ def test_settings_and_text_escaping(monkeypatch):
                        "DEEPMINER_MAX_SIDE": "0"})
     assert s.labels_url == f"sqlite:///{ROOT / 'var' / 'x.db'}" and s.backend == "local" and s.max_side is None
     assert load_settings({"DEEPMINER_BACKEND": "nonsense"}).backend == "serve"
-    assert load_settings({}).max_side == 1024
+    assert load_settings({}).max_side is None  # no max_side asked: the model's own scale (issue 21)
+    assert load_settings({"DEEPMINER_MAX_SIDE": "1024"}).max_side == 1024
     assert md_escape("<b>x</b> **y**") == "&lt;b&gt;x&lt;/b&gt; \\*\\*y\\*\\*"
 
 

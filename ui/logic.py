@@ -190,6 +190,14 @@ def trained_on_phantoms(model: Mapping | None) -> bool:
     return "phantom" in t or "synthetic" in t
 
 
+def scale_note(result: Explanation) -> str:
+    """The scale the image was explained at and how it was chosen, one line next to the prediction
+    (:func:`deepminer.model_scale.describe_scale`)."""
+    from deepminer.model_scale import describe_scale
+
+    return describe_scale(result.input)[:1].upper() + describe_scale(result.input)[1:] + "."
+
+
 def trained_on_note(model: Mapping | None) -> str:
     """What the model was trained on, said next to every prediction: a model trained on synthetic
     phantoms says plainly that its output on a real mammogram is not meaningful."""

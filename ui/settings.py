@@ -48,8 +48,9 @@ class Settings:
     samples: Path = ROOT / "var" / "samples"
     labels_url: str = "sqlite:///var/labels.db"
     timeout: float = 60.0
-    #: the longest side sent to the model (None: as uploaded); keeps a 4k x 3k DICOM interactive
-    max_side: int | None = 1024
+    #: the ``max_side`` asked of the model (at most this long side); None (the default): the model's own
+    #: scale (it comes from the model's checkpoint; the answer's ``input.scale_source`` says how)
+    max_side: int | None = None
     #: a folder of (image, lesion mask) pairs on the server the Evaluate page offers (None: not offered)
     eval_folder: Path | None = None
     #: lab profile: the request header the sign-in proxy sets to the signed-in user (None: name box)
@@ -91,7 +92,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         timeout = float(env.get("DEEPMINER_TIMEOUT", "60"))
     except ValueError:
         timeout = 60.0
-    max_side = env.get("DEEPMINER_MAX_SIDE", "1024").strip()
+    max_side = env.get("DEEPMINER_MAX_SIDE", "").strip()  # unset, empty or 0: the model's own scale
     return Settings(
         serve_url=env.get("DEEPMINER_SERVE_URL", "http://127.0.0.1:8080").rstrip("/"),
         model=env.get("DEEPMINER_MODEL", "demo"),

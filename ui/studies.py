@@ -21,6 +21,9 @@ from deepminer.exam import ExamView, Hanging, breast_scores, hang, needs_mirror
 from deepminer.geometry import fit_image
 
 PREVIEW_SIDE = 720  #: long side of a view's picture on the page
+#: the longest side sent to the model when the workbench asks no ``max_side`` (the model brings the image
+#: to its own scale; this only bounds the upload of a 4k x 3k DICOM, its pixel spacing sent along)
+SEND_SIDE = 2048
 
 
 @dataclass
@@ -78,11 +81,18 @@ def _shrink(pixels: np.ndarray, max_side: int | None) -> np.ndarray:
     return fit_image(np.asarray(pixels, dtype=np.float32), max_side, reduce_first=True)
 
 
-def model_input(pixels: np.ndarray, max_side: int | None) -> bytes:
-    """The image the model is sent: fitted (area) to ``max_side``, as a 16-bit PNG (16 bits used)."""
-    from deepminer.data.io import png16_of_pixels
+def model_input(pixels: np.ndarray, max_side: int | None, spacing_mm: float | None = None) -> bytes:
+    """The image the model is sent: fitted (area) to ``max_side``, as a 16-bit PNG (16 bits used);
+    ``spacing_mm`` (the pixel spacing of ``pixels``) travels along, scaled to the sent size, as the PNG
+    text chunk the loader reads (:data:`deepminer.data.io.SPACING_TEXT`): the server brings the image
+    to the model's scale by it."""
+    from deepminer.data.io import SPACING_TEXT, png16_of_pixels
 
-    return png16_of_pixels(_shrink(pixels, max_side))
+    small = _shrink(pixels, max_side)
+    if not spacing_mm:
+        return png16_of_pixels(small)
+    sent = float(spacing_mm) * max(pixels.shape[:2]) / max(small.shape[:2])
+    return png16_of_pixels(small, text={SPACING_TEXT: f"{sent:.6g}"})
 
 
 def _decode(v: View, max_side: int | None = None) -> View:
@@ -101,8 +111,10 @@ def _decode(v: View, max_side: int | None = None) -> View:
     v.laterality = v.laterality or img.laterality
     v.view = v.view or img.view
     v.shape = img.pixels.shape
-    small = _shrink(img.pixels, max(max_side or 0, PREVIEW_SIDE) if max_side else None)
-    v.model_bytes = model_input(small, max_side)
+    send = max_side or SEND_SIDE
+    small = _shrink(img.pixels, max(send, PREVIEW_SIDE))
+    spacing = None if img.spacing_mm is None else img.spacing_mm * max(img.pixels.shape) / max(small.shape)
+    v.model_bytes = model_input(small, send, spacing)
     v.preview = _shrink(small, PREVIEW_SIDE)
     if v.laterality in ("L", "R"):
         v.mirror = needs_mirror(v.laterality, v.preview, v.orientation)

@@ -41,8 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="covariance eigen-directions kept exactly (the rest share their mean variance)")
     parser.add_argument("--transform", choices=TRANSFORMS, default=DEFAULT_TRANSFORM,
                         help="applied to each unit's max activation before the Gaussian (sqrt: variance-stabilising)")
-    parser.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
-                        help="long side the images are explained at (the server's default_max_side)")
+    parser.add_argument("--max-side", type=int, default=None,
+                        help="long side (px) the images are explained at, at most (None: the model's own scale, "
+                             f"as the server explains them; a model that records none: {DEFAULT_MAX_SIDE})")
     parser.add_argument("--limit", type=int, default=None, help="at most this many images per split (None: all)")
     parser.add_argument("--features", default=None, metavar="NPZ",
                         help="cache of the extracted features: reused when written for the same weights, images "
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--percentile: must be in (0, 100], got {args.percentile}")
     if args.components < 1:
         raise InputError(f"--components: must be at least 1, got {args.components}")
-    if not MAX_SIDE_RANGE[0] <= args.max_side <= MAX_SIDE_RANGE[1]:
+    if args.max_side is not None and not MAX_SIDE_RANGE[0] <= args.max_side <= MAX_SIDE_RANGE[1]:
         raise InputError(f"--max-side: must be in {MAX_SIDE_RANGE[0]}..{MAX_SIDE_RANGE[1]}, got {args.max_side}")
     if args.limit is not None and args.limit < 2:
         raise InputError(f"--limit: must be at least 2, got {args.limit}")
@@ -92,7 +93,7 @@ def fit_dataset(model_file: str | os.PathLike, data: str | os.PathLike, *, train
     folder ``data`` (whole images, at the size the server explains them), the threshold at
     ``percentile`` of the ``val_split`` scores. ``limit``: at most this many images per split.
     ``features``: an ``.npz`` of the extracted features, reused when it was written for the same
-    weights, images and ``max_side`` (a refit with another percentile costs no forward pass),
+    weights, images and ``max_side`` (None: the model's own scale, as the server) (a refit with another percentile costs no forward pass),
     else (re)written."""
     import time
 
@@ -111,7 +112,7 @@ def fit_dataset(model_file: str | os.PathLike, data: str | os.PathLike, *, train
         split_images[split] = paths
     t0 = time.perf_counter()
     service = ExplainService.load(model_file, None, settings={"cache_mb": 1}, device=device, domain=False)
-    side = int(max_side or service.settings["default_max_side"])
+    side = max_side or service.settings["default_max_side"]  # None: the model's own scale, as served
     ident = {"weights_sha256": service.weights_sha256, "max_side": side, "feature": FEATURE,
              "images": [str(p.resolve()) for s in (train_split, val_split) for p in split_images[s]]}
     cached = _read_features(features, ident) if features else None

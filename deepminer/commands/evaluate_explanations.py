@@ -36,9 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "insertion, sanity, gms, concepts (None: all)")
     parser.add_argument("--limit", type=int, default=None, help="the first N images of the split (None: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline, the bootstrap and sanity")
-    parser.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
-                        help=f"long side images are explained at, {MAX_SIDE_RANGE[0]}..{MAX_SIDE_RANGE[1]} "
-                             "(as the server does)")
+    parser.add_argument("--max-side", type=int, default=None,
+                        help=f"long side images are explained at, at most, {MAX_SIDE_RANGE[0]}..{MAX_SIDE_RANGE[1]} "
+                             "(None: the model's own scale, as the server does: the image's or the folder's "
+                             f"pixel spacing, else the breast's extent; a model that records none: {DEFAULT_MAX_SIDE})")
     parser.add_argument("--atlas", default=None,
                         help="unit atlas (thresholds for unit masks, suggested labels; None: atlas/ beside the model)")
     parser.add_argument("--labels", default=None,
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from deepminer.evaluation.runner import EvalConfig, evaluate
     from deepminer.geometry import MAX_SIDE_RANGE
 
-    if not MAX_SIDE_RANGE[0] <= args.max_side <= MAX_SIDE_RANGE[1]:
+    if args.max_side is not None and not MAX_SIDE_RANGE[0] <= args.max_side <= MAX_SIDE_RANGE[1]:
         raise InputError(f"--max-side: must be in {MAX_SIDE_RANGE[0]}..{MAX_SIDE_RANGE[1]}, got {args.max_side}")
     if args.sanity_images < 0:
         raise InputError(f"--sanity-images: must be >= 0, got {args.sanity_images}")

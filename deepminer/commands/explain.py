@@ -34,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-units", type=int, default=DEFAULTS["top_units"], help="units listed per class")
     parser.add_argument("--unit-maps", choices=UNIT_MAPS, default=DEFAULTS["unit_maps"], help="unit maps to return")
     parser.add_argument("--max-side", type=int, default=DEFAULTS["max_side"],
-                        help=f"long side the image is explained at, {MAX_SIDE_RANGE[0]}..{MAX_SIDE_RANGE[1]} "
-                             f"(None: the server's default, {DEFAULT_MAX_SIDE})")
+                        help=f"long side the image is explained at, at most, {MAX_SIDE_RANGE[0]}..{MAX_SIDE_RANGE[1]} "
+                             f"(None: the model's own scale from its checkpoint, by the image's pixel spacing "
+                             f"or the breast's extent; a model that records none: {DEFAULT_MAX_SIDE})")
     parser.add_argument("--sketch", default=None, help="mask image (non-zero = sketched region): rank units by IoU")
     parser.add_argument("--ablate", default=None, metavar="IDS",
                         help="unit ids to silence, e.g. 12,40 (at most 256): prints the probabilities with their "
@@ -56,7 +57,8 @@ def _summary(res: Explanation, image: str) -> dict:
             "max_activation": round(float(res.unit_max[u]), 4)} for u in res.top_units.get(pred, [])]
     out = {"image": image, "model": res.model, "prediction": pred,
            "probabilities": {c: round(p, 4) for c, p in res.probabilities.items()},
-           "top_units": top, "domain": res.domain, "timing_ms": res.timing_ms}
+           "top_units": top, "domain": res.domain, "timing_ms": res.timing_ms,
+           "scale": {k: res.input.get(k) for k in ("model_height", "model_width", "scale_source", "model_scale")}}
     if res.sketch_iou is not None:
         order = res.sketch_iou.argsort()[::-1][:len(top) or 8]
         out["sketch_matches"] = [{"unit": int(u), "iou": round(float(res.sketch_iou[u]), 4)} for u in order]
@@ -130,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     from deepminer import client
     from deepminer.domain import describe as describe_domain
     from deepminer.errors import InputError
+    from deepminer.model_scale import describe_scale
     from deepminer.options import ExplainOptions, parse_unit_list
 
     image_path = Path(args.image)
@@ -182,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
     units = ", ".join(f"{t['unit']} ({t['influence']:+.3g})" for t in summary["top_units"])
     print(f"  top units for {res.prediction} (influence)  {units}")
     print(f"  {describe_domain(res.domain, res.model.get('trained_on'))}")
+    print(f"  {describe_scale(res.input)}")
     if "sketch_matches" in summary:
         print("  units matching the sketch (IoU)  "
               + ", ".join(f"{m['unit']} ({m['iou']:.2f})" for m in summary["sketch_matches"]))

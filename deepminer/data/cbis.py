@@ -371,14 +371,15 @@ def _write_image(stage: Path, im: CbisImage, path: Path, rois: dict, per_abn: di
     """One mammogram's image, lesion mask and concept masks into the staging folder."""
     from PIL import Image
 
-    from deepminer.data.io import load_image
-    from deepminer.data.io import png16
+    from deepminer.data.io import SPACING_TEXT, load_image, png16
 
     loaded = load_image(path)
     bits = min(16, max(1, loaded.bits_stored))
     values = np.rint(loaded.pixels * float((1 << bits) - 1)).astype(np.uint16)
-    (stage / "images" / f"{im.image_id}.png").write_bytes(
-        png16(values, bits=bits, text={"Laterality": im.laterality[0], "View": im.view}))
+    text = {"Laterality": im.laterality[0], "View": im.view}
+    if loaded.spacing_mm:  # the DICOM's pixel spacing, kept (the model's scale rule reads it)
+        text[SPACING_TEXT] = f"{loaded.spacing_mm:.6g}"
+    (stage / "images" / f"{im.image_id}.png").write_bytes(png16(values, bits=bits, text=text))
     shape = loaded.pixels.shape
     lesion = np.zeros(shape, np.uint8)
     cmasks = {c: np.zeros(shape, bool) for c in concepts}

@@ -7,6 +7,7 @@ A dataset folder holds ``manifest.csv`` with :data:`MANIFEST_COLUMNS` (paths rel
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -79,3 +80,36 @@ def describe_dataset(folder: str | os.PathLike) -> str:
     if (root / "cbis_import.json").is_file():
         return "CBIS-DDSM (deepminer import-cbis)"
     return f"the dataset folder {root.name!r}"
+
+
+#: the optional manifest column giving an image's pixel spacing (mm); a phantom folder's ``phantoms.json``
+#: gives one for all its images (``pixel_spacing_mm``, or its ``size`` for folders written before that)
+SPACING_COLUMN = "pixel_spacing_mm"
+
+
+def pixel_spacing(folder: str | os.PathLike, row: dict | None = None) -> float | None:
+    """The pixel spacing (mm) of an image of a dataset folder, where the folder says: the row's
+    :data:`SPACING_COLUMN` when the manifest has one, else the folder's ``phantoms.json``
+    (:func:`deepminer.model_scale.phantom_spacing_mm` of its ``size`` when it records no spacing), else
+    None. An image's own file (DICOM Pixel Spacing, :attr:`deepminer.data.io.LoadedImage.spacing_mm`)
+    goes first where it has one (:func:`deepminer.model_scale.input_side` takes either)."""
+    from deepminer.model_scale import phantom_spacing_mm
+
+    raw = str((row or {}).get(SPACING_COLUMN) or "").strip()
+    try:
+        if raw and float(raw) > 0:
+            return float(raw)
+    except ValueError:
+        pass
+    meta = _phantoms_json(str(Path(folder).resolve()))
+    if meta.get(SPACING_COLUMN):
+        return float(meta[SPACING_COLUMN])
+    return phantom_spacing_mm(int(meta["size"])) if meta.get("size") else None
+
+
+def _phantoms_json(folder: str) -> dict:
+    try:
+        meta = json.loads((Path(folder) / "phantoms.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}

@@ -57,6 +57,9 @@ class LoadedImage:
     laterality: str | None = None  #: "L", "R" or None
     view: str | None = None  #: "CC", "MLO" or None
     source: str = "<bytes>"  #: the file name (or the ``name`` given for bytes)
+    #: the physical size (mm) of one pixel where the file says: DICOM Pixel Spacing, else Imager Pixel
+    #: Spacing (the mean of rows and columns); a PNG text chunk ``PixelSpacing``; else None
+    spacing_mm: float | None = None
 
     @property
     def height(self) -> int:
@@ -167,7 +170,7 @@ def png_sbit(data: bytes) -> int | None:
 def png16(image: np.ndarray, *, bits: int = 16, text: dict[str, str] | None = None) -> bytes:
     """A 16-bit greyscale PNG of ``image`` (uint16) with an ``sBIT`` chunk saying how many bits are
     used (:func:`load_image` divides by ``2**bits - 1``) and PNG text chunks ``text`` (the loader
-    reads ``Laterality`` and ``View``). The one 16-bit PNG writer."""
+    reads ``Laterality``, ``View`` and ``PixelSpacing`` (mm, :data:`SPACING_TEXT`)). The one 16-bit PNG writer."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
@@ -181,12 +184,12 @@ def png16(image: np.ndarray, *, bits: int = 16, text: dict[str, str] | None = No
     return buf.getvalue()
 
 
-def png16_of_pixels(pixels: np.ndarray) -> bytes:
+def png16_of_pixels(pixels: np.ndarray, *, text: dict[str, str] | None = None) -> bytes:
     """A grey float image in [0, 1] (clipped) as a 16-bit PNG with all 16 bits used (rounded to the
     nearest of 65,536 levels): what the workbench sends the model; :func:`load_image` reads back
-    ``pixels`` to within 1/131070."""
+    ``pixels`` to within 1/131070. ``text``: PNG text chunks (:func:`png16`)."""
     levels = np.rint(np.asarray(pixels, dtype=np.float32) * 65535.0)
-    return png16(np.clip(levels, 0, 65535).astype(np.uint16), bits=16)
+    return png16(np.clip(levels, 0, 65535).astype(np.uint16), bits=16, text=text)
 
 
 def _to_grey(arr: np.ndarray) -> np.ndarray:
@@ -268,7 +271,35 @@ def _load_raster(data: bytes, fmt: str, source: str, max_pixels: int) -> LoadedI
         pixels = 1.0 - pixels
     laterality, view = _text_hints(im.info)
     return LoadedImage(pixels=pixels, bits_stored=bits, photometric=photometric, format=fmt,
-                       laterality=laterality, view=view, source=source)
+                       laterality=laterality, view=view, source=source,
+                       spacing_mm=_spacing(str(im.info.get(SPACING_TEXT, "")).split("\\")))
+
+
+#: the PNG text chunk carrying a pixel spacing in mm (``"0.1"`` or DICOM's ``"0.1\\0.1"``)
+SPACING_TEXT = "PixelSpacing"
+
+
+def _spacing(values) -> float | None:
+    """A pixel spacing (mm) from a DICOM-style pair (or one value); None when absent or not positive."""
+    try:
+        vals = [float(v) for v in (values or ()) if str(v).strip()]
+    except (TypeError, ValueError):
+        return None
+    vals = [v for v in vals if np.isfinite(v) and v > 0]
+    return float(np.mean(vals[:2])) if vals else None
+
+
+def dicom_spacing(ds) -> float | None:
+    """The pixel spacing (mm) of a DICOM data set: Pixel Spacing (0028,0030), else Imager Pixel
+    Spacing (0018,1164), the mean of rows and columns; None when neither is there."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        raw = ds.get(keyword)
+        if raw is None:
+            continue
+        v = _spacing([raw] if isinstance(raw, (str, bytes, int, float)) else list(raw))
+        if v is not None:
+            return v
+    return None
 
 
 def _text_hints(info: dict) -> tuple[str | None, str | None]:
@@ -391,7 +422,7 @@ def _load_dicom(data: bytes, source: str, max_pixels: int) -> LoadedImage:
         raise InputError(f"{source}: cannot apply the DICOM LUT/window ({_short(err)})") from None
     laterality, view = _dicom_laterality_view(ds)
     return LoadedImage(pixels=pixels, bits_stored=bits, photometric=photometric, format="dicom",
-                       laterality=laterality, view=view, source=source)
+                       laterality=laterality, view=view, source=source, spacing_mm=dicom_spacing(ds))
 
 
 @contextlib.contextmanager

@@ -84,10 +84,16 @@ def _mask_bytes(m: np.ndarray) -> bytes:
 
 
 def write_phantom(folder: Path, ph: Phantom) -> dict:
-    """Write one phantom's PNGs into a dataset folder; returns its manifest row (split left empty)."""
+    """Write one phantom's PNGs into a dataset folder; returns its manifest row (split left empty). The
+    image's PNG text chunks say its laterality, view and pixel spacing (mm, ``PixelSpacing``: a phantom
+    of any size is :data:`~deepminer.model_scale.PHANTOM_HEIGHT_MM` high), which the loader reads."""
+    from deepminer.data.io import SPACING_TEXT
+    from deepminer.model_scale import phantom_spacing_mm
+
     iid = ph.image_id
+    spacing = f"{phantom_spacing_mm(int(ph.image.shape[0])):.6g}"
     (folder / "images" / f"{iid}.png").write_bytes(
-        png16(ph.image, bits=BITS, text={"Laterality": ph.laterality, "View": ph.view}))
+        png16(ph.image, bits=BITS, text={"Laterality": ph.laterality, "View": ph.view, SPACING_TEXT: spacing}))
     for name in PHANTOM_CONCEPTS:
         (folder / "masks" / name / f"{iid}.png").write_bytes(_mask_bytes(ph.masks[name]))
     lesion = ""
@@ -155,6 +161,7 @@ def generate_dataset(out: str | os.PathLike, count: int, seed: int, size: int = 
     """Write a phantom data set of ``count`` images (``ceil(count / 2)`` patients, CC then MLO) into
     ``out`` (a dataset folder, the contract in docs/data.md); the same arguments give the same bytes."""
     from deepminer.data.dataset import staged_output, write_manifest
+    from deepminer.model_scale import phantom_spacing_mm
 
     if isinstance(count, bool) or int(count) != count or count < 1:
         raise InputError(f"count: must be a positive integer, got {count}")
@@ -188,7 +195,8 @@ def generate_dataset(out: str | os.PathLike, count: int, seed: int, size: int = 
                 row["split"] = split_of[row["patient_id"]]
             write_manifest(stage, rows)
             meta = {"generator": "deepminer phantoms", "seed": int(seed), "count": int(count), "size": size,
-                    "width": int(round(ASPECT * size)), "bits_stored": BITS, "splits": splits,
+                    "width": int(round(ASPECT * size)), "bits_stored": BITS,
+                    "pixel_spacing_mm": phantom_spacing_mm(size), "splits": splits,
                     "label_mix": label_mix, "overlap": float(overlap), "concepts": list(PHANTOM_CONCEPTS)}
             (stage / "phantoms.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     except OSError as err:

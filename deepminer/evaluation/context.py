@@ -14,7 +14,6 @@ import numpy as np
 
 from deepminer.errors import InputError
 from deepminer.evaluation.catalog import METRICS
-from deepminer.geometry import DEFAULT_MAX_SIDE
 from deepminer.model_folder import ModelFolder, is_atlas
 
 
@@ -30,7 +29,7 @@ class EvalConfig:
     metrics: list[str] | None = None
     limit: int | None = None
     seed: int = 0
-    max_side: int | None = DEFAULT_MAX_SIDE
+    max_side: int | None = None  #: at most this long side; None: the model's own scale (deepminer.model_scale)
     atlas: str | None = None
     labels_url: str | None = None
     model_name: str | None = None

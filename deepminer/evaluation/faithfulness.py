@@ -147,20 +147,21 @@ def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def deletion_insertion(model: FCN, image: Any, cell_map: Any, target: int, tissue: Any, *,
-                       steps: int = STEPS, max_side: int | None = DEFAULT_MAX_SIDE, fill: str = "blur",
+                       steps: int = STEPS, max_side: int | None = DEFAULT_MAX_SIDE, input_side: int | None = None,
+                       fill: str = "blur",
                        blur_sigma: float | None = None, patch_px: int | None = None) -> Faithfulness:
     """Deletion and insertion curves of ``cell_map`` for class ``target`` (module docstring).
 
     ``image`` ``(H, W)`` float in [0, 1]; ``cell_map`` ``(h, w)`` on the CAM grid (any real
     values, higher = more relevant); ``tissue`` ``(H, W)`` bool breast mask; ``fill`` ``blur``
     (Gaussian, ``blur_sigma`` original px, default half a cell side) or ``constant`` (the median of
-    the image's tissue pixels); ``max_side`` resizes as the engine does; ``patch_px`` the GAP
+    the image's tissue pixels); ``max_side`` (at most) or ``input_side`` (exactly: the model's scale) resizes as the engine does; ``patch_px`` the GAP
     window rule's patch side (default: the model's).
     """
     if fill not in FILLS:
         raise InputError(f"fill: unknown {fill!r}; known: {', '.join(FILLS)}")
     device = next(model.parameters()).device
-    x, scale = prepare_image(image, max_side, device)  # validates image; (1, 1, hi, wi)
+    x, scale = prepare_image(image, max_side, device, input_side=input_side)  # validates image; (1, 1, hi, wi)
     height, width = np.shape(image)[:2]
     mask = np.asarray(tissue)
     if mask.shape != (height, width):

@@ -110,8 +110,10 @@ def one_pass_map(method: str, exp: Explanation, target: int, thresholds: np.ndar
 
 
 def method_map(method: str, model: Any, pixels: np.ndarray, tissue: np.ndarray, exp: Explanation, target: int,
-               *, thresholds: np.ndarray | None, seed: int, max_side: int | None) -> np.ndarray:
-    """The ``(h, w)`` map of ``method`` for class ``target`` on ``exp``'s grid."""
+               *, thresholds: np.ndarray | None, seed: int, max_side: int | None,
+               input_side: int | None = None) -> np.ndarray:
+    """The ``(h, w)`` map of ``method`` for class ``target`` on ``exp``'s grid (a gradient method's
+    input resized as ``exp``'s was: long side at most ``max_side``, or exactly ``input_side``)."""
     if method in ONE_PASS:
         return one_pass_map(method, exp, target, thresholds)
     if method == "random":
@@ -120,7 +122,7 @@ def method_map(method: str, model: Any, pixels: np.ndarray, tissue: np.ndarray, 
         return tissue_prior_map(tissue, exp.map_size)
     from deepminer.explain.peers import saliency
 
-    m = saliency(model, pixels, method, target, max_side=max_side)
+    m = saliency(model, pixels, method, target, max_side=max_side, input_side=input_side)
     if m.shape != exp.map_size:
         raise InputError(f"{method}: map {m.shape} is not on the CAM grid {exp.map_size}")
     return m

@@ -39,11 +39,13 @@ SANITY_STEPS = 4  #: randomization steps per method: the head, then the last thr
 
 def evaluate_image(ctx: Context, row: dict, index: int, *, sanity: bool) -> ImageRecord:
     """Every method and metric on one image."""
+    from deepminer.data.dataset import pixel_spacing
     from deepminer.data.io import load_image
     from deepminer.data.tissue import keep_tissue
     from deepminer.evaluation.localization import LesionTarget
     from deepminer.evaluation.masks import read_lesion
     from deepminer.explain.engine import explain_image
+    from deepminer.model_scale import input_side
 
     t0 = time.perf_counter()
     data = Path(ctx.cfg.data)
@@ -51,7 +53,11 @@ def evaluate_image(ctx: Context, row: dict, index: int, *, sanity: bool) -> Imag
     pixels, _ = keep_tissue(loaded.pixels)  # what the server explains
     tissue = pixels > 0
     label = str(row["label"])
-    exp = explain_image(ctx.model, pixels, max_side=ctx.cfg.max_side, unit_maps="top")
+    # the model's own scale unless --max-side was given: the file's or the folder's pixel spacing, else the breast
+    scale = input_side(ctx.model, *pixels.shape, max_side=ctx.cfg.max_side,
+                       spacing_mm=loaded.spacing_mm or pixel_spacing(data, row), tissue=tissue)
+    side = scale[0]
+    exp = explain_image(ctx.model, pixels, max_side=None, input_side=scale, unit_maps="top")
     rec = ImageRecord(row["image_id"], label, exp.prediction, probabilities=exp.probabilities,
                       report=row.get("report") or "")
     if label == "normal" or not row.get("lesion_mask"):
@@ -65,13 +71,13 @@ def evaluate_image(ctx: Context, row: dict, index: int, *, sanity: bool) -> Imag
     targets = {view: model_index(ctx.model, cls) for view, cls in rec.targets.items()}
     scored = LesionTarget.make(lesion, tissue)  # the lesion's side of every metric, once per image
     for method in ctx.methods:
-        rec.scores[method], maps = _method_record(ctx, method, pixels, tissue, scored, exp, targets, index)
+        rec.scores[method], maps = _method_record(ctx, method, pixels, tissue, scored, exp, targets, index, side)
         if method == ctx.reference:
             rec.saliency = maps[targets["truth"]]
     if "gms" in ctx.metrics:
         rec.gms = _gms_record(ctx, exp, targets["truth"], rec.report)
     if sanity and "sanity" in ctx.metrics:
-        rec.sanity = {m: _sanity_steps(ctx, m, pixels, tissue, targets["truth"], index) for m in ctx.methods}
+        rec.sanity = {m: _sanity_steps(ctx, m, pixels, tissue, targets["truth"], index, side) for m in ctx.methods}
     rec.seconds = time.perf_counter() - t0
     return rec
 
@@ -81,8 +87,8 @@ def model_index(model: Any, cls: str) -> int:
 
 
 def _method_record(ctx: Context, method: str, pixels: np.ndarray, tissue: np.ndarray, scored: Any, exp: Any,
-                   targets: dict[str, int], index: int) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
-    """``{view: metrics}`` of one method, and its maps by class index."""
+                   targets: dict[str, int], index: int, side: int) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
+    """``{view: metrics}`` of one method, and its maps by class index (the model input's long side ``side``)."""
     from deepminer.evaluation.localization import localization_metrics, to_image
     from deepminer.evaluation.methods import method_map
 
@@ -92,7 +98,7 @@ def _method_record(ctx: Context, method: str, pixels: np.ndarray, tissue: np.nda
         t0 = time.perf_counter()
         if target not in maps:
             maps[target] = method_map(method, ctx.model, pixels, tissue, exp, target, thresholds=ctx.thresholds,
-                                      seed=ctx.cfg.seed * 1_000_003 + index, max_side=ctx.cfg.max_side)
+                                      seed=ctx.cfg.seed * 1_000_003 + index, max_side=None, input_side=side)
         cell = maps[target]
         map_ms = (time.perf_counter() - t0) * 1000
         v: dict[str, Any] = {"map_ms": map_ms}
@@ -105,7 +111,7 @@ def _method_record(ctx: Context, method: str, pixels: np.ndarray, tissue: np.nda
         if view == "truth" and any(m in ctx.metrics for m in FAITHFULNESS):
             from deepminer.evaluation.faithfulness import deletion_insertion
 
-            f = deletion_insertion(ctx.model, pixels, cell, target, tissue, max_side=ctx.cfg.max_side)
+            f = deletion_insertion(ctx.model, pixels, cell, target, tissue, max_side=None, input_side=side)
             v.update(deletion=_num(f.deletion_auc), insertion=_num(f.insertion_auc),
                      deletion_curve=[_num(x) for x in f.deletion], insertion_curve=[_num(x) for x in f.insertion],
                      fractions=[_num(x) for x in f.fractions], forwards=int(f.forwards))
@@ -114,18 +120,18 @@ def _method_record(ctx: Context, method: str, pixels: np.ndarray, tissue: np.nda
 
 
 def _sanity_steps(ctx: Context, method: str, pixels: np.ndarray, tissue: np.ndarray, target: int,
-                  index: int) -> list[dict[str, Any]]:
+                  index: int, side: int) -> list[dict[str, Any]]:
     from deepminer.evaluation.sanity import cascading_randomization
 
     def fn(model: Any, image: np.ndarray, cls: int) -> np.ndarray:
         from deepminer.explain.engine import explain_image
         from deepminer.evaluation.methods import method_map
 
-        e = explain_image(model, image, max_side=ctx.cfg.max_side, unit_maps="top")
+        e = explain_image(model, image, max_side=None, input_side=side, unit_maps="top")
         return method_map(method, model, image, tissue, e, cls, thresholds=ctx.thresholds,
-                          seed=ctx.cfg.seed * 1_000_003 + index, max_side=ctx.cfg.max_side)
+                          seed=ctx.cfg.seed * 1_000_003 + index, max_side=None, input_side=side)
 
-    steps = cascading_randomization(ctx.model, pixels, target, fn, seed=ctx.cfg.seed, max_side=ctx.cfg.max_side,
+    steps = cascading_randomization(ctx.model, pixels, target, fn, seed=ctx.cfg.seed, max_side=None, input_side=side,
                                     max_steps=SANITY_STEPS)
     return [{"index": int(s.index), "block": _short_block(str(s.block)), "spearman": _num(s.spearman),
              "ssim": _num(s.ssim)} for s in steps]

@@ -147,7 +147,7 @@ def map_ssim(a: Any, b: Any) -> float:
     return float(structural_similarity(x, y, data_range=1.0, win_size=win))
 
 
-def _as_method(method: Method | str, max_side: int | None) -> Method:
+def _as_method(method: Method | str, max_side: int | None, input_side: int | None = None) -> Method:
     if not isinstance(method, str):
         return method
     from deepminer.explain.peers import saliency
@@ -155,12 +155,12 @@ def _as_method(method: Method | str, max_side: int | None) -> Method:
     name = method
 
     def run(model: FCN, image: np.ndarray, target: int) -> np.ndarray:
-        return saliency(model, image, name, target, max_side=max_side)
+        return saliency(model, image, name, target, max_side=max_side, input_side=input_side)
     return run
 
 
 def cascading_randomization(model: FCN, image: Any, target: int, method: Method | str, *, seed: int = 0,
-                            max_side: int | None = DEFAULT_MAX_SIDE,
+                            max_side: int | None = DEFAULT_MAX_SIDE, input_side: int | None = None,
                             max_steps: int | None = None) -> list[SanityStep]:
     """Cascading randomization of ``model`` (module docstring): one :class:`SanityStep` per block
     of :func:`randomization_blocks`, head first (only the first ``max_steps`` when given; 2 are
@@ -168,10 +168,10 @@ def cascading_randomization(model: FCN, image: Any, target: int, method: Method 
 
     ``method(model, image, target) -> (h, w)`` computes the map (any scale); a name of
     :data:`deepminer.explain.peers.METHODS` runs :func:`~deepminer.explain.peers.saliency` at
-    ``max_side`` (``max_side`` is used for named methods only). ``seed`` fixes the re-drawn
+    ``max_side`` (or exactly ``input_side``; both used for named methods only). ``seed`` fixes the re-drawn
     weights. The caller's model is not modified (a deep copy is randomized).
     """
-    run = _as_method(method, max_side)
+    run = _as_method(method, max_side, input_side)
     work = copy.deepcopy(model)
     original = np.asarray(run(work, image, int(target)), dtype=np.float64)
     generator = torch.Generator().manual_seed(int(seed))

@@ -13,7 +13,8 @@ else is computed on the small unit maps ``(K, h, w)``:
   through the head only (:func:`ablate_features`; the cache keeps the float32 unit maps, so a new
   unit set on a cached image costs no forward).
 
-Geometry: the image is resized (bilinear, antialiased) so its long side is at most ``max_side``;
+Geometry: the image is resized (bilinear, antialiased) so its long side is at most ``max_side``,
+or exactly ``input_side`` (the model's own scale, :func:`deepminer.model_scale.input_side`);
 ``scale`` = model-input px per original px. The ``h x w`` cells of every map tile the ORIGINAL
 image uniformly: cell ``(i, j)`` covers rows ``[i*H/h, (i+1)*H/h)`` and columns
 ``[j*W/w, (j+1)*W/w)`` (:meth:`Explanation.cell_box`), the same convention as bilinear
@@ -39,6 +40,7 @@ from deepminer.explain.sketch import sketch_iou
 from deepminer.explain.units import QUANTILE, quantile_thresholds
 from deepminer.explanation import Ablation, Explanation, UnitMaps, rank_by_influence
 from deepminer.geometry import DEFAULT_MAX_SIDE
+from deepminer.model_scale import model_scale
 from deepminer.models.fcn import FCN, breast_cells
 from deepminer.models.fcn import patch_px as model_patch_px
 from deepminer.options import DEFAULTS, UNIT_MAPS
@@ -169,7 +171,7 @@ def ablation_from_features(model: FCN, feats: np.ndarray | torch.Tensor, units: 
                     ms=round((time.perf_counter() - t0) * 1000, 3))
 
 
-def _image_key(image: torch.Tensor, max_side: int | None, model: FCN, patch_px: int | None,
+def _image_key(image: torch.Tensor, max_side: Any, model: FCN, patch_px: int | None,
                content: str | None = None) -> str:
     h = hashlib.sha1()
     if content is None:
@@ -184,10 +186,14 @@ def _image_key(image: torch.Tensor, max_side: int | None, model: FCN, patch_px: 
 def explain_image(model: FCN, image: Any, *, max_side: int | None = DEFAULT_MAX_SIDE,
                   top_units: int = DEFAULTS["top_units"], unit_maps: str = DEFAULTS["unit_maps"],
                   sketch: Any = None, thresholds: Any = None, cache: Any = None, patch_px: int | None = None,
-                  cache_key: str | None = None, ablate: Any = ()) -> Explanation:
+                  cache_key: str | None = None, ablate: Any = (),
+                  input_side: tuple[int, str] | int | None = None) -> Explanation:
     """Explain one grey image ``(H, W)`` float in [0, 1] with one forward pass of ``model`` (FCN).
 
-    ``max_side``: long side of the model input (None: as is). ``top_units``: units listed per class
+    ``max_side``: long side of the model input at most (None: as is; never enlarged).
+    ``input_side``: the model input's exact long side instead (enlarging too), as
+    :func:`deepminer.model_scale.input_side` answers it: ``(side, how)`` (``how`` becomes
+    ``input.scale_source``) or a bare side; it overrides ``max_side``. ``top_units``: units listed per class
     in ``top_units``. ``unit_maps`` (:data:`~deepminer.options.UNIT_MAPS`): the unit maps kept in the
     result: ``all``, the ``top`` units of every class, or ``none``. ``sketch``: bool ``(H, W)`` in original
     pixels -> ``sketch_iou`` [K] (:func:`deepminer.explain.sketch.sketch_iou`) against the unit
@@ -207,14 +213,15 @@ def explain_image(model: FCN, image: Any, *, max_side: int | None = DEFAULT_MAX_
         raise InputError(f"top_units: must be a whole number >= 0, got {top_units!r}")
     img = as_image(image)
     sk = _check_sketch(sketch, (int(img.shape[0]), int(img.shape[1]))) if sketch is not None else None
-    key = _image_key(img, max_side, model, patch_px, cache_key) if cache is not None else ""
+    side, how = _side_of(input_side, max_side)
+    key = _image_key(img, (max_side, side), model, patch_px, cache_key) if cache is not None else ""
     cached: tuple[Explanation, np.ndarray] | None = cache.get(key) if cache is not None else None
     hit = cached is not None
     timing: dict[str, float] = {"preprocess": 0.0, "forward": 0.0, "maps": 0.0}
     if cached is not None:
         core, feats = cached
     else:
-        core, feats = _forward(model, img, max_side, patch_px, timing)
+        core, feats = _forward(model, img, max_side, patch_px, timing, input_side=side)
         if cache is not None:
             cache.put(key, (core, feats))  # the float32 unit maps too: an ablation needs no forward
     ablation = ablation_from_features(model, feats, ablate, core, patch_px) if len(ablate) else None
@@ -238,9 +245,19 @@ def explain_image(model: FCN, image: Any, *, max_side: int | None = DEFAULT_MAX_
     out.unit_maps = _kept_maps(core.unit_maps, unit_maps, out.top_units)
     out.sketch_iou, out.thresholds_source, out.timing_ms, out.cache_hit = iou, source, timing, hit
     out.ablation = ablation
+    out.input = {**core.input, "scale_source": how, "model_scale": model_scale(model)}
     if ablation is not None:
         timing["ablate"] = ablation.ms
     return out
+
+
+def _side_of(input_side: tuple[int, str] | int | None, max_side: int | None) -> tuple[int | None, str]:
+    """``(exact long side or None, how)`` of :func:`explain_image`'s ``input_side``/``max_side``."""
+    if input_side is None:
+        return None, "as is" if max_side is None else f"max_side: long side at most {int(max_side)} px"
+    if isinstance(input_side, tuple):
+        return int(input_side[0]), str(input_side[1])
+    return int(input_side), f"asked: long side {int(input_side)} px"
 
 
 def _kept_maps(maps: UnitMaps, which: str, top_units: dict[str, list[int]]) -> UnitMaps:
@@ -263,12 +280,12 @@ def _check_sketch(sketch: Any, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _forward(model: FCN, img: torch.Tensor, max_side: int | None, patch_px: int | None,
-             timing: dict[str, float]) -> tuple[Explanation, np.ndarray]:
+             timing: dict[str, float], *, input_side: int | None = None) -> tuple[Explanation, np.ndarray]:
     """The one forward pass and the maths on the unit maps; top units and sketch left empty. Also
     returns the unit maps ``(K, h, w)`` float32 (read-only; what an ablation starts from)."""
     t0 = time.perf_counter()
     device = next(model.parameters()).device
-    x, scale = resize_image(img, max_side, device)
+    x, scale = resize_image(img, max_side, device, input_side=input_side)
     t1 = time.perf_counter()
     was_training = model.training
     if was_training:  # (toggling walks every module: skipped when already in eval mode)

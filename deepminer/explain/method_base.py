@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepminer.errors import InputError
-from deepminer.geometry import fit_size
+from deepminer.geometry import fit_size, side_size
 from deepminer.models.fcn import FCN
 
 MIN_SIDE = 16  # smallest model-input side accepted (px)
@@ -40,18 +40,20 @@ def as_image(image: Any, name: str = "image") -> torch.Tensor:
     return t
 
 
-def prepare_image(image: Any, max_side: int | None, device: torch.device | str = "cpu"
-                  ) -> tuple[torch.Tensor, float]:
+def prepare_image(image: Any, max_side: int | None, device: torch.device | str = "cpu", *,
+                  input_side: int | None = None) -> tuple[torch.Tensor, float]:
     """``(1, 1, h, w)`` model input on ``device`` (bilinear, antialiased resize so the long side
-    is at most ``max_side``) and the scale (model-input px per original px, long side)."""
-    return resize_image(as_image(image), max_side, device)
+    is at most ``max_side``; or exactly ``input_side`` when given, enlarging too: the model's own
+    scale, :func:`deepminer.model_scale.input_side`) and the scale (model-input px per original
+    px, long side)."""
+    return resize_image(as_image(image), max_side, device, input_side=input_side)
 
 
-def resize_image(t: torch.Tensor, max_side: int | None, device: torch.device | str = "cpu"
-                 ) -> tuple[torch.Tensor, float]:
+def resize_image(t: torch.Tensor, max_side: int | None, device: torch.device | str = "cpu", *,
+                 input_side: int | None = None) -> tuple[torch.Tensor, float]:
     """:func:`prepare_image` for an image already checked by :func:`as_image`."""
     height, width = t.shape
-    h, w = fit_size(height, width, max_side)
+    h, w = fit_size(height, width, max_side) if input_side is None else side_size(height, width, int(input_side))
     if min(h, w) < MIN_SIDE:
         raise InputError(f"image: {height}x{width} px gives a {h}x{w} model input; "
                          f"each side must be at least {MIN_SIDE} px")

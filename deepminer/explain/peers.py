@@ -27,14 +27,15 @@ METHODS: dict[str, type[SaliencyMethod]] = {
 
 
 def saliency(model: FCN, image: Any, method: str = "cam", target_class: int | str | None = None,
-             *, max_side: int | None = 1024, **options: Any) -> np.ndarray:
+             *, max_side: int | None = 1024, input_side: int | None = None, **options: Any) -> np.ndarray:
     """The ``method`` map ``(h, w)`` of ``target_class`` (index or name; None: the class with the
     highest image logit, the output the gradient methods explain) for a grey image ``(H, W)`` in
-    [0, 1], resized as :func:`~deepminer.explain.engine.explain_image` does. ``options`` go to the
+    [0, 1], resized as :func:`~deepminer.explain.engine.explain_image` does (long side at most
+    ``max_side``, or exactly ``input_side``: the model's scale). ``options`` go to the
     method (e.g. ``steps`` for integrated_gradients, ``samples``/``noise`` for smoothgrad)."""
     if method not in METHODS:
         raise InputError(f"method: unknown {method!r}; known: {', '.join(METHODS)}")
-    x, _ = prepare_image(image, max_side, next(model.parameters()).device)
+    x, _ = prepare_image(image, max_side, next(model.parameters()).device, input_side=input_side)
     target = None if target_class is None else class_index(model.classes, target_class, what="target_class")
     with METHODS[method](model, **options) as m:
         return normalize_map(m(x, target))

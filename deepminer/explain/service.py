@@ -26,13 +26,14 @@ from typing import Any
 from deepminer import model_folder
 from deepminer.errors import DeepMinerError, InputError
 from deepminer.explanation import Explanation
-from deepminer.geometry import DEFAULT_MAX_SIDE
 from deepminer.model_folder import ModelFolder
 from deepminer.options import ExplainOptions, check_ablate, mask_to_png
 
-#: the service's settings (the ``handler:`` section of serve/model-config.yaml), with defaults
+#: the service's settings (the ``handler:`` section of serve/model-config.yaml), with defaults;
+#: ``default_max_side`` None: a request without ``max_side`` is explained at the model's own scale
+#: (:func:`deepminer.model_scale.input_side`); a number: at a long side of at most that, whatever the model
 SETTINGS: dict[str, Any] = {"model_file": model_folder.MODEL, "atlas": model_folder.ATLAS, "max_pixels": 60_000_000,
-                            "cache_mb": 256, "default_max_side": DEFAULT_MAX_SIDE, "torch_threads": 0,
+                            "cache_mb": 256, "default_max_side": None, "torch_threads": 0,
                             "tissue": True, "keep_freed_memory": True, "max_gradient_methods": 3,
                             "domain": model_folder.DOMAIN}
 
@@ -164,7 +165,7 @@ class ExplainService:
         if opts.target is not None and opts.target not in classes:
             raise InputError(f"options.target: {opts.target!r} is not a class of the model "
                              f"(known: {', '.join(classes)})")
-        exp, pixels, max_side = self._explain(image, opts, name=name, batch=batch)
+        exp, pixels, side = self._explain(image, opts, name=name, batch=batch)
         t0 = time.perf_counter()
         target = opts.target or exp.prediction
         t = classes.index(target)
@@ -175,7 +176,7 @@ class ExplainService:
             if method in ("cam", "class_map"):
                 maps[method] = one_pass_map(method, exp, t, None)
             else:
-                maps[method] = self._gradient_map(method, pixels, t, max_side)
+                maps[method] = self._gradient_map(method, pixels, t, side)
                 if maps[method].shape != exp.map_size:
                     raise RuntimeError(f"{method}: map {maps[method].shape} is not on the CAM grid {exp.map_size}")
             ms[method] = round((time.perf_counter() - s) * 1000, 2)
@@ -186,7 +187,7 @@ class ExplainService:
                          "handler": round(exp.timing_ms.get("handler", 0.0) + methods_ms, 2)}
         return exp
 
-    def _gradient_map(self, method: str, pixels: Any, target: int, max_side: int) -> Any:
+    def _gradient_map(self, method: str, pixels: Any, target: int, side: int) -> Any:
         """One gradient method's map, the model given back as found: eval/train mode and every
         parameter's ``requires_grad`` restored, gradients dropped (``.grad`` None), no autograd
         graph left (the map is a detached float32 array)."""
@@ -200,7 +201,8 @@ class ExplainService:
         requires = [p.requires_grad for p in model.parameters()]
         try:
             with torch.enable_grad():
-                return np.array(saliency(model, pixels, method, target, max_side=max_side), dtype=np.float32)
+                return np.array(saliency(model, pixels, method, target, max_side=None, input_side=side),
+                                dtype=np.float32)
         finally:
             model.train(training)
             for p, r in zip(model.parameters(), requires):
@@ -208,7 +210,8 @@ class ExplainService:
             model.zero_grad(set_to_none=True)
 
     def _explain(self, image: bytes, opts: ExplainOptions, *, name: str, batch: int) -> tuple[Explanation, Any, int]:
-        """The explanation, the (tissue-masked) pixels it was computed from and the ``max_side`` used."""
+        """The explanation, the (tissue-masked) pixels it was computed from and the model input's
+        long side (:meth:`input_side`)."""
         import torch
 
         from deepminer.data.io import load_image
@@ -227,8 +230,8 @@ class ExplainService:
         # the cache key hashes the request's file (0.6 ms for a 1024 x 1024 PNG) rather than the
         # decoded pixels (3.5 ms); the pixels follow from the file and the tissue setting
         content = f"{hashlib.sha1(image).hexdigest()}:tissue={use_tissue}"
-        max_side = opts.max_side or int(self.settings["default_max_side"])
-        exp = explain_image(self.model, pixels, max_side=max_side,
+        side = self.input_side(loaded.pixels, opts.max_side, spacing_mm=loaded.spacing_mm, tissue=region)
+        exp = explain_image(self.model, pixels, max_side=None, input_side=side,
                             top_units=opts.top_units, unit_maps=opts.unit_maps, sketch=sketch,
                             thresholds=self.thresholds, cache=self.cache, cache_key=content,
                             ablate=opts.ablate)
@@ -244,7 +247,28 @@ class ExplainService:
                          "handler": round((time.perf_counter() - t0) * 1000, 2)}
         exp.server = {"device": str(self.device), "batch": batch, "pid": os.getpid(),
                       "threads": torch.get_num_threads(), "cache_hit": bool(exp.cache_hit)}
-        return exp, pixels, max_side
+        return exp, pixels, side[0]
+
+    def input_side(self, pixels: Any, max_side: int | None = None, *, spacing_mm: float | None = None,
+                   tissue: Any = None) -> tuple[int, str]:
+        """``(long side of the model input, how)`` for the grey image ``pixels`` (H, W): the request's
+        ``max_side`` (at most), else the server's ``default_max_side`` when set, else the model's own
+        scale (:func:`deepminer.model_scale.input_side`: the image's pixel spacing ``spacing_mm``, else
+        the breast's extent in the ``tissue`` mask (computed from ``pixels`` when None and needed),
+        else the model's long side; a model that records no scale: at most
+        :data:`~deepminer.geometry.DEFAULT_MAX_SIDE`)."""
+        from deepminer.model_scale import input_side, model_scale
+
+        h, w = int(pixels.shape[0]), int(pixels.shape[1])
+        default = self.settings.get("default_max_side")
+        if max_side is None and default:
+            side, _ = input_side(self.model, h, w, max_side=int(default))
+            return side, f"server default_max_side: long side at most {int(default)} px"
+        if max_side is None and tissue is None and spacing_mm is None and model_scale(self.model):
+            from deepminer.data.tissue import tissue_mask
+
+            tissue = tissue_mask(pixels)
+        return input_side(self.model, h, w, max_side=max_side, spacing_mm=spacing_mm, tissue=tissue)
 
     def warm_up(self) -> None:
         """One explanation of a synthetic image, so the first real request does not pay for lazy

@@ -75,6 +75,7 @@ left, right = st.columns([3, 2], gap="medium")
 with right:
     st.subheader(f"Prediction: {result.prediction} ({result.probabilities[result.prediction]:.2f})")
     st.caption(logic.trained_on_note(result.model))
+    st.caption(logic.scale_note(result))
     st.markdown("**DeepMiner explanation**")
     st.text(logic.explanation(result, labels)["sentence"])
     st.plotly_chart(render.probability_bars(result.probabilities, result.prediction), key="probs")
