@@ -12,7 +12,6 @@ with no unit maps), its ``probabilities``.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -23,19 +22,6 @@ from typing import Any
 import numpy as np
 
 from deepminer.errors import InputError
-
-
-def folder_spacing_mm(folder: str | os.PathLike) -> float | None:
-    """The pixel spacing (mm) a dataset folder records for its images: ``pixel_spacing_mm`` of its
-    ``phantoms.json``; None when absent (the scale then follows from the breast's extent)."""
-    path = Path(folder) / "phantoms.json"
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8")).get("pixel_spacing_mm")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
 def image_rows(folder: str | os.PathLike, split: str = "test", limit: int | None = None) -> list[dict]:
@@ -68,9 +54,7 @@ def predict_pixels(model: Any, pixels: np.ndarray, *, max_side: int | None = Non
         pixels, fraction, mask = tissue_region(pixels)
     side, rule = input_side(model, h, w, max_side=max_side, spacing_mm=spacing_mm,
                             tissue=mask if fraction else None)
-    # TODO(scale): explain_image only shrinks to max_side; a side above max(h, w) (a small image
-    # brought up to the model's scale) is passed as is until the engine's exact resize is merged.
-    exp = explain_image(model, pixels, max_side=side, unit_maps="none", top_units=0)
+    exp = explain_image(model, pixels, max_side=max_side, input_side=(side, rule), unit_maps="none", top_units=0)
     return {"probabilities": {c: float(p) for c, p in exp.probabilities.items()}, "prediction": exp.prediction,
             "height": h, "width": w, "side": int(side), "side_rule": rule,
             "tissue_fraction": None if fraction is None else round(float(fraction), 4)}
@@ -85,6 +69,7 @@ def predict_images(model: Any, folder: str | os.PathLike, split: str = "test", *
     :func:`deepminer.model_scale.input_side`); ``limit``: the first images only."""
     from tqdm import tqdm
 
+    from deepminer.data.dataset import pixel_spacing
     from deepminer.data.io import load_image
 
     rows = image_rows(folder, split, limit)
@@ -92,11 +77,11 @@ def predict_images(model: Any, folder: str | os.PathLike, split: str = "test", *
     missing = sorted({r["label"] for r in rows} - set(classes))
     if missing:
         raise InputError(f"{folder}: labels {', '.join(missing)} are not classes of the model ({', '.join(classes)})")
-    spacing = folder_spacing_mm(folder)
     out = []
     for row in tqdm(rows, desc="images", unit="img", disable=not progress, leave=False, file=sys.stderr):
         t0 = time.perf_counter()
         loaded = load_image(Path(folder) / row["image"])
+        spacing = loaded.spacing_mm or pixel_spacing(folder, row)  # the file's own, else the folder's
         got = predict_pixels(model, loaded.pixels, max_side=max_side, spacing_mm=spacing)
         out.append({"image_id": row["image_id"], "label": row["label"], "y": classes.index(row["label"]), **got,
                     "seconds": round(time.perf_counter() - t0, 4)})
@@ -116,6 +101,7 @@ def image_level_report(model: Any, folder: str | os.PathLike, split: str = "test
     """:func:`predict_images` and their :func:`deepminer.metrics.image_level_metrics`, plus how the
     input sides were chosen and the time: ``{"images", "max_side", "spacing_mm", "side_rules"
     {rule: n}, "sides" {"min", "max"}, "seconds", "seconds_per_image", "metrics", "predictions"}``."""
+    from deepminer.data.dataset import pixel_spacing
     from deepminer.metrics import image_level_metrics
 
     t0 = time.perf_counter()
@@ -126,7 +112,7 @@ def image_level_report(model: Any, folder: str | os.PathLike, split: str = "test
     for p in preds:
         rules[p["side_rule"]] = rules.get(p["side_rule"], 0) + 1
     sides = [p["side"] for p in preds]
-    return {"images": len(preds), "max_side": max_side, "spacing_mm": folder_spacing_mm(folder),
+    return {"images": len(preds), "max_side": max_side, "spacing_mm": pixel_spacing(folder),
             "side_rules": rules, "sides": {"min": min(sides), "max": max(sides)},
             "seconds": round(seconds, 2), "seconds_per_image": round(seconds / max(1, len(preds)), 3),
             "metrics": image_level_metrics(y, probs, list(model.classes), n_boot=n_boot, seed=seed),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from deepminer.errors import InputError
-from deepminer.image_eval import (folder_spacing_mm, image_level_report, image_rows, predict_images,
+from deepminer.image_eval import (image_level_report, image_rows, predict_images,
                                   probability_matrix)
 from modelfixtures import tiny_model
 
@@ -48,10 +48,11 @@ def test_predictions_equal_the_servers_answer(data, model):
 def test_max_side_limit_and_spacing(data, model, tmp_path):
     small = predict_images(model, data, "test", max_side=96, limit=2, progress=False)
     assert len(small) == 2 and all(p["side"] == 96 and p["side_rule"].startswith("asked") for p in small)
-    assert folder_spacing_mm(data) is None  # phantoms.json without pixel_spacing_mm
+    from deepminer.data.dataset import pixel_spacing
+
     meta = json.loads((data / "phantoms.json").read_text())
     (tmp_path / "phantoms.json").write_text(json.dumps({**meta, "pixel_spacing_mm": 0.25}))
-    assert folder_spacing_mm(tmp_path) == 0.25
+    assert pixel_spacing(tmp_path) == 0.25
     with pytest.raises(InputError, match="split 'val' has no image"):
         predict_images(model, data, "val")
     with pytest.raises(InputError, match="--limit"):
