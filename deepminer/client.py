@@ -32,8 +32,9 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import requests
 
-from deepminer.errors import InputError
+from deepminer.errors import DeepMinerError, InputError
 from deepminer.explanation import Explanation
+from deepminer.jobs import ENV_JOBS, check_id, heartbeat, new_id
 from deepminer.options import DEFAULTS, ExplainOptions
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -156,7 +157,12 @@ class Client:
 
     def __init__(self, url: str = DEFAULT_URL, *, model: str = DEFAULT_MODEL, token: str | None = None,
                  key_file: str | os.PathLike | None = None, timeout: float = 60,
-                 management_url: str | None = None):
+                 management_url: str | None = None, jobs: str | os.PathLike | None = None):
+        from deepminer.jobs import JobStore
+
+        #: the server's job file (:mod:`deepminer.jobs`; ``jobs`` or ``DEEPMINER_JOBS``), or None: a
+        #: client on another host sends no job ids (no progress, no cancel, a job outlives its client)
+        self.jobs = JobStore(jobs) if jobs else None
         self.url = url.rstrip("/")
         self.model = model
         self.timeout = timeout
@@ -175,7 +181,8 @@ class Client:
                               "model": os.environ.get(ENV_MODEL) or DEFAULT_MODEL,
                               "token": os.environ.get(ENV_TOKEN) or None,
                               "key_file": os.environ.get(ENV_KEY_FILE) or None,
-                              "management_url": os.environ.get(ENV_MANAGEMENT_URL) or None}
+                              "management_url": os.environ.get(ENV_MANAGEMENT_URL) or None,
+                              "jobs": os.environ.get(ENV_JOBS) or None}
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)
 
@@ -280,14 +287,37 @@ class Client:
         return _body_or_raise(r)
 
     def explain_methods(self, image: bytes | str | os.PathLike, methods: Sequence[str], *, target: str | None = None,
-                        options: ExplainOptions | None = None) -> Explanation:
+                        options: ExplainOptions | None = None, job: str | None = None, group: str | None = None,
+                        beat: bool = True) -> Explanation:
         """``POST /explanations/<model>``: the explanation plus the saliency map of each of
         ``methods`` (``cam``, ``class_map``, ``gradcam``, ``gradcam++``, ``guided_backprop``,
         ``integrated_gradients``, ``smoothgrad``) for ``target`` (None: the prediction) on the CAM
         grid, in :attr:`Explanation.method_maps` (cost in ``method_ms``). ``options`` carries the
-        other options; ``methods``/``target`` given here win. Unknown names are refused before sending."""
+        other options; ``methods``/``target`` given here win. Unknown names are refused before sending.
+
+        A long job (:mod:`deepminer.jobs`) when the client knows the server's job file
+        (:attr:`jobs`): under ``job`` (None: a fresh id), in ``group``; its row is written before
+        sending and touched while waiting (``beat`` False: the caller touches it,
+        :meth:`JobStore.touch <deepminer.jobs.JobStore.touch>`); read it with :meth:`job`, stop it
+        with :meth:`cancel` (the call then raises :class:`ServeError` 409 ``Cancelled``). A call left
+        by an exception here (a timeout, Ctrl-C) cancels its job; a killed process stops touching it."""
         opts = _with_methods(options, methods, target)
-        return Explanation.from_json(self.explain_raw(image, opts.to_json(), explanations=True))
+        if self.jobs is None and job is None:
+            return Explanation.from_json(self.explain_raw(image, opts.to_json(), explanations=True))
+        if self.jobs is None:
+            raise InputError("job: this client has no job file (pass jobs= or set DEEPMINER_JOBS)")
+        opts = dataclasses.replace(opts, job=check_id(job) if job is not None else new_id())
+        return Explanation.from_json(_as_job(self.jobs, opts.job, group, beat,
+                                             lambda: self.explain_raw(image, opts.to_json(), explanations=True)))
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        """The progress of job ``job_id`` (:meth:`JobStore.get <deepminer.jobs.JobStore.get>`), or None."""
+        return None if self.jobs is None else self.jobs.get(job_id)
+
+    def cancel(self, job_id: str) -> bool:
+        """Stop job ``job_id`` at its next step; False when there is no such job running (unknown,
+        finished) or no job file: nothing done."""
+        return False if self.jobs is None else self.jobs.cancel(job_id)
 
     def explain(self, image: bytes | str | os.PathLike, options: ExplainOptions | None = None, *,
                 top_units: int = DEFAULTS["top_units"], unit_maps: str = DEFAULTS["unit_maps"],
@@ -326,6 +356,22 @@ def _body_or_raise(r: requests.Response) -> dict:
     if not isinstance(body, dict):
         raise ServeError(r.status_code, "BadResponse", "the server did not answer a JSON object")
     return body
+
+
+def _as_job(store: Any, job_id: str, group: str | None, beat: bool, call: Any) -> Any:
+    """``call()`` as job ``job_id``: its row written first, touched while it runs (``beat``), and
+    cancelled when the call is left by anything but the server's answer (a timeout, Ctrl-C)."""
+    import contextlib
+
+    store.create(job_id, group=group)
+    try:
+        with heartbeat(store, job_id) if beat else contextlib.nullcontext():
+            return call()
+    except (ServeError, DeepMinerError):  # the server's (or the service's) answer: the job is over
+        raise
+    except BaseException:
+        store.cancel(job_id, "client gone")
+        raise
 
 
 def _next_port(url: str) -> str:
@@ -404,9 +450,26 @@ class LocalClient:
                             explanations).to_json()
 
     def explain_methods(self, image: bytes | str | os.PathLike, methods: Sequence[str] | None, *,
-                        target: str | None = None, options: ExplainOptions | None = None) -> Explanation:
-        """As :meth:`Client.explain_methods` (``POST /explanations``)."""
-        return self._decoded(image, _with_methods(options, methods, target), explanations=True)
+                        target: str | None = None, options: ExplainOptions | None = None, job: str | None = None,
+                        group: str | None = None, beat: bool = True) -> Explanation:
+        """As :meth:`Client.explain_methods` (``POST /explanations``), a job of :attr:`jobs` too
+        (a cancelled one raises :class:`~deepminer.jobs.JobCancelled`)."""
+        opts = dataclasses.replace(_with_methods(options, methods, target),
+                                   job=check_id(job) if job is not None else new_id())
+        return _as_job(self.jobs, opts.job, group, beat, lambda: self._decoded(image, opts, explanations=True))
+
+    @property
+    def jobs(self) -> Any:
+        """The job file the in-process service writes (:attr:`ExplainService.jobs`)."""
+        return self.service.jobs
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        """As :meth:`Client.job`."""
+        return self.jobs.get(job_id)
+
+    def cancel(self, job_id: str) -> bool:
+        """As :meth:`Client.cancel`."""
+        return self.jobs.cancel(job_id)
 
     def explain(self, image: bytes | str | os.PathLike, options: ExplainOptions | None = None, *,
                 top_units: int = DEFAULTS["top_units"], unit_maps: str = DEFAULTS["unit_maps"],

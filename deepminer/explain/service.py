@@ -27,6 +27,7 @@ from deepminer import model_folder
 from deepminer.errors import DeepMinerError, InputError
 from deepminer.explanation import Explanation
 from deepminer.geometry import DEFAULT_MAX_SIDE
+from deepminer.jobs import JobCancelled
 from deepminer.model_folder import ModelFolder
 from deepminer.options import ExplainOptions, check_ablate, mask_to_png
 
@@ -34,7 +35,22 @@ from deepminer.options import ExplainOptions, check_ablate, mask_to_png
 SETTINGS: dict[str, Any] = {"model_file": model_folder.MODEL, "atlas": model_folder.ATLAS, "max_pixels": 60_000_000,
                             "cache_mb": 256, "default_max_side": DEFAULT_MAX_SIDE, "torch_threads": 0,
                             "tissue": True, "keep_freed_memory": True, "max_gradient_methods": 3,
-                            "domain": model_folder.DOMAIN}
+                            "domain": model_folder.DOMAIN, "job_heartbeat_s": 15}
+
+
+def method_passes(method: str) -> int:
+    """The forward passes ``method`` makes with its defaults (the steps a job's progress counts):
+    Integrated Gradients one per batch of steps, SmoothGrad one per batch of samples, the others one."""
+    import inspect
+    import math
+
+    from deepminer.explain.peers import METHODS
+
+    if method not in METHODS:
+        return 1
+    defaults = {k: p.default for k, p in inspect.signature(METHODS[method].__init__).parameters.items()}
+    n = defaults.get("steps", defaults.get("samples"))
+    return math.ceil(int(n) / int(defaults.get("batch", 1))) if n is not None else 1
 
 
 def error_json(err: BaseException) -> tuple[int, dict[str, Any]]:
@@ -69,6 +85,7 @@ class ExplainService:
         self.name, self.version = name, version
         self.weights_sha256 = weights_sha256(model)  # the identity labels and atlases are keyed by
         self.cache = ExplanationCache(max_bytes=int(self.settings["cache_mb"]) << 20)
+        self._jobs: Any = None  #: the job file, opened on the first request that names a job
         #: the out-of-domain summary (:class:`deepminer.domain.DomainModel`) or None; ``domain_note``
         #: says why there is none when a file was refused
         self.domain, self.domain_note = domain, ""
@@ -164,21 +181,37 @@ class ExplainService:
         if opts.target is not None and opts.target not in classes:
             raise InputError(f"options.target: {opts.target!r} is not a class of the model "
                              f"(known: {', '.join(classes)})")
-        exp, pixels, max_side = self._explain(image, opts, name=name, batch=batch)
-        t0 = time.perf_counter()
-        target = opts.target or exp.prediction
-        t = classes.index(target)
-        maps: dict[str, np.ndarray] = {}
-        ms: dict[str, float] = {}
-        for method in opts.methods or ("cam",):
-            s = time.perf_counter()
-            if method in ("cam", "class_map"):
-                maps[method] = one_pass_map(method, exp, t, None)
-            else:
-                maps[method] = self._gradient_map(method, pixels, t, max_side)
-                if maps[method].shape != exp.map_size:
-                    raise RuntimeError(f"{method}: map {maps[method].shape} is not on the CAM grid {exp.map_size}")
-            ms[method] = round((time.perf_counter() - s) * 1000, 2)
+        job = None if opts.job is None else self.jobs.tracker(opts.job, heartbeat_s=float(self.settings["job_heartbeat_s"]))
+        try:
+            if job is not None:  # cancelled (or its client gone) while queued: no work at all
+                job.begin(1 + sum(method_passes(m) for m in grads), step="explain")
+            exp, pixels, max_side = self._explain(image, opts, name=name, batch=batch)
+            if job is not None:
+                job.step("explain")
+            t0 = time.perf_counter()
+            target = opts.target or exp.prediction
+            t = classes.index(target)
+            maps: dict[str, np.ndarray] = {}
+            ms: dict[str, float] = {}
+            for method in opts.methods or ("cam",):
+                s = time.perf_counter()
+                if method in ("cam", "class_map"):
+                    maps[method] = one_pass_map(method, exp, t, None)
+                else:
+                    maps[method] = self._gradient_map(method, pixels, t, max_side, job)
+                    if maps[method].shape != exp.map_size:
+                        raise RuntimeError(f"{method}: map {maps[method].shape} is not on the CAM grid {exp.map_size}")
+                ms[method] = round((time.perf_counter() - s) * 1000, 2)
+        except JobCancelled as err:
+            if job is not None:
+                job.finish("cancelled", str(err))
+            raise
+        except BaseException as err:
+            if job is not None:
+                job.finish("failed", f"{type(err).__name__}: {err}")
+            raise
+        if job is not None:
+            job.finish("done")
         # new objects, not edits: a cached explanation shares its dicts with this one
         exp.target, exp.method_maps, exp.method_ms = target, maps, ms
         methods_ms = (time.perf_counter() - t0) * 1000
@@ -186,10 +219,21 @@ class ExplainService:
                          "handler": round(exp.timing_ms.get("handler", 0.0) + methods_ms, 2)}
         return exp
 
-    def _gradient_map(self, method: str, pixels: Any, target: int, max_side: int) -> Any:
+    @property
+    def jobs(self) -> Any:
+        """The job file (:class:`deepminer.jobs.JobStore`: ``DEEPMINER_JOBS``, read on first use)."""
+        if self._jobs is None:
+            from deepminer.jobs import JobStore
+
+            self._jobs = JobStore()
+        return self._jobs
+
+    def _gradient_map(self, method: str, pixels: Any, target: int, max_side: int, job: Any = None) -> Any:
         """One gradient method's map, the model given back as found: eval/train mode and every
         parameter's ``requires_grad`` restored, gradients dropped (``.grad`` None), no autograd
-        graph left (the map is a detached float32 array)."""
+        graph left (the map is a detached float32 array). ``job`` (a :class:`deepminer.jobs.Tracker`):
+        each forward pass of the method is a step (checked before, counted after; a cancelled job
+        raises :class:`~deepminer.jobs.JobCancelled` there, hooks removed)."""
         import numpy as np
         import torch
 
@@ -198,10 +242,16 @@ class ExplainService:
         model = self.model
         training = model.training
         requires = [p.requires_grad for p in model.parameters()]
+        hooks = []
+        if job is not None:
+            hooks = [model.register_forward_pre_hook(lambda *_: job.check()),
+                     model.register_forward_hook(lambda *_: job.step(method))]
         try:
             with torch.enable_grad():
                 return np.array(saliency(model, pixels, method, target, max_side=max_side), dtype=np.float32)
         finally:
+            for h in hooks:
+                h.remove()
             model.train(training)
             for p, r in zip(model.parameters(), requires):
                 p.requires_grad_(r)
