@@ -306,8 +306,9 @@ class Client:
             return Explanation.from_json(self.explain_raw(image, opts.to_json(), explanations=True))
         if self.jobs is None:
             raise InputError("job: this client has no job file (pass jobs= or set DEEPMINER_JOBS)")
-        opts = dataclasses.replace(opts, job=check_id(job) if job is not None else new_id())
-        return Explanation.from_json(_as_job(self.jobs, opts.job, group, beat,
+        job_id = check_id(job) if job is not None else new_id()
+        opts = dataclasses.replace(opts, job=job_id)
+        return Explanation.from_json(_as_job(self.jobs, job_id, group, beat,
                                              lambda: self.explain_raw(image, opts.to_json(), explanations=True)))
 
     def job(self, job_id: str) -> dict[str, Any] | None:
@@ -454,9 +455,9 @@ class LocalClient:
                         group: str | None = None, beat: bool = True) -> Explanation:
         """As :meth:`Client.explain_methods` (``POST /explanations``), a job of :attr:`jobs` too
         (a cancelled one raises :class:`~deepminer.jobs.JobCancelled`)."""
-        opts = dataclasses.replace(_with_methods(options, methods, target),
-                                   job=check_id(job) if job is not None else new_id())
-        return _as_job(self.jobs, opts.job, group, beat, lambda: self._decoded(image, opts, explanations=True))
+        job_id = check_id(job) if job is not None else new_id()
+        opts = dataclasses.replace(_with_methods(options, methods, target), job=job_id)
+        return _as_job(self.jobs, job_id, group, beat, lambda: self._decoded(image, opts, explanations=True))
 
     @property
     def jobs(self) -> Any:

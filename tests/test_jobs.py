@@ -1,0 +1,105 @@
+"""The job file (deepminer/jobs.py) and the in-process request path with a job: progress written
+between steps, cancel by id and by group, a client's missing heartbeat, the model given back as
+found after a cancel. The served path: tests/test_serve_jobs.py."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from deepminer.jobs import JobCancelled, JobStore, check_id, heartbeat, new_id
+from deepminer.errors import InputError
+from modelfixtures import breast_png, tiny_checkpoint
+
+
+@pytest.fixture
+def store(tmp_path):
+    return JobStore(tmp_path / "jobs.sqlite")
+
+
+def test_rows_progress_cancel_and_finish(store):
+    job = new_id()
+    assert check_id(job) == job and store.get(job) is None
+    store.create(job, group="run-1")
+    assert store.get(job)["state"] == "queued"
+    tr = store.tracker(job)
+    tr.begin(4, "explain")
+    tr.step("gradcam")
+    row = store.get(job)
+    assert (row["state"], row["done"], row["total"], row["step"], row["fraction"]) == ("running", 1, 4, "gradcam", 0.25)
+    assert store.cancel_group("run-1") == 1
+    with pytest.raises(JobCancelled, match="cancelled after 2 of 4 steps") as err:
+        tr.step("gradcam")
+    assert err.value.status == 409 and err.value.kind == "Cancelled"
+    tr.finish("cancelled", str(err.value))
+    assert store.get(job)["state"] == "cancelled"
+    assert store.cancel(job) is False and store.cancel(new_id()) is False  # finished / unknown: nothing to do
+    assert (store.path.stat().st_mode & 0o777) == 0o600
+
+
+def test_a_missing_heartbeat_stops_the_job_and_a_beating_client_keeps_it(store):
+    job = new_id()
+    store.create(job)
+    tr = store.tracker(job, heartbeat_s=0.6)
+    tr.begin(10)
+    with heartbeat(store, job, every_s=0.1):
+        for _ in range(5):
+            time.sleep(0.2)
+            tr.step("smoothgrad")  # touched all along: no cancel
+    time.sleep(0.8)
+    with pytest.raises(JobCancelled, match="stopped waiting"):
+        tr.step("smoothgrad")
+    assert store.get(job)["reason"] == "client gone"
+
+
+def test_a_job_the_client_did_not_make_still_has_progress_and_cancel(store):
+    tr = store.tracker("made-by-the-server")
+    tr.begin(2)
+    assert store.get("made-by-the-server")["state"] == "running"
+    time.sleep(0.05)
+    tr.check()  # no heartbeat to miss
+    assert store.cancel("made-by-the-server") is True
+
+
+def test_bad_job_ids_are_refused():
+    for bad in ("short", "a b c d e f g h", "x" * 65, 5, None):
+        with pytest.raises(InputError, match="options.job"):
+            check_id(bad)
+
+
+def test_the_service_stops_a_cancelled_job_between_steps_and_serves_the_next(tmp_path, monkeypatch):
+    import torch
+
+    from deepminer.client import LocalClient
+
+    monkeypatch.setenv("DEEPMINER_JOBS", str(tmp_path / "jobs.sqlite"))
+    client = LocalClient(tiny_checkpoint(tmp_path), name="tiny")
+    image = breast_png(384, 288, seed=1)
+    methods = ["integrated_gradients", "smoothgrad"]
+    full = client.explain_methods(image, methods)
+    job = new_id()
+    out: dict = {}
+
+    def go() -> None:
+        try:
+            client.explain_methods(image, methods, job=job)
+        except JobCancelled as err:
+            out["err"] = err
+
+    t = threading.Thread(target=go)
+    t.start()
+    deadline = time.monotonic() + 60
+    while (client.job(job) or {}).get("done", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert client.cancel(job) is True
+    t.join(60)
+    row = client.job(job)
+    assert "err" in out and row["state"] == "cancelled" and row["done"] < row["total"], (out, row)
+    model = client.service.model
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    assert not model._forward_hooks and not model._forward_pre_hooks  # the job's hooks are gone
+    again = client.explain_methods(image, methods)
+    for m in methods:
+        assert torch.allclose(torch.from_numpy(again.method_maps[m]), torch.from_numpy(full.method_maps[m]))
+    assert client.job(job)["state"] == "cancelled"
