@@ -320,6 +320,10 @@ class Client:
         finished) or no job file: nothing done."""
         return False if self.jobs is None else self.jobs.cancel(job_id)
 
+    def cancel_group(self, group: str) -> int:
+        """Stop every running job of ``group`` (e.g. a set run's); how many."""
+        return 0 if self.jobs is None else self.jobs.cancel_group(group)
+
     def explain(self, image: bytes | str | os.PathLike, options: ExplainOptions | None = None, *,
                 top_units: int = DEFAULTS["top_units"], unit_maps: str = DEFAULTS["unit_maps"],
                 sketch: np.ndarray | None = None, max_side: int | None = None,
@@ -472,6 +476,10 @@ class LocalClient:
         """As :meth:`Client.cancel`."""
         return self.jobs.cancel(job_id)
 
+    def cancel_group(self, group: str) -> int:
+        """As :meth:`Client.cancel_group`."""
+        return self.jobs.cancel_group(group)
+
     def explain(self, image: bytes | str | os.PathLike, options: ExplainOptions | None = None, *,
                 top_units: int = DEFAULTS["top_units"], unit_maps: str = DEFAULTS["unit_maps"],
                 sketch: np.ndarray | None = None, max_side: int | None = None,
@@ -527,11 +535,13 @@ class LocalClient:
 
 def connect(backend: str = "serve", *, model: str = DEFAULT_MODEL, url: str = DEFAULT_URL,
             model_dir: str | os.PathLike | None = None, key_file: str | os.PathLike | None = None,
-            token: str | None = None, timeout: float = 60, management_url: str | None = None) -> Client | LocalClient:
+            token: str | None = None, timeout: float = 60, management_url: str | None = None,
+            jobs: str | os.PathLike | None = None) -> Client | LocalClient:
     """The client of ``model``: the one place that decides whether it is served or runs here.
     ``backend="serve"``: :class:`Client` of TorchServe at ``url`` (with ``key_file``/``token`` when
     token authorization is on); ``"local"``: :class:`LocalClient` of ``model_dir/model.pt`` (with
-    its ``atlas/``), answering as ``model``."""
+    its ``atlas/``), answering as ``model``. ``jobs``: the server's job file (None:
+    ``DEEPMINER_JOBS`` when set; :meth:`Client.explain_methods`)."""
     if backend == "local":
         if model_dir is None:
             raise InputError("backend local: no model folder (model_dir) given")
@@ -540,7 +550,8 @@ def connect(backend: str = "serve", *, model: str = DEFAULT_MODEL, url: str = DE
         return LocalClient(ModelFolder(model_dir).model, name=model)
     if backend != "serve":
         raise InputError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
-    return Client(url, model=model, key_file=key_file, token=token, timeout=timeout, management_url=management_url)
+    return Client(url, model=model, key_file=key_file, token=token, timeout=timeout, management_url=management_url,
+                  jobs=jobs or os.environ.get(ENV_JOBS) or None)
 
 
 def local_explain(model_path: str | os.PathLike, image: bytes | str | os.PathLike,

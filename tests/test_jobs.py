@@ -75,7 +75,7 @@ def test_the_service_stops_a_cancelled_job_between_steps_and_serves_the_next(tmp
 
     monkeypatch.setenv("DEEPMINER_JOBS", str(tmp_path / "jobs.sqlite"))
     client = LocalClient(tiny_checkpoint(tmp_path), name="tiny")
-    image = breast_png(384, 288, seed=1)
+    image = breast_png(256, 192, seed=1)
     methods = ["integrated_gradients", "smoothgrad"]
     full = client.explain_methods(image, methods)
     job = new_id()
@@ -91,7 +91,7 @@ def test_the_service_stops_a_cancelled_job_between_steps_and_serves_the_next(tmp
     t.start()
     deadline = time.monotonic() + 60
     while (client.job(job) or {}).get("done", 0) < 2 and time.monotonic() < deadline:
-        time.sleep(0.005)
+        time.sleep(0.02)
     assert client.cancel(job) is True
     t.join(60)
     row = client.job(job)
