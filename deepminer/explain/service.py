@@ -11,7 +11,10 @@ format and the server's timings.
 :meth:`ExplainService.explain_methods` (``POST /explanations/<model>``) runs the same path and then
 the saliency maps the request names (``methods``) for its ``target`` on the CAM grid: ``cam`` and
 ``class_map`` from the explanation, the gradient peers by :func:`deepminer.explain.peers.saliency`
-(at most ``max_gradient_methods`` per request), leaving the model as it found it.
+(at most ``max_gradient_methods`` per request), leaving the model as it found it. With the ``job``
+option it is a long job (:mod:`deepminer.jobs`): progress written and cancel read between steps (the
+explanation pass, then each forward pass of each method), :class:`~deepminer.jobs.JobCancelled` (409)
+when it was cancelled or its client stopped waiting.
 """
 from __future__ import annotations
 
