@@ -75,10 +75,14 @@ class JobStore:
         self._ready = False
 
     def _connect(self) -> sqlite3.Connection:
-        if not self._ready:
+        if not self._ready and not self.path.exists():
+            # made here, mode 0600. Never open (and close) an existing file: closing any descriptor of
+            # a SQLite file drops every POSIX lock this process holds on it (its other connections')
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
+            try:
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass
         con = sqlite3.connect(self.path, timeout=10, isolation_level=None)
         if not self._ready:
             con.execute("PRAGMA journal_mode=WAL")
@@ -138,6 +142,12 @@ class JobStore:
                                  - (out["started"] or out["created"]), 3)
         out["fraction"] = min(1.0, out["done"] / out["total"]) if out["total"] else 0.0
         return out
+
+    def group(self, group: str) -> list[dict[str, Any]]:
+        """The rows of ``group``'s jobs, oldest first (:meth:`get`'s fields)."""
+        with self._db() as con:
+            ids = [r[0] for r in con.execute("SELECT id FROM jobs WHERE grp = ? ORDER BY created", (group,))]
+        return [row for i in ids if (row := self.get(i)) is not None]
 
     # -- the worker's side ------------------------------------------------------------------------
     def tracker(self, job_id: str, *, heartbeat_s: float = HEARTBEAT_TIMEOUT_S) -> Tracker:

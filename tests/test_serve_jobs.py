@@ -116,6 +116,30 @@ def test_cancel_stops_the_job_at_its_next_step_and_frees_the_worker(client):
     assert client.cancel(job) is False  # cancelled already
 
 
+def test_a_set_runs_cancel_stops_its_call_in_flight(client):
+    """The Evaluate page's set run: its calls are one job group (fresh ids the client picks); Cancel
+    stops the one in flight."""
+    group = "set-" + new_id()
+    out: dict = {}
+
+    def go() -> None:
+        try:
+            client.explain_methods(breast_png(1024, 768, seed=6), HEAVY, group=group)
+        except ServeError as err:
+            out["err"] = err
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    def running() -> bool:
+        return any(r["state"] == "running" and r["done"] >= 2 for r in client.jobs.group(group))
+
+    _wait_for(running, 120)
+    assert client.cancel_group(group) == 1
+    t.join(60)
+    assert getattr(out.get("err"), "status", None) == 409, out
+    assert client.cancel_group(group) == 0  # nothing left running
+
+
 def test_cancel_of_an_unknown_job_is_a_no_op(client):
     assert client.cancel(new_id()) is False
     assert client.job(new_id()) is None
