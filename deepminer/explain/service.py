@@ -69,6 +69,33 @@ def error_json(err: BaseException) -> tuple[int, dict[str, Any]]:
     return status, {"code": int(status), "type": kind, "message": " ".join(message.split())}
 
 
+#: inside a pass, a job's cancel is read at most this often (seconds) at the backbone's modules
+INNER_CHECK_S = 0.5
+
+
+def _inner_checks(features: Any, job: Any) -> list[Any]:
+    """Hooks that read ``job``'s cancel inside a pass, at most every :data:`INNER_CHECK_S`: after
+    each module of the backbone ``features`` in the forward pass, and when the gradient of its output
+    is computed in the backward pass (a tensor hook that leaves the gradient as it is), so a cancel
+    lands within a fraction of a pass, not after a whole batch of steps."""
+    import torch
+
+    last = [time.monotonic()]
+
+    def check(*_: Any) -> None:
+        now = time.monotonic()
+        if now - last[0] >= INNER_CHECK_S:
+            last[0] = now
+            job.check()
+
+    def after(_module: Any, _inp: Any, out: Any) -> None:
+        check()
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(check)
+
+    return [m.register_forward_hook(after) for m in features.modules() if m is not features]
+
+
 class ExplainService:
     """A loaded model (+ atlas thresholds) and its explanation cache, answering requests.
 
@@ -248,7 +275,8 @@ class ExplainService:
         hooks = []
         if job is not None:
             hooks = [model.register_forward_pre_hook(lambda *_: job.check()),
-                     model.register_forward_hook(lambda *_: job.step(method))]
+                     model.register_forward_hook(lambda *_: job.step(method)),
+                     *_inner_checks(model.features, job)]
         try:
             with torch.enable_grad():
                 return np.array(saliency(model, pixels, method, target, max_side=max_side), dtype=np.float32)
