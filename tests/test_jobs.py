@@ -103,3 +103,46 @@ def test_the_service_stops_a_cancelled_job_between_steps_and_serves_the_next(tmp
     for m in methods:
         assert torch.allclose(torch.from_numpy(again.method_maps[m]), torch.from_numpy(full.method_maps[m]))
     assert client.job(job)["state"] == "cancelled"
+
+
+class _CountingJob:
+    """A job that counts its checks and raises at check number ``stop_at``."""
+
+    def __init__(self, stop_at: int = 0):
+        self.checks, self.steps, self.stop_at = 0, 0, stop_at
+
+    def check(self) -> None:
+        self.checks += 1
+        if self.checks == self.stop_at:
+            raise JobCancelled("job test: cancelled")
+
+    def step(self, name: str) -> None:
+        self.steps += 1
+
+
+def test_the_cancel_is_read_inside_a_pass_forward_and_backward(tmp_path, monkeypatch):
+    """Inside a pass the cancel is read after each backbone module's forward and when its output's
+    gradient is computed (a cancel raised there in the backward pass still arrives as JobCancelled),
+    the maps are the same with and without the checks, and the hooks are gone afterwards."""
+    import numpy as np
+
+    from deepminer.data.io import load_image
+    from deepminer.explain import service as service_mod
+    from deepminer.explain.service import ExplainService
+
+    monkeypatch.setattr(service_mod, "INNER_CHECK_S", 0.0)
+    svc = ExplainService.load(tiny_checkpoint(tmp_path))
+    pixels = load_image(breast_png(256, 192, seed=2)).pixels
+    plain = svc._gradient_map("guided_backprop", pixels, 0, 256)
+    counting = _CountingJob()
+    checked = svc._gradient_map("guided_backprop", pixels, 0, 256, counting)
+    assert np.array_equal(plain, checked)
+    modules = sum(1 for m in svc.model.features.modules() if m is not svc.model.features)
+    assert counting.steps == 1 and counting.checks >= 2 * modules - 2, (counting.checks, modules)  # forward + backward
+    stopper = _CountingJob(stop_at=counting.checks - 1)  # among the last: the backward pass
+    with pytest.raises(JobCancelled):
+        svc._gradient_map("guided_backprop", pixels, 0, 256, stopper)
+    model = svc.model
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+    assert np.array_equal(svc._gradient_map("guided_backprop", pixels, 0, 256), plain)
