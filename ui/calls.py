@@ -164,7 +164,7 @@ def explain_methods_job(data: bytes, methods: Sequence[str], *, target: str | No
                                  options=ExplainOptions.build(max_side=s.max_side), job=job, beat=False)
         sess.jobs[ck] = (job, fut, c, time.monotonic())
     job, fut, c, t0 = sess.jobs[ck]
-    left, right = st.columns([6, 1])
+    left, right = st.columns([3, 1], vertical_alignment="bottom")
     bar = left.empty()
     right.button("Cancel", key=f"{key}_cancel", on_click=cancel_job, args=(ck,))
     while not fut.done():
