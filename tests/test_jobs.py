@@ -146,3 +146,24 @@ def test_the_cancel_is_read_inside_a_pass_forward_and_backward(tmp_path, monkeyp
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
     assert np.array_equal(svc._gradient_map("guided_backprop", pixels, 0, 256), plain)
+
+
+def test_the_page_words_a_jobs_progress():
+    from ui.logic import job_progress
+
+    assert job_progress(None, 1.4) == (0.0, "Sent to the model server · 1 s")
+    assert job_progress({"state": "queued", "elapsed_s": 3.2})[1].startswith("Waiting for the model server")
+    frac, words = job_progress({"state": "running", "step": "integrated_gradients", "done": 3, "total": 8,
+                                "fraction": 0.375, "elapsed_s": 12.4})
+    assert frac == 0.375 and words == "integrated gradients · step 3 of 8 · 12 s"
+
+
+def test_make_run_gives_the_workers_and_the_workbench_one_job_file(monkeypatch):
+    from serve.launch import SERVE_DIR, profile_env
+
+    monkeypatch.delenv("DEEPMINER_JOBS", raising=False)
+    root = SERVE_DIR.parent
+    for profile in ("demo", "lab"):
+        assert profile_env(profile, 8501)["DEEPMINER_JOBS"] == str(root / "var" / "jobs.sqlite")
+    serve_sh = (root / "scripts" / "serve.sh").read_text()
+    assert "export DEEPMINER_JOBS=${DEEPMINER_JOBS:-$ROOT/var/jobs.sqlite}" in serve_sh
