@@ -28,7 +28,6 @@ import base64
 import binascii
 import http
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -86,8 +85,6 @@ class DeepMinerHandler:
 
         yaml_cfg = getattr(context, "model_yaml_config", None) or {}
         settings = {**SETTINGS, **(yaml_cfg.get("handler") or {})}
-        if os.environ.get("DEEPMINER_JOB_HEARTBEAT_S"):  # the host's word over the archive's (deepminer.jobs)
-            settings["job_heartbeat_s"] = float(os.environ["DEEPMINER_JOB_HEARTBEAT_S"])
         gpu_id = props.get("gpu_id")
         device = "cpu"
         if torch.cuda.is_available() and gpu_id is not None:

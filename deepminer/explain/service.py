@@ -109,6 +109,8 @@ class ExplainService:
         from deepminer.models.checkpoints import weights_sha256
 
         self.settings = {**SETTINGS, **(settings or {})}
+        if os.environ.get("DEEPMINER_JOB_HEARTBEAT_S"):  # the host's word over the archive's (deepminer.jobs)
+            self.settings["job_heartbeat_s"] = float(os.environ["DEEPMINER_JOB_HEARTBEAT_S"])
         self.model = model
         self.device = next(model.parameters()).device
         self.thresholds = thresholds

@@ -274,7 +274,14 @@ def _advance(run: ev.SetRun, bar) -> None:
         bar.progress(r.done / r.total, text=f"{r.done} of {r.total} images · {r.elapsed_s:.1f} s"
                      + (f" · about {eta:.0f} s left" if eta else ""))
 
-    ev.SetScheduler(_pool(), work, stop_reason=_stop_reason).advance(run, progress)
+    try:
+        ev.SetScheduler(_pool(), work, stop_reason=_stop_reason).advance(run, progress)
+    except BaseException as stop:
+        # the browser tab went away (Streamlit stops the script; a click reruns it instead): the calls in
+        # flight are cancelled at the server, and a reconnected page carries the run on from its last image
+        if type(stop).__name__ == "StopException":
+            state.client().cancel_group(run.group)
+        raise
 
 
 def _finish(run: ev.SetRun, cases: list) -> None:
