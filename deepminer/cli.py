@@ -29,6 +29,7 @@ from deepminer.commands import (
     explain,
     import_cbis,
     inspect,
+    jobs,
     patches,
     phantoms,
     train,
@@ -37,7 +38,7 @@ from deepminer.commands import (
 from deepminer.errors import DeepMinerError
 
 COMMANDS: tuple[ModuleType, ...] = (atlas_ablation, bench, dissect, domain_fit, evaluate, evaluate_explanations, explain, import_cbis, inspect,
-                                    patches, phantoms, train, users)
+                                    jobs, patches, phantoms, train, users)
 ENTRY_POINT_GROUP = "deepminer.commands"
 
 

@@ -143,6 +143,13 @@ class JobStore:
         out["fraction"] = min(1.0, out["done"] / out["total"]) if out["total"] else 0.0
         return out
 
+    def rows(self, *, finished: bool = True) -> list[dict[str, Any]]:
+        """Every job's row (:meth:`get`'s fields), newest first; ``finished`` False: queued and running only."""
+        where = "" if finished else " WHERE state IN ('queued','running')"
+        with self._db() as con:
+            ids = [r[0] for r in con.execute(f"SELECT id FROM jobs{where} ORDER BY created DESC")]  # noqa: S608 - a fixed clause
+        return [row for i in ids if (row := self.get(i)) is not None]
+
     def group(self, group: str) -> list[dict[str, Any]]:
         """The rows of ``group``'s jobs, oldest first (:meth:`get`'s fields)."""
         with self._db() as con:

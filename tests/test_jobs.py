@@ -167,3 +167,26 @@ def test_make_run_gives_the_workers_and_the_workbench_one_job_file(monkeypatch):
         assert profile_env(profile, 8501)["DEEPMINER_JOBS"] == str(root / "var" / "jobs.sqlite")
     serve_sh = (root / "scripts" / "serve.sh").read_text()
     assert "export DEEPMINER_JOBS=${DEEPMINER_JOBS:-$ROOT/var/jobs.sqlite}" in serve_sh
+
+
+def test_the_jobs_command_lists_shows_and_cancels(store, capsys):
+    from deepminer.cli import main
+
+    job, done = new_id(), new_id()
+    store.create(job)
+    store.tracker(job).begin(5, "integrated_gradients")
+    store.create(done)
+    store.tracker(done).finish("done")
+    f = ["jobs", "--file", str(store.path)]
+    assert main([*f, "list"]) == 0
+    out = capsys.readouterr().out
+    assert job in out and done not in out and "running" in out and "0/5 steps" in out
+    assert main([*f, "list", "--all"]) == 0
+    assert done in capsys.readouterr().out
+    assert main([*f, "cancel", job]) == 0
+    assert store.get(job)["cancel"] == 1
+    assert main([*f, "cancel", job]) == 2  # asked already: nothing to cancel
+    assert main([*f, "cancel", done]) == 2
+    assert main([*f, "cancel", "no-such-job"]) == 2
+    err = capsys.readouterr().err
+    assert f"job {done} is done: nothing to cancel" in err and "no job 'no-such-job'" in err
