@@ -20,7 +20,7 @@ from deepminer.client import Client, ServeError
 from deepminer.jobs import new_id
 from modelfixtures import breast_png
 
-pytestmark = pytest.mark.serve
+pytestmark = [pytest.mark.serve, pytest.mark.slow]
 MODEL = "tiny"
 HEAVY = ["integrated_gradients", "smoothgrad", "guided_backprop"]
 HEARTBEAT_S = 5

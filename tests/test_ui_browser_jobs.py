@@ -20,7 +20,7 @@ from browser import explain_upload, open_workbench, shot, square_mammogram
 from serve.launch import free_port
 from serve.workbench import idle, streamlit_app
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 HEARTBEAT_S = 4  #: the job_heartbeat_s of the workbench's in-process model
 
 
