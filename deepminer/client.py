@@ -457,10 +457,14 @@ class LocalClient:
     def explain_methods(self, image: bytes | str | os.PathLike, methods: Sequence[str] | None, *,
                         target: str | None = None, options: ExplainOptions | None = None, job: str | None = None,
                         group: str | None = None, beat: bool = True) -> Explanation:
-        """As :meth:`Client.explain_methods` (``POST /explanations``), a job of :attr:`jobs` too
-        (a cancelled one raises :class:`~deepminer.jobs.JobCancelled`)."""
+        """As :meth:`Client.explain_methods` (``POST /explanations``). With ``job`` or ``group`` it is
+        a job of :attr:`jobs` (progress, cancel: a cancelled one raises
+        :class:`~deepminer.jobs.JobCancelled`); without, a plain call (in process, no client can leave it)."""
+        opts = _with_methods(options, methods, target)
+        if job is None and group is None:
+            return self._decoded(image, opts, explanations=True)
         job_id = check_id(job) if job is not None else new_id()
-        opts = dataclasses.replace(_with_methods(options, methods, target), job=job_id)
+        opts = dataclasses.replace(opts, job=job_id)
         return _as_job(self.jobs, job_id, group, beat, lambda: self._decoded(image, opts, explanations=True))
 
     @property

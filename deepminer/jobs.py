@@ -53,8 +53,9 @@ class JobCancelled(DeepMinerError):
 
 
 def new_id() -> str:
-    """A fresh job id (128 random bits, URL-safe): it is the only thing that names a job."""
-    return secrets.token_urlsafe(16)
+    """A fresh job id (128 random bits, 32 hex digits: never starts with '-', which a command line
+    would read as an option): it is the only thing that names a job."""
+    return secrets.token_hex(16)
 
 
 def default_path() -> Path:
