@@ -29,6 +29,7 @@ from deepminer.commands import (
     explain,
     import_cbis,
     inspect,
+    jobs,
     patches,
     phantoms,
     train,
@@ -38,7 +39,7 @@ from deepminer.commands import (
 from deepminer.errors import DeepMinerError
 
 COMMANDS: tuple[ModuleType, ...] = (atlas_ablation, bench, dissect, domain_fit, evaluate, evaluate_explanations, explain, import_cbis, inspect,
-                                    patches, phantoms, train, train_whole, users)
+                                    jobs, patches, phantoms, train, train_whole, users)
 ENTRY_POINT_GROUP = "deepminer.commands"
 
 

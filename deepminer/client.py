@@ -32,8 +32,9 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import requests
 
-from deepminer.errors import InputError
+from deepminer.errors import DeepMinerError, InputError
 from deepminer.explanation import Explanation
+from deepminer.jobs import ENV_JOBS, check_id, heartbeat, new_id
 from deepminer.options import DEFAULTS, ExplainOptions
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -156,7 +157,12 @@ class Client:
 
     def __init__(self, url: str = DEFAULT_URL, *, model: str = DEFAULT_MODEL, token: str | None = None,
                  key_file: str | os.PathLike | None = None, timeout: float = 60,
-                 management_url: str | None = None):
+                 management_url: str | None = None, jobs: str | os.PathLike | None = None):
+        from deepminer.jobs import JobStore
+
+        #: the server's job file (:mod:`deepminer.jobs`; ``jobs`` or ``DEEPMINER_JOBS``), or None: a
+        #: client on another host sends no job ids (no progress, no cancel, a job outlives its client)
+        self.jobs = JobStore(jobs) if jobs else None
         self.url = url.rstrip("/")
         self.model = model
         self.timeout = timeout
@@ -175,7 +181,8 @@ class Client:
                               "model": os.environ.get(ENV_MODEL) or DEFAULT_MODEL,
                               "token": os.environ.get(ENV_TOKEN) or None,
                               "key_file": os.environ.get(ENV_KEY_FILE) or None,
-                              "management_url": os.environ.get(ENV_MANAGEMENT_URL) or None}
+                              "management_url": os.environ.get(ENV_MANAGEMENT_URL) or None,
+                              "jobs": os.environ.get(ENV_JOBS) or None}
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)
 
@@ -280,14 +287,42 @@ class Client:
         return _body_or_raise(r)
 
     def explain_methods(self, image: bytes | str | os.PathLike, methods: Sequence[str], *, target: str | None = None,
-                        options: ExplainOptions | None = None) -> Explanation:
+                        options: ExplainOptions | None = None, job: str | None = None, group: str | None = None,
+                        beat: bool = True) -> Explanation:
         """``POST /explanations/<model>``: the explanation plus the saliency map of each of
         ``methods`` (``cam``, ``class_map``, ``gradcam``, ``gradcam++``, ``guided_backprop``,
         ``integrated_gradients``, ``smoothgrad``) for ``target`` (None: the prediction) on the CAM
         grid, in :attr:`Explanation.method_maps` (cost in ``method_ms``). ``options`` carries the
-        other options; ``methods``/``target`` given here win. Unknown names are refused before sending."""
+        other options; ``methods``/``target`` given here win. Unknown names are refused before sending.
+
+        A long job (:mod:`deepminer.jobs`) when the client knows the server's job file
+        (:attr:`jobs`): under ``job`` (None: a fresh id), in ``group``; its row is written before
+        sending and touched while waiting (``beat`` False: the caller touches it,
+        :meth:`JobStore.touch <deepminer.jobs.JobStore.touch>`); read it with :meth:`job`, stop it
+        with :meth:`cancel` (the call then raises :class:`ServeError` 409 ``Cancelled``). A call left
+        by an exception here (a timeout, Ctrl-C) cancels its job; a killed process stops touching it."""
         opts = _with_methods(options, methods, target)
-        return Explanation.from_json(self.explain_raw(image, opts.to_json(), explanations=True))
+        if self.jobs is None and job is None:
+            return Explanation.from_json(self.explain_raw(image, opts.to_json(), explanations=True))
+        if self.jobs is None:
+            raise InputError("job: this client has no job file (pass jobs= or set DEEPMINER_JOBS)")
+        job_id = check_id(job) if job is not None else new_id()
+        opts = dataclasses.replace(opts, job=job_id)
+        return Explanation.from_json(_as_job(self.jobs, job_id, group, beat,
+                                             lambda: self.explain_raw(image, opts.to_json(), explanations=True)))
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        """The progress of job ``job_id`` (:meth:`JobStore.get <deepminer.jobs.JobStore.get>`), or None."""
+        return None if self.jobs is None else self.jobs.get(job_id)
+
+    def cancel(self, job_id: str) -> bool:
+        """Stop job ``job_id`` at its next step; False when there is no such job running (unknown,
+        finished) or no job file: nothing done."""
+        return False if self.jobs is None else self.jobs.cancel(job_id)
+
+    def cancel_group(self, group: str) -> int:
+        """Stop every running job of ``group`` (e.g. a set run's); how many."""
+        return 0 if self.jobs is None else self.jobs.cancel_group(group)
 
     def explain(self, image: bytes | str | os.PathLike, options: ExplainOptions | None = None, *,
                 top_units: int = DEFAULTS["top_units"], unit_maps: str = DEFAULTS["unit_maps"],
@@ -326,6 +361,22 @@ def _body_or_raise(r: requests.Response) -> dict:
     if not isinstance(body, dict):
         raise ServeError(r.status_code, "BadResponse", "the server did not answer a JSON object")
     return body
+
+
+def _as_job(store: Any, job_id: str, group: str | None, beat: bool, call: Any) -> Any:
+    """``call()`` as job ``job_id``: its row written first, touched while it runs (``beat``), and
+    cancelled when the call is left by anything but the server's answer (a timeout, Ctrl-C)."""
+    import contextlib
+
+    store.create(job_id, group=group)
+    try:
+        with heartbeat(store, job_id) if beat else contextlib.nullcontext():
+            return call()
+    except (ServeError, DeepMinerError):  # the server's (or the service's) answer: the job is over
+        raise
+    except BaseException:
+        store.cancel(job_id, "client gone")
+        raise
 
 
 def _next_port(url: str) -> str:
@@ -404,9 +455,34 @@ class LocalClient:
                             explanations).to_json()
 
     def explain_methods(self, image: bytes | str | os.PathLike, methods: Sequence[str] | None, *,
-                        target: str | None = None, options: ExplainOptions | None = None) -> Explanation:
-        """As :meth:`Client.explain_methods` (``POST /explanations``)."""
-        return self._decoded(image, _with_methods(options, methods, target), explanations=True)
+                        target: str | None = None, options: ExplainOptions | None = None, job: str | None = None,
+                        group: str | None = None, beat: bool = True) -> Explanation:
+        """As :meth:`Client.explain_methods` (``POST /explanations``). With ``job`` or ``group`` it is
+        a job of :attr:`jobs` (progress, cancel: a cancelled one raises
+        :class:`~deepminer.jobs.JobCancelled`); without, a plain call (in process, no client can leave it)."""
+        opts = _with_methods(options, methods, target)
+        if job is None and group is None:
+            return self._decoded(image, opts, explanations=True)
+        job_id = check_id(job) if job is not None else new_id()
+        opts = dataclasses.replace(opts, job=job_id)
+        return _as_job(self.jobs, job_id, group, beat, lambda: self._decoded(image, opts, explanations=True))
+
+    @property
+    def jobs(self) -> Any:
+        """The job file the in-process service writes (:attr:`ExplainService.jobs`)."""
+        return self.service.jobs
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        """As :meth:`Client.job`."""
+        return self.jobs.get(job_id)
+
+    def cancel(self, job_id: str) -> bool:
+        """As :meth:`Client.cancel`."""
+        return self.jobs.cancel(job_id)
+
+    def cancel_group(self, group: str) -> int:
+        """As :meth:`Client.cancel_group`."""
+        return self.jobs.cancel_group(group)
 
     def explain(self, image: bytes | str | os.PathLike, options: ExplainOptions | None = None, *,
                 top_units: int = DEFAULTS["top_units"], unit_maps: str = DEFAULTS["unit_maps"],
@@ -463,11 +539,13 @@ class LocalClient:
 
 def connect(backend: str = "serve", *, model: str = DEFAULT_MODEL, url: str = DEFAULT_URL,
             model_dir: str | os.PathLike | None = None, key_file: str | os.PathLike | None = None,
-            token: str | None = None, timeout: float = 60, management_url: str | None = None) -> Client | LocalClient:
+            token: str | None = None, timeout: float = 60, management_url: str | None = None,
+            jobs: str | os.PathLike | None = None) -> Client | LocalClient:
     """The client of ``model``: the one place that decides whether it is served or runs here.
     ``backend="serve"``: :class:`Client` of TorchServe at ``url`` (with ``key_file``/``token`` when
     token authorization is on); ``"local"``: :class:`LocalClient` of ``model_dir/model.pt`` (with
-    its ``atlas/``), answering as ``model``."""
+    its ``atlas/``), answering as ``model``. ``jobs``: the server's job file (None:
+    ``DEEPMINER_JOBS`` when set; :meth:`Client.explain_methods`)."""
     if backend == "local":
         if model_dir is None:
             raise InputError("backend local: no model folder (model_dir) given")
@@ -476,7 +554,8 @@ def connect(backend: str = "serve", *, model: str = DEFAULT_MODEL, url: str = DE
         return LocalClient(ModelFolder(model_dir).model, name=model)
     if backend != "serve":
         raise InputError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
-    return Client(url, model=model, key_file=key_file, token=token, timeout=timeout, management_url=management_url)
+    return Client(url, model=model, key_file=key_file, token=token, timeout=timeout, management_url=management_url,
+                  jobs=jobs or os.environ.get(ENV_JOBS) or None)
 
 
 def local_explain(model_path: str | os.PathLike, image: bytes | str | os.PathLike,

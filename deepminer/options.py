@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from deepminer.errors import InputError
 from deepminer.geometry import MAX_SIDE_RANGE
+from deepminer.jobs import ID_PATTERN as JOB_ID_PATTERN
 
 if TYPE_CHECKING:
     import numpy as np
@@ -30,7 +31,7 @@ FREE_METHODS = ("cam", "class_map")
 #: these are the gradient peers of :data:`deepminer.explain.peers.METHODS` (one or more backward passes each)
 GRADIENT_METHODS = ("gradcam", "gradcam++", "guided_backprop", "integrated_gradients", "smoothgrad")
 EXPLAIN_METHODS = FREE_METHODS + GRADIENT_METHODS
-EXPLAIN_ONLY = ("methods", "target")  #: options of ``POST /explanations/<model>`` only
+EXPLAIN_ONLY = ("methods", "target", "job")  #: options of ``POST /explanations/<model>`` only
 #: at most this many unit ids in one ``ablate`` request (a whole concept's units fit: the demo's
 #: largest label set is far below it; silencing more is no longer "these units")
 MAX_ABLATE = 256
@@ -64,6 +65,10 @@ OPTIONS_SCHEMA: dict[str, Any] = {
         "target": {"type": ["string", "null"], "default": None,
                    "description": "POST /explanations/<model> only: the class the maps explain "
                                   "(null: the prediction)"},
+        "job": {"type": ["string", "null"], "pattern": JOB_ID_PATTERN, "default": None,
+                "description": "POST /explanations/<model> only: a job id the client chose (8-64 letters, digits, "
+                               "'-', '_'): the server writes the request's progress under it and stops it at its "
+                               "next step when it is cancelled or its client stops waiting (docs/serving.md)"},
         "tissue_mask": {"type": "boolean", "default": False,
                         "description": "also return the breast region the image was explained in: input.tissue_mask, "
                                        "a base64 grey PNG at the image's size (255 = breast; null when the server "
@@ -144,6 +149,7 @@ class ExplainOptions:
     target: str | None = None
     ablate: tuple[int, ...] = ()
     tissue_mask: bool = False
+    job: str | None = None
 
     @classmethod
     def parse(cls, raw: Any = None, *, num_units: int | None = None, flags: bool = False) -> ExplainOptions:
@@ -175,7 +181,8 @@ class ExplainOptions:
             check_ablate(ablate, num_units, flags=flags)
         return cls(top_units=top, unit_maps=DEFAULTS["unit_maps"] if unit_maps is None else str(unit_maps),
                    sketch=png, max_side=data.get("max_side"), methods=tuple(data.get("methods") or ()),
-                   target=data.get("target"), ablate=ablate, tissue_mask=bool(data.get("tissue_mask", False)))
+                   target=data.get("target"), ablate=ablate, tissue_mask=bool(data.get("tissue_mask", False)),
+                   job=data.get("job"))
 
     @classmethod
     def build(cls, *, top_units: int = DEFAULTS["top_units"], unit_maps: str = DEFAULTS["unit_maps"],
@@ -225,6 +232,8 @@ class ExplainOptions:
             out["ablate"] = list(self.ablate)
         if self.tissue_mask:
             out["tissue_mask"] = True
+        if self.job is not None:
+            out["job"] = self.job
         return out
 
     @property

@@ -10,6 +10,11 @@ its cache, options validated by :class:`deepminer.options.ExplainOptions`) ->
 :meth:`~deepminer.explain.service.ExplainService.explain_methods` (the ``methods``/``target``
 options: saliency maps on the CAM grid), any other to ``explain``.
 
+A request with the ``job`` option (``/explanations`` only) is a long job (:mod:`deepminer.jobs`): the
+worker writes its progress to the host's job file (``DEEPMINER_JOBS``) between steps and stops it
+there when it is cancelled or its client stopped touching it (``job_heartbeat_s``;
+``DEEPMINER_JOB_HEARTBEAT_S`` overrides it): ``409 Cancelled``, and the worker takes the next request.
+
 Bad input answers its own 4xx JSON ``{"code","type","message"}``
 (:func:`deepminer.explain.service.error_json`; per request, also inside a batch) and the worker keeps
 serving. The ``.mar`` ships the ``deepminer`` library next to this file, so the host needs

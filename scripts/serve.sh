@@ -34,6 +34,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( THREADS > 0 ? THREADS : 1 ))}
 # OpenMP threads sleep between parallel regions instead of spinning: the cores are shared with the other
 # workers and the workbench (docs/serving.md)
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+# long jobs (/explanations): the workers write progress to this file and read cancels from it; the
+# workbench reads and writes the same one (deepminer.jobs, docs/serving.md "Long jobs")
+export DEEPMINER_JOBS=${DEEPMINER_JOBS:-$ROOT/var/jobs.sqlite}
 command -v java >/dev/null || { echo "serve: error: TorchServe needs Java 17 (apt-get install openjdk-17-jre-headless)" >&2; exit 2; }
 WORK=$ROOT/var/serve
 mkdir -p "$WORK/tmp"

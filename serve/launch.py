@@ -125,6 +125,12 @@ class TorchServe:
         return self.workdir / "key_file.json"
 
     @property
+    def jobs_path(self) -> Path:
+        """The job file its workers write progress to and read cancels from (:mod:`deepminer.jobs`):
+        give it to a client (``Client(..., jobs=ts.jobs_path)``) on this host."""
+        return self.workdir / "jobs.sqlite"
+
+    @property
     def token_auth(self) -> bool:
         props = {**read_properties(self.profile), **self.overrides}
         return props.get("disable_token_authorization", "false").lower() != "true"
@@ -164,6 +170,7 @@ class TorchServe:
         env.update({"TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(self.workdir / "logs"),
                     "METRICS_LOCATION": str(self.workdir / "logs")})
         env.pop("TS_CONFIG_FILE", None)
+        env["DEEPMINER_JOBS"] = str(self.jobs_path)  # the workers' job file (deepminer.jobs): progress, cancel
         # the workers share the cores: torch threads per worker = cores / models (as scripts/serve.sh)
         from deepminer.client import HEAVY_SUFFIX
 
@@ -308,7 +315,9 @@ def profile_env(profile: str, ui_port: int, root: Path = SERVE_DIR.parent) -> di
            "DEEPMINER_MANAGEMENT_URL": props["management_address"], "DEEPMINER_KEY_FILE": "",
            "DEEPMINER_UPLOAD_MB": str(upload_limit_mb()),
            # TorchServe's max_request_size from the same number (read where enable_envvars_config=true: lab)
-           "TS_MAX_REQUEST_SIZE": str(upload_limit_mb() * 1024 * 1024)}
+           "TS_MAX_REQUEST_SIZE": str(upload_limit_mb() * 1024 * 1024),
+           # the long jobs' file, shared by the workers (scripts/serve.sh) and the workbench (deepminer.jobs)
+           "DEEPMINER_JOBS": os.environ.get("DEEPMINER_JOBS") or str(root / "var" / "jobs.sqlite")}
     if props.get("disable_token_authorization", "false").lower() != "true":
         env["DEEPMINER_KEY_FILE"] = str(root / "var" / "serve" / "key_file.json")
     # the sign-in proxy (lab profile, serve/proxy.py) sets this header; the workbench reads it

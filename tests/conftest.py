@@ -143,7 +143,7 @@ def app_env(ui_fixture, tmp_path, monkeypatch):
     db = tmp_path / "labels.db"
     env = {"DEEPMINER_BACKEND": "local", "DEEPMINER_MODEL_DIR": str(ui_fixture["model_dir"]),
            "DEEPMINER_SAMPLES": str(ui_fixture["data"]), "DEEPMINER_LABELS_URL": f"sqlite:///{db}",
-           "DEEPMINER_MODEL": "demo", "DEEPMINER_MAX_SIDE": "512"}
+           "DEEPMINER_MODEL": "demo", "DEEPMINER_MAX_SIDE": "512", "DEEPMINER_JOBS": str(tmp_path / "jobs.sqlite")}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("DEEPMINER_DATA_ROOT", raising=False)

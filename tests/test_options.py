@@ -40,7 +40,7 @@ def test_defaults_and_a_full_set():
     ('{"top_units": 3', "options: malformed JSON"),
     ("[1, 2]", "options: expected a JSON object, got list"),
     (b"\xff\xfe", "options: not UTF-8"),
-    ({"colour": "red"}, "options: unknown option(s) colour (known: top_units, unit_maps, sketch, max_side, methods, target, tissue_mask, ablate)"),
+    ({"colour": "red"}, "options: unknown option(s) colour (known: top_units, unit_maps, sketch, max_side, methods, target, job, tissue_mask, ablate)"),
     ({"tissue_mask": "yes"}, "options.tissue_mask: 'yes' is not of type 'boolean'"),
     ({"top_units": 0}, "options.top_units: 0 is less than the minimum of 1"),
     ({"top_units": True}, "options.top_units: True is not of type 'integer'"),
@@ -50,6 +50,7 @@ def test_defaults_and_a_full_set():
     ({"max_side": 10}, "options.max_side: 10 is less than the minimum of 64"),
     ({"max_side": 5000}, "options.max_side: 5000 is greater than the maximum of 4096"),
     ({"sketch": 5}, "options.sketch: 5 is not of type 'string', 'null'"),
+    ({"job": "a b"}, "options.job: 'a b' does not match"),
     ({"sketch": "***"}, "options.sketch: not valid base64"),
     ({"sketch": base64.b64encode(b"GIF89a" + bytes(20)).decode()}, "options.sketch: not a PNG image"),
 ])
@@ -57,6 +58,14 @@ def test_every_bad_option_is_one_line_naming_it(raw, message):
     with pytest.raises(InputError) as err:
         ExplainOptions.parse(raw, num_units=32)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_a_job_id_is_an_explanations_option():
+    opts = ExplainOptions.parse({"job": "abcDEF-123_x", "methods": ["gradcam"]})
+    assert opts.job == "abcDEF-123_x" and opts.to_json()["job"] == "abcDEF-123_x"
+    opts.check_endpoint(explain=True)
+    with pytest.raises(InputError, match="options.job: only for POST /explanations"):
+        ExplainOptions.parse({"job": "abcDEF-123_x"}).check_endpoint(explain=False)
 
 
 def test_cli_flags_are_named_as_flags():

@@ -101,7 +101,7 @@ def workbench(torchserve, model_dir, tmp_path_factory):
            "DEEPMINER_MANAGEMENT_URL": torchserve.management_url,
            "DEEPMINER_BACKEND": "serve", "DEEPMINER_MODEL_DIR": str(model_dir),
            "DEEPMINER_LABELS_URL": f"sqlite:///{work / 'labels.db'}", "DEEPMINER_SAMPLES": str(samples),
-           "DEEPMINER_MAX_SIDE": "1024"}
+           "DEEPMINER_MAX_SIDE": "1024", "DEEPMINER_JOBS": str(torchserve.jobs_path)}  # long jobs: progress, Cancel
     env.pop("DEEPMINER_KEY_FILE", None)
     env.pop("DEEPMINER_TOKEN", None)
     with streamlit_app(env, port, work) as url:

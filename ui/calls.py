@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import wait
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -97,6 +98,96 @@ def explain_methods(data: bytes, methods: Sequence[str], *, target: str | None =
         if f is None:
             raise
         return f
+
+
+# -- long calls: progress and Cancel (deepminer.jobs) ------------------------------------------------
+
+#: what :func:`explain_methods_job` answers for a call the person cancelled
+CANCELLED = "cancelled"
+_POLL_S = 0.3  #: how often the bar is redrawn (and the job touched) while a long call runs
+
+
+@st.cache_resource(show_spinner=False)
+def _job_pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(4, thread_name_prefix="deepminer-job")
+
+
+def _job_key(data: bytes, methods: Sequence[str], target: str | None, model: str) -> str:
+    import hashlib
+
+    return f"{hashlib.sha1(data).hexdigest()}:{','.join(methods)}:{target}:{model}"
+
+
+def cancel_job(key: str) -> None:
+    """The Cancel button's callback: the call computing ``key`` is stopped at the server's next step
+    and answers :data:`CANCELLED` from now on (:func:`forget_job` to compute it again)."""
+    sess = session()
+    pending = sess.jobs.pop(key, None)
+    if pending is not None:
+        job, c = pending[0], pending[2]
+        c.cancel(job)
+    sess.job_results[key] = CANCELLED
+
+
+def forget_job(data: bytes, methods: Sequence[str], target: str | None = None) -> None:
+    """Drop what :func:`explain_methods_job` remembers of this call (the next one computes it again)."""
+    session().job_results.pop(_job_key(data, methods, target, settings().model), None)
+
+
+def explain_methods_job(data: bytes, methods: Sequence[str], *, target: str | None = None, key: str):
+    """:func:`explain_methods` as a long job (:mod:`deepminer.jobs`): the call runs in a thread while
+    the page shows its progress (method, step, seconds) and a Cancel button (``key``: the widgets'
+    key). Answers the explanation, a :class:`Failure`, or :data:`CANCELLED` (the page says so; the
+    answer is remembered per session, image, methods and class). The call survives reruns (a click
+    elsewhere picks it up again); the job is touched only while a page shows it, so a closed browser
+    tab frees the server within its ``job_heartbeat_s``. A client without a job file (a server on
+    another host): :func:`explain_methods` with a spinner."""
+    from deepminer.client import ServeError
+    from deepminer.jobs import JobCancelled, new_id
+    from deepminer.options import ExplainOptions
+    from ui.logic import job_progress
+
+    s = settings()
+    c = client_of(s)
+    if getattr(c, "jobs", None) is None:
+        with st.spinner(f"Computing {', '.join(methods)}..."):
+            return explain_methods(data, methods, target=target)
+    sess = session()
+    ck = _job_key(data, methods, target, s.model)
+    if ck in sess.job_results:
+        return sess.job_results[ck]
+    if ck not in sess.jobs:
+        job = new_id()
+        fut = _job_pool().submit(c.explain_methods, data, list(methods), target=target,
+                                 options=ExplainOptions.build(max_side=s.max_side), job=job, beat=False)
+        sess.jobs[ck] = (job, fut, c, time.monotonic())
+    job, fut, c, t0 = sess.jobs[ck]
+    left, right = st.columns([3, 1], vertical_alignment="bottom")
+    bar = left.empty()
+    right.button("Cancel", key=f"{key}_cancel", on_click=cancel_job, args=(ck,))
+    while not fut.done():
+        c.jobs.touch(job)  # this page still waits (a closed tab stops touching it: the server drops the job)
+        frac, words = job_progress(c.job(job), time.monotonic() - t0)
+        bar.progress(frac, text=words)
+        wait([fut], timeout=_POLL_S)
+    sess.jobs.pop(ck, None)
+    try:
+        out = fut.result()
+    except (JobCancelled, ServeError) as err:
+        if getattr(err, "status", None) == 409:
+            out = CANCELLED
+        else:
+            out = failure_of(err) or Failure(str(err))
+    except Exception as err:  # noqa: BLE001 - worded below; anything else is re-raised
+        out = failure_of(err)
+        if out is None:
+            raise
+    if len(sess.job_results) >= 16:
+        sess.job_results.pop(next(iter(sess.job_results)))
+    sess.job_results[ck] = out
+    return out
 
 
 def show_failure(f: Failure) -> None:

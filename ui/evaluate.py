@@ -31,6 +31,7 @@ from deepminer.evaluation.masks import fit_mask, read_lesion
 from deepminer.evaluation.results import ImageRecord, curves
 from deepminer.evaluation.results import best_worst, summary_rows  # noqa: F401 - the page's, as the engine has them
 from deepminer.explanation import Explanation
+from deepminer.jobs import new_id
 from ui.logic import trained_on_phantoms
 
 ONE_PASS = ("cam", "class_map")  #: maps every explanation carries (no extra request)
@@ -436,6 +437,8 @@ class SetRun:
     error: str | None = None
     elapsed_s: float = 0.0
     request_s: float = 0.0  #: time spent waiting for the model server
+    #: the job group of its ``/explanations`` calls (:mod:`deepminer.jobs`): Cancel stops the one in flight too
+    group: str = field(default_factory=lambda: "set-" + new_id())
 
     @property
     def total(self) -> int:
@@ -447,7 +450,8 @@ class SetRun:
         return VIEW_OF[self.target]
 
     def cancel(self) -> None:
-        """Stop after the image being taken now (what was done stays)."""
+        """Stop: no more images are asked for (what was done stays); the caller also cancels the
+        calls in flight at the server (their job :attr:`group`)."""
         if self.running:
             self.cancelled, self.running = True, False
 

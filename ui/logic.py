@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from collections.abc import Iterable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -290,3 +290,19 @@ def ablation_rows(result: Explanation) -> list[dict]:
     return [{"class": c, "before": round(float(result.probabilities[c]), 4),
              "after": round(float(ab.probabilities[c]), 4), "change": round(float(ab.delta[c]), 4)}
             for c in result.classes]
+
+
+def job_progress(row: Mapping[str, Any] | None, waited_s: float = 0.0) -> tuple[float, str]:
+    """``(fraction, words)`` of a long job's row (:meth:`deepminer.jobs.JobStore.get`) for a progress
+    bar: its method, steps done of all and seconds so far; no row yet: sent, ``waited_s`` ago."""
+    if not row:
+        return 0.0, f"Sent to the model server · {waited_s:.0f} s"
+    if row.get("state") == "queued":
+        return 0.0, f"Waiting for the model server (another long job runs) · {row.get('elapsed_s', 0):.0f} s"
+    step = str(row.get("step") or "")
+    names = {"explain": "the explanation pass", "integrated_gradients": "integrated gradients",
+             "smoothgrad": "SmoothGrad", "guided_backprop": "guided backprop", "gradcam": "Grad-CAM",
+             "gradcam++": "Grad-CAM++"}
+    done, total = int(row.get("done") or 0), int(row.get("total") or 0)
+    return (float(row.get("fraction") or 0.0),
+            f"{names.get(step, step) or 'Working'} · step {done} of {total} · {row.get('elapsed_s', 0):.0f} s")

@@ -98,6 +98,8 @@ class Session:
     eval_outline_for: str | None = None  #: the digest of the image it was drawn on
     eval_set: Any = None  #: the Evaluate page's set (:class:`ui.evaluate.EvalSet`)
     eval_run: Any = None  #: its run, carried on across reruns (:class:`ui.evaluate.SetRun`)
+    jobs: dict = field(default_factory=dict)  #: long calls in flight, by what they compute (ui.calls.explain_methods_job)
+    job_results: dict = field(default_factory=dict)  #: their answers (or CANCELLED), by the same key
 
     def new_image(self, ref: ImageRef, *, upload: bool = False) -> bool:
         """Make ``ref`` the current image (an upload also goes first in :attr:`recent`); resets the

@@ -16,8 +16,8 @@
 """
 from __future__ import annotations
 
-from ui.calls import (Failure, explain, explain_methods, failure_of, show_ablation, show_failure, timed_explain,
-                      warm_up)
+from ui.calls import (CANCELLED, Failure, explain, explain_methods, explain_methods_job, failure_of, forget_job,
+                      show_ablation, show_failure, timed_explain, warm_up)
 from ui.identity import PATIENT_TAGS, annotator, annotator_box, patient_identifiers, require_annotator, signed_in_user
 from ui.images import PREVIEW_SIDE, Decoded, decoded, pixels, prefetch, set_image
 from ui.models import (_settings, base_settings, client, client_of, model_dir_for, model_picker, picked_model,
@@ -27,7 +27,8 @@ from ui.session import (SESSION_KEY, WHOLE, Box, ImageRef, Keys, Session, flash,
                         set_patch, show_flash)
 
 __all__ = [
-    "Failure", "explain", "explain_methods", "failure_of", "show_ablation", "show_failure", "timed_explain", "warm_up",
+    "CANCELLED", "Failure", "explain", "explain_methods", "explain_methods_job", "failure_of", "forget_job",
+    "show_ablation", "show_failure", "timed_explain", "warm_up",
     "PATIENT_TAGS", "annotator", "annotator_box", "patient_identifiers", "require_annotator", "signed_in_user",
     "PREVIEW_SIDE", "Decoded", "decoded", "pixels", "prefetch", "set_image",
     "_settings",  # the cached settings (``_settings.clear()`` re-reads the environment)

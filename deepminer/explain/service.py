@@ -11,7 +11,10 @@ format and the server's timings.
 :meth:`ExplainService.explain_methods` (``POST /explanations/<model>``) runs the same path and then
 the saliency maps the request names (``methods``) for its ``target`` on the CAM grid: ``cam`` and
 ``class_map`` from the explanation, the gradient peers by :func:`deepminer.explain.peers.saliency`
-(at most ``max_gradient_methods`` per request), leaving the model as it found it.
+(at most ``max_gradient_methods`` per request), leaving the model as it found it. With the ``job``
+option it is a long job (:mod:`deepminer.jobs`): progress written and cancel read between steps (the
+explanation pass, then each forward pass of each method), :class:`~deepminer.jobs.JobCancelled` (409)
+when it was cancelled or its client stopped waiting.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from typing import Any
 from deepminer import model_folder
 from deepminer.errors import DeepMinerError, InputError
 from deepminer.explanation import Explanation
+from deepminer.jobs import JobCancelled
 from deepminer.model_folder import ModelFolder
 from deepminer.options import ExplainOptions, check_ablate, mask_to_png
 
@@ -35,7 +39,22 @@ from deepminer.options import ExplainOptions, check_ablate, mask_to_png
 SETTINGS: dict[str, Any] = {"model_file": model_folder.MODEL, "atlas": model_folder.ATLAS, "max_pixels": 60_000_000,
                             "cache_mb": 256, "default_max_side": None, "torch_threads": 0,
                             "tissue": True, "keep_freed_memory": True, "max_gradient_methods": 3,
-                            "domain": model_folder.DOMAIN}
+                            "domain": model_folder.DOMAIN, "job_heartbeat_s": 15}
+
+
+def method_passes(method: str) -> int:
+    """The forward passes ``method`` makes with its defaults (the steps a job's progress counts):
+    Integrated Gradients one per batch of steps, SmoothGrad one per batch of samples, the others one."""
+    import inspect
+    import math
+
+    from deepminer.explain.peers import METHODS
+
+    if method not in METHODS:
+        return 1
+    defaults = {k: p.default for k, p in inspect.signature(METHODS[method].__init__).parameters.items()}
+    n = defaults.get("steps", defaults.get("samples"))
+    return math.ceil(int(n) / int(defaults.get("batch", 1))) if n is not None else 1
 
 
 def error_json(err: BaseException) -> tuple[int, dict[str, Any]]:
@@ -51,6 +70,33 @@ def error_json(err: BaseException) -> tuple[int, dict[str, Any]]:
     return status, {"code": int(status), "type": kind, "message": " ".join(message.split())}
 
 
+#: inside a pass, a job's cancel is read at most this often (seconds) at the backbone's modules
+INNER_CHECK_S = 0.5
+
+
+def _inner_checks(features: Any, job: Any) -> list[Any]:
+    """Hooks that read ``job``'s cancel inside a pass, at most every :data:`INNER_CHECK_S`: after
+    each module of the backbone ``features`` in the forward pass, and when the gradient of its output
+    is computed in the backward pass (a tensor hook that leaves the gradient as it is), so a cancel
+    lands within a fraction of a pass, not after a whole batch of steps."""
+    import torch
+
+    last = [time.monotonic()]
+
+    def check(*_: Any) -> None:
+        now = time.monotonic()
+        if now - last[0] >= INNER_CHECK_S:
+            last[0] = now
+            job.check()
+
+    def after(_module: Any, _inp: Any, out: Any) -> None:
+        check()
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(check)
+
+    return [m.register_forward_hook(after) for m in features.modules() if m is not features]
+
+
 class ExplainService:
     """A loaded model (+ atlas thresholds) and its explanation cache, answering requests.
 
@@ -64,12 +110,15 @@ class ExplainService:
         from deepminer.models.checkpoints import weights_sha256
 
         self.settings = {**SETTINGS, **(settings or {})}
+        if os.environ.get("DEEPMINER_JOB_HEARTBEAT_S"):  # the host's word over the archive's (deepminer.jobs)
+            self.settings["job_heartbeat_s"] = float(os.environ["DEEPMINER_JOB_HEARTBEAT_S"])
         self.model = model
         self.device = next(model.parameters()).device
         self.thresholds = thresholds
         self.name, self.version = name, version
         self.weights_sha256 = weights_sha256(model)  # the identity labels and atlases are keyed by
         self.cache = ExplanationCache(max_bytes=int(self.settings["cache_mb"]) << 20)
+        self._jobs: Any = None  #: the job file, opened on the first request that names a job
         #: the out-of-domain summary (:class:`deepminer.domain.DomainModel`) or None; ``domain_note``
         #: says why there is none when a file was refused
         self.domain, self.domain_note = domain, ""
@@ -165,21 +214,37 @@ class ExplainService:
         if opts.target is not None and opts.target not in classes:
             raise InputError(f"options.target: {opts.target!r} is not a class of the model "
                              f"(known: {', '.join(classes)})")
-        exp, pixels, side = self._explain(image, opts, name=name, batch=batch)
-        t0 = time.perf_counter()
-        target = opts.target or exp.prediction
-        t = classes.index(target)
-        maps: dict[str, np.ndarray] = {}
-        ms: dict[str, float] = {}
-        for method in opts.methods or ("cam",):
-            s = time.perf_counter()
-            if method in ("cam", "class_map"):
-                maps[method] = one_pass_map(method, exp, t, None)
-            else:
-                maps[method] = self._gradient_map(method, pixels, t, side)
-                if maps[method].shape != exp.map_size:
-                    raise RuntimeError(f"{method}: map {maps[method].shape} is not on the CAM grid {exp.map_size}")
-            ms[method] = round((time.perf_counter() - s) * 1000, 2)
+        job = None if opts.job is None else self.jobs.tracker(opts.job, heartbeat_s=float(self.settings["job_heartbeat_s"]))
+        try:
+            if job is not None:  # cancelled (or its client gone) while queued: no work at all
+                job.begin(1 + sum(method_passes(m) for m in grads), step="explain")
+            exp, pixels, side = self._explain(image, opts, name=name, batch=batch)
+            if job is not None:
+                job.step("explain")
+            t0 = time.perf_counter()
+            target = opts.target or exp.prediction
+            t = classes.index(target)
+            maps: dict[str, np.ndarray] = {}
+            ms: dict[str, float] = {}
+            for method in opts.methods or ("cam",):
+                s = time.perf_counter()
+                if method in ("cam", "class_map"):
+                    maps[method] = one_pass_map(method, exp, t, None)
+                else:
+                    maps[method] = self._gradient_map(method, pixels, t, side, job)
+                    if maps[method].shape != exp.map_size:
+                        raise RuntimeError(f"{method}: map {maps[method].shape} is not on the CAM grid {exp.map_size}")
+                ms[method] = round((time.perf_counter() - s) * 1000, 2)
+        except JobCancelled as err:
+            if job is not None:
+                job.finish("cancelled", str(err))
+            raise
+        except BaseException as err:
+            if job is not None:
+                job.finish("failed", f"{type(err).__name__}: {err}")
+            raise
+        if job is not None:
+            job.finish("done")
         # new objects, not edits: a cached explanation shares its dicts with this one
         exp.target, exp.method_maps, exp.method_ms = target, maps, ms
         methods_ms = (time.perf_counter() - t0) * 1000
@@ -187,10 +252,21 @@ class ExplainService:
                          "handler": round(exp.timing_ms.get("handler", 0.0) + methods_ms, 2)}
         return exp
 
-    def _gradient_map(self, method: str, pixels: Any, target: int, side: int) -> Any:
+    @property
+    def jobs(self) -> Any:
+        """The job file (:class:`deepminer.jobs.JobStore`: ``DEEPMINER_JOBS``, read on first use)."""
+        if self._jobs is None:
+            from deepminer.jobs import JobStore
+
+            self._jobs = JobStore()
+        return self._jobs
+
+    def _gradient_map(self, method: str, pixels: Any, target: int, side: int, job: Any = None) -> Any:
         """One gradient method's map, the model given back as found: eval/train mode and every
         parameter's ``requires_grad`` restored, gradients dropped (``.grad`` None), no autograd
-        graph left (the map is a detached float32 array)."""
+        graph left (the map is a detached float32 array). ``job`` (a :class:`deepminer.jobs.Tracker`):
+        each forward pass of the method is a step (checked before, counted after; a cancelled job
+        raises :class:`~deepminer.jobs.JobCancelled` there, hooks removed)."""
         import numpy as np
         import torch
 
@@ -199,11 +275,18 @@ class ExplainService:
         model = self.model
         training = model.training
         requires = [p.requires_grad for p in model.parameters()]
+        hooks = []
+        if job is not None:
+            hooks = [model.register_forward_pre_hook(lambda *_: job.check()),
+                     model.register_forward_hook(lambda *_: job.step(method)),
+                     *_inner_checks(model.features, job)]
         try:
             with torch.enable_grad():
                 return np.array(saliency(model, pixels, method, target, max_side=None, input_side=side),
                                 dtype=np.float32)
         finally:
+            for h in hooks:
+                h.remove()
             model.train(training)
             for p, r in zip(model.parameters(), requires):
                 p.requires_grad_(r)

@@ -114,11 +114,15 @@ def one_image() -> None:
         took = f"{(time.perf_counter() - t0) * 1000:.0f} ms"
         _show_scores(slot, scores, maps, scene, took)
         if peers:
-            for batch in ev.requests_for(peers):
-                slow = any(m in ev.PEERS_SLOW for m in batch)
-                with st.spinner(f"Computing {', '.join(ev.method_name(m) for m in batch)}"
-                                + (" (seconds)..." if slow else "...")):
-                    got = state.explain_methods(ref.data, batch, target=cls)
+            for i, batch in enumerate(ev.requests_for(peers)):
+                # a long job (progress, Cancel; the server stops it at its next step)
+                got = state.explain_methods_job(ref.data, batch, target=cls, key=f"eval_peers_{i}")
+                if got == state.CANCELLED:
+                    st.warning(f"Cancelled: {', '.join(ev.method_name(m) for m in batch)} not computed "
+                               "(the model server stopped at its next step).")
+                    st.button("Compute again", key=f"eval_peers_{i}_again", on_click=state.forget_job,
+                              args=(ref.data, batch, cls))
+                    break
                 if isinstance(got, state.Failure):
                     state.show_failure(got)
                     break
@@ -199,6 +203,7 @@ def _on_cancel() -> None:
     run = sess.eval_run
     if isinstance(run, ev.SetRun):
         run.cancel()
+        state.client().cancel_group(run.group)  # the image in flight stops at the server's next step
 
 
 def _start(es: ev.EvalSet, methods: tuple[str, ...], target: str) -> str | None:
@@ -217,8 +222,10 @@ def _start(es: ev.EvalSet, methods: tuple[str, ...], target: str) -> str | None:
     return None
 
 
-def _callers():
-    """``predict(data)`` and ``explain_methods(data, methods, target)`` that touch no Streamlit (thread-safe)."""
+def _callers(group: str | None = None):
+    """``predict(data)`` and ``explain_methods(data, methods, target)`` that touch no Streamlit (thread-safe);
+    the ``/explanations`` calls are jobs of ``group`` (:mod:`deepminer.jobs`: the client touches each
+    while it waits, Cancel stops the group)."""
     from deepminer.options import ExplainOptions
 
     s = state.settings()
@@ -227,7 +234,8 @@ def _callers():
     c = state.client()
     # a set is a long job: its calls go to the model's heavy pool (deepminer.client.heavy_pool), the
     # other pages' requests never wait behind it
-    return (lambda d: c.explain(d, opts, heavy=True), lambda d, m, t: c.explain_methods(d, m, target=t, options=opts))
+    return (lambda d: c.explain(d, opts, heavy=True),
+            lambda d, m, t: c.explain_methods(d, m, target=t, options=opts, group=group))
 
 
 @st.cache_resource(show_spinner=False)
@@ -256,7 +264,7 @@ def _advance(run: ev.SetRun, bar) -> None:
     """Process the rest of the run (:class:`ui.evaluate.SetScheduler`), the progress bar drawn as it
     goes. A click (Cancel or any widget) stops this script at its next Streamlit call (the bar);
     what was done is kept in ``run`` and the next rerun carries on (or stops, when cancelled)."""
-    predict, explain_methods = _callers()
+    predict, explain_methods = _callers(run.group)
 
     def work(item, answered):
         return ev.score_item(item, run.methods, run.target, predict, explain_methods, answered)
@@ -266,7 +274,14 @@ def _advance(run: ev.SetRun, bar) -> None:
         bar.progress(r.done / r.total, text=f"{r.done} of {r.total} images · {r.elapsed_s:.1f} s"
                      + (f" · about {eta:.0f} s left" if eta else ""))
 
-    ev.SetScheduler(_pool(), work, stop_reason=_stop_reason).advance(run, progress)
+    try:
+        ev.SetScheduler(_pool(), work, stop_reason=_stop_reason).advance(run, progress)
+    except BaseException as stop:
+        # the browser tab went away (Streamlit stops the script; a click reruns it instead): the calls in
+        # flight are cancelled at the server, and a reconnected page carries the run on from its last image
+        if type(stop).__name__ == "StopException":
+            state.client().cancel_group(run.group)
+        raise
 
 
 def _finish(run: ev.SetRun, cases: list) -> None:

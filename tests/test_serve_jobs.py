@@ -1,0 +1,199 @@
+"""Long jobs on a real TorchServe (demo profile, the tiny model, one worker): ``POST /explanations``
+with a job id shows its progress while it runs, a cancel stops it at its next step (409 Cancelled)
+and the same worker then answers ``/predictions`` at once, and a client killed while it waits frees
+the worker once its heartbeat is older than the server's ``job_heartbeat_s`` (5 s here). Cancelling
+an unknown or finished job does nothing and says so (False)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from deepminer.client import Client, ServeError
+
+from deepminer.jobs import new_id
+from modelfixtures import breast_png
+
+pytestmark = [pytest.mark.serve, pytest.mark.slow]
+MODEL = "tiny"
+HEAVY = ["integrated_gradients", "smoothgrad", "guided_backprop"]
+HEARTBEAT_S = 5
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_path):
+    from serve.archive import build_mar
+    from serve.launch import TorchServe
+
+    store = tmp_path_factory.mktemp("store")
+    build_mar(tiny_model_path, store, name=MODEL)
+    ts = TorchServe(store, {MODEL: f"{MODEL}.mar"}, tmp_path_factory.mktemp("ts"), profile="demo",
+                    env={**os.environ, "OMP_NUM_THREADS": "1", "DEEPMINER_JOB_HEARTBEAT_S": str(HEARTBEAT_S)})
+    ts.start(timeout=300)
+    yield ts
+    ts.stop()
+
+
+@pytest.fixture
+def client(server):
+    with Client(server.inference_url, model=MODEL, timeout=300, jobs=server.jobs_path) as c:
+        c.explain(breast_png(256, 192, seed=0))  # warm
+        yield c
+
+
+def _run(client: Client, image: bytes, job: str, **kw) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def go() -> None:
+        try:
+            out["exp"] = client.explain_methods(image, HEAVY, job=job, **kw)
+        except Exception as err:  # noqa: BLE001 - the test reads it
+            out["err"] = err
+        out["t"] = time.perf_counter()
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t, out
+
+
+def _wait_for(pred, timeout: float, poll: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(poll)
+    raise AssertionError("timed out")
+
+
+def test_progress_advances_while_the_job_runs(client):
+    job = new_id()
+    t, out = _run(client, breast_png(1024, 768, seed=1), job)
+    seen: list[tuple[str, int, int, str]] = []
+    while t.is_alive():
+        row = client.job(job)
+        if row and (not seen or seen[-1][:3] != (row["state"], row["done"], row["step"])):
+            seen.append((row["state"], row["done"], row["step"], row["total"]))
+        time.sleep(0.05)
+    t.join()
+    assert "err" not in out, out
+    running = [s for s in seen if s[0] == "running"]
+    assert len({s[1] for s in running}) >= 3, seen  # several steps seen in between
+    assert {s[2] for s in running} >= {"integrated_gradients", "smoothgrad"}, seen
+    final = client.job(job)
+    assert final["state"] == "done" and final["done"] == final["total"] == 1 + 4 + 2 + 1, final
+    assert set(out["exp"].method_maps) == set(HEAVY)
+    assert client.cancel(job) is False  # finished: nothing to cancel
+
+
+def test_cancel_stops_the_job_at_its_next_step_and_frees_the_worker(client):
+    job = new_id()
+    t, out = _run(client, breast_png(1024, 768, seed=2), job)
+    _wait_for(lambda: (client.job(job) or {}).get("done", 0) >= 2, 120)
+    t_cancel = time.perf_counter()
+    assert client.cancel(job) is True
+    t0 = time.perf_counter()
+    client.explain(breast_png(256, 192, seed=0))  # the same (only) worker
+    freed_s = time.perf_counter() - t_cancel
+    predict_s = time.perf_counter() - t0
+    t.join(60)
+    err = out.get("err")
+    assert isinstance(err, ServeError) and err.status == 409 and err.type == "Cancelled", out
+    row = client.job(job)
+    assert row["state"] == "cancelled" and row["done"] < row["total"], row
+    answered_s = out["t"] - t_cancel
+    print(f"\ncancel -> job answered 409 in {answered_s:.2f} s; cancel -> /predictions answered by the same worker "
+          f"in {freed_s:.2f} s (the prediction itself {predict_s * 1000:.0f} ms); stopped after {row['done']} of "
+          f"{row['total']} steps")
+    assert freed_s < 4.0, freed_s  # one step (a batch of 8 Integrated Gradients steps at 1024 px) is ~1 s here
+    assert client.cancel(job) is False  # cancelled already
+
+
+def test_a_set_runs_cancel_stops_its_call_in_flight(client):
+    """The Evaluate page's set run: its calls are one job group (fresh ids the client picks); Cancel
+    stops the one in flight."""
+    group = "set-" + new_id()
+    out: dict = {}
+
+    def go() -> None:
+        try:
+            client.explain_methods(breast_png(1024, 768, seed=6), HEAVY, group=group)
+        except ServeError as err:
+            out["err"] = err
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    def running() -> bool:
+        return any(r["state"] == "running" and r["done"] >= 2 for r in client.jobs.group(group))
+
+    _wait_for(running, 120)
+    assert client.cancel_group(group) == 1
+    t.join(60)
+    assert getattr(out.get("err"), "status", None) == 409, out
+    assert client.cancel_group(group) == 0  # nothing left running
+
+
+def test_cancel_of_an_unknown_job_is_a_no_op(client):
+    assert client.cancel(new_id()) is False
+    assert client.job(new_id()) is None
+
+
+def test_a_job_cancelled_while_queued_does_no_work(client, server):
+    first, queued = new_id(), new_id()
+    with Client(server.inference_url, model=MODEL, timeout=300, jobs=server.jobs_path) as other:
+        t1, out1 = _run(client, breast_png(1024, 768, seed=3), first)
+        _wait_for(lambda: (client.job(first) or {}).get("state") == "running", 120)
+        t2, out2 = _run(other, breast_png(1024, 768, seed=5), queued)
+        _wait_for(lambda: (client.job(queued) or {}).get("state") == "queued", 30)
+        assert client.cancel(queued) is True
+        assert client.cancel(first) is True
+        t1.join(60)
+        t2.join(60)
+    assert getattr(out2.get("err"), "status", None) == 409, out2
+    assert client.job(queued)["done"] == 0 and client.job(queued)["state"] == "cancelled"
+    assert getattr(out1.get("err"), "status", None) == 409, out1
+
+
+_CLIENT = """
+import sys
+from deepminer.client import Client
+from deepminer.options import ExplainOptions
+sys.path.insert(0, {tests!r})
+from modelfixtures import breast_png
+c = Client({url!r}, model={model!r}, timeout=300, jobs={jobs!r})
+c.explain_methods(breast_png(2048, 1536, seed=4), {methods!r}, job={job!r},
+                  options=ExplainOptions.build(max_side=2048))
+print("finished")
+"""
+
+
+def test_a_killed_client_frees_the_worker(server, client, tmp_path):
+    job = new_id()
+    script = tmp_path / "client.py"
+    script.write_text(_CLIENT.format(tests=os.path.dirname(__file__), url=server.inference_url, model=MODEL,
+                                     jobs=str(server.jobs_path), methods=HEAVY, job=job))
+    proc = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: (client.job(job) or {}).get("done", 0) >= 2, 120)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    t_kill = time.perf_counter()
+    row = _wait_for(lambda: (r := client.job(job)) and r["state"] != "running" and r, HEARTBEAT_S + 30)
+    gone_s = time.perf_counter() - t_kill
+    t0 = time.perf_counter()
+    client.explain(breast_png(256, 192, seed=0))
+    predict_s = time.perf_counter() - t0
+    print(f"\nclient killed -> job stopped in {gone_s:.2f} s (heartbeat limit {HEARTBEAT_S} s), then /predictions in "
+          f"{predict_s * 1000:.0f} ms; stopped after {row['done']} of {row['total']} steps: {row['message']}")
+    assert row["state"] == "cancelled" and "stopped waiting" in row["message"], row
+    assert gone_s < HEARTBEAT_S + 5, gone_s
+    assert predict_s < 2.0, predict_s
