@@ -300,6 +300,7 @@ GUARD_FORMAT = 2
 GUARD_LAYERS = ("net.blocks.2", "net.blocks.4")  #: frozen stages whose activations are pooled
 GUARD_PERCENTILE = 99.5  #: threshold = this percentile of the held-out phantoms' scores
 GUARD_SIZES = (512, 768, 1024, 1536)  #: phantom generator sizes (image height, px) it is fitted on
+GUARD_FOLDS = 3  #: the threshold is a percentile of out-of-fold scores over this many folds
 STAT_NAMES = ("tissue_fraction", "breast_mean", "breast_std", "breast_skew", "breast_kurtosis", "breast_q05",
               "breast_q50", "breast_q95", "breast_saturated", "background_mean", "background_std",
               "background_q99", "noise_level", "gradient_mean", "edge_density", "border_min", "border_low",
@@ -610,22 +611,47 @@ def load_domain(path: str | os.PathLike, *, model: Any = None,
     return guard
 
 
-def fit_guard(train: Any, val: Any, *, percentile: float = GUARD_PERCENTILE, layers: Sequence[str] = GUARD_LAYERS,
-              trunk_hash: str = "", weights_sha256: str = "", names: Sequence[str] = (),
-              fit: Mapping[str, Any] | None = None) -> DomainGuard:
-    """Standardise ``train`` ``(n, F)`` raw guard features, fit the Ledoit-Wolf Gaussian on them
-    (all directions kept) and set the threshold at ``percentile`` of the ``val`` scores."""
-    x = np.asarray(train, dtype=np.float64)
-    v = np.asarray(val, dtype=np.float64)
-    if x.ndim != 2 or x.shape[0] < 2:
-        raise InputError(f"domain guard fit: need at least 2 training feature rows, got shape {x.shape}")
-    center = x.mean(0)
-    spread = np.maximum(x.std(0), _STD_FLOOR * np.maximum(1.0, np.abs(center)))
-    gauss = fit_domain((x - center) / spread, (v - center) / spread, percentile=percentile, components=x.shape[1],
-                       transform="none")
-    rest = {k: gauss.fit[k] for k in ("train_images", "val_images", "shrinkage", "train_score_median",
-                                      "val_score_median", "val_score_max")}
-    return DomainGuard(center=center, spread=spread, gauss=gauss, threshold=float(gauss.threshold),
+def fit_guard(rows: Any, *, percentile: float = GUARD_PERCENTILE, folds: int = GUARD_FOLDS,
+              groups: Sequence[Any] | None = None, layers: Sequence[str] = GUARD_LAYERS, trunk_hash: str = "",
+              weights_sha256: str = "", names: Sequence[str] = (), fit: Mapping[str, Any] | None = None) -> DomainGuard:
+    """Standardise ``rows`` ``(n, F)`` of raw guard features and fit the Ledoit-Wolf Gaussian on all
+    of them (all directions kept); the threshold is ``percentile`` of the **out-of-fold** scores: row
+    ``i`` in fold ``i % folds`` is scored by the guard fitted on the other folds, so every score
+    is that of an image its Gaussian did not see (and, fitted on fewer rows, a little higher than the
+    final guard would give: a conservative threshold). ``groups`` (e.g. the generator size of each
+    row): the share of each group's out-of-fold scores under the threshold goes to ``fit``."""
+    x = np.asarray(rows, dtype=np.float64)
+    folds = int(folds)
+    if x.ndim != 2 or x.shape[0] < 2 * max(folds, 2):
+        raise InputError(f"domain guard fit: need at least {2 * max(folds, 2)} feature rows, got shape {x.shape}")
+    if folds < 2:
+        raise InputError(f"domain guard fit: folds must be at least 2, got {folds}")
+    if not 0 < percentile <= 100:
+        raise InputError(f"domain guard fit: the percentile must be in (0, 100], got {percentile}")
+
+    def gaussian(part: np.ndarray) -> tuple[np.ndarray, np.ndarray, DomainModel]:
+        center = part.mean(0)
+        spread = np.maximum(part.std(0), _STD_FLOOR * np.maximum(1.0, np.abs(center)))
+        z = (part - center) / spread
+        return center, spread, fit_domain(z, z[:1], percentile=100, components=x.shape[1], transform="none")
+
+    fold = np.arange(x.shape[0]) % folds
+    oof = np.zeros(x.shape[0])
+    for f in range(folds):
+        c, s, g = gaussian(x[fold != f])
+        oof[fold == f] = np.asarray(g.score((x[fold == f] - c) / s))
+    center, spread, gauss = gaussian(x)
+    threshold = float(np.percentile(oof, percentile))
+    gauss.threshold = threshold
+    record: dict[str, Any] = {"rows": int(x.shape[0]), "folds": folds, "features": int(x.shape[1]),
+                              "shrinkage": gauss.fit["shrinkage"],
+                              "fit_score_median": gauss.fit["train_score_median"],
+                              "heldout_score_median": round(float(np.median(oof)), 3),
+                              "heldout_score_max": round(float(oof.max()), 3)}
+    if groups is not None:
+        labels = [str(g) for g in groups]
+        record["heldout_in_domain"] = {lab: f"{int(sum(o <= threshold for o, g in zip(oof, labels) if g == lab))}/"
+                                            f"{labels.count(lab)}" for lab in dict.fromkeys(labels)}
+    return DomainGuard(center=center, spread=spread, gauss=gauss, threshold=threshold,
                        percentile=float(percentile), layers=tuple(layers), trunk_sha256=trunk_hash,
-                       weights_sha256=weights_sha256, names=tuple(names),
-                       fit={**dict(fit or {}), **rest, "features": int(x.shape[1])})
+                       weights_sha256=weights_sha256, names=tuple(names), fit={**dict(fit or {}), **record})

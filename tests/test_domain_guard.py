@@ -1,11 +1,11 @@
 """The frozen-trunk out-of-domain guard (:class:`deepminer.domain.DomainGuard`, docs/domain.md).
 
-* its parts: the image statistics, the standardised Ledoit-Wolf fit and its percentile threshold, the
+* its parts: the image statistics, the standardised Ledoit-Wolf fit and its out-of-fold threshold, the
   versioned file (a guard, the older unit-max file, an unknown kind: one line);
 * the frozen layers: the three bundled models share them (one hash), a change in ``net.blocks.5`` on
   keeps the guard, a change before it is refused in one line;
-* the bundled models' committed ``domain.pt`` (fitted by ``deepminer domain-fit`` on fresh phantoms
-  of sizes 512, 768, 1024, 1536, seed 11): fresh phantoms of every size (seed 29, never fitted on)
+* the bundled models' committed ``domain.pt`` (fitted by ``deepminer domain-fit`` on 60 fresh
+  phantoms of each size 512, 768, 1024, 1536, seed 11): fresh phantoms of every size (seed 29, never fitted on)
   in domain; every kind of image in tests/domainkinds.py out of domain: photographs shipped in
   scikit-image, noise, phantoms of another texture model, DICOMs of other body parts (decoded by
   :func:`deepminer.data.io.load_image`, the server's path);
@@ -58,29 +58,40 @@ def _rows(n: int, k: int, seed: int) -> np.ndarray:
     return rng.standard_normal((n, k)) @ rng.standard_normal((k, k)) * np.linspace(1, 100, k) + 50
 
 
-def test_fit_guard_standardises_then_fits_and_thresholds_at_the_percentile():
-    x, v = _rows(120, 6, 0), _rows(60, 6, 1)
-    g = fit_guard(x, v, percentile=90, names=[f"f{i}" for i in range(6)])
-    z = (x - x.mean(0)) / x.std(0)
-    ref = fit_domain(z, (v - x.mean(0)) / x.std(0), percentile=90, components=6)
-    assert np.asarray(g.score(v)) == pytest.approx(np.asarray(ref.score((v - x.mean(0)) / x.std(0))), rel=1e-9)
-    assert g.threshold == pytest.approx(np.percentile(np.asarray(g.score(v)), 90))
-    far = x.mean(0) + 40 * x.std(0) * np.eye(6)[2]
+def test_fit_guard_standardises_fits_all_and_thresholds_out_of_fold():
+    x = _rows(180, 6, 0)
+    g = fit_guard(x, percentile=90, folds=3, groups=["a", "b", "c"] * 60, names=[f"f{i}" for i in range(6)])
+    center, spread = x.mean(0), x.std(0)
+    ref = fit_domain((x - center) / spread, (x - center) / spread, components=6)
+    assert np.asarray(g.score(x)) == pytest.approx(np.asarray(ref.score((x - center) / spread)), rel=1e-9)
+    # the threshold: the 90th percentile of the scores of each row by the guard fitted without its fold
+    oof = np.zeros(len(x))
+    for f in range(3):
+        part = x[np.arange(len(x)) % 3 != f]
+        c, s = part.mean(0), part.std(0)
+        held = fit_domain((part - c) / s, (part - c) / s, components=6)
+        oof[f::3] = np.asarray(held.score((x[f::3] - c) / s))
+    assert g.threshold == pytest.approx(np.percentile(oof, 90))
+    assert g.fit["rows"] == 180 and g.fit["folds"] == 3 and set(g.fit["heldout_in_domain"]) == {"a", "b", "c"}
+    assert sum(int(v.split("/")[0]) for v in g.fit["heldout_in_domain"].values()) == (oof <= g.threshold).sum()
+    far = center + 40 * spread * np.eye(6)[2]
     verdict = g.verdict(far, 0.5, side=512)
     assert set(verdict) == {"method", "score", "threshold", "percentile", "in_domain", "reason", "side"}
     assert not verdict["in_domain"] and verdict["method"] == GUARD_METHOD and verdict["side"] == 512
     assert "most unusual: f2 z=+40" in verdict["reason"]
-    assert g.verdict(x.mean(0), 0.5)["in_domain"]
-    assert g.verdict(x.mean(0), 0.001)["reason"].startswith("no breast tissue found")
+    assert g.verdict(center, 0.5)["in_domain"]
+    assert g.verdict(center, 0.001)["reason"].startswith("no breast tissue found")
     with pytest.raises(InputError, match="5 features for a guard of 6"):
         g.score(np.zeros(5))
+    with pytest.raises(InputError, match="need at least 6 feature rows"):
+        fit_guard(x[:5])
 
 
 def test_the_file_is_versioned_and_old_files_still_load(tmp_path):
     import torch
 
     x, v = _rows(40, 5, 2), _rows(20, 5, 3)
-    g = fit_guard(x, v, trunk_hash="t" * 64, weights_sha256="w" * 64, fit={"sizes": [512]})
+    g = fit_guard(x, trunk_hash="t" * 64, weights_sha256="w" * 64, fit={"sizes": [512]})
     g.save(tmp_path / "guard.pt")
     raw = torch.load(tmp_path / "guard.pt", weights_only=True)
     assert raw["kind"] == "frozen-trunk" and raw["format"] == 2 and raw["trunk_sha256"] == "t" * 64
@@ -219,14 +230,16 @@ def test_domain_fit_writes_a_guard_and_reuses_its_features(tmp_path, capsys):
             "--seed", "5", "--features", str(tmp_path / "f.npz")]
     assert main([*argv, "--out", str(tmp_path / "a.pt")]) == 0
     err = capsys.readouterr().err
-    assert "fitted on 4 fresh phantoms of sizes 128,160" in err and "99.5th percentile of 2 held-out" in err
+    assert "fitted on 6 fresh phantoms of sizes 128,160" in err and "99.5th percentile of their 3-fold" in err
     a = load_domain(tmp_path / "a.pt")
     assert isinstance(a, DomainGuard) and a.fit["sizes"] == [128, 160] and a.fit["sides"] == {"128": [128, 128],
                                                                                                "160": [160, 160]}
+    assert not a.fit["features_cached"]
     # a second model with the same frozen layers: the cached features, no forward pass
     assert main([*argv, "--model", str(STORE / "demo" / "model.pt"), "--out", str(tmp_path / "b.pt")]) == 0
     b = load_domain(tmp_path / "b.pt")
-    assert b.threshold == a.threshold and b.trunk_sha256 == a.trunk_sha256 and "sides" not in b.fit
+    capsys.readouterr()
+    assert b.threshold == a.threshold and b.trunk_sha256 == a.trunk_sha256 and b.fit["features_cached"]
     for bad, message in ((["--sizes", "12"], "--sizes: each in"), (["--count", "2"], "--count: must be at least 3"),
                          (["--kind", "unit-max"], "--data: the unit-max kind needs")):
         assert main([*argv, "--out", str(tmp_path / "x.pt"), *bad]) == 2

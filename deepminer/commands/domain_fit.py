@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "unit-max: the fine-tuned unit maxima of --data")
     parser.add_argument("--sizes", default=",".join(str(s) for s in GUARD_SIZES),
                         help="frozen-trunk: phantom generator sizes (image height, px), comma-separated")
-    parser.add_argument("--count", type=int, default=48,
-                        help="frozen-trunk: fresh phantoms per size (every third held out for the threshold)")
+    parser.add_argument("--count", type=int, default=60,
+                        help="frozen-trunk: fresh phantoms per size (the threshold: their 3-fold out-of-fold scores)")
     parser.add_argument("--seed", type=int, default=11,
                         help="frozen-trunk: phantom seed (keep it apart from the seeds you test on)")
     parser.add_argument("--data", default=None, help="unit-max: dataset folder (manifest.csv with a split column)")
@@ -98,10 +98,11 @@ def run(args: argparse.Namespace) -> int:
         dg.save(out)
         f = dg.fit
         print(f"{out}: {dg.method} over {f['features']} features (layers {', '.join(dg.layers)} + image statistics; "
-              f"Ledoit-Wolf shrinkage {f['shrinkage']:.3f}) fitted on {f['train_images']} fresh phantoms of sizes "
+              f"Ledoit-Wolf shrinkage {f['shrinkage']:.3f}) fitted on {f['rows']} fresh phantoms of sizes "
               f"{','.join(str(s) for s in sizes)}; threshold {dg.threshold:.4g} = {dg.percentile:g}th percentile of "
-              f"{f['val_images']} held-out scores (median {f['val_score_median']:.4g}); frozen layers "
-              f"{dg.trunk_sha256[:12]}; {out.stat().st_size / 2**20:.2f} MiB, {f['seconds']:.0f} s", file=sys.stderr)
+              f"their {f['folds']}-fold out-of-fold scores (median {f['heldout_score_median']:.4g}; held out in domain "
+              f"per size {f['heldout_in_domain']}); frozen layers {dg.trunk_sha256[:12]}; "
+              f"{out.stat().st_size / 2**20:.2f} MiB, {f['seconds']:.0f} s", file=sys.stderr)
         return 0
     domain = fit_dataset(model, args.data, train_split=args.train_split, val_split=args.val_split,
                          percentile=percentile, components=args.components, max_side=args.max_side,
@@ -229,19 +230,22 @@ def guard_row(model: Any, data: bytes, *, layers: Any = None, name: str = "image
 
 
 def fit_guard_phantoms(model_file: str | os.PathLike, *, sizes: Any, count: int, seed: int, percentile: float,
-                       device: str = "cpu", features: str | os.PathLike | None = None,
+                       folds: int = 3, device: str = "cpu", features: str | os.PathLike | None = None,
                        progress: bool = True) -> Any:
     """What ``deepminer domain-fit`` (kind ``frozen-trunk``) runs: ``count`` fresh phantoms of
     each generator size in ``sizes`` (patients ``k * count + i`` of ``seed`` for the k-th size: no
-    patient twice), each judged the server's way at the model's own scale; every third one held out
-    for the threshold (``percentile`` of their scores). ``features``: an ``.npz`` cache, reused when
-    written for the same frozen layers, scale, sizes, count and seed (the three bundled models share
+    patient twice), each judged the server's way at the model's own scale; the guard is fitted on
+    all of them, its threshold is ``percentile`` of their out-of-fold scores
+    (:func:`deepminer.domain.fit_guard`). ``features``: an ``.npz`` cache, reused when written for
+    the same frozen layers, features, scale, sizes, count and seed (the three bundled models share
     their frozen layers: one extraction serves all three)."""
+    import json
     import time
 
     import numpy as np
     from tqdm import tqdm
 
+    from deepminer.atomic import atomic_file
     from deepminer.domain import GUARD_LAYERS, feature_names, fit_guard, trunk_sha256
     from deepminer.model_scale import model_scale
     from deepminer.models import load_model
@@ -255,28 +259,34 @@ def fit_guard_phantoms(model_file: str | os.PathLike, *, sizes: Any, count: int,
     sizes = [int(s) for s in sizes]
     names = feature_names(model, layers)
     ident = {"kind": "frozen-trunk", "trunk_sha256": trunk, "layers": list(layers), "scale": model_scale(model),
-             "features": names,
-             "sizes": sizes, "count": int(count), "seed": int(seed)}
-    cached = _read_features(features, ident) if features else None
-    if cached is not None:
-        train, val = cached
-        sides: dict[str, set[int]] | None = None
-    else:
-        rows: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-        sides = {}
+             "features": names, "sizes": sizes, "count": int(count), "seed": int(seed)}
+    rows = sides = None
+    if features:
+        try:
+            with np.load(features, allow_pickle=False) as z:
+                if json.loads(str(z["ident"])) == ident:
+                    rows, sides = z["rows"].astype(np.float64), z["sides"].astype(np.int64)
+        except (OSError, KeyError, ValueError):
+            rows = None
+    cached = rows is not None
+    if rows is None or sides is None:
         jobs = [(k, size, i) for k, size in enumerate(sizes) for i in range(int(count))]
+        got, side_list = [], []
         for k, size, i in tqdm(jobs, desc="phantoms", unit="img", disable=not progress, dynamic_ncols=True):
             row, side = guard_row(model, phantom_image(seed, k * int(count) + i, size), layers=layers)
-            rows["val" if i % 3 == 2 else "train"].append(row)
-            sides.setdefault(str(size), set()).add(side)
-        train, val = np.stack(rows["train"]), np.stack(rows["val"])
+            got.append(row)
+            side_list.append(side)
+        rows, sides = np.stack(got), np.asarray(side_list, dtype=np.int64)
         if features:
-            _write_features(features, ident, train, val)
+            Path(features).parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(Path(features)) as fh:
+                np.savez(fh, ident=np.array(json.dumps(ident)), rows=rows, sides=sides)
+    groups = [size for size in sizes for _ in range(int(count))]
+    by_size = {str(size): sorted({int(s) for s, g in zip(sides, groups) if g == size}) for size in sizes}
     fit = {"data": f"fresh phantoms (deepminer phantoms --seed {seed}), {count} per size",
            "data_kind": "synthetic phantoms (deepminer phantoms)", "sizes": sizes, "seed": int(seed),
            "count_per_size": int(count), "scale": model_scale(model) or "none recorded (long side <= 1024)",
-           "model_file": Path(model_file).name, "seconds": round(time.perf_counter() - t0, 1)}
-    if sides is not None:
-        fit["sides"] = {s: sorted(v)[:1] + sorted(v)[-1:] for s, v in sides.items()}
-    return fit_guard(train, val, percentile=percentile, layers=layers, trunk_hash=trunk,
+           "sides": {k: [v[0], v[-1]] for k, v in by_size.items()}, "model_file": Path(model_file).name,
+           "features_cached": cached, "seconds": round(time.perf_counter() - t0, 1)}
+    return fit_guard(rows, percentile=percentile, folds=folds, groups=groups, layers=layers, trunk_hash=trunk,
                      weights_sha256=weights_sha256(model), names=names, fit=fit)
