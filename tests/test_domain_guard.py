@@ -199,8 +199,8 @@ def test_images_of_other_kinds_are_out_of_domain(demo, kind):
     verdict = _judge(model, guard, domainkinds.kinds()[kind]())
     assert not verdict["in_domain"], verdict
     assert verdict["reason"].startswith(("score above the threshold", "no breast tissue found"))
-    if kind.startswith(("texture/", "dicom/")):  # a breast-like region or a body: the score says it
-        assert verdict["score"] > 1.5 * verdict["threshold"], verdict
+    # the score alone says it too (also where the tissue rule spoke first: white noise, the Hubble field)
+    assert verdict["score"] > (1.5 if kind.startswith(("texture/", "dicom/")) else 1.0) * verdict["threshold"], verdict
 
 
 def test_the_service_answers_the_guards_verdict(demo):
