@@ -245,3 +245,25 @@ def test_domain_fit_writes_a_guard_and_reuses_its_features(tmp_path, capsys):
         assert main([*argv, "--out", str(tmp_path / "x.pt"), *bad]) == 2
         line = capsys.readouterr().err.strip()
         assert message in line and len(line.splitlines()) == 1, line
+
+
+def test_a_model_with_a_recorded_scale_is_judged_at_that_scale(demo):
+    """A whole-image model records ``meta["scale"]``: the guard judges at ``input_side``'s answer
+    (here the breast's extent against the model's), not at the default long side <= 1024."""
+    import copy
+
+    from deepminer.commands.domain_fit import guard_row, phantom_image
+    from deepminer.data.io import load_image
+    from deepminer.data.tissue import tissue_region
+    from deepminer.domain import guard_side
+    from deepminer.model_scale import input_side
+
+    model, _ = demo
+    scaled = copy.copy(model)
+    scaled.meta = {**model.meta, "scale": {"long_side": 512, "mm_per_px": 0.46875, "breast_extent_px": 250.0}}
+    data = phantom_image(FRESH_SEED, 4000, 1024)
+    loaded = load_image(data)
+    _, _, region = tissue_region(loaded.pixels)
+    side, how = guard_side(scaled, loaded.height, loaded.width, tissue=region)
+    assert (side, how) == input_side(scaled, loaded.height, loaded.width, tissue=region) and how == "breast extent"
+    assert side < 1024 and guard_row(scaled, data)[1] == side

@@ -86,8 +86,9 @@ class ExplainService:
         """Load the model on ``device`` and the atlas thresholds (``atlas_dir`` None: none; sketch
         IoU then thresholds each unit on the image itself). ``domain``: the out-of-domain summary
         file (:mod:`deepminer.domain`); True: the settings' ``domain`` file beside the model when
-        there is one; False/None: none. A file fitted for other weights is refused (a warning in
-        the log, :attr:`domain_note`, ``input.domain`` null), not fatal."""
+        there is one; False/None: none (any kind: :func:`deepminer.domain.load_domain`). A file fitted
+        for other weights (a guard: for other frozen layers) is refused (a warning in the log,
+        :attr:`domain_note`, ``input.domain`` null), not fatal."""
         import torch
 
         from deepminer.models import load_model
