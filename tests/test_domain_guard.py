@@ -268,3 +268,26 @@ def test_a_model_with_a_recorded_scale_is_judged_at_that_scale(demo):
     side, how = guard_side(scaled, loaded.height, loaded.width, tissue=region)
     assert (side, how) == input_side(scaled, loaded.height, loaded.width, tissue=region) and how == "breast extent"
     assert side < 1024 and guard_row(scaled, data)[1] == side
+
+
+@pytest.mark.serve
+@pytest.mark.slow
+def test_a_real_torchserve_answers_the_guards_verdict(demo, tmp_path_factory):
+    """The .mar ships the library and domain.pt: TorchServe answers the guard's verdict, as the
+    library judges the same bytes."""
+    from modelfixtures import start_tiny_server
+
+    from deepminer.client import Client
+    from deepminer.commands.domain_fit import phantom_image
+
+    model, guard = demo
+    ts = start_tiny_server(tmp_path_factory, STORE / "demo" / "model.pt", "guarded", extra=[STORE / "demo" / "domain.pt"])
+    try:
+        files = [phantom_image(FRESH_SEED, 6000, 768), domainkinds.body_part("hand")]
+        with Client(ts.inference_url, model="guarded", timeout=300) as c:
+            served = [c.explain(data, max_side=256) for data in files]
+    finally:
+        ts.stop()
+    for exp, data, inside in zip(served, files, (True, False)):
+        assert exp.domain["method"] == GUARD_METHOD and exp.domain["in_domain"] is inside, exp.domain
+        assert exp.domain["score"] == pytest.approx(_judge(model, guard, data)["score"], rel=1e-3)
