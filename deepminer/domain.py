@@ -1,5 +1,11 @@
 """How far an image lies from the images a model was trained on: the out-of-domain score.
 
+Two kinds of ``domain.pt``, both read by :func:`load_domain`: the **guard** (:class:`DomainGuard`,
+kind ``frozen-trunk``, format 2, the default of ``deepminer domain-fit``; second half of this
+module): frozen backbone features and image statistics judged at the model's own scale, fitted on
+fresh phantoms of every generator size; and the older **unit-max summary** (:class:`DomainModel`,
+format 1), described here:
+
 The score is the **Mahalanobis distance** of the image's pooled last-layer features from the
 Gaussian fitted to the training images' features (Lee et al. 2018, "A Simple Unified Framework for
 Detecting Out-of-Distribution Samples and Adversarial Attacks", NeurIPS; one class-agnostic
