@@ -75,13 +75,14 @@ def shot(page, path: Path) -> None:
     page.wait_for_timeout(300)
 
 
-def square_mammogram(seed: int, index: int, side: int = 1024) -> bytes:
-    """A phantom mammogram padded to ``side`` x ``side`` (16-bit PNG)."""
+def square_mammogram(seed: int, index: int, side: int = 1024, label: str | None = None) -> bytes:
+    """A phantom mammogram padded to ``side`` x ``side`` (16-bit PNG; ``label`` forces the patient's
+    label, else it is drawn)."""
     from PIL import Image
 
     from deepminer.data.phantoms import render_phantom
 
-    ph = render_phantom(seed, index, size=side)
+    ph = render_phantom(seed, index, size=side, label=label)
     img = np.asarray(ph.image)
     canvas = np.zeros((side, side), dtype=img.dtype)
     canvas[: img.shape[0], : img.shape[1]] = img[:side, :side]

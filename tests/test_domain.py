@@ -5,10 +5,8 @@
   covariance built here with numpy (fewer directions kept);
 * the threshold is the stated percentile of the validation scores; the file loads with
   ``weights_only=True``, stays small and is refused for other weights;
-* ``deepminer domain-fit`` on a tiny model, the service's ``input.domain``, the CLI's line, bad input;
-* the bundled demo model with the committed ``model_store/demo/domain.pt``: >= 95% of fresh phantoms
-  (a seed never used for training) in domain; scikit-image's astronaut and coffee, a blank image and
-  uniform noise out of domain;
+* ``deepminer domain-fit --kind unit-max`` on a tiny model, the service's ``input.domain``, the CLI's line, bad input;
+* (the bundled models' frozen-trunk guards: tests/test_domain_guard.py)
 * a real TorchServe answers ``input.domain``.
 """
 from __future__ import annotations
@@ -24,10 +22,6 @@ from PIL import Image
 from deepminer.domain import DomainModel, describe, fit_domain, stand_in
 from deepminer.errors import InputError
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "model_store" / "demo"
-REFIT = ("deepminer domain-fit --model model_store/demo/model.pt --data TRAINING_PHANTOMS "
-         "(docs/domain.md)")
 
 
 def _correlated(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -200,7 +194,7 @@ def tiny_fit(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("domain-fit")
     data = generate_dataset(root / "data", 8, 4, 256, splits={"train": 0.5, "val": 0.5, "test": 0, "holdout": 0})
     model = tiny_checkpoint(root / "model", seed=1)
-    rc = main(["domain-fit", "--model", str(model), "--data", str(data), "--components", "16",
+    rc = main(["domain-fit", "--kind", "unit-max", "--model", str(model), "--data", str(data), "--components", "16",
                "--max-side", "256", "--features", str(root / "features.npz")])
     assert rc == 0
     return {"root": root, "data": data, "model": model, "domain": model.parent / "domain.pt"}
@@ -238,7 +232,8 @@ def test_domain_fit_writes_a_file_the_service_uses(tiny_fit, capsys):
     # a refit from the features cache runs no model and gives the same summary
     from deepminer.cli import main
 
-    rc = main(["domain-fit", "--model", str(tiny_fit["model"]), "--data", str(tiny_fit["data"]), "--components", "16",
+    rc = main(["domain-fit", "--kind", "unit-max", "--model", str(tiny_fit["model"]), "--data", str(tiny_fit["data"]),
+               "--components", "16",
                "--max-side", "256", "--features", str(tiny_fit["root"] / "features.npz"),
                "--out", str(tiny_fit["root"] / "again.pt"), "--percentile", "50"])
     assert rc == 0
@@ -289,69 +284,13 @@ def test_cli_explain_prints_the_domain_line(tiny_fit, capsys):
 def test_domain_fit_bad_input_is_one_line(tiny_fit, tmp_path, capsys, argv, message):
     from deepminer.cli import main
 
-    rc = main(["domain-fit", "--model", str(tiny_fit["model"]), "--data", str(tiny_fit["data"]),
+    rc = main(["domain-fit", "--kind", "unit-max", "--model", str(tiny_fit["model"]), "--data", str(tiny_fit["data"]),
                "--out", str(tmp_path / "x.pt"), *argv])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "x.pt").exists()
     assert main(["domain-fit", "--model", str(tmp_path / "none.pt"), "--data", str(tiny_fit["data"])]) == 2
     assert "no such model file" in capsys.readouterr().err
-
-
-# -- the bundled demo model -----------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def demo_service():
-    from deepminer.explain.service import ExplainService
-    from deepminer.models import load_model
-    from deepminer.models.checkpoints import weights_sha256
-
-    if not (DEMO / "model.pt").is_file():
-        pytest.skip("model_store/demo/model.pt is not there")
-    assert (DEMO / "domain.pt").is_file(), f"model_store/demo/domain.pt is missing: {REFIT}"
-    domain = DomainModel.load(DEMO / "domain.pt")
-    digest = weights_sha256(load_model(DEMO / "model.pt"))
-    assert domain.weights_sha256 == digest, f"model_store/demo/domain.pt was fitted for other weights: {REFIT}"
-    service = ExplainService.load(DEMO / "model.pt", None)
-    assert service.domain is not None, service.domain_note
-    return service
-
-
-@pytest.mark.slow
-def test_demo_fresh_phantoms_are_in_domain(demo_service, tmp_path):
-    """>= 95% of 40 fresh phantoms (seed 7: the demo was trained on seed 1 and tested on seed 2), 512 px
-    high like its training images."""
-    from deepminer.data.dataset import read_manifest
-    from deepminer.data.phantoms import generate_dataset
-
-    data = generate_dataset(tmp_path / "fresh", 40, 7, 512, splits={"train": 0, "val": 0, "test": 1, "holdout": 0},
-                            jobs=2)
-    verdicts = [demo_service.explain((data / r["image"]).read_bytes()).domain for r in read_manifest(data)]
-    inside = sum(bool(v and v["in_domain"]) for v in verdicts)
-    scores = sorted(round(v["score"], 1) for v in verdicts if v)
-    assert inside >= 0.95 * len(verdicts), f"{inside}/{len(verdicts)} in domain; scores {scores}"
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["astronaut", "coffee", "blank", "noise"])
-def test_demo_natural_photographs_blank_and_noise_are_out_of_domain(demo_service, kind):
-    if kind in ("astronaut", "coffee"):
-        import skimage.data
-
-        pixels = getattr(skimage.data, kind)()  # shipped inside scikit-image
-    elif kind == "blank":
-        pixels = np.zeros((512, 302), np.uint8)
-    else:
-        pixels = np.random.default_rng(0).integers(0, 256, (512, 302), dtype=np.uint8)
-    exp = demo_service.explain(_png(pixels))
-    verdict = exp.domain
-    assert verdict is not None and not verdict["in_domain"], verdict
-    if kind == "blank":
-        # a blank page holds no breast: the tissue rule says so (its max-pooled features alone look
-        # like a phantom with little tissue: docs/domain.md)
-        assert exp.input["tissue_fraction"] == 0 and verdict["reason"].startswith("no breast tissue found")
-    else:
-        assert verdict["score"] > verdict["threshold"], verdict
 
 
 # -- a real TorchServe ----------------------------------------------------------------------------

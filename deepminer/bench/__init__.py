@@ -14,10 +14,12 @@ For each model and each case (a 224 px patch, a 1536 x 908 whole image) the same
   cached image: :data:`~deepminer.options.MAX_ABLATE` units (the most influential on the
   prediction, the largest set a request may silence) zeroed in the float32 unit maps, the head,
   the image rule, the delta per class (the cost does not depend on which units);
-* **domain**: :meth:`deepminer.domain.DomainModel.verdict`, the out-of-domain score the server adds
-  to every answer (``input.domain``), from the explanation's ``unit_max``: the model's own
-  ``domain.pt`` when one lies beside it and matches its weights, else a stand-in of the default
-  shape (:func:`deepminer.domain.stand_in`; the cost depends only on the shapes).
+* **domain**: ``judge`` of the model's own ``domain.pt`` (:func:`deepminer.domain.load_domain`),
+  the out-of-domain verdict the server adds to every answer (``input.domain``): a frozen-trunk guard
+  (its own pass through the frozen layers at the case's side, the tissue mask and the image
+  statistics: hundreds of ms, above the 5 ms target written for the unit-max score) or a unit-max
+  summary (the explanation's ``unit_max``: a matrix product); a stand-in unit-max summary of the
+  default shape when none lies beside the model or it does not match (:func:`deepminer.domain.stand_in`).
 
 Repetitions are interleaved (forward, explain, gradcam, sketch IoU, forward, ...) so machine load
 affects every method alike; medians are reported and every ratio is a ratio of medians.

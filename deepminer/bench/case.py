@@ -15,8 +15,9 @@ from deepminer.models.fcn import FCN
 
 def bench_domain(model: FCN, checkpoint: str | os.PathLike | None = None) -> Any:
     """The out-of-domain summary the ``domain`` step times: the ``domain.pt`` beside the model's
-    ``checkpoint`` when there is one fitted for these weights, else a stand-in."""
-    from deepminer.domain import FILE_NAME, DomainModel, stand_in
+    ``checkpoint`` when there is one for this model (a guard: for its frozen layers; a unit-max
+    summary: for these weights), else a stand-in."""
+    from deepminer.domain import FILE_NAME, load_domain, stand_in
     from deepminer.errors import DeepMinerError
     from deepminer.models.checkpoints import weights_sha256
 
@@ -24,7 +25,7 @@ def bench_domain(model: FCN, checkpoint: str | os.PathLike | None = None) -> Any
         path = Path(checkpoint).parent / FILE_NAME
         if path.is_file():
             try:
-                return DomainModel.load(path, weights_sha256=weights_sha256(model))
+                return load_domain(path, model=model, weights_sha256=weights_sha256(model))
             except DeepMinerError:
                 pass
     return stand_in(int(model.num_units))
@@ -77,7 +78,8 @@ def measure_case(model: FCN, image: np.ndarray, device: torch.device, *, repeats
         "gradcam_ms": lambda: _gradcam(model, x, pred),
         "sketch_iou_ms": lambda: sketch_iou(sketch, maps, thr),
         "ablate_ms": lambda: ablation_from_features(model, feats, silenced, full, None),
-        "domain_ms": lambda: domain.verdict(full.unit_max),
+        # the guard: its own pass through the frozen layers at the case's side, and the tissue mask
+        "domain_ms": lambda: domain.judge(model=model, pixels=image, unit_max=full.unit_max, side=side),
     }
     raw: dict[str, list[float]] = {k: [] for k in steps}
     raw_cpu: dict[str, list[float]] = {k: [] for k in steps}

@@ -119,12 +119,13 @@ class ExplainService:
         self.weights_sha256 = weights_sha256(model)  # the identity labels and atlases are keyed by
         self.cache = ExplanationCache(max_bytes=int(self.settings["cache_mb"]) << 20)
         self._jobs: Any = None  #: the job file, opened on the first request that names a job
-        #: the out-of-domain summary (:class:`deepminer.domain.DomainModel`) or None; ``domain_note``
-        #: says why there is none when a file was refused
+        #: the out-of-domain guard (:class:`deepminer.domain.DomainGuard`, or the older unit-max
+        #: :class:`deepminer.domain.DomainModel`) or None; ``domain_note`` says why there is none when
+        #: a file was refused
         self.domain, self.domain_note = domain, ""
         if domain is not None:
             try:
-                domain.check_model(self.weights_sha256)
+                domain.check_model(self.weights_sha256, model=model)
             except InputError as err:
                 self.domain, self.domain_note = None, str(err)
 
@@ -135,8 +136,9 @@ class ExplainService:
         """Load the model on ``device`` and the atlas thresholds (``atlas_dir`` None: none; sketch
         IoU then thresholds each unit on the image itself). ``domain``: the out-of-domain summary
         file (:mod:`deepminer.domain`); True: the settings' ``domain`` file beside the model when
-        there is one; False/None: none. A file fitted for other weights is refused (a warning in
-        the log, :attr:`domain_note`, ``input.domain`` null), not fatal."""
+        there is one; False/None: none (any kind: :func:`deepminer.domain.load_domain`). A file fitted
+        for other weights (a guard: for other frozen layers) is refused (a warning in the log,
+        :attr:`domain_note`, ``input.domain`` null), not fatal."""
         import torch
 
         from deepminer.models import load_model
@@ -158,10 +160,10 @@ class ExplainService:
             beside = ModelFolder.of(model_file).root / str(settings.get("domain") or model_folder.DOMAIN)
             domain = beside if settings.get("domain") and beside.is_file() else None
         if domain:
-            from deepminer.domain import DomainModel
+            from deepminer.domain import load_domain
 
             try:
-                domain_model = DomainModel.load(domain)
+                domain_model = load_domain(domain)
             except InputError as err:
                 note = str(err)
         service = cls(model, thresholds=thresholds, settings=settings, name=name, version=version, domain=domain_model)
@@ -320,7 +322,11 @@ class ExplainService:
                             ablate=opts.ablate)
         exp.model = {"name": self.name, "version": self.version, **exp.model, "weights_sha256": self.weights_sha256}
         t3 = time.perf_counter()
-        domain = None if self.domain is None else self.domain.verdict(exp.unit_max, tissue)
+        # the guard judges the decoded pixels at the model's own scale (its own pass through the
+        # frozen layers: independent of the explanation's max_side); a unit-max file reads unit_max
+        domain = None if self.domain is None else self.domain.judge(
+            model=self.model, pixels=loaded.pixels, region=region, tissue_fraction=tissue, unit_max=exp.unit_max,
+            spacing_mm=getattr(loaded, "spacing_mm", None))
         exp.input = {**exp.input, "format": loaded.format, "bits_stored": loaded.bits_stored,
                      "tissue_fraction": None if tissue is None else round(tissue, 4), "domain": domain}
         if opts.tissue_mask:  # the region as the wire's PNG (a few KB; ~1 ms at 1024 px)
