@@ -168,3 +168,47 @@ def model_card(metrics: dict) -> str:
               "real mammograms.",
               "- Patch-level classifier run fully convolutionally; the class maps are coarse (stride 32).", ""]
     return "\n".join(lines)
+
+
+def whole_image_section(metrics: dict) -> str:
+    """The model card's section on the whole-image stage (``deepminer train-whole``), from its run's
+    ``metrics.json``: the recipe, the scale and the pooling the checkpoint records, the temperature,
+    the validation metrics before training, per epoch and of the kept model, and the wall times."""
+    cfg, scale, level = metrics["config"], metrics["scale"], metrics["image_level"]
+    data = metrics["data"]
+    mm = scale.get("mm_per_px")
+    lines = ["## Whole-image stage (`deepminer train-whole`)", "",
+             f"Started from the patch model `{cfg['model']}`; trained on WHOLE images of `{cfg['data']}` "
+             f"({data['train_images']} train, {data['val_images']} val; train labels "
+             + ", ".join(f"{c} {n}" for c, n in data["train_labels"].items())
+             + ") with image-level labels only (lesion masks never read).", "",
+             f"- scale: long side {scale['long_side']} px for an image of the data's size"
+             + (f", {mm:.4g} mm per model-input pixel" if mm else "")
+             + f"; breast extent (median sqrt of the breast area) {scale['breast_extent_px']:.1f} px",
+             f"- trained: from `{cfg['train_from']}` on (BatchNorm statistics kept); the frozen trunk's outputs "
+             f"cached ({cfg['flips']} flip variant(s) per training image)",
+             f"- pooling: {level['pool']}, over the breast cells (cells at least half tissue); 3-class "
+             "cross-entropy, classes weighted by 1/frequency",
+             f"- SGD lr {cfg['lr']}, momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}, batch "
+             f"{cfg['batch_size']} images, cosine schedule over {cfg['epochs']} epochs"
+             + (f", patience {cfg['patience']}" if cfg.get("patience") else "")
+             + f"; kept epoch {metrics['best_epoch']} (lowest validation loss)",
+             f"- temperature T = {level['temperature']:.3f} fitted on the validation logits (minimum NLL); "
+             "image probabilities = softmax(pooled logits / T)",
+             f"- wall time: {metrics['seconds']['cache']:.0f} s caching the trunk + {metrics['seconds']['train']:.0f} s "
+             "training",
+             "", "| validation (images) | accuracy | AUC normal | AUC benign | AUC malignant | AUC abnormal | predicted n/b/m |",
+             "|---|---|---|---|---|---|---|"]
+
+    def row(name: str, s: dict) -> str:
+        p = s.get("predicted") or {}
+        return (f"| {name} | {fmt_number(s.get('accuracy'))} | {fmt_number(s.get('auc_normal'))} | "
+                f"{fmt_number(s.get('auc_benign'))} | {fmt_number(s.get('auc_malignant'))} | "
+                f"{fmt_number(s.get('auc_abnormal'))} | {'/'.join(str(p.get(c, 0)) for c in CLASSES)} |")
+
+    lines.append(row("the patch model, before this stage", metrics["initial"]))
+    for e in metrics["history"]:
+        lines.append(row(f"epoch {e['epoch']} (val loss {e['val_loss']:.4f})", e))
+    lines.append(row(f"kept model, after T = {level['temperature']:.3f}", metrics["val"]["after_temperature"]))
+    lines.append("")
+    return "\n".join(lines) + "\n"
