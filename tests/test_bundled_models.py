@@ -56,12 +56,22 @@ def test_bundled_model_loads_with_its_card(name):
     assert model.classes == ("normal", "benign", "malignant")
     assert "phantom" in str(model.meta.get("trained_on", "")).lower()
     card = (folder / "MODEL_CARD.md").read_text()
-    assert "not for clinical use" in card.lower() and "deepminer train" in card
+    assert "not for clinical use" in card.lower() and "deepminer train " in card and "deepminer train-whole" in card
     assert ("--train-from head" in card) == probe and ("linear probe" in card) == probe
     if head == "wildcat":
         assert "maps per class" in card and "validation" in card
+    # two stages: patches (deepminer train), then whole images at the served scale (deepminer train-whole)
     metrics = json.loads((folder / "metrics.json").read_text())
-    assert metrics["config"]["head"] == head and metrics["config"]["data"].endswith("train_s1")
+    assert metrics["patch_stage"]["config"]["head"] == head and metrics["patch_stage"]["config"]["data"].endswith("train_s1")
+    assert metrics["whole_image"]["config"]["data"].endswith("whole_s12_1024")
+    assert model.meta["scale"] == metrics["whole_image"]["scale"] and model.meta["scale"]["long_side"] == 1024
+    level = model.meta["image_level"]
+    assert level["temperature"] == metrics["whole_image"]["image_level"]["temperature"] > 0
+    assert "synthetic phantoms" in model.meta["trained_on"] and "not meaningful on real mammograms" in model.meta["trained_on"]
+    # the recorded test on 200 fresh whole phantoms: every class predicted on some image
+    fresh = metrics["fresh_test"]["metrics"]
+    assert fresh["n"] >= 200 and all(n > 0 for n in fresh["predicted_counts"].values())
+    assert (folder / "reliability.png").is_file() and "reliability.png" in card
     atlas = json.loads((folder / "atlas" / "atlas.json").read_text())
     assert atlas["model"]["num_units"] == len(atlas["units"]) == model.num_units == 1280
     assert atlas["model"]["weights_sha256"] == weights_sha256(model)  # the atlas of these weights

@@ -27,34 +27,33 @@ def test_demo_model_files_and_card():
     assert "not for clinical use" in card.lower()
     assert "deepminer train" in card and "histogram baseline" in card and "--seed" in card
     metrics = json.loads((DEMO / "metrics.json").read_text())
-    fresh = metrics["fresh_test"]
-    assert fresh["auc"]["malignant"] >= 0.85                       # the recorded result (0.868, MODEL_CARD.md)
-    assert fresh["baseline"]["auc"]["malignant"] < fresh["auc"]["malignant"] - 0.1
+    patch = metrics["patch_stage"]["fresh_test"]                  # the patch stage (the start model)
+    assert patch["auc"]["malignant"] >= 0.85                       # the recorded result (0.868, MODEL_CARD.md)
+    assert patch["baseline"]["auc"]["malignant"] < patch["auc"]["malignant"] - 0.1
+    whole = metrics["fresh_test"]["metrics"]                       # the served model on whole images
+    assert whole["abnormal_auc"]["value"] >= 0.95 and whole["auc"]["malignant"]["value"] >= 0.85
 
 
 @pytest.mark.slow
-def test_demo_model_malignant_auc_on_fresh_phantoms(tmp_path):
+def test_demo_model_is_right_on_whole_fresh_phantoms(tmp_path):
+    """What the issue measured as broken (a GAP demo that never predicted normal on a whole image):
+    60 whole phantoms of a seed it never saw, at 1024 px, explained as the server explains them (the
+    model's own scale from the phantoms' recorded spacing), every class predicted, AUCs well above
+    chance (the recorded 200-image test: whole_image.json, MODEL_CARD.md)."""
     from sklearn.metrics import roc_auc_score
 
-    from deepminer.data.patches import PatchDataset, cap_per_class, extract_patches
     from deepminer.data.phantoms import generate_dataset
+    from deepminer.image_eval import predict_images, probability_matrix
     from deepminer.models import load_model
 
     model = load_model(DEMO / "model.pt")
-    meta = model.meta
-    size = 512                  # the phantom size the demo model was trained on (MODEL_CARD.md)
     data = tmp_path / "fresh"
-    generate_dataset(data, 40, FRESH_SEED, size=size, jobs=2)
-    table = extract_patches(data, progress=False)
-    # every lesion patch, and a seeded sample of the (many) normal ones: the AUC is unbiased by it
-    table = cap_per_class(table, 200, seed=0)
-    assert (table.label == "malignant").sum() >= 20
-    ds = PatchDataset(data, table, size=int(meta["patch_size"]))
-    probs = []
-    with torch.no_grad():
-        for i in range(0, len(ds), 64):
-            x = torch.stack([ds[j][0] for j in range(i, min(len(ds), i + 64))])
-            probs.append(torch.softmax(model(x), 1).numpy())
-    p = np.concatenate(probs)
-    auc = roc_auc_score(ds.labels == 2, p[:, 2])
-    assert auc >= 0.85, f"malignant patch AUC {auc:.3f} on fresh phantoms (seed {FRESH_SEED})"
+    generate_dataset(data, 60, FRESH_SEED, size=1024, splits={"train": 0, "val": 0, "test": 1, "holdout": 0}, jobs=2)
+    preds = predict_images(model, data, "test", progress=False)
+    assert all(p["side_rule"].startswith("pixel spacing") for p in preds)
+    y, probs = probability_matrix(preds, model.classes)
+    predicted = set(probs.argmax(1).tolist())
+    assert predicted == {0, 1, 2}, f"classes predicted: {sorted(predicted)}"
+    assert roc_auc_score(y > 0, 1 - probs[:, 0]) >= 0.9
+    assert roc_auc_score(y == 2, probs[:, 2]) >= 0.8
+    assert (probs.argmax(1) == y).mean() >= 0.7
