@@ -171,6 +171,7 @@ class Client:
         self.management_url = (management_url or _next_port(self.url)).rstrip("/")
         self.session = requests.Session()
         self._no_pool: set[str] = set()  #: models whose heavy pool the server does not have (a 404)
+        self._remote: RemoteJobs | None | bool = None  #: the server's jobs API once asked (False: none)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "Client":
@@ -302,27 +303,47 @@ class Client:
         with :meth:`cancel` (the call then raises :class:`ServeError` 409 ``Cancelled``). A call left
         by an exception here (a timeout, Ctrl-C) cancels its job; a killed process stops touching it."""
         opts = _with_methods(options, methods, target)
-        if self.jobs is None and job is None:
+        store = self.job_store
+        if store is None and job is None:
             return Explanation.from_json(self.explain_raw(image, opts.to_json(), explanations=True))
-        if self.jobs is None:
-            raise InputError("job: this client has no job file (pass jobs= or set DEEPMINER_JOBS)")
+        if store is None:
+            raise InputError("job: this client has no job file (pass jobs= or set DEEPMINER_JOBS) and the "
+                             "server offers no jobs API (/jobs)")
         job_id = check_id(job) if job is not None else new_id()
         opts = dataclasses.replace(opts, job=job_id)
-        return Explanation.from_json(_as_job(self.jobs, job_id, group, beat,
+        return Explanation.from_json(_as_job(store, job_id, group, beat,
                                              lambda: self.explain_raw(image, opts.to_json(), explanations=True)))
+
+    @property
+    def job_store(self) -> Any:
+        """Where this client's long jobs live: the job file (:attr:`jobs`, a client on the server's
+        host), else the server's jobs API (:class:`RemoteJobs`: the lab proxy's ``/api/jobs``, asked once
+        whether it is there), else None (no progress, no cancel)."""
+        if self.jobs is not None:
+            return self.jobs
+        if self._remote is None:
+            remote = RemoteJobs(self)
+            offered = remote.offered()
+            if offered is None:  # no answer now: ask again next time
+                return None
+            self._remote = remote if offered else False
+        return self._remote or None
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         """The progress of job ``job_id`` (:meth:`JobStore.get <deepminer.jobs.JobStore.get>`), or None."""
-        return None if self.jobs is None else self.jobs.get(job_id)
+        store = self.job_store
+        return None if store is None else store.get(job_id)
 
     def cancel(self, job_id: str) -> bool:
         """Stop job ``job_id`` at its next step; False when there is no such job running (unknown,
         finished) or no job file: nothing done."""
-        return False if self.jobs is None else self.jobs.cancel(job_id)
+        store = self.job_store
+        return False if store is None else store.cancel(job_id)
 
     def cancel_group(self, group: str) -> int:
         """Stop every running job of ``group`` (e.g. a set run's); how many."""
-        return 0 if self.jobs is None else self.jobs.cancel_group(group)
+        store = self.job_store
+        return 0 if store is None else store.cancel_group(group)
 
     def explain(self, image: bytes | str | os.PathLike, options: ExplainOptions | None = None, *,
                 top_units: int = DEFAULTS["top_units"], unit_maps: str = DEFAULTS["unit_maps"],
@@ -347,6 +368,63 @@ class Client:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class RemoteJobs:
+    """The client side of :class:`~deepminer.jobs.JobStore` (``create``, ``touch``, ``cancel``,
+    ``cancel_group``, ``get``) over the lab proxy's jobs API (``<url>/jobs``, :func:`serve.auth.jobs_api`),
+    for a client on another machine: its jobs are the signed-in user's, in the host's job file. It
+    uses the client's session (its credentials, cookies and certificate) with a short timeout; a
+    heartbeat that fails is skipped (the next one comes 2 s later)."""
+
+    TIMEOUT_S = 10.0
+
+    def __init__(self, client: Client):
+        self.client = client
+        self.url = f"{client.url}/jobs"
+
+    def _call(self, method: str, path: str = "", **kw: Any) -> requests.Response:
+        try:
+            return self.client.session.request(method, self.url + path, timeout=self.TIMEOUT_S, **kw)
+        except (requests.ConnectionError, requests.Timeout) as err:
+            raise ServeUnavailable(f"the jobs API is not reachable at {self.url} ({type(err).__name__})") from None
+
+    def offered(self) -> bool | None:
+        """Whether the server has the jobs API (``GET /jobs`` answers the user's list); None when it
+        does not answer at all."""
+        try:
+            r = self._call("GET")
+        except ServeUnavailable:
+            return None
+        try:
+            return r.status_code == 200 and isinstance(r.json().get("jobs"), list)
+        except (ValueError, AttributeError):
+            return False
+
+    def create(self, job_id: str, *, group: str | None = None) -> None:
+        """``POST /jobs``: the ``queued`` row, ours (:class:`ServeError` when refused, e.g. 409: id taken)."""
+        _body_or_raise(self._call("POST", json={"id": job_id, "group": group}))
+
+    def touch(self, job_id: str) -> None:
+        """``POST /jobs/<id>/heartbeat`` (a failure is skipped: the heartbeat thread goes on)."""
+        try:
+            self._call("POST", f"/{job_id}/heartbeat")
+        except ServeUnavailable:
+            pass
+
+    def cancel(self, job_id: str, reason: str = "cancelled") -> bool:
+        """``DELETE /jobs/<id>``: True when asked to stop; False for an unknown or finished job. (The
+        server records who cancelled it; ``reason`` is the local store's.)"""
+        return self._call("DELETE", f"/{job_id}").status_code == 200
+
+    def cancel_group(self, group: str, reason: str = "cancelled") -> int:
+        """``DELETE /jobs?group=``: how many of our jobs of ``group`` were asked to stop."""
+        return int(_body_or_raise(self._call("DELETE", params={"group": group})).get("cancelled", 0))
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        """``GET /jobs/<id>``: the row, or None (unknown, or another user's)."""
+        r = self._call("GET", f"/{job_id}")
+        return None if r.status_code == 404 else _body_or_raise(r)
 
 
 def _body_or_raise(r: requests.Response) -> dict:

@@ -39,7 +39,7 @@ FINISHED = ("done", "failed", "cancelled")
 _SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, grp TEXT, state TEXT NOT NULL, step TEXT, done INTEGER NOT NULL DEFAULT 0,
     total INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, started REAL, updated REAL NOT NULL,
-    heartbeat REAL, cancel INTEGER NOT NULL DEFAULT 0, reason TEXT, message TEXT)"""
+    heartbeat REAL, cancel INTEGER NOT NULL DEFAULT 0, reason TEXT, message TEXT, owner TEXT)"""
 
 
 class JobCancelled(DeepMinerError):
@@ -88,6 +88,9 @@ class JobStore:
         if not self._ready:
             con.execute("PRAGMA journal_mode=WAL")
             con.execute(_SCHEMA)
+            if "owner" not in {r[1] for r in con.execute("PRAGMA table_info(jobs)")}:  # a file made before owners
+                with contextlib.suppress(sqlite3.OperationalError):  # another process added it just now
+                    con.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
             self._ready = True
         return con
 
@@ -100,15 +103,19 @@ class JobStore:
             con.close()
 
     # -- the client's side ------------------------------------------------------------------------
-    def create(self, job_id: str, *, group: str | None = None) -> None:
+    def create(self, job_id: str, *, group: str | None = None, owner: str | None = None) -> bool:
         """A ``queued`` row for ``job_id`` (its heartbeat now), in ``group`` (e.g. a set run); finished
-        jobs older than :data:`KEEP_S` are forgotten."""
+        jobs older than :data:`KEEP_S` are forgotten. ``owner`` (a signed-in name: the lab's jobs API,
+        :mod:`serve.auth`): only a new id, False (nothing written) when the id is taken; without, a
+        row of that id is replaced (the host's own clients)."""
         now = time.time()
+        verb = "INSERT OR IGNORE" if owner is not None else "INSERT OR REPLACE"
         with self._db() as con:
             con.execute("DELETE FROM jobs WHERE state IN ('done','failed','cancelled') AND updated < ?",
                         (now - KEEP_S,))
-            con.execute("INSERT OR REPLACE INTO jobs (id, grp, state, created, updated, heartbeat) "
-                        "VALUES (?, ?, 'queued', ?, ?, ?)", (job_id, group, now, now, now))
+            cur = con.execute(f"{verb} INTO jobs (id, grp, state, created, updated, heartbeat, owner) "  # noqa: S608 - a fixed verb
+                              "VALUES (?, ?, 'queued', ?, ?, ?, ?)", (job_id, group, now, now, now, owner))
+            return cur.rowcount > 0
 
     def touch(self, job_id: str) -> None:
         """The client still waits for ``job_id`` (its heartbeat now)."""
@@ -123,11 +130,13 @@ class JobStore:
                               "AND state IN ('queued','running') AND cancel = 0", (reason, time.time(), job_id))
             return cur.rowcount > 0
 
-    def cancel_group(self, group: str, reason: str = "cancelled") -> int:
-        """:meth:`cancel` every unfinished job of ``group``; how many were asked to stop."""
+    def cancel_group(self, group: str, reason: str = "cancelled", *, owner: str | None = None) -> int:
+        """:meth:`cancel` every unfinished job of ``group`` (``owner``: only that user's); how many were
+        asked to stop."""
         with self._db() as con:
             cur = con.execute("UPDATE jobs SET cancel = 1, reason = ?, updated = ? WHERE grp = ? "
-                              "AND state IN ('queued','running') AND cancel = 0", (reason, time.time(), group))
+                              "AND state IN ('queued','running') AND cancel = 0 AND (? IS NULL OR owner = ?)",
+                              (reason, time.time(), group, owner, owner))
             return cur.rowcount
 
     def get(self, job_id: str) -> dict[str, Any] | None:

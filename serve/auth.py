@@ -18,6 +18,12 @@
   the (name, address) rule only locks the attacker's own address. Every failure and lock is logged
   with name and address (``var/proxy/logs/auth.log``), never the password.
 
+* **Long jobs for remote clients.** ``/api/jobs`` (:func:`jobs_api`): a client on another machine
+  creates, reads, heartbeats and cancels its long jobs (:mod:`deepminer.jobs`) here, in the host's
+  job file that TorchServe's workers read; each row records its creator (the ``owner`` column), and
+  only that signed-in user may see or touch it. These routes check the session or basic credentials
+  themselves (they do not trust a header).
+
 The service listens on 127.0.0.1 only (a free port, handed to nginx's generated config) and runs in a
 thread of ``python -m serve.proxy run`` (or of the tests' :class:`serve.proxy.Nginx`). Its secret
 (``var/proxy/session.key``, 0600, made once with :func:`secrets.token_bytes`) keeps sessions valid
@@ -28,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import html
+import json
 import logging
 import math
 import os
@@ -42,6 +49,9 @@ from pathlib import Path
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
+from deepminer.errors import InputError
+from deepminer.jobs import FINISHED, JobStore, check_id, new_id
+
 COOKIE = "deepminer_session"
 #: how long a session lasts unless ``DEEPMINER_SESSION_HOURS`` says otherwise
 SESSION_HOURS = 12.0
@@ -49,6 +59,8 @@ SESSION_HOURS = 12.0
 BASIC_CACHE_S = 300.0
 #: where a sign-in form posts and where sign-out is (nginx routes both to this service)
 SIGNIN_PATH, SIGNOUT_PATH = "/signin", "/signout"
+#: the long jobs' API (nginx routes ``/api/jobs...`` here: :func:`jobs_api`)
+JOBS_PATH = "/api/jobs"
 log = logging.getLogger("deepminer.auth")
 
 
@@ -174,6 +186,7 @@ class Authority:
     session_s: float = SESSION_HOURS * 3600
     throttle: Throttle = field(default_factory=Throttle)
     basic_cache_s: float = BASIC_CACHE_S
+    jobs: JobStore | None = None  #: the host's job file, for the jobs API (:func:`jobs_api`); None: not offered
     _revoked: dict[str, float] = field(default_factory=dict)
     _basic: dict[tuple[str, bytes], tuple[str, float]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -251,6 +264,73 @@ class Authority:
         return ok, wait
 
 
+def _error(status: int, kind: str, message: str) -> tuple[int, dict]:
+    return status, {"code": status, "type": kind, "message": message}
+
+
+def jobs_api(store: JobStore | None, user: str, method: str, path: str, query: str = "",
+             body: bytes = b"") -> tuple[int, dict]:
+    """One request of the jobs API of signed-in ``user``: ``(status, JSON body)``. Errors are one line
+    of TorchServe's shape (``{"code", "type", "message"}``); a job of another user is answered as an
+    unknown one (404: its existence is not revealed).
+
+    * ``POST /api/jobs`` (body ``{"id": optional, "group": optional}``): 201 and the new ``queued`` row;
+      409 when the id is taken;
+    * ``GET /api/jobs``: ``{"jobs": [...]}``, the user's, newest first;
+    * ``GET /api/jobs/<id>``: the row (``state``, ``step``, ``done``, ``total``, ``fraction``, ``elapsed_s`` ...);
+    * ``POST /api/jobs/<id>/heartbeat``: the client still waits (``{"id", "state"}``);
+    * ``DELETE /api/jobs/<id>``: cancel (the row); 409 when it has finished already;
+      ``DELETE /api/jobs?group=G``: cancel the user's unfinished jobs of group G (``{"cancelled": n}``)."""
+    if store is None:
+        return _error(404, "NoJobFile", "this proxy has no job file (DEEPMINER_JOBS): long jobs are not offered")
+    parts = path[len(JOBS_PATH):].strip("/").split("/") if path.startswith(JOBS_PATH) else None
+    if parts is None or len(parts) > 2 or (len(parts) == 2 and parts[1] != "heartbeat"):
+        return _error(404, "NotFound", f"no such route: {method} {path}")
+    try:
+        job_id = check_id(parts[0], name="job id") if parts[0] else None
+        if job_id is None:
+            if method == "GET":
+                return 200, {"jobs": [r for r in store.rows() if r.get("owner") == user]}
+            if method == "DELETE":
+                group = urllib.parse.parse_qs(query).get("group", [""])[0]
+                if not group:
+                    return _error(400, "InputError", "DELETE /api/jobs: name the group (?group=...)")
+                return 200, {"cancelled": store.cancel_group(group, f"cancelled by {user}", owner=user)}
+            if method != "POST":
+                return _error(405, "MethodNotAllowed", f"{method} {JOBS_PATH}: use GET, POST or DELETE")
+            try:
+                req = json.loads(body or b"{}")
+            except ValueError:
+                req = None
+            if not isinstance(req, dict):
+                return _error(400, "InputError", "POST /api/jobs: the body is a JSON object ({} will do)")
+            job_id = check_id(req["id"], name="id") if req.get("id") is not None else new_id()
+            group = req.get("group")
+            if group is not None and not isinstance(group, str):
+                return _error(400, "InputError", "group: a string")
+            if not store.create(job_id, group=group, owner=user):
+                return _error(409, "JobExists", f"job {job_id} exists already: choose another id")
+            return 201, store.get(job_id) or {}
+    except InputError as err:
+        return _error(400, "InputError", str(err))
+    row = store.get(job_id)
+    if row is None or row.get("owner") != user:
+        return _error(404, "JobNotFound", f"no job {job_id} of yours")
+    if len(parts) == 2:
+        if method != "POST":
+            return _error(405, "MethodNotAllowed", "heartbeat: use POST")
+        store.touch(job_id)
+        return 200, {"id": job_id, "state": row["state"]}
+    if method == "GET":
+        return 200, row
+    if method != "DELETE":
+        return _error(405, "MethodNotAllowed", f"{method} {JOBS_PATH}/<id>: use GET or DELETE")
+    if not store.cancel(job_id, f"cancelled by {user}"):
+        state = row["state"] if row["state"] in FINISHED else "cancelled already"
+        return _error(409, "JobFinished", f"job {job_id} is over ({state}): nothing to cancel")
+    return 200, store.get(job_id) or row
+
+
 def _cookie(value: str, max_age: int) -> str:
     return f"{COOKIE}={value}; Path=/; Max-Age={max_age}; HttpOnly; Secure; SameSite=Lax"
 
@@ -319,8 +399,44 @@ def make_handler(authority: Authority) -> type[BaseHTTPRequestHandler]:
                 return None
             return jar[COOKIE].value if COOKIE in jar else None
 
+        def _who(self) -> tuple[str | None, float, str | None]:
+            """(the signed-in name or None, seconds a throttled client must wait, a new session cookie)."""
+            if (token := self._session_token()) and (name := authority.session_user(token)):
+                return name, 0.0, None
+            creds = _basic_credentials(self.headers.get("Authorization", ""))
+            if creds is None:
+                return None, 0.0, None
+            ok, wait = authority.check_basic(*creds, self.addr)
+            if ok:  # a client that keeps cookies presents the session next time (no password check)
+                return creds[0], 0.0, _cookie(authority.new_session(creds[0]), int(authority.session_s))
+            return None, wait, None
+
+        def _jobs(self, method: str) -> None:
+            path, _, query = self.path.partition("?")
+            size = int(self.headers.get("Content-Length") or 0)
+            if size > 16384:
+                self.close_connection = True
+                return self._send(413)
+            body = self.rfile.read(size)
+            name, wait, _ = self._who()  # again here (nginx asked /check too): no header is trusted
+            if name is None:
+                status, answer = _error(401, "Unauthorized", "Sign in: a session cookie, or the name and "
+                                        "password (HTTP basic).")
+                if wait > 0:
+                    status, answer = _error(429, "TooManyRequests", "Too many failed sign-ins: wait and try again.")
+            else:
+                status, answer = jobs_api(authority.jobs, name, method, path, query, body)
+            self._send(status, json.dumps(answer).encode(), content_type="application/json")
+
+        def do_DELETE(self) -> None:  # noqa: N802 - the stdlib's name
+            if self.path.startswith(JOBS_PATH):
+                return self._jobs("DELETE")
+            self._send(404)
+
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
             path, _, query = self.path.partition("?")
+            if path.startswith(JOBS_PATH):
+                return self._jobs("GET")
             if path == "/check":  # nginx's auth_request
                 return self._check()
             if path == SIGNOUT_PATH:
@@ -332,20 +448,16 @@ def make_handler(authority: Authority) -> type[BaseHTTPRequestHandler]:
             self._form(401, "Sign in to continue.", _safe_next(nxt))
 
         def _check(self) -> None:
-            if (token := self._session_token()) and (name := authority.session_user(token)):
-                return self._send(204, headers={"X-Auth-User": name})
-            creds = _basic_credentials(self.headers.get("Authorization", ""))
-            if creds is None:
-                return self._send(401)
-            ok, wait = authority.check_basic(*creds, self.addr)
-            if ok:  # a client that keeps cookies presents the session next time (no password check)
-                cookie = _cookie(authority.new_session(creds[0]), int(authority.session_s))
-                return self._send(204, headers={"X-Auth-User": creds[0], "Set-Cookie": cookie})
+            name, wait, cookie = self._who()
+            if name is not None:
+                return self._send(204, headers={"X-Auth-User": name, **({"Set-Cookie": cookie} if cookie else {})})
             if wait > 0:  # nginx turns this 403 into 429 + Retry-After (auth_request passes 401/403 only)
                 return self._send(403, headers={"Retry-After": str(math.ceil(wait))})
             return self._send(401)
 
         def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            if self.path.startswith(JOBS_PATH):
+                return self._jobs("POST")
             if self.path.partition("?")[0] != SIGNIN_PATH:
                 return self._send(404)
             size = int(self.headers.get("Content-Length") or 0)
@@ -371,11 +483,12 @@ class AuthServer:
     """The service on 127.0.0.1 (``port`` 0: a free one) in a daemon thread."""
 
     def __init__(self, users_file: Path, secret_file: Path, *, port: int = 0, log_file: Path | None = None,
-                 session_hours: float | None = None, rules: tuple[Rule, ...] = RULES):
+                 session_hours: float | None = None, rules: tuple[Rule, ...] = RULES,
+                 jobs: Path | None = None):
         hours = session_hours if session_hours is not None else float(
             os.environ.get("DEEPMINER_SESSION_HOURS", SESSION_HOURS))
         self.authority = Authority(Users(users_file), load_secret(secret_file), session_s=hours * 3600,
-                                   throttle=Throttle(rules))
+                                   throttle=Throttle(rules), jobs=JobStore(jobs) if jobs else None)
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), make_handler(self.authority))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]

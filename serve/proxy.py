@@ -11,7 +11,8 @@ the workbench (Streamlit) and the inference API (TorchServe), both of which stay
   is replaced), and the workbench takes the annotator from it;
 * ``/`` -> the workbench (WebSockets forwarded), ``/api/`` -> TorchServe's inference port (the proxy
   adds TorchServe's bearer key, kept current from ``key_file.json``); management, metrics and gRPC
-  are not proxied;
+  are not proxied; ``/api/jobs`` -> the sign-in service's long-jobs API (:func:`serve.auth.jobs_api`:
+  a remote client's progress, heartbeat and cancel in the host's job file);
 * one upload limit (:data:`serve.launch.UPLOAD_LIMIT_MB`, the same in Streamlit and TorchServe) with
   one message, and a per-client request rate limit.
 
@@ -36,6 +37,7 @@ from typing import Any
 
 from deepminer.atomic import atomic_file
 from deepminer.client import HEAVY_SUFFIX
+from serve.auth import JOBS_PATH
 from serve.launch import UPLOAD_LIMIT_MB, USER_HEADER, upload_limit_message
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +102,7 @@ class ProxyConfig:
     burst: int = BURST
     heavy_pool: bool = True  #: /api/explanations/<model> goes to the model's heavy pool (deepminer.client.heavy_pool)
     auth_port: int = 0  #: the sign-in service (serve/auth.py) on 127.0.0.1; 0: a free one when started
+    jobs: Path | None = None  #: the host's job file (DEEPMINER_JOBS) for /api/jobs; None: the API says it has none
 
     def __post_init__(self) -> None:
         self.work = Path(self.work).resolve()
@@ -236,6 +239,14 @@ http {{
             default_type application/json; return 429 {_q(throttled)};
         }}
 
+        # long jobs of remote clients (create, progress, heartbeat, cancel): the sign-in service's
+        # jobs API on the host's job file; it checks the session or credentials again itself
+        location {JOBS_PATH} {{
+            {signed_in}
+            error_page 401 = @unauthorized;
+{headers}            proxy_set_header X-Real-IP $remote_addr;
+            proxy_pass http://127.0.0.1:{cfg.auth_port};
+        }}
         # the inference API (TorchServe's inference port only; management and metrics stay unproxied)
         location /api/ {{
             {signed_in}
@@ -320,7 +331,7 @@ class Nginx:
 
         self.cfg.logs.mkdir(parents=True, exist_ok=True)
         self.auth = AuthServer(self.cfg.users_file, self.cfg.secret_file, port=self.cfg.auth_port,
-                               log_file=self.cfg.logs / "auth.log").start()
+                               log_file=self.cfg.logs / "auth.log", jobs=self.cfg.jobs).start()
         self.cfg.auth_port = self.auth.port
         prepare(self.cfg)
         out = None if foreground_io else subprocess.DEVNULL
@@ -393,6 +404,8 @@ def config_from_env(env: dict[str, str] | None = None) -> ProxyConfig:
         upload_mb=int(env.get("DEEPMINER_UPLOAD_MB", str(UPLOAD_LIMIT_MB))),
         auth_port=int(env.get("DEEPMINER_AUTH_PORT", "0")),
         heavy_pool=env.get("DEEPMINER_HEAVY_POOL", "1") != "0",
+        # the workers' job file (scripts/serve.sh's default), for remote clients' long jobs
+        jobs=Path(env.get("DEEPMINER_JOBS") or ROOT / "var" / "jobs.sqlite"),
     )
 
 
@@ -422,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"proxy: error: {err}", file=sys.stderr)
         return 1
     print(f"proxy: https on {cfg.host}:{cfg.port} (users: {cfg.users_file}; certificate: {cfg.cert}; "
-          f"sign-in service on 127.0.0.1:{cfg.auth_port}, log {cfg.logs / 'auth.log'})", flush=True)
+          f"sign-in service on 127.0.0.1:{cfg.auth_port}, log {cfg.logs / 'auth.log'}; jobs: {cfg.jobs})", flush=True)
     stop = {"now": False}
 
     def _stop(*_: object) -> None:
