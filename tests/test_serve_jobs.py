@@ -197,3 +197,124 @@ def test_a_killed_client_frees_the_worker(server, client, tmp_path):
     assert row["state"] == "cancelled" and "stopped waiting" in row["message"], row
     assert gone_s < HEARTBEAT_S + 5, gone_s
     assert predict_s < 2.0, predict_s
+
+
+# -- remote clients: through the lab's nginx and sign-in service (/api/jobs, serve/auth.py) -------------
+
+PASSWORDS = {"alice": "alice password 1", "bob": "bobs password 22"}
+
+
+@pytest.fixture(scope="module")
+def lab(server):
+    """nginx (TLS, sign-in) in front of this module's TorchServe, its sign-in service on the server's
+    job file: a client on another machine (no job file) reaches the jobs only through ``/api/jobs``."""
+    import shutil
+    import tempfile
+
+    from deepminer.commands import users as users_cmd
+    from serve.launch import free_port
+    from serve.proxy import Nginx, ProxyConfig
+
+    if not (shutil.which("nginx") or Path("/usr/sbin/nginx").is_file()):
+        pytest.fail("Debian nginx is missing: run `bash scripts/setup.sh` (as root) first")
+    work = Path(tempfile.mkdtemp(prefix="deepminer-jobs-proxy-"))
+    os.chmod(work, 0o711)  # nginx started as root runs its workers as nobody
+    users_cmd.write_users(work / "users", {n: users_cmd.hash_password(p, rounds=4) for n, p in PASSWORDS.items()})
+    nginx = Nginx(ProxyConfig(ui_port=free_port(), inference_port=server.ports["inference"], port=free_port(),
+                              host="127.0.0.1", work=work, users_file=work / "users", heavy_pool=False,
+                              jobs=server.jobs_path)).start()
+    yield nginx
+    nginx.stop()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _remote(lab, name: str) -> Client:
+    c = Client(lab.url + "/api", model=MODEL, timeout=300)  # no job file: another machine
+    c.session.auth, c.session.verify, c.session.trust_env = (name, PASSWORDS[name]), False, False
+    return c
+
+
+def test_a_remote_client_sees_progress_and_cancels_through_the_proxy(lab, client):
+    import requests
+    import urllib3
+
+    urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+    alice, bob = _remote(lab, "alice"), _remote(lab, "bob")
+    assert alice.jobs is None
+    job = new_id()
+    t, out = _run(alice, breast_png(1024, 768, seed=7), job)
+    seen = set()
+
+    def progressed() -> bool:
+        row = alice.job(job) or {}
+        if row.get("state") == "running":
+            seen.add(row["done"])
+        return row.get("done", 0) >= 3
+
+    _wait_for(progressed, 120, poll=0.2)
+    assert len(seen) >= 2, seen  # the progress advanced, read through the proxy
+    assert client.job(job)["owner"] == "alice"  # the host's job file: the remote client's row
+    # another user, and nobody: nothing to see or cancel
+    assert bob.job(job) is None and bob.cancel(job) is False
+    for auth in (None, ("alice", "not the password")):
+        r = requests.get(f"{lab.url}/api/jobs/{job}", auth=auth, verify=False, timeout=10)
+        assert r.status_code == 401 and r.json()["type"] == "Unauthorized", r.text
+        r = requests.delete(f"{lab.url}/api/jobs/{job}", auth=auth, verify=False, timeout=10)
+        assert r.status_code == 401
+    r = requests.delete(f"{lab.url}/api/jobs/{job}", auth=("bob", PASSWORDS["bob"]), verify=False, timeout=10)
+    assert r.status_code == 404 and r.json()["type"] == "JobNotFound"
+    assert client.job(job)["state"] == "running"
+    t_cancel = time.perf_counter()
+    assert alice.cancel(job) is True
+    client.explain(breast_png(256, 192, seed=0))  # the same (only) worker, directly
+    freed_s = time.perf_counter() - t_cancel
+    t.join(60)
+    err = out.get("err")
+    assert isinstance(err, ServeError) and err.status == 409 and err.type == "Cancelled", out
+    row = alice.job(job)
+    print(f"\nremote cancel through the proxy -> job answered 409 in {out['t'] - t_cancel:.2f} s, /predictions "
+          f"by the same worker {freed_s:.2f} s after the cancel; stopped after {row['done']} of {row['total']} steps")
+    assert row["state"] == "cancelled" and freed_s < 4.0, (row, freed_s)
+    assert alice.cancel(job) is False
+
+
+_REMOTE_CLIENT = """
+import sys
+from deepminer.client import Client
+from deepminer.options import ExplainOptions
+sys.path.insert(0, {tests!r})
+from modelfixtures import breast_png
+c = Client({url!r}, model={model!r}, timeout=300)
+c.session.auth, c.session.verify, c.session.trust_env = ("alice", {password!r}), False, False
+c.explain_methods(breast_png(2048, 1536, seed=8), {methods!r}, job={job!r}, options=ExplainOptions.build(max_side=2048))
+print("finished")
+"""
+
+
+def test_a_killed_remote_client_frees_the_worker(lab, client, tmp_path):
+    job = new_id()
+    script = tmp_path / "remote_client.py"
+    script.write_text(_REMOTE_CLIENT.format(tests=os.path.dirname(__file__), url=lab.url + "/api", model=MODEL,
+                                            password=PASSWORDS["alice"], methods=HEAVY, job=job))
+    env = {k: v for k, v in os.environ.items() if k != "DEEPMINER_JOBS"}
+    proc = subprocess.Popen([sys.executable, str(script)], env={**env, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: (client.job(job) or {}).get("done", 0) >= 2, 120)
+        beat = client.job(job)["heartbeat"]
+        _wait_for(lambda: client.job(job)["heartbeat"] > beat, 10)  # heartbeats arrive through the proxy
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    assert client.job(job)["owner"] == "alice"
+    t_kill = time.perf_counter()
+    row = _wait_for(lambda: (r := client.job(job)) and r["state"] != "running" and r, HEARTBEAT_S + 30)
+    gone_s = time.perf_counter() - t_kill
+    t0 = time.perf_counter()
+    client.explain(breast_png(256, 192, seed=0))
+    predict_s = time.perf_counter() - t0
+    print(f"\nremote client killed -> job stopped in {gone_s:.2f} s (heartbeat limit {HEARTBEAT_S} s), then "
+          f"/predictions in {predict_s * 1000:.0f} ms; stopped after {row['done']} of {row['total']} steps")
+    assert row["state"] == "cancelled" and "stopped waiting" in row["message"], row
+    assert gone_s < HEARTBEAT_S + 5, gone_s
+    assert predict_s < 2.0, predict_s
