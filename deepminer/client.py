@@ -161,7 +161,8 @@ class Client:
         from deepminer.jobs import JobStore
 
         #: the server's job file (:mod:`deepminer.jobs`; ``jobs`` or ``DEEPMINER_JOBS``), or None: a
-        #: client on another host sends no job ids (no progress, no cancel, a job outlives its client)
+        #: client on another host then uses the lab proxy's jobs API when the server has it
+        #: (:attr:`job_store`); without either it sends no job ids (no progress, no cancel)
         self.jobs = JobStore(jobs) if jobs else None
         self.url = url.rstrip("/")
         self.model = model
@@ -297,7 +298,8 @@ class Client:
         other options; ``methods``/``target`` given here win. Unknown names are refused before sending.
 
         A long job (:mod:`deepminer.jobs`) when the client knows the server's job file
-        (:attr:`jobs`): under ``job`` (None: a fresh id), in ``group``; its row is written before
+        (:attr:`jobs`), or, on another machine, the server offers the lab proxy's jobs API
+        (:attr:`job_store`, :class:`RemoteJobs`): under ``job`` (None: a fresh id), in ``group``; its row is written before
         sending and touched while waiting (``beat`` False: the caller touches it,
         :meth:`JobStore.touch <deepminer.jobs.JobStore.touch>`); read it with :meth:`job`, stop it
         with :meth:`cancel` (the call then raises :class:`ServeError` 409 ``Cancelled``). A call left
@@ -409,7 +411,7 @@ class RemoteJobs:
         """``POST /jobs/<id>/heartbeat`` (a failure is skipped: the heartbeat thread goes on)."""
         try:
             self._call("POST", f"/{job_id}/heartbeat")
-        except ServeUnavailable:
+        except (ServeUnavailable, requests.RequestException):
             pass
 
     def cancel(self, job_id: str, reason: str = "cancelled") -> bool:

@@ -183,6 +183,9 @@ def test_the_jobs_command_lists_shows_and_cancels(store, capsys):
     assert job in out and done not in out and "running" in out and "0/5 steps" in out
     assert main([*f, "list", "--all"]) == 0
     assert done in capsys.readouterr().out
+    remote = new_id()
+    assert store.create(remote, owner="alice") and not store.create(remote, owner="bob")  # the jobs API's rows
+    assert main([*f, "show", remote]) == 0 and "by alice" in capsys.readouterr().out
     assert main([*f, "cancel", job]) == 0
     assert store.get(job)["cancel"] == 1
     assert main([*f, "cancel", job]) == 2  # asked already: nothing to cancel
@@ -190,3 +193,22 @@ def test_the_jobs_command_lists_shows_and_cancels(store, capsys):
     assert main([*f, "cancel", "no-such-job"]) == 2
     err = capsys.readouterr().err
     assert f"job {done} is done: nothing to cancel" in err and "no job 'no-such-job'" in err
+
+
+def test_a_job_file_made_before_owners_gets_the_column(tmp_path):
+    """A job file written by an older version (no ``owner`` column) is upgraded when it is opened."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, grp TEXT, state TEXT NOT NULL, step TEXT, done INTEGER "
+                "NOT NULL DEFAULT 0, total INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, started REAL, "
+                "updated REAL NOT NULL, heartbeat REAL, cancel INTEGER NOT NULL DEFAULT 0, reason TEXT, message TEXT)")
+    now = time.time()  # (a finished job older than a day would be forgotten by create)
+    con.execute("INSERT INTO jobs (id, state, created, updated) VALUES ('oldjob01', 'done', ?, ?)", (now, now))
+    con.commit()
+    con.close()
+    store = JobStore(path)
+    job = new_id()
+    assert store.create(job, owner="alice")
+    assert store.get(job)["owner"] == "alice" and store.get("oldjob01")["owner"] is None

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _line(row: dict) -> str:
     started = dt.datetime.fromtimestamp(row["created"]).strftime("%Y-%m-%d %H:%M:%S")
     return (f"{row['id']}  {row['state']:<9}  {row['step'] or '-':<20}  {row['done']}/{row['total']} steps  "
-            f"{row['elapsed_s']:.1f} s  {started}" + (f"  ({row['message']})" if row.get("message") else ""))
+            f"{row['elapsed_s']:.1f} s  {started}" + (f"  by {row['owner']}" if row.get("owner") else "")
+            + (f"  ({row['message']})" if row.get("message") else ""))
 
 
 def run(args: argparse.Namespace) -> int:
