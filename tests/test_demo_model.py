@@ -1,12 +1,10 @@
-"""The bundled demo model: it loads, is small, and separates malignant patches on fresh phantoms."""
+"""The bundled demo model: it loads, is small, records both stages, and is right on whole fresh phantoms."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "model_store" / "demo"
