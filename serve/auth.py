@@ -304,13 +304,13 @@ def jobs_api(store: JobStore | None, user: str, method: str, path: str, query: s
                 req = None
             if not isinstance(req, dict):
                 return _error(400, "InputError", "POST /api/jobs: the body is a JSON object ({} will do)")
-            job_id = check_id(req["id"], name="id") if req.get("id") is not None else new_id()
-            group = req.get("group")
-            if group is not None and not isinstance(group, str):
+            new: str = check_id(req["id"], name="id") if req.get("id") is not None else new_id()
+            in_group = req.get("group")
+            if in_group is not None and not isinstance(in_group, str):
                 return _error(400, "InputError", "group: a string")
-            if not store.create(job_id, group=group, owner=user):
-                return _error(409, "JobExists", f"job {job_id} exists already: choose another id")
-            return 201, store.get(job_id) or {}
+            if not store.create(new, group=in_group, owner=user):
+                return _error(409, "JobExists", f"job {new} exists already: choose another id")
+            return 201, store.get(new) or {}
     except InputError as err:
         return _error(400, "InputError", str(err))
     row = store.get(job_id)
