@@ -317,7 +317,7 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
     from deepminer.model_scale import breast_extent
     from deepminer.models import save_model
     from deepminer.runtime import resolve_device
-    from deepminer.data.dataset import pixel_spacing
+    from deepminer.data.dataset import describe_dataset, pixel_spacing
     from deepminer.defaults import PROBE
     from deepminer.metrics import fit_temperature
     from deepminer.trunk import freeze_before, split_features
@@ -434,8 +434,7 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
     }
     start_meta = dict(model.meta)
     meta = {**{k: v for k, v in start_meta.items() if k in ("data", "patch_size", "image_width", "seed")},
-            "trained_on": (f"synthetic phantoms only ({cfg.data}); whole images at long side {cfg.long_side} px "
-                           "from a patch model; not meaningful on real mammograms"),
+            "trained_on": describe_dataset(cfg.data),  # what the UI and the API say next to every answer
             "scale": scale, "image_level": image_level, "whole_image": {
                 "start_model": cfg.model, "config": asdict(cfg), "best_epoch": best_epoch,
                 "val": metrics["val"]["after_temperature"], "seconds": metrics["seconds"]},

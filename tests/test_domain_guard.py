@@ -138,13 +138,26 @@ def demo():
 
 
 def _judge(model, guard: DomainGuard, data: bytes) -> dict:
-    """The server's path: decode, tissue mask, the guard at the model's own scale."""
+    """The server's path: decode, tissue mask, the guard at the model's own scale (the file's pixel
+    spacing when it has one, else the breast's extent)."""
     from deepminer.data.io import load_image
     from deepminer.data.tissue import tissue_region
 
     loaded = load_image(data)
     _, fraction, region = tissue_region(loaded.pixels)
-    return guard.judge(model=model, pixels=loaded.pixels, region=region, tissue_fraction=fraction)
+    return guard.judge(model=model, pixels=loaded.pixels, region=region, tissue_fraction=fraction,
+                       spacing_mm=loaded.spacing_mm)
+
+
+def _side(model, data: bytes) -> int:
+    """The long side the model's own scale gives this file (deepminer.model_scale.input_side)."""
+    from deepminer.data.io import load_image
+    from deepminer.data.tissue import tissue_region
+    from deepminer.model_scale import input_side
+
+    loaded = load_image(data)
+    _, _, region = tissue_region(loaded.pixels)
+    return input_side(model, *loaded.pixels.shape, spacing_mm=loaded.spacing_mm, tissue=region)[0]
 
 
 def test_the_bundled_models_share_their_frozen_layers_and_guards():
@@ -178,9 +191,12 @@ def test_fresh_phantoms_of_every_size_are_in_domain(demo, size):
     from deepminer.commands.domain_fit import phantom_image
 
     model, guard = demo
-    verdicts = [_judge(model, guard, phantom_image(FRESH_SEED, 1000 + i, size)) for i in range(4)]
+    files = [phantom_image(FRESH_SEED, 1000 + i, size) for i in range(4)]
+    verdicts = [_judge(model, guard, data) for data in files]
     assert all(v["in_domain"] for v in verdicts), verdicts
-    assert all(v["side"] == min(size, 1024) for v in verdicts)  # no recorded scale: long side <= 1024
+    # judged at the model's own scale (its recorded 1024 px long side), whatever the generator's size
+    assert [v["side"] for v in verdicts] == [_side(model, data) for data in files]
+    assert all(0.75 * 1024 <= v["side"] <= 1.25 * 1024 for v in verdicts), verdicts
 
 
 @pytest.mark.slow
@@ -214,7 +230,8 @@ def test_the_service_answers_the_guards_verdict(demo):
     assert isinstance(service.domain, DomainGuard), service.domain_note
     opts = ExplainOptions.build(unit_maps="none", max_side=256)  # the guard ignores the explanation's size
     phantom = service.explain(phantom_image(FRESH_SEED, 3000, 768), opts)
-    assert phantom.domain["in_domain"] and phantom.domain["method"] == GUARD_METHOD and phantom.domain["side"] == 768
+    assert phantom.domain["in_domain"] and phantom.domain["method"] == GUARD_METHOD
+    assert phantom.domain["side"] == _side(model, phantom_image(FRESH_SEED, 3000, 768))  # the model's scale
     assert phantom.domain == _judge(model, guard, phantom_image(FRESH_SEED, 3000, 768))
     chest = service.explain(domainkinds.body_part("chest"), opts)
     assert not chest.domain["in_domain"] and "domain" in chest.timing_ms
@@ -233,8 +250,9 @@ def test_domain_fit_writes_a_guard_and_reuses_its_features(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "fitted on 6 fresh phantoms of sizes 128,160" in err and "99.5th percentile of their 3-fold" in err
     a = load_domain(tmp_path / "a.pt")
-    assert isinstance(a, DomainGuard) and a.fit["sizes"] == [128, 160] and a.fit["sides"] == {"128": [128, 128],
-                                                                                               "160": [160, 160]}
+    assert isinstance(a, DomainGuard) and a.fit["sizes"] == [128, 160] and set(a.fit["sides"]) == {"128", "160"}
+    # the phantoms judged at the model's scale (long side 1024 by the breast's extent), not at their 128/160 px
+    assert all(0.75 * 1024 <= lo <= hi <= 1.25 * 1024 for lo, hi in a.fit["sides"].values()), a.fit["sides"]
     assert not a.fit["features_cached"]
     # a second model with the same frozen layers: the cached features, no forward pass
     assert main([*argv, "--model", str(STORE / "demo" / "model.pt"), "--out", str(tmp_path / "b.pt")]) == 0

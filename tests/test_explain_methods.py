@@ -209,7 +209,14 @@ def test_client_explain_methods_posts_multipart_to_explanations(monkeypatch):
     urls: list[str] = []
     has_pool = {"value": True}
 
+    probes: list[str] = []
+
     def fake(self, method, url, **kw):
+        if url.endswith("/jobs"):  # the remote jobs API (the lab's sign-in service): not on this server
+            probes.append(url)
+            missing = _Answer({"code": 404, "type": "NotFound", "message": "no such route"})
+            missing.status_code = 404
+            return missing
         sent.update(method=method, url=url, **kw)
         urls.append(url)
         if url.endswith("-heavy") and not has_pool["value"]:
@@ -224,6 +231,7 @@ def test_client_explain_methods_posts_multipart_to_explanations(monkeypatch):
                                  options=ExplainOptions(top_units=2, max_side=256))
     # explanations go to the model's heavy-work pool (docs/serving.md)...
     assert (sent["method"], urls) == ("POST", ["http://127.0.0.1:9/explanations/tiny-heavy"])
+    assert probes == ["http://127.0.0.1:9/jobs"]  # asked once whether the server keeps jobs (it does not)
     first = dict(sent)
     # ...and to the model itself on a server without pools, from then on without asking again
     has_pool["value"] = False

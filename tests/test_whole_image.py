@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deepminer import CLASSES
-from deepminer.data.dataset import write_manifest
+from deepminer.data.dataset import SYNTHETIC_PHANTOMS, write_manifest
 from deepminer.data.io import png16
 from deepminer.errors import InputError
 from deepminer.explain.engine import explain_image, image_probabilities
@@ -95,7 +95,7 @@ def test_the_checkpoint_records_its_scale_pooling_and_temperature(trained):
     assert scale["long_side"] == H and scale["mm_per_px"] == pytest.approx(0.5)
     assert 0 < scale["breast_extent_px"] < H
     assert level["temperature"] == pytest.approx(metrics["image_level"]["temperature"]) and level["temperature"] > 0
-    assert "synthetic" in model.meta["trained_on"] or "phantom" in model.meta["trained_on"] or model.meta["trained_on"]
+    assert model.meta["trained_on"] == SYNTHETIC_PHANTOMS  # the data folder is a phantom set (phantoms.json)
     # the frozen layers did not move
     start = load_model(root / "patch.pt")
     assert torch.equal(start.features.block1[0].weight, model.features.block1[0].weight)
