@@ -86,7 +86,7 @@ class JobStore:
                 pass
         con = sqlite3.connect(self.path, timeout=10, isolation_level=None)
         if not self._ready:
-            con.execute("PRAGMA journal_mode=WAL")
+            _wal(con)
             con.execute(_SCHEMA)
             if "owner" not in {r[1] for r in con.execute("PRAGMA table_info(jobs)")}:  # a file made before owners
                 with contextlib.suppress(sqlite3.OperationalError):  # another process added it just now
@@ -262,3 +262,20 @@ def heartbeat(store: JobStore, job_id: str, every_s: float = HEARTBEAT_EVERY_S,
         yield
     finally:
         stop.set()
+
+
+def _wal(con: sqlite3.Connection, *, tries: int = 100) -> None:
+    """Put the file in WAL mode once (readers never wait for the writer). Switching needs a moment
+    alone with the file and SQLite answers "database is locked" at once, without its busy timeout,
+    while another process holds it: read the mode first (a file already in WAL is left alone) and
+    retry the switch for up to ~10 s."""
+    for attempt in range(tries):
+        try:
+            if str(con.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+                return
+            con.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or attempt == tries - 1:
+                raise
+            time.sleep(0.1)
