@@ -39,7 +39,7 @@ class IntegratedGradients(SaliencyMethod):
 
     name = "integrated_gradients"
 
-    def __init__(self, model: FCN, steps: int = 32, batch: int = 8):
+    def __init__(self, model: FCN, steps: int = 32, batch: int = 4):
         super().__init__(model)
         self.steps, self.batch = int(steps), int(batch)
 
@@ -60,7 +60,7 @@ class SmoothGrad(SaliencyMethod):
 
     name = "smoothgrad"
 
-    def __init__(self, model: FCN, samples: int = 16, noise: float = 0.15, batch: int = 8,
+    def __init__(self, model: FCN, samples: int = 16, noise: float = 0.15, batch: int = 4,
                  seed: int = 0):
         super().__init__(model)
         self.samples, self.noise, self.batch, self.seed = int(samples), float(noise), int(batch), int(seed)
