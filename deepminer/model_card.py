@@ -170,6 +170,24 @@ def model_card(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _unit_layer_lines(metrics: dict) -> list[str]:
+    """The unit layer's activation and output stride, when the run set them (``--unit-activation``,
+    ``--serve-output-stride``)."""
+    cfg, unit = metrics["config"], metrics.get("unit_layer") or {}
+    out = []
+    if cfg.get("unit_activation"):
+        out.append(f"- unit layer activation: {cfg['unit_activation']} (trained with it"
+                   + ("; EfficientNet-Lite's ReLU6 cap lifted, so the strongest units are not clipped and the "
+                      "CAM peaks on the lesion rather than forming a plateau around it)" if cfg["unit_activation"] == "relu"
+                      else ")"))
+    at = metrics["val"].get("at_training_stride")
+    if cfg.get("serve_output_stride") and at:
+        out.append(f"- output stride: trained at {at['output_stride']} (cached trunk), served at "
+                   f"{unit.get('output_stride')} (the last stride-2 step removed, later convolutions dilated: the "
+                   "same weights on a map twice as fine in each direction; DeepLab's train-coarse, serve-fine)")
+    return out
+
+
 def whole_image_section(metrics: dict) -> str:
     """The model card's section on the whole-image stage (``deepminer train-whole``), from its run's
     ``metrics.json``: the recipe, the scale and the pooling the checkpoint records, the temperature,
@@ -193,8 +211,10 @@ def whole_image_section(metrics: dict) -> str:
              f"{cfg['batch_size']} images, cosine schedule over {cfg['epochs']} epochs"
              + (f", patience {cfg['patience']}" if cfg.get("patience") else "")
              + f"; kept epoch {metrics['best_epoch']} (lowest validation loss)",
-             f"- temperature T = {level['temperature']:.3f} fitted on the validation logits (minimum NLL); "
-             "image probabilities = softmax(pooled logits / T)",
+             *_unit_layer_lines(metrics),
+             f"- temperature T = {level['temperature']:.3f} fitted on the validation logits (minimum NLL)"
+             + (" at the served output stride" if (metrics["val"].get("at_training_stride") or None) else "")
+             + "; image probabilities = softmax(pooled logits / T)",
              f"- wall time: {metrics['seconds']['cache']:.0f} s caching the trunk + {metrics['seconds']['train']:.0f} s "
              "training",
              "", "| validation (images) | accuracy | AUC normal | AUC benign | AUC malignant | AUC abnormal | predicted n/b/m |",
@@ -209,6 +229,11 @@ def whole_image_section(metrics: dict) -> str:
     lines.append(row("the patch model, before this stage", metrics["initial"]))
     for e in metrics["history"]:
         lines.append(row(f"epoch {e['epoch']} (val loss {e['val_loss']:.4f})", e))
+    at = metrics["val"].get("at_training_stride")
+    if at:
+        lines.append(row(f"kept model at the training stride {at['output_stride']}, T = 1", at))
+        lines.append(row(f"kept model as served (stride {metrics['unit_layer']['output_stride']}), T = 1",
+                         metrics["val"]["before_temperature"]))
     lines.append(row(f"kept model, after T = {level['temperature']:.3f}", metrics["val"]["after_temperature"]))
     lines.append("")
     return "\n".join(lines) + "\n"

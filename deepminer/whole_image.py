@@ -71,6 +71,8 @@ class WholeImageConfig:
                                   #: backbone); a frozen stretch after it is run every epoch, without gradients
     limit: int | None = None      #: at most this many images per split (quick runs, tests)
     half: bool = False
+    unit_activation: str | None = None   #: the unit layer's activation (relu lifts EfficientNet's ReLU6 cap)
+    serve_output_stride: int | None = None  #: the output stride the saved model is served at (trained at its own)
     command: str = ""
 
     def check(self) -> None:
@@ -89,6 +91,8 @@ class WholeImageConfig:
             raise InputError("--wildcat-k must be positive and --wildcat-alpha 0 or more")
         if self.device not in ("auto", "cpu", "cuda"):
             raise InputError(f"--device: {self.device!r} is not auto, cpu or cuda")
+        if self.serve_output_stride is not None and self.serve_output_stride < 1:
+            raise InputError("--serve-output-stride: must be positive")
         if not Path(self.data).is_dir():
             raise InputError(f"{self.data}: no such dataset folder")
         if not Path(self.model).is_file():
@@ -284,6 +288,24 @@ def _evaluate(model, rest, cache: TrunkCache, batch_size: int, device):
     return back, cache.labels
 
 
+def _full_logits(model, folder: str, rows: list[dict], long_side: int, device, progress: bool) -> np.ndarray:
+    """Pooled logits (N, C) of the whole model on each image of ``rows`` (unflipped), as served."""
+    import torch
+    from tqdm import tqdm
+
+    from deepminer.models.fcn import breast_cells
+
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for r in tqdm(rows, desc="validation at the served stride", unit="img", disable=not progress, leave=False,
+                      file=sys.stderr):
+            x, _ = prepared_image(Path(folder) / r["image"], long_side)
+            maps = model.class_logits(model.forward_features(x.to(device)))
+            out.append(model.pool(maps, breast_cells(x.to(device), tuple(maps.shape[-2:]))).float().cpu())
+    return torch.cat(out).numpy()
+
+
 def _nll(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> float:
     z = logits - logits.max(1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(1, keepdims=True))
@@ -320,6 +342,7 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
     from deepminer.data.dataset import describe_dataset, pixel_spacing
     from deepminer.defaults import PROBE
     from deepminer.metrics import fit_temperature
+    from deepminer.models.unit_layer import apply_unit_layer, unit_layer
     from deepminer.trunk import freeze_before, split_features
 
     cfg.check()
@@ -329,6 +352,12 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model = _start_model(cfg).to(device)
+    if cfg.unit_activation is not None or cfg.serve_output_stride is not None:
+        from deepminer.models.unit_layer import check
+
+        check(model.arch, cfg.unit_activation, cfg.serve_output_stride)  # before an hour of training
+    if cfg.unit_activation is not None:
+        apply_unit_layer(model, activation=cfg.unit_activation)
     frozen = freeze_before(model, cfg.train_from)
     cache_at = cfg.cache_at or (None if cfg.train_from == PROBE else cfg.train_from)
     if cache_at is None:  # a linear probe: the whole backbone is the frozen trunk
@@ -345,6 +374,11 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
     t0 = time.time()
     key = {"data": str(Path(cfg.data).resolve()), "long_side": cfg.long_side, "cache_at": cache_at,
            "trunk": _weights_key(trunk), "flips": cfg.flips}
+    record = dict(model.meta.get("unit_layer") or {})
+    if cache_at is not None:
+        record.pop("activation", None)  # the unit layer's activation lies after a partial trunk
+    if record:
+        key["unit_layer"] = record
     paths = [None, None] if not cfg.trunk_cache else [cfg.trunk_cache + ".train", cfg.trunk_cache + ".val"]
     train_c = TrunkCache.cached(paths[0], {**key, "ids": [r["image_id"] for r in rows_tr]},
                                 trunk, rest, model, cfg.data, rows_tr, cfg.long_side, flips=cfg.flips, device=device,
@@ -415,6 +449,12 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
     assert best_state is not None
     model.load_state_dict(best_state)
     logits, _ = _evaluate(model, rest, val_c, cfg.batch_size, device)
+    at_training_stride = None
+    if cfg.serve_output_stride is not None and cfg.serve_output_stride != unit_layer(model).get("output_stride"):
+        # served at another stride: the same weights on a finer map; the temperature is fitted on what is served
+        at_training_stride = {"output_stride": unit_layer(model).get("output_stride"), **_summary(logits, labels_va)}
+        apply_unit_layer(model, output_stride=cfg.serve_output_stride)
+        logits = _full_logits(model, cfg.data, rows_va, cfg.long_side, device, progress)
     temperature = float(fit_temperature(logits, labels_va))
     head_kw = dict(getattr(model.head, "head_kwargs", {}))
     image_level = {"pool": "breast cells: " + ("mean" if model.head_type == "gap" else
@@ -429,7 +469,9 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
         "initial": initial, "history": history, "best_epoch": best_epoch,
         "val": {"before_temperature": _summary(logits, labels_va),
                 "after_temperature": _summary(logits, labels_va, temperature),
-                "nll_before": _nll(logits, labels_va), "nll_after": _nll(logits / temperature, labels_va)},
+                "nll_before": _nll(logits, labels_va), "nll_after": _nll(logits / temperature, labels_va),
+                "at_training_stride": at_training_stride},
+        "unit_layer": unit_layer(model),
         "seconds": {"cache": round(prep_s, 1), "train": round(train_s, 1)},
     }
     start_meta = dict(model.meta)
@@ -438,6 +480,7 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
             "scale": scale, "image_level": image_level, "whole_image": {
                 "start_model": cfg.model, "config": asdict(cfg), "best_epoch": best_epoch,
                 "val": metrics["val"]["after_temperature"], "seconds": metrics["seconds"]},
+            **({"unit_layer": model.meta["unit_layer"]} if model.meta.get("unit_layer") else {}),
             "patch_model": {k: v for k, v in start_meta.items() if k in ("epoch", "val_loss", "recipe", "trained_on")}}
     save_model(model.cpu(), out / BEST, half=cfg.half, **meta)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1, default=str) + "\n", encoding="utf-8")

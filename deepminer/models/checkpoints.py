@@ -31,6 +31,7 @@ from deepminer.atomic import atomic_file
 from deepminer.errors import InputError
 from deepminer.models.backbones import ARCHS, build_model
 from deepminer.models.fcn import FCN, to_fcn
+from deepminer.models.unit_layer import apply_unit_layer
 
 FORMAT = "deepminer-fcn/1"
 _RESNET_DEPTHS = {(2, 2, 2, 2, False): 18, (3, 4, 6, 3, False): 34, (3, 4, 6, 3, True): 50,
@@ -221,7 +222,11 @@ def _from_ours(obj: Mapping[str, Any], path: Any) -> FCN:
                       expected=f"{arch} with a {head} head for {len(classes)} classes")
     if isinstance(obj.get("layer"), str):
         model.layer = obj["layer"]
-    model.meta = dict(obj.get("meta") or {})
+    meta = dict(obj.get("meta") or {})
+    record = meta.pop("unit_layer", None)
+    model.meta = meta
+    if isinstance(record, Mapping):  # the unit layer as it was saved (deepminer.models.unit_layer)
+        apply_unit_layer(model, activation=record.get("activation"), output_stride=record.get("output_stride"))
     return model.eval()
 
 
