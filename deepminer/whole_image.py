@@ -72,6 +72,7 @@ class WholeImageConfig:
     limit: int | None = None      #: at most this many images per split (quick runs, tests)
     half: bool = False
     unit_activation: str | None = None   #: the unit layer's activation (relu lifts EfficientNet's ReLU6 cap)
+    output_stride: int | None = None        #: the output stride it is trained (and served) at; None: the start model's
     serve_output_stride: int | None = None  #: the output stride the saved model is served at (trained at its own)
     command: str = ""
 
@@ -352,12 +353,12 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model = _start_model(cfg).to(device)
-    if cfg.unit_activation is not None or cfg.serve_output_stride is not None:
+    if cfg.unit_activation is not None or cfg.serve_output_stride is not None or cfg.output_stride is not None:
         from deepminer.models.unit_layer import check
 
         check(model.arch, cfg.unit_activation, cfg.serve_output_stride)  # before an hour of training
-    if cfg.unit_activation is not None:
-        apply_unit_layer(model, activation=cfg.unit_activation)
+        check(model.arch, None, cfg.output_stride)
+    apply_unit_layer(model, activation=cfg.unit_activation, output_stride=cfg.output_stride)
     frozen = freeze_before(model, cfg.train_from)
     cache_at = cfg.cache_at or (None if cfg.train_from == PROBE else cfg.train_from)
     if cache_at is None:  # a linear probe: the whole backbone is the frozen trunk

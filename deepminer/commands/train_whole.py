@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unit-activation", default=None, choices=["relu6", "relu"],
                         help="the unit layer's activation (default: as the start model has it); relu lifts "
                              "EfficientNet-Lite's ReLU6 cap, which flattens the CAM around a lesion")
+    parser.add_argument("--output-stride", type=int, default=None, metavar="N",
+                        help="train (and serve) at this output stride (16 for a 32-stride backbone; the trunk cache "
+                             "is then computed at 16: about 4x the cost of the last stages)")
     parser.add_argument("--serve-output-stride", type=int, default=None, metavar="N",
                         help="serve the trained model at this output stride (16 for a 32-stride backbone: the last "
                              "stride-2 step removed, later convolutions dilated, the same weights on a map twice as "
@@ -75,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         train_from=args.train_from, cache_at=args.cache_at, epochs=args.epochs, patience=args.patience, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size, limit=args.limit,
         flips=args.flips, trunk_cache=args.trunk_cache, seed=args.seed, device=args.device, half=args.half,
-        unit_activation=args.unit_activation, serve_output_stride=args.serve_output_stride,
+        unit_activation=args.unit_activation, output_stride=args.output_stride,
+        serve_output_stride=args.serve_output_stride,
         command=command_line(sys.argv[2:] if len(sys.argv) > 2 else []))
     m = train_whole(cfg)
     val = m["val"]["after_temperature"]
