@@ -126,3 +126,24 @@ def test_train_whole_serves_at_the_asked_stride_and_fits_its_temperature_there(t
     card = whole_image_section(saved)
     assert "output stride: trained at 16 (cached trunk), served at 8" in card
     assert "kept model as served (stride 8), T = 1" in card
+
+
+def test_train_whole_can_train_at_the_finer_stride(tmp_path):
+    from tests.test_whole_image import H, _dataset
+    from deepminer.whole_image import WholeImageConfig, train_whole
+
+    data = tmp_path / "data"
+    _dataset(data, {"train": 4, "val": 3}, seed=2)
+    torch.manual_seed(0)
+    save_model(build_model("tiny", pretrained=False), tmp_path / "patch.pt", patch_size=32)
+    common = dict(model=str(tmp_path / "patch.pt"), data=str(data), long_side=H, train_from="block3", epochs=1,
+                  lr=0.1, batch_size=4, patience=None, trunk_cache=str(tmp_path / "cache"))
+    train_whole(WholeImageConfig(out=str(tmp_path / "a"), **common), progress=False)
+    metrics = train_whole(WholeImageConfig(out=str(tmp_path / "b"), output_stride=8, **common), progress=False)
+    assert metrics["unit_layer"]["output_stride"] == 8 and metrics["val"]["at_training_stride"] is None
+    # the cache of the stride-16 run is not reused for stride 8: its key names the stride
+    cached = torch.load(str(tmp_path / "cache") + ".train", weights_only=True)
+    assert cached["key"]["unit_layer"] == {"output_stride": 8}
+    model = load_model(tmp_path / "b" / "best.pt")
+    with torch.no_grad():
+        assert model.forward_features(torch.zeros(1, 1, H, 64)).shape[-2:] == (H // 8, 64 // 8)
