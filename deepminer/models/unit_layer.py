@@ -32,7 +32,7 @@ from deepminer.errors import InputError
 ACTIVATIONS = ("relu6", "relu")
 #: per arch: the native (activation, output stride), the module path of the stage that makes the last
 #: stride-2 step (in ``model.features``), and the unit layer's activation attribute when it has a cap.
-_ARCH = {
+_ARCH: dict[str, dict[str, Any]] = {
     "efficientnet_lite0": {"native": ("relu6", 32), "last_stage": "net.blocks.5", "act": "net.bn2"},
     "resnet18": {"native": ("relu", 32), "last_stage": "layer4", "act": None},
     "resnet50": {"native": ("relu", 32), "last_stage": "layer4", "act": None},
@@ -47,7 +47,7 @@ def native(arch: str) -> dict[str, Any]:
     return {"activation": act, "output_stride": stride}
 
 
-def unit_layer(model: nn.Module) -> dict[str, Any]:
+def unit_layer(model: Any) -> dict[str, Any]:
     """The unit layer's ``{"activation", "output_stride"}`` (the checkpoint's record, else native)."""
     arch = getattr(model, "arch", None)
     out = native(arch) if arch in _ARCH else {}
@@ -57,9 +57,9 @@ def unit_layer(model: nn.Module) -> dict[str, Any]:
     return out
 
 
-def check(arch: str, activation: str | None = None, output_stride: int | None = None) -> None:
+def check(arch: str | None, activation: str | None = None, output_stride: int | None = None) -> None:
     """One-line :class:`InputError` for an option ``arch`` cannot take."""
-    if arch not in _ARCH:
+    if arch is None or arch not in _ARCH:
         raise InputError(f"unit layer options: unknown arch {arch!r}")
     nat_act, nat_stride = _ARCH[arch]["native"]
     if activation is not None:
@@ -77,7 +77,7 @@ def _module(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path)
 
 
-def _set_activation(model: nn.Module, arch: str, activation: str) -> None:
+def _set_activation(model: Any, arch: str, activation: str) -> None:
     path = _ARCH[arch]["act"]
     if path is None:
         return
@@ -90,7 +90,7 @@ def _same_padding(conv: nn.Conv2d) -> bool:
     return type(conv).__name__ == "Conv2dSame"
 
 
-def _set_stride(model: nn.Module, arch: str, stride: int) -> None:
+def _set_stride(model: Any, arch: str, stride: int) -> None:
     """Undo the last stride-2 step (``stride`` = native / 2) or restore it (``stride`` = native)."""
     nat = _ARCH[arch]["native"][1]
     finer = stride != nat
@@ -120,12 +120,13 @@ def _set_stride(model: nn.Module, arch: str, stride: int) -> None:
             conv.padding = tuple(d * (k - 1) // 2 for k in conv.kernel_size)
 
 
-def apply_unit_layer(model: nn.Module, *, activation: str | None = None,
-                     output_stride: int | None = None) -> nn.Module:
+def apply_unit_layer(model: Any, *, activation: str | None = None,
+                     output_stride: int | None = None) -> Any:
     """Set the unit layer's activation and/or output stride of a built FCN in place (None: keep) and
     record them in ``model.meta["unit_layer"]`` (only what differs from the arch as built)."""
     arch = getattr(model, "arch", None)
     check(arch, activation, output_stride)
+    assert arch is not None  # check() refuses an unknown arch
     now = unit_layer(model)
     if activation is not None and activation != now.get("activation"):
         _set_activation(model, arch, activation)
@@ -143,7 +144,7 @@ def apply_unit_layer(model: nn.Module, *, activation: str | None = None,
     return model
 
 
-def describe(model: nn.Module) -> str:
+def describe(model: Any) -> str:
     """``"bn2 + relu, output stride 16"``: for cards and answers."""
     u = unit_layer(model)
     if not u:
