@@ -344,6 +344,7 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
     from deepminer.defaults import PROBE
     from deepminer.metrics import fit_temperature
     from deepminer.models.unit_layer import apply_unit_layer, unit_layer
+    from deepminer.models.unit_layer import check as check_unit_layer
     from deepminer.trunk import freeze_before, split_features
 
     cfg.check()
@@ -353,11 +354,7 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model = _start_model(cfg).to(device)
-    if cfg.unit_activation is not None or cfg.serve_output_stride is not None or cfg.output_stride is not None:
-        from deepminer.models.unit_layer import check
-
-        check(model.arch, cfg.unit_activation, cfg.serve_output_stride)  # before an hour of training
-        check(model.arch, None, cfg.output_stride)
+    check_unit_layer(model.arch, None, cfg.serve_output_stride)  # the served stride, before an hour of training
     apply_unit_layer(model, activation=cfg.unit_activation, output_stride=cfg.output_stride)
     frozen = freeze_before(model, cfg.train_from)
     cache_at = cfg.cache_at or (None if cfg.train_from == PROBE else cfg.train_from)
