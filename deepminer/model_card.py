@@ -181,6 +181,8 @@ def _unit_layer_lines(metrics: dict) -> list[str]:
                       "CAM peaks on the lesion rather than forming a plateau around it)" if cfg["unit_activation"] == "relu"
                       else ")"))
     at = metrics["val"].get("at_training_stride")
+    if cfg.get("output_stride"):
+        out.append(f"- output stride: {cfg['output_stride']}, trained and served (`--output-stride`)")
     if cfg.get("serve_output_stride") and at:
         out.append(f"- output stride: trained at {at['output_stride']} (cached trunk), served at "
                    f"{unit.get('output_stride')} (the last stride-2 step removed, later convolutions dilated: the "
@@ -213,7 +215,7 @@ def whole_image_section(metrics: dict) -> str:
              + f"; kept epoch {metrics['best_epoch']} (lowest validation loss)",
              *_unit_layer_lines(metrics),
              f"- temperature T = {level['temperature']:.3f} fitted on the validation logits (minimum NLL)"
-             + (" at the served output stride" if (metrics["val"].get("at_training_stride") or None) else "")
+             + (" at the served output stride" if metrics["val"].get("at_training_stride") else "")
              + "; image probabilities = softmax(pooled logits / T)",
              f"- wall time: {metrics['seconds']['cache']:.0f} s caching the trunk + {metrics['seconds']['train']:.0f} s "
              "training",

@@ -92,8 +92,6 @@ class WholeImageConfig:
             raise InputError("--wildcat-k must be positive and --wildcat-alpha 0 or more")
         if self.device not in ("auto", "cpu", "cuda"):
             raise InputError(f"--device: {self.device!r} is not auto, cpu or cuda")
-        if self.serve_output_stride is not None and self.serve_output_stride < 1:
-            raise InputError("--serve-output-stride: must be positive")
         if not Path(self.data).is_dir():
             raise InputError(f"{self.data}: no such dataset folder")
         if not Path(self.model).is_file():

@@ -141,6 +141,9 @@ def test_train_whole_can_train_at_the_finer_stride(tmp_path):
     train_whole(WholeImageConfig(out=str(tmp_path / "a"), **common), progress=False)
     metrics = train_whole(WholeImageConfig(out=str(tmp_path / "b"), output_stride=8, **common), progress=False)
     assert metrics["unit_layer"]["output_stride"] == 8 and metrics["val"]["at_training_stride"] is None
+    from deepminer.model_card import whole_image_section
+
+    assert "- output stride: 8, trained and served" in whole_image_section(metrics)
     # the cache of the stride-16 run is not reused for stride 8: its key names the stride (the cache keeps the breast
     # cells at the unit map's grid, which the stride sets, even when the trunk's own outputs would be the same)
     cached = torch.load(str(tmp_path / "cache") + ".train", weights_only=True)

@@ -73,15 +73,11 @@ def check(arch: str | None, activation: str | None = None, output_stride: int | 
                          f"not {output_stride}")
 
 
-def _module(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path)
-
-
 def _set_activation(model: Any, arch: str, activation: str) -> None:
     path = _ARCH[arch]["act"]
     if path is None:
         return
-    bn = _module(model.features, path)
+    bn = model.features.get_submodule(path)
     bn.act = nn.ReLU6(inplace=True) if activation == "relu6" else nn.ReLU(inplace=True)
 
 
