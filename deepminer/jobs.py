@@ -32,6 +32,9 @@ ENV_JOBS = "DEEPMINER_JOBS"  #: the job file shared by the server's workers and 
 HEARTBEAT_EVERY_S = 2.0  #: how often a waiting client touches its job
 HEARTBEAT_TIMEOUT_S = 15.0  #: a job whose client has not touched it for this long is dropped (handler setting)
 KEEP_S = 24 * 3600.0  #: finished jobs are forgotten after a day
+#: the request header the lab profile's sign-in proxy (serve/proxy.py) sets to the signed-in user (a
+#: client-sent header of that name never passes it); the owner a job named in a request must have
+USER_HEADER = "X-Deepminer-User"
 ID_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"  #: a job id (the ``job`` option)
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED = ("done", "failed", "cancelled")
@@ -228,6 +231,19 @@ class Tracker:
         with self.store._db() as con:
             con.execute("UPDATE jobs SET state = ?, message = ?, updated = ?, done = CASE WHEN ? = 'done' "
                         "THEN total ELSE done END WHERE id = ?", (state, message[:500], time.time(), state, self.id))
+
+
+def check_owner(store: "JobStore", job_id: str, user: str | None) -> None:
+    """A request of signed-in ``user`` (the lab proxy's :data:`USER_HEADER`) may name only a job of
+    its own: the row must exist (the lab's ``POST /api/jobs`` made it) with that ``owner``; anything
+    else is ``404 JobNotFound``, as ``/api/jobs`` answers (another user's job is not revealed). No
+    user (a client on the server's host, or a server without the proxy): no check."""
+    if not user:
+        return
+    row = store.get(job_id)
+    if row is None or row.get("owner") != user:
+        raise DeepMinerError(f"options.job: no job {job_id} of yours (create it with POST /api/jobs first)",
+                             status=404, kind="JobNotFound")
 
 
 def check_id(job_id: Any, *, name: str = "options.job") -> str:

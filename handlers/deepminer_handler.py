@@ -113,8 +113,12 @@ class DeepMinerHandler:
             status = 200
             row = row if isinstance(row, dict) else {"data": row}
             try:
-                run = self.service.explain_methods if self._is_explain(context, idx) else self.service.explain
-                body = run(request_image(row), row.get("options"), batch=len(rows)).to_json()
+                if self._is_explain(context, idx):
+                    exp = self.service.explain_methods(request_image(row), row.get("options"), batch=len(rows),
+                                                       user=self._user(context, idx))
+                else:
+                    exp = self.service.explain(request_image(row), row.get("options"), batch=len(rows))
+                body = exp.to_json()
             except Exception as err:  # noqa: BLE001 - every failure becomes this request's answer; the worker keeps serving
                 status, body = error_json(err)
                 if status >= 500:
@@ -133,6 +137,21 @@ class DeepMinerHandler:
             return context.get_request_header(idx, "explain") == "True"
         except (AttributeError, IndexError, KeyError, TypeError):  # no request headers (e.g. an envelope's rows)
             return False
+
+    @staticmethod
+    def _user(context: Any, idx: int) -> str | None:
+        """The signed-in user the lab proxy put in request ``idx`` (:data:`deepminer.jobs.USER_HEADER`;
+        nginx sets it on every request it passes, so a client cannot), or None (no proxy)."""
+        from deepminer.jobs import USER_HEADER
+
+        for key in (USER_HEADER, USER_HEADER.lower()):
+            try:
+                value = context.get_request_header(idx, key)
+            except (AttributeError, IndexError, KeyError, TypeError):
+                return None
+            if value:
+                return value.decode() if isinstance(value, bytes) else str(value)
+        return None
 
     @staticmethod
     def _respond(context: Any, idx: int, status: int) -> None:

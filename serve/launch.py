@@ -19,6 +19,11 @@ from collections.abc import Mapping
 
 import requests
 
+# the header the sign-in proxy sets to the signed-in user (deepminer.jobs: the handler checks a named
+# job's owner against it); the workbench takes the annotator from it (``DEEPMINER_USER_HEADER``, from
+# :func:`profile_env`)
+from deepminer.jobs import USER_HEADER
+
 SERVE_DIR = Path(__file__).resolve().parent
 PROFILES = {"demo": SERVE_DIR / "config.properties", "lab": SERVE_DIR / "config.lab.properties"}
 PORT_KEYS = ("inference", "management", "metrics", "grpc_inference", "grpc_management")
@@ -27,9 +32,6 @@ PORT_KEYS = ("inference", "management", "metrics", "grpc_inference", "grpc_manag
 #: ``server.maxUploadSize`` (``DEEPMINER_UPLOAD_MB`` from ``profile_env``, used by the Procfile) and the
 #: lab proxy's ``client_max_body_size`` (serve/proxy.py). ``DEEPMINER_UPLOAD_MB`` overrides it.
 UPLOAD_LIMIT_MB = 64
-#: the request header the lab profile's sign-in proxy (serve/proxy.py) sets to the signed-in user; the
-#: workbench takes the annotator from it (``DEEPMINER_USER_HEADER``, from :func:`profile_env`)
-USER_HEADER = "X-Deepminer-User"
 
 
 def upload_limit_mb(env: Mapping[str, str] | None = None) -> int:

@@ -62,6 +62,22 @@ def test_a_job_the_client_did_not_make_still_has_progress_and_cancel(store):
     assert store.cancel("made-by-the-server") is True
 
 
+def test_a_signed_in_user_may_name_only_a_job_of_its_own(store):
+    from deepminer.errors import DeepMinerError
+    from deepminer.jobs import check_owner
+
+    mine, theirs, hosts = new_id(), new_id(), new_id()
+    assert store.create(mine, owner="alice") and store.create(theirs, owner="bob") and store.create(hosts)
+    check_owner(store, mine, "alice")
+    for user, job in (("alice", theirs), ("alice", hosts), ("alice", new_id()), ("bob", mine)):
+        with pytest.raises(DeepMinerError, match="options.job: no job") as err:
+            check_owner(store, job, user)
+        assert err.value.status == 404 and err.value.kind == "JobNotFound"
+    for job in (mine, theirs, hosts, new_id()):  # no signed-in user (the host's own clients): no check
+        check_owner(store, job, None)
+        check_owner(store, job, "")
+
+
 def test_bad_job_ids_are_refused():
     for bad in ("short", "a b c d e f g h", "x" * 65, 5, None):
         with pytest.raises(InputError, match="options.job"):

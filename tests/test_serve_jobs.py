@@ -5,6 +5,7 @@ the worker once its heartbeat is older than the server's ``job_heartbeat_s`` (5 
 an unknown or finished job does nothing and says so (False)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -266,6 +267,23 @@ def test_a_remote_client_sees_progress_and_cancels_through_the_proxy(lab, client
           f"by the same worker {freed_s:.2f} s after the cancel; stopped after {row['done']} of {row['total']} steps")
     assert row["state"] == "cancelled" and freed_s < 4.0, (row, freed_s)
     assert alice.cancel(job) is False
+    # a request may name only its own user's job: bob naming alice's, or an id nobody made, is refused
+    # before any work (404, as /api/jobs answers), and neither row is written
+    stranger = new_id()
+    for named in (job, stranger):
+        files = {"data": ("image", breast_png(256, 192, seed=0), "application/octet-stream"),
+                 "options": (None, json.dumps({"job": named}), "application/json")}
+        r = requests.post(f"{lab.url}/api/explanations/{MODEL}", files=files, auth=("bob", PASSWORDS["bob"]),
+                          verify=False, timeout=60)
+        assert r.status_code == 404 and r.json()["type"] == "JobNotFound", r.text
+    assert client.job(job)["state"] == "cancelled" and client.job(job)["owner"] == "alice"
+    assert client.job(stranger) is None
+    # alice naming her own job still works (the row is hers; cancelled, it answers 409)
+    files = {"data": ("image", breast_png(256, 192, seed=0), "application/octet-stream"),
+             "options": (None, json.dumps({"job": job}), "application/json")}
+    r = requests.post(f"{lab.url}/api/explanations/{MODEL}", files=files, auth=("alice", PASSWORDS["alice"]),
+                      verify=False, timeout=60)
+    assert r.status_code == 409 and r.json()["type"] == "Cancelled", r.text
 
 
 _REMOTE_CLIENT = """

@@ -196,12 +196,14 @@ class ExplainService:
         return options
 
     def explain_methods(self, image: bytes, options: Any = None, *, name: str = "image",
-                        batch: int = 1) -> Explanation:
+                        batch: int = 1, user: str | None = None) -> Explanation:
         """``POST /explanations/<model>``: :meth:`explain` (the cache applies), then the map of each
         of ``options.methods`` (none: ``cam``) for ``options.target`` (None: the prediction) on the
         CAM grid: ``cam``/``class_map`` the explanation's rows, the gradient methods normalised to
         [0, 1]. More than ``max_gradient_methods`` gradient methods, an unknown method or target:
-        a one-line :class:`InputError` before any work."""
+        a one-line :class:`InputError` before any work. ``user``: the lab proxy's signed-in user
+        (:data:`deepminer.jobs.USER_HEADER`); its ``options.job`` must be its own
+        (:func:`deepminer.jobs.check_owner`: 404 before any work)."""
         import numpy as np
 
         from deepminer.evaluation.methods import one_pass_map
@@ -216,6 +218,10 @@ class ExplainService:
         if opts.target is not None and opts.target not in classes:
             raise InputError(f"options.target: {opts.target!r} is not a class of the model "
                              f"(known: {', '.join(classes)})")
+        if opts.job is not None:
+            from deepminer.jobs import check_owner
+
+            check_owner(self.jobs, opts.job, user)
         job = None if opts.job is None else self.jobs.tracker(opts.job, heartbeat_s=float(self.settings["job_heartbeat_s"]))
         try:
             if job is not None:  # cancelled (or its client gone) while queued: no work at all
