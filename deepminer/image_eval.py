@@ -25,13 +25,14 @@ from deepminer.errors import InputError
 
 
 def image_rows(folder: str | os.PathLike, split: str = "test", limit: int | None = None) -> list[dict]:
-    """The manifest rows of ``split`` (``all``: every row), in manifest order, the first ``limit``
-    (as ``deepminer evaluate-explanations`` picks them); one-line errors for an empty split."""
+    """The manifest rows of ``split`` (``all``: every row), in manifest order, the first ``limit``:
+    the one selection of ``deepminer evaluate`` (image level) and ``evaluate-explanations``
+    (:func:`deepminer.evaluation.context.split_rows`); one-line errors for an empty split."""
     from deepminer.data.dataset import read_manifest
 
     rows = [r for r in read_manifest(folder) if split == "all" or r["split"] == split]
     if not rows:
-        raise InputError(f"{folder}: split {split!r} has no image")
+        raise InputError(f"{folder}: split {split!r} is empty (no image)")
     if limit is not None:
         if limit < 1:
             raise InputError(f"--limit: must be >= 1, got {limit}")

@@ -53,7 +53,7 @@ def test_max_side_limit_and_spacing(data, model, tmp_path):
     meta = json.loads((data / "phantoms.json").read_text())
     (tmp_path / "phantoms.json").write_text(json.dumps({**meta, "pixel_spacing_mm": 0.25}))
     assert pixel_spacing(tmp_path) == 0.25
-    with pytest.raises(InputError, match="split 'val' has no image"):
+    with pytest.raises(InputError, match="split 'val' is empty"):
         predict_images(model, data, "val")
     with pytest.raises(InputError, match="--limit"):
         predict_images(model, data, "test", limit=0)

@@ -69,19 +69,13 @@ def resolve_metrics(names: Sequence[str] | None) -> list[str]:
 
 
 def split_rows(data: Path, split: str, limit: int | None) -> list[dict]:
-    """The manifest rows of ``split`` (``all``: every row), the first ``limit``; one-line errors for a
-    missing folder, an empty split or a data set without any lesion mask."""
-    from deepminer.data.dataset import read_manifest
+    """:func:`deepminer.image_eval.image_rows` (the rows of ``split``, the first ``limit``), and a
+    one-line error for a data set without any lesion mask there."""
+    from deepminer.image_eval import image_rows
 
     if not (data / "manifest.csv").is_file():
         raise InputError(f"{data}: no manifest.csv (not a dataset folder; see docs/data.md)")
-    rows = [r for r in read_manifest(data) if split == "all" or r.get("split") == split]
-    if not rows:
-        raise InputError(f"{data}: split {split!r} is empty")
-    if limit is not None:
-        if limit < 1:
-            raise InputError(f"--limit: must be >= 1, got {limit}")
-        rows = rows[:limit]
+    rows = image_rows(data, split, limit)
     if not any(r.get("lesion_mask") for r in rows if r.get("label") != "normal"):
         raise InputError(f"{data}: no lesion mask in split {split!r} (localization needs lesion_mask in manifest.csv)")
     return rows
