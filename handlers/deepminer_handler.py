@@ -130,28 +130,25 @@ class DeepMinerHandler:
         return out
 
     @staticmethod
-    def _is_explain(context: Any, idx: int) -> bool:
+    def _header(context: Any, idx: int, key: str) -> str | None:
+        """Request ``idx``'s header ``key`` (TorchServe hands the worker its name as sent, value
+        decoded), or None."""
+        try:
+            return context.get_request_header(idx, key)
+        except (AttributeError, IndexError, KeyError, TypeError):  # no request headers (e.g. an envelope's rows)
+            return None
+
+    def _is_explain(self, context: Any, idx: int) -> bool:
         """Request ``idx`` came to ``/explanations/<model>`` (header ``explain: True``, as
         TorchServe's own ``BaseHandler._is_explain`` reads it, but per request of the batch)."""
-        try:
-            return context.get_request_header(idx, "explain") == "True"
-        except (AttributeError, IndexError, KeyError, TypeError):  # no request headers (e.g. an envelope's rows)
-            return False
+        return self._header(context, idx, "explain") == "True"
 
-    @staticmethod
-    def _user(context: Any, idx: int) -> str | None:
+    def _user(self, context: Any, idx: int) -> str | None:
         """The signed-in user the lab proxy put in request ``idx`` (:data:`deepminer.jobs.USER_HEADER`;
         nginx sets it on every request it passes, so a client cannot), or None (no proxy)."""
         from deepminer.jobs import USER_HEADER
 
-        for key in (USER_HEADER, USER_HEADER.lower()):
-            try:
-                value = context.get_request_header(idx, key)
-            except (AttributeError, IndexError, KeyError, TypeError):
-                return None
-            if value:
-                return value.decode() if isinstance(value, bytes) else str(value)
-        return None
+        return self._header(context, idx, USER_HEADER) or None
 
     @staticmethod
     def _respond(context: Any, idx: int, status: int) -> None:

@@ -218,11 +218,12 @@ class ExplainService:
         if opts.target is not None and opts.target not in classes:
             raise InputError(f"options.target: {opts.target!r} is not a class of the model "
                              f"(known: {', '.join(classes)})")
+        job = None
         if opts.job is not None:
             from deepminer.jobs import check_owner
 
             check_owner(self.jobs, opts.job, user)
-        job = None if opts.job is None else self.jobs.tracker(opts.job, heartbeat_s=float(self.settings["job_heartbeat_s"]))
+            job = self.jobs.tracker(opts.job, heartbeat_s=float(self.settings["job_heartbeat_s"]))
         try:
             if job is not None:  # cancelled (or its client gone) while queued: no work at all
                 job.begin(1 + sum(method_passes(m) for m in grads), step="explain")
