@@ -73,9 +73,7 @@ def split_rows(data: Path, split: str, limit: int | None) -> list[dict]:
     one-line error for a data set without any lesion mask there."""
     from deepminer.image_eval import image_rows
 
-    if not (data / "manifest.csv").is_file():
-        raise InputError(f"{data}: no manifest.csv (not a dataset folder; see docs/data.md)")
-    rows = image_rows(data, split, limit)
+    rows = image_rows(data, split, limit)  # (read_manifest's one-line errors for a missing folder or manifest)
     if not any(r.get("lesion_mask") for r in rows if r.get("label") != "normal"):
         raise InputError(f"{data}: no lesion mask in split {split!r} (localization needs lesion_mask in manifest.csv)")
     return rows
