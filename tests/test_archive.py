@@ -148,8 +148,8 @@ def test_profiles_are_loopback_locked_down_and_sized(profile, token_off):
     assert p["metrics_mode"] == "prometheus" and p["enable_metrics_api"] == "true"
     # a 16-bit 4500 x 3000 image, uncompressed, plus multipart overhead
     assert int(p["max_request_size"]) >= 4500 * 3000 * 2 + 1_000_000
-    # every unit map of a 1280-unit model at the largest max_side, float16 in base64; the bundled models are
-    # served at output stride 16 (deepminer.models.unit_layer)
+    # every unit map of a 1280-unit model at the largest max_side, float16 in base64, at output stride 16 (the
+    # finest a model can be served at: deepminer.models.unit_layer)
     h, w = math.ceil(4096 / 16), math.ceil(4096 * 3000 / 4500 / 16)
     all_maps = 1280 * h * w * 2 * 4 / 3
     assert int(p["max_response_size"]) >= 2 * all_maps

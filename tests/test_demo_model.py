@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "model_store" / "demo"
-FRESH_SEED = 5          # the demo model was trained on seed 1 and tested on seed 2 (MODEL_CARD.md)
+FRESH_SEED = 5          # the demo model was trained on seed 12 and tested on seeds 7 and 21 (MODEL_CARD.md)
 
 
 def test_demo_model_files_and_card():
@@ -26,7 +26,7 @@ def test_demo_model_files_and_card():
     assert "deepminer train" in card and "histogram baseline" in card and "--seed" in card
     metrics = json.loads((DEMO / "metrics.json").read_text())
     patch = metrics["patch_stage"]["fresh_test"]                  # the patch stage (the start model)
-    assert patch["auc"]["malignant"] >= 0.85                       # the recorded result (0.868, MODEL_CARD.md)
+    assert patch["auc"]["malignant"] >= 0.85                       # the recorded result (0.944, MODEL_CARD.md)
     assert patch["baseline"]["auc"]["malignant"] < patch["auc"]["malignant"] - 0.1
     whole = metrics["fresh_test"]["metrics"]                       # the served model on whole images
     assert whole["abnormal_auc"]["value"] >= 0.95 and whole["auc"]["malignant"]["value"] >= 0.85
