@@ -209,7 +209,8 @@ class TrunkCache:
 # -- the model -----------------------------------------------------------------------------------
 
 def _start_model(cfg: WholeImageConfig):
-    """The patch model, with a fresh WILDCAT head if asked for one (unit weights copied into every map)."""
+    """``(model, converted)``: the start model, with a fresh WILDCAT head if asked for one (unit weights
+    copied into every map; ``converted`` True then)."""
     import torch
 
     from deepminer.models import load_model
@@ -218,9 +219,11 @@ def _start_model(cfg: WholeImageConfig):
 
     model = load_model(cfg.model)
     head = cfg.head or model.head_type
+    converted = False
     if head == "wildcat" and model.head_type == "wildcat" and model.head.num_maps == cfg.wildcat_maps:
         model.head.k, model.head.alpha = cfg.wildcat_k, float(cfg.wildcat_alpha)  # the patch head, pooled anew
     elif head == "wildcat":
+        converted = True
         old = model.head
         new = WildcatHead(model.num_units, len(model.classes), maps=cfg.wildcat_maps, k=cfg.wildcat_k,
                           alpha=cfg.wildcat_alpha)
@@ -239,7 +242,30 @@ def _start_model(cfg: WholeImageConfig):
         model.head_type = "wildcat"
     elif head != model.head_type:
         raise InputError(f"--head gap: {cfg.model} has a {model.head_type} head; a GAP model starts from a GAP model")
-    return model
+    return model, converted
+
+
+def _rescale_head(model, rest, cache: "TrunkCache", batch_size: int, device) -> float:
+    """Bring a converted WILDCAT head to the scale of its training logits; return the factor.
+
+    Every map starts at its class's GAP weights, but top-k pooling of a map is many times its mean,
+    so the first logits are far too large (the softmax saturates; only the misclassified images give
+    a gradient). WILDCAT pooling is positively homogeneous (``pool(s * map) = s * pool(map)`` for
+    ``s > 0``), so multiplying the 1x1 weights and biases by ``1 / T``, with ``T`` the temperature
+    that fits the TRAINING logits, gives the same argmax, maps of the same shape, and logits at the
+    scale the loss expects (only ever shrunk: a training set the start model already separates would
+    ask for ever larger logits). The validation split is not used."""
+    import torch
+
+    from deepminer.metrics import fit_temperature
+
+    logits, labels = _evaluate(model, rest, cache, batch_size, device)
+    factor = min(1.0, 1.0 / float(fit_temperature(logits, labels, bounds=(0.05, 1000.0))))
+    with torch.no_grad():
+        model.head.conv.weight.mul_(factor)
+        if model.head.conv.bias is not None:
+            model.head.conv.bias.mul_(factor)
+    return factor
 
 
 def _weights_key(module) -> str:
@@ -351,7 +377,8 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
         raise InputError(f"{out}: already holds a run ({BEST}); choose another --out")
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    model = _start_model(cfg).to(device)
+    model, converted = _start_model(cfg)
+    model = model.to(device)
     check_unit_layer(model.arch, None, cfg.serve_output_stride)  # the served stride, before an hour of training
     apply_unit_layer(model, activation=cfg.unit_activation, output_stride=cfg.output_stride)
     frozen = freeze_before(model, cfg.train_from)
@@ -407,8 +434,11 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     history: list[dict] = []
     best_loss, best_state, best_epoch = math.inf, None, 0
+    rescaled = _rescale_head(model, rest, train_c, cfg.batch_size, device) if converted else None
     logits0, labels_va = _evaluate(model, rest, val_c, cfg.batch_size, device)
     initial = {"val_loss": _nll(logits0, labels_va, class_w), **_summary(logits0, labels_va)}
+    if rescaled is not None:
+        initial["head_rescaled_by"] = rescaled
     t_train = time.time()
     for epoch in range(1, cfg.epochs + 1):
         model.train()

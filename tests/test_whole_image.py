@@ -133,3 +133,52 @@ def test_bad_settings_are_one_line_errors(tmp_path):
         train_whole(WholeImageConfig(model=str(tmp_path / "m.pt"), data=str(tmp_path / "none"), out=str(tmp_path / "o")))
     with pytest.raises(InputError, match="--flips"):
         WholeImageConfig(model="m", data=str(tmp_path), out="o", flips=3).check()
+
+
+def test_a_converted_wildcat_head_starts_at_the_scale_of_its_training_logits():
+    """GAP weights copied into a WILDCAT head give top-k logits many times too large; the head is
+    multiplied by 1 / T (T fitted on the training logits), which by the pooling's homogeneity scales
+    every logit by exactly that factor and keeps every argmax; it never grows the head."""
+    from deepminer.whole_image import _evaluate, _rescale_head
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = build_model("tiny", head="wildcat", num_classes=3, pretrained=False, wildcat_k=0.1).eval()
+    feats = [torch.relu(torch.randn(1, model.num_units, 5, 4)) for _ in range(300)]
+    cells = [torch.ones(1, 5, 4, dtype=torch.bool) for _ in feats]
+    with torch.no_grad():
+        z = torch.cat([model.pool(model.class_logits(f), c) for f, c in zip(feats, cells)]).numpy()
+        spread = 2.0 / float(z.std(0).mean())  # logits of a useful spread (a std of about 2)
+        z = z * spread
+        model.head.conv.weight.mul_(40.0 * spread)
+        model.head.conv.bias.mul_(40.0 * spread)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    labels = np.array([rng.choice(3, p=row) for row in p])  # drawn from the unscaled head's probabilities
+    cache = type("Cache", (), {"__len__": lambda self: len(feats)})()
+    cache.feats, cache.cells, cache.labels = feats, cells, labels
+    before, _ = _evaluate(model, torch.nn.Identity(), cache, 16, "cpu")
+    factor = _rescale_head(model, torch.nn.Identity(), cache, 16, "cpu")
+    after, _ = _evaluate(model, torch.nn.Identity(), cache, 16, "cpu")
+    assert factor == pytest.approx(1 / 40, rel=0.25)
+    np.testing.assert_allclose(after, before * factor, rtol=1e-4, atol=1e-5)
+    assert (after.argmax(1) == before.argmax(1)).all()
+    # a training set the head already separates asks for larger logits: the head is left as it is
+    cache.labels = before.argmax(1)
+    assert _rescale_head(model, torch.nn.Identity(), cache, 16, "cpu") == 1.0
+
+
+def test_a_wildcat_head_trained_from_a_whole_image_gap_model(trained):
+    """`--head wildcat` from a GAP model: every map starts at its class's weights, brought to the scale
+    of the training logits, and the run trains the WILDCAT head only (`--train-from head`)."""
+    root, data, _ = trained
+    cfg = WholeImageConfig(model=str(root / "run" / "best.pt"), data=str(data), out=str(root / "wc"), long_side=H,
+                           head="wildcat", wildcat_k=0.1, train_from="head", epochs=3, lr=0.01, batch_size=8,
+                           flips=1, patience=None)
+    metrics = train_whole(cfg, progress=False)
+    assert 0 < metrics["initial"]["head_rescaled_by"] <= 1.0
+    gap, model = load_model(root / "run" / "best.pt"), load_model(root / "wc" / "best.pt")
+    assert model.head_type == "wildcat" and model.meta["image_level"]["pool"].startswith("breast cells: wildcat")
+    assert torch.equal(gap.features.block4[0].weight, model.features.block4[0].weight)  # only the head trained
+    # it starts where the GAP model was (a positive multiple of its unit weights) and stays right
+    assert metrics["initial"]["accuracy"] >= 0.8 and metrics["val"]["after_temperature"]["accuracy"] >= 0.9

@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="run folder to write (best.pt, metrics.json); must not hold a run")
     parser.add_argument("--head", default=None, choices=["gap", "wildcat"],
                         help="head of the whole-image model (default: the patch model's); wildcat from a GAP model "
-                             "starts every map of a class at that class's weights")
+                             "starts every map of a class at that class's weights, scaled down to the training logits' "
+                             "temperature (top-k pooling of those maps is many times their mean)")
     parser.add_argument("--wildcat-maps", type=int, default=C.wildcat_maps, metavar="M", help="maps per class")
     parser.add_argument("--wildcat-k", type=float, default=C.wildcat_k, metavar="K",
                         help="cells pooled at each end: a share (0, 1) of the breast cells, or a count")
