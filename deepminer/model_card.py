@@ -197,15 +197,24 @@ def whole_image_section(metrics: dict) -> str:
     cfg, scale, level = metrics["config"], metrics["scale"], metrics["image_level"]
     data = metrics["data"]
     mm = scale.get("mm_per_px")
+    start = metrics.get("start") or {}
+    if cfg["train_from"] == "head":
+        trained = "the head only (everything before it frozen)"
+    else:
+        trained = f"from `{cfg['train_from']}` on (BatchNorm statistics kept)"
     lines = ["## Whole-image stage (`deepminer train-whole`)", "",
-             f"Started from the patch model `{cfg['model']}`; trained on WHOLE images of `{cfg['data']}` "
+             f"Started from the {start.get('stage', 'patch')} model `{cfg['model']}`"
+             + (f" (every WILDCAT map started at its class's GAP weights x {start['head_rescaled_by']:.3g}, "
+                "the scale of the training logits)"
+                if start.get("head_converted") and start.get("head_rescaled_by") else "")
+             + f"; trained on WHOLE images of `{cfg['data']}` "
              f"({data['train_images']} train, {data['val_images']} val; train labels "
              + ", ".join(f"{c} {n}" for c, n in data["train_labels"].items())
              + ") with image-level labels only (lesion masks never read).", "",
              f"- scale: long side {scale['long_side']} px for an image of the data's size"
              + (f", {mm:.4g} mm per model-input pixel" if mm else "")
              + f"; breast extent (median sqrt of the breast area) {scale['breast_extent_px']:.1f} px",
-             f"- trained: from `{cfg['train_from']}` on (BatchNorm statistics kept); the frozen trunk's outputs "
+             f"- trained: {trained}; the frozen trunk's outputs "
              f"cached ({cfg['flips']} flip variant(s) per training image)",
              f"- pooling: {level['pool']}, over the breast cells (cells at least half tissue); 3-class "
              "cross-entropy, classes weighted by 1/frequency",

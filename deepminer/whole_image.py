@@ -501,13 +501,19 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
         "seconds": {"cache": round(prep_s, 1), "train": round(train_s, 1)},
     }
     start_meta = dict(model.meta)
+    # a whole-image model can be the start (e.g. a WILDCAT head trained on a GAP model's units): keep its record
+    start_stage = "whole-image" if start_meta.get("whole_image") else "patch"
+    metrics["start"] = {"model": cfg.model, "stage": start_stage, "head_converted": converted,
+                        "head_rescaled_by": rescaled}
     meta = {**{k: v for k, v in start_meta.items() if k in ("data", "patch_size", "image_width", "seed")},
             "trained_on": describe_dataset(cfg.data),  # what the UI and the API say next to every answer
             "scale": scale, "image_level": image_level, "whole_image": {
                 "start_model": cfg.model, "config": asdict(cfg), "best_epoch": best_epoch,
                 "val": metrics["val"]["after_temperature"], "seconds": metrics["seconds"]},
             **({"unit_layer": model.meta["unit_layer"]} if model.meta.get("unit_layer") else {}),
-            "patch_model": {k: v for k, v in start_meta.items() if k in ("epoch", "val_loss", "recipe", "trained_on")}}
+            **({"start_whole_image": start_meta["whole_image"]} if start_stage == "whole-image" else {}),
+            "patch_model": (start_meta.get("patch_model") if start_stage == "whole-image" else
+                            {k: v for k, v in start_meta.items() if k in ("epoch", "val_loss", "recipe", "trained_on")})}
     save_model(model.cpu(), out / BEST, half=cfg.half, **meta)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1, default=str) + "\n", encoding="utf-8")
     return metrics

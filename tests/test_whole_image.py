@@ -177,8 +177,16 @@ def test_a_wildcat_head_trained_from_a_whole_image_gap_model(trained):
                            flips=1, patience=None)
     metrics = train_whole(cfg, progress=False)
     assert 0 < metrics["initial"]["head_rescaled_by"] <= 1.0
+    assert metrics["start"] == {"model": cfg.model, "stage": "whole-image", "head_converted": True,
+                                "head_rescaled_by": metrics["initial"]["head_rescaled_by"]}
     gap, model = load_model(root / "run" / "best.pt"), load_model(root / "wc" / "best.pt")
     assert model.head_type == "wildcat" and model.meta["image_level"]["pool"].startswith("breast cells: wildcat")
     assert torch.equal(gap.features.block4[0].weight, model.features.block4[0].weight)  # only the head trained
+    # the GAP model's own records travel on: its whole-image stage and the patch model it started from
+    assert model.meta["start_whole_image"] == gap.meta["whole_image"] and model.meta["patch_model"] == gap.meta["patch_model"]
+    from deepminer.model_card import whole_image_section
+
+    text = whole_image_section(metrics)
+    assert "Started from the whole-image model" in text and "trained: the head only" in text
     # it starts where the GAP model was (a positive multiple of its unit weights) and stays right
     assert metrics["initial"]["accuracy"] >= 0.8 and metrics["val"]["after_temperature"]["accuracy"] >= 0.9
