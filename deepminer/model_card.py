@@ -237,7 +237,8 @@ def whole_image_section(metrics: dict) -> str:
                 f"{fmt_number(s.get('auc_benign'))} | {fmt_number(s.get('auc_malignant'))} | "
                 f"{fmt_number(s.get('auc_abnormal'))} | {'/'.join(str(p.get(c, 0)) for c in CLASSES)} |")
 
-    lines.append(row("the patch model, before this stage", metrics["initial"]))
+    lines.append(row(f"the {start.get('stage', 'patch')} model, before this stage"
+                     + (" (its head converted)" if start.get("head_converted") else ""), metrics["initial"]))
     for e in metrics["history"]:
         lines.append(row(f"epoch {e['epoch']} (val loss {e['val_loss']:.4f})", e))
     at = metrics["val"].get("at_training_stride")

@@ -188,5 +188,6 @@ def test_a_wildcat_head_trained_from_a_whole_image_gap_model(trained):
 
     text = whole_image_section(metrics)
     assert "Started from the whole-image model" in text and "trained: the head only" in text
+    assert "| the whole-image model, before this stage (its head converted) |" in text
     # it starts where the GAP model was (a positive multiple of its unit weights) and stays right
     assert metrics["initial"]["accuracy"] >= 0.8 and metrics["val"]["after_temperature"]["accuracy"] >= 0.9
