@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import csv
 import io
 import itertools
 import json
@@ -53,17 +52,19 @@ def _images(folder: Path, n: int, size: int) -> list[Path]:
     return out
 
 
-def _report(prefix: Path, labels: dict) -> tuple[str, bool]:
-    rows = list(csv.DictReader(open(f"{prefix}_stats.csv", encoding="utf-8")))
+def _report(tally: dict, labels: dict) -> tuple[str, bool]:
+    """The per-kind table from the locust process's own tally (every request, those that ended while
+    locust waited for the users' last tasks included: its CSV is written before they end)."""
+    import numpy as np
+
     lines = [f"{'kind':<12} {'requests':>8} {'errors':>6} {'p50 ms':>8} {'p95 ms':>8}"]
     errors = 0
-    seen = set()
-    for r in rows:
-        if r["Name"] == "Aggregated":
-            continue
-        seen.add(r["Name"])
-        errors += int(r["Failure Count"])
-        lines.append(f"{r['Name']:<12} {r['Request Count']:>8} {r['Failure Count']:>6} {r['50%']:>8} {r['95%']:>8}")
+    for name in sorted(tally):
+        r = tally[name]
+        errors += int(r["failures"])
+        p50, p95 = (np.percentile(r["ms"], [50, 95]) if r["ms"] else (float("nan"), float("nan")))
+        lines.append(f"{name:<12} {r['requests']:>8} {r['failures']:>6} {p50:>8.0f} {p95:>8.0f}")
+    seen = {name for name, r in tally.items() if r["requests"] > 0}
     lost = labels["written"] - labels["stored"]
     lines.append(f"labels: {labels['written']} written, {labels['stored']} in the store, {lost} lost")
     lines.append(f"errors: {errors}")
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DEEPMINER_LOAD_CREDS": json.dumps(args.user),
            "DEEPMINER_LOAD_MODEL": args.model, "DEEPMINER_LOAD_IMAGES": json.dumps([str(p) for p in images]),
            "DEEPMINER_LOAD_RUN": run_id, "DEEPMINER_LABELS_URL": labels_url,
-           "DEEPMINER_LOAD_CACERT": args.cacert or "", "DEEPMINER_LOAD_COUNT": str(out / "labels-written.json")}
+           "DEEPMINER_LOAD_CACERT": args.cacert or "", "DEEPMINER_LOAD_TALLY": str(out / "tally.json")}
     cmd = [sys.executable, "-m", "locust", "-f", __file__, "--headless", "--host", args.url.rstrip("/"),
            "-u", str(args.users), "-r", str(args.users), "-t", f"{args.time}s", "--stop-timeout", "120",
            "--csv", str(out / "load"), "--only-summary", "--loglevel", "WARNING"]
@@ -108,11 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     proc = subprocess.run(cmd, env=env, cwd=ROOT, timeout=args.time + 300)
     from deepminer.labels import LabelStore
 
-    written = json.loads((out / "labels-written.json").read_text()) if (out / "labels-written.json").is_file() else 0
+    tally = json.loads((out / "tally.json").read_text()) if (out / "tally.json").is_file() else {}
     store = LabelStore(labels_url)
     stored = len(store.history(LOAD_MODEL, run_id))
     store.close()
-    text, ok = _report(out / "load", {"written": written, "stored": stored})
+    text, ok = _report(tally.get("kinds", {}), {"written": int(tally.get("labels_written", 0)), "stored": stored})
     text = f"{args.users} users, {args.time} s ({time.monotonic() - t0:.0f} s with start and stop)\n{text}"
     (out / "report.txt").write_text(text + "\n", encoding="utf-8")
     print(text)
@@ -140,11 +141,21 @@ if __name__ != "__main__":
 
     _SKETCH = base64.b64encode(_sketch_png()).decode()
 
-    @events.test_stop.add_listener
-    def _count(**_: object) -> None:
-        path = os.environ.get("DEEPMINER_LOAD_COUNT")
+    _TALLY: dict[str, dict] = {}
+
+    @events.request.add_listener
+    def _record(name: str, response_time: float, exception: object = None, **_: object) -> None:
+        r = _TALLY.setdefault(name, {"requests": 0, "failures": 0, "ms": []})
+        r["requests"] += 1
+        r["failures"] += exception is not None
+        r["ms"].append(float(response_time))
+
+    @events.quitting.add_listener
+    def _dump(**_: object) -> None:
+        # at quitting, after the users' last tasks (--stop-timeout) have ended: every request and label counted
+        path = os.environ.get("DEEPMINER_LOAD_TALLY")
         if path:
-            Path(path).write_text(json.dumps(_WRITTEN["n"]))
+            Path(path).write_text(json.dumps({"labels_written": _WRITTEN["n"], "kinds": _TALLY}))
 
     class LabUser(HttpUser):
         wait_time = between(0.5, 2.0)
