@@ -172,6 +172,7 @@ if __name__ != "__main__":
             from deepminer.labels import LabelStore
 
             self.store = LabelStore(os.environ["DEEPMINER_LABELS_URL"])
+            self.on_start_kinds()
 
         def on_stop(self) -> None:
             self.store.close()
@@ -187,6 +188,13 @@ if __name__ != "__main__":
             with self.client.post(path, files=files, name=kind, catch_response=True, timeout=300) as r:
                 if r.status_code != 200:
                     r.failure(f"{r.status_code}: {r.text[:200]}")
+
+        # each user's first tasks are one of every kind (a short run still exercises them all, the
+        # evaluation included); after that locust picks them at random, weighted 4 : 3 : 1 : 2
+        def on_start_kinds(self) -> None:
+            for kind in (self.explain, self.sketch, self.evaluate, self.label):
+                kind()
+                self.wait()
 
         @task(4)
         def explain(self) -> None:
