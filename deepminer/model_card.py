@@ -198,12 +198,13 @@ def whole_image_section(metrics: dict) -> str:
     data = metrics["data"]
     mm = scale.get("mm_per_px")
     start = metrics.get("start") or {}
+    stage = start.get("stage", "patch")
     if cfg["train_from"] == "head":
         trained = "the head only (everything before it frozen)"
     else:
         trained = f"from `{cfg['train_from']}` on (BatchNorm statistics kept)"
     lines = ["## Whole-image stage (`deepminer train-whole`)", "",
-             f"Started from the {start.get('stage', 'patch')} model `{cfg['model']}`"
+             f"Started from the {stage} model `{cfg['model']}`"
              + (f" (every WILDCAT map started at its class's GAP weights x {start['head_rescaled_by']:.3g}, "
                 "the scale of the training logits)"
                 if start.get("head_converted") and start.get("head_rescaled_by") else "")
@@ -237,7 +238,7 @@ def whole_image_section(metrics: dict) -> str:
                 f"{fmt_number(s.get('auc_benign'))} | {fmt_number(s.get('auc_malignant'))} | "
                 f"{fmt_number(s.get('auc_abnormal'))} | {'/'.join(str(p.get(c, 0)) for c in CLASSES)} |")
 
-    lines.append(row(f"the {start.get('stage', 'patch')} model, before this stage"
+    lines.append(row(f"the {stage} model, before this stage"
                      + (" (its head converted)" if start.get("head_converted") else ""), metrics["initial"]))
     for e in metrics["history"]:
         lines.append(row(f"epoch {e['epoch']} (val loss {e['val_loss']:.4f})", e))
