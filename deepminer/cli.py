@@ -22,6 +22,7 @@ from deepminer import __version__
 from deepminer.commands import (
     atlas_ablation,
     bench,
+    calibrate,
     dissect,
     domain_fit,
     evaluate,
@@ -38,7 +39,7 @@ from deepminer.commands import (
 )
 from deepminer.errors import DeepMinerError
 
-COMMANDS: tuple[ModuleType, ...] = (atlas_ablation, bench, dissect, domain_fit, evaluate, evaluate_explanations, explain, import_cbis, inspect,
+COMMANDS: tuple[ModuleType, ...] = (atlas_ablation, bench, calibrate, dissect, domain_fit, evaluate, evaluate_explanations, explain, import_cbis, inspect,
                                     jobs, patches, phantoms, train, train_whole, users)
 ENTRY_POINT_GROUP = "deepminer.commands"
 

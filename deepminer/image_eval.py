@@ -142,8 +142,14 @@ def format_metrics(metrics: dict[str, Any]) -> list[str]:
     ab = metrics.get("abnormal_auc") or {}
     lines.append(f"abnormal vs normal AUC (score {ab.get('score', '1 - p(normal)')}): {_ci(ab)}")
     lines.append(f"accuracy ({len(classes)} classes, argmax): {_ci(metrics['accuracy'])}; "
-                 f"ECE {fmt_number(metrics.get('ece'))} (top-label, {len(metrics.get('reliability') or [])} bins); "
+                 f"ECE {_ci(metrics.get('ece_interval') or {'value': metrics.get('ece')})} "
+                 f"(top-label, {len(metrics.get('reliability') or [])} bins); "
                  f"NLL {fmt_number(metrics.get('nll'))}; Brier {fmt_number(metrics.get('brier'))}")
+    floor = metrics.get("ece_if_calibrated") or {}
+    if floor.get("draws"):
+        lines.append(f"ECE a perfectly calibrated model would show on these {metrics['n']} images: "
+                     f"{fmt_number(floor.get('mean'))} on average, {fmt_number(floor.get('q95'))} at the 95th percentile "
+                     f"({floor['draws']} draws; {fmt_number(floor.get('share_at_least'))} of them >= the measured ECE)")
     lines.append("confusion (rows = truth, columns = predicted):")
     lines.append(" " * width + " " + " ".join(f"{c:>{max(6, len(c))}}" for c in classes))
     for c, row in zip(classes, metrics["confusion"]):

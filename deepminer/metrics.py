@@ -8,8 +8,11 @@
 * :func:`image_level_metrics` — the whole-image classification report (issue 21): per-class and
   abnormal-vs-normal AUC and 3-class accuracy with 95% bootstrap intervals, the confusion matrix,
   ECE with its reliability table, NLL and Brier score;
-  :func:`expected_calibration_error`, :func:`reliability_bins`, :func:`fit_temperature` and
-  :func:`softmax` (temperature scaling, Guo et al. 2017). Numpy/scipy only, no torch.
+  :func:`expected_calibration_error` (with :func:`ece_rows` for resamples and
+  :func:`ece_if_calibrated`, the ECE a calibrated model would show on as many images),
+  :func:`reliability_bins`, :func:`fit_temperature`, :func:`fit_calibration` and
+  :func:`calibrated_probabilities` (temperature scaling, Guo et al. 2017, plus a benign/malignant
+  mixing rate for look-alikes) and :func:`softmax`. Numpy/scipy only, no torch.
 
 **pAUC definition.** With the ROC curve ``FPR(t)`` written as a function of the true-positive rate
 ``t`` (the piecewise-linear curve through scikit-learn's ``roc_curve`` points), the partial area is
@@ -194,6 +197,60 @@ def fit_temperature(logits: np.ndarray, y: Sequence[int] | np.ndarray, *,
     return float(math.exp(res.x))
 
 
+#: the classes whose probabilities the calibration mixes (:func:`calibrated_probabilities`)
+MIX_CLASSES = ("benign", "malignant")
+
+
+def calibrated_probabilities(logits: np.ndarray, temperature: float = 1.0, mix: float = 0.0,
+                             pair: tuple[int, int] | None = (1, 2)) -> np.ndarray:
+    """``softmax(logits / T)``, then the two classes of ``pair`` mixed at rate ``mix``:
+    ``p'_a = (1 - mix) p_a + mix p_b`` and ``p'_b = (1 - mix) p_b + mix p_a``; every other class
+    keeps its probability and every row still sums to 1.
+
+    The mix is the calibration's model of look-alikes (label noise between two classes): an image
+    whose findings look malignant is benign at some rate, and the other way round, so a calibrated
+    model can never be surer of one of the pair than ``1 - mix``, however clear the image. A
+    temperature cannot say that: it sharpens or flattens every image alike (measured on the bundled
+    models: docs/evaluation.md, "Calibration"). ``mix`` < 0.5 keeps the order of the two classes."""
+    p = softmax(logits, temperature)
+    if mix and pair is not None:
+        a, b = pair
+        pa, pb = p[:, a].copy(), p[:, b].copy()
+        p[:, a] = (1.0 - mix) * pa + mix * pb
+        p[:, b] = (1.0 - mix) * pb + mix * pa
+    return p
+
+
+MAX_MIX = 0.45  #: the largest rate :func:`fit_calibration` considers (0.5 would erase the pair's order)
+
+
+def fit_calibration(logits: np.ndarray, y: Sequence[int] | np.ndarray, *, pair: tuple[int, int] | None = (1, 2),
+                    bounds: tuple[float, float] = (0.05, 20.0)) -> dict:
+    """The temperature and the pair's mixing rate (:func:`calibrated_probabilities`) that together
+    minimise the mean negative log-likelihood on ``(logits (N, C), y (N,))``: L-BFGS-B over
+    ``(log T, mix)`` in ``log(bounds) x [0, MAX_MIX]``, started from :func:`fit_temperature` and
+    mix 0.01. ``pair`` None: the temperature alone. Returns ``{"temperature", "mix", "nll"}``.
+    Fit it on validation logits, never on the test set."""
+    from scipy.optimize import minimize
+
+    z = np.asarray(logits, dtype=np.float64)
+    yy = np.asarray(y).astype(int).ravel()
+    t0 = fit_temperature(z, yy, bounds=bounds)
+    if pair is None:
+        return {"temperature": t0, "mix": 0.0, "nll": _nll_at(z, yy, t0)}
+    rows = np.arange(yy.size)
+
+    def nll(x: np.ndarray) -> float:
+        p = calibrated_probabilities(z, math.exp(x[0]), float(x[1]), pair)
+        return float(-np.mean(np.log(np.clip(p[rows, yy], 1e-300, None))))
+
+    lo, hi = (math.log(b) for b in bounds)
+    start = np.array([math.log(t0), 0.01])
+    res = minimize(nll, start, method="L-BFGS-B", bounds=[(lo, hi), (0.0, MAX_MIX)])
+    x = res.x if nll(res.x) <= nll(start) else start
+    return {"temperature": float(math.exp(x[0])), "mix": float(x[1]), "nll": nll(x)}
+
+
 def reliability_bins(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, n_bins: int = ECE_BINS) -> list[dict]:
     """The top-label reliability table: ``n_bins`` equal-width bins of the confidence
     ``max_c p_c`` over ``[0, 1]``, bin ``b`` holding ``b/n < conf <= (b+1)/n`` (the first bin also
@@ -223,6 +280,45 @@ def expected_calibration_error(y_true: Sequence[int] | np.ndarray, probs: np.nda
     if not n:
         return _NAN
     return float(sum(b["count"] / n * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"]))
+
+
+def ece_rows(conf: np.ndarray, right: np.ndarray, n_bins: int = ECE_BINS) -> np.ndarray:
+    """:func:`expected_calibration_error` of every row of ``conf`` and ``right`` ``(R, N)`` (top-label
+    confidences and whether the argmax was right), vectorised for resamples and draws: with the
+    bins of :func:`reliability_bins`, ``sum_b (n_b / N) |acc_b - conf_b| = sum_b |sum right - sum conf| / N``."""
+    c = np.atleast_2d(np.asarray(conf, dtype=np.float64))
+    r = np.atleast_2d(np.asarray(right, dtype=np.float64))
+    rows, n = c.shape
+    if not n:
+        return np.full(rows, _NAN)
+    b = np.clip(np.ceil(c * n_bins).astype(int) - 1, 0, n_bins - 1) + n_bins * np.arange(rows)[:, None]
+    size = rows * n_bins
+    sum_c = np.bincount(b.ravel(), weights=c.ravel(), minlength=size).reshape(rows, n_bins)
+    sum_r = np.bincount(b.ravel(), weights=r.ravel(), minlength=size).reshape(rows, n_bins)
+    return np.abs(sum_r - sum_c).sum(axis=1) / n
+
+
+def ece_if_calibrated(probs: np.ndarray, *, draws: int = 1000, seed: int = 0, n_bins: int = ECE_BINS) -> np.ndarray:
+    """The ECE a perfectly calibrated model with these very probabilities would show on these N
+    images: each draw takes every image's label from its own ``probs`` row (consistency resampling,
+    Vaicenavicius et al. 2019) and measures the ECE against it. Returns the ``draws`` ECEs. Binned ECE
+    is biased upwards on few images (each bin's accuracy is a noisy share); on 200 images it is
+    rarely near 0 even for a calibrated model, so a measured ECE means little without this floor."""
+    p = np.asarray(probs, dtype=np.float64)
+    n = p.shape[0]
+    if not n or draws < 1:
+        return np.zeros(0)
+    rng = np.random.default_rng(seed)
+    cum = np.cumsum(p, axis=1)
+    cum[:, -1] = np.inf  # rounding never leaves a draw past the last class
+    pred = p.argmax(axis=1)
+    conf = p.max(axis=1)
+    out = []
+    for s in range(0, draws, 250):  # chunks keep the (draws, N, C) comparison small
+        u = rng.random((min(250, draws - s), n))
+        drawn = (u[:, :, None] >= cum[None]).sum(axis=2)
+        out.append(ece_rows(np.broadcast_to(conf, drawn.shape), drawn == pred[None], n_bins))
+    return np.concatenate(out)
 
 
 # -- image level: the report -----------------------------------------------------------------------
@@ -269,7 +365,9 @@ def image_level_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, c
          "abnormal_auc" {"value", "lo", "hi", "resamples", "score"},  # truth != negative, score 1 - p_negative
          "accuracy" {"value", "lo", "hi", "resamples"},       # argmax == truth
          "confusion" [[...]] (rows = truth, columns = predicted, counts, in ``classes`` order),
-         "ece", "reliability" [bins, :func:`reliability_bins`], "nll", "brier",
+         "ece", "ece_interval" {"value", "lo", "hi", "resamples"}, "reliability" [bins, :func:`reliability_bins`],
+         "ece_if_calibrated" {"draws", "mean", "q95", "share_at_least"},  # :func:`ece_if_calibrated`
+         "nll", "brier",
          "bootstrap" {"resamples", "seed", "level", "method"}}
 
     Intervals: percentile bootstrap over images (``n_boot`` resamples of N images drawn with
@@ -278,7 +376,10 @@ def image_level_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, c
     undefined (its class, or every other class, absent) is skipped for that AUC, not redrawn;
     ``resamples`` says how many were used. ``n_boot=0``: no intervals (lo/hi NaN). Point AUCs are
     scikit-learn's ``roc_auc_score`` (:func:`per_class_auc`); the bootstrap ones the same statistic
-    by mid-ranks (:func:`rank_auc`). NLL: mean ``-log p_truth`` (p clipped at 1e-12); Brier: mean
+    by mid-ranks (:func:`rank_auc`). ``ece_if_calibrated``: the ECE a perfectly calibrated model with
+    these probabilities would show on these images (``min(n_boot, 1000)`` draws, seed ``seed + 1``):
+    its mean, its 95th percentile, and the share of draws at least the measured ECE (a small share:
+    the miscalibration is more than the noise of N images). NLL: mean ``-log p_truth`` (p clipped at 1e-12); Brier: mean
     over images of ``sum_c (p_c - [c == truth])^2`` (0 to 2).
     """
     from sklearn.metrics import confusion_matrix, roc_auc_score
@@ -316,13 +417,22 @@ def image_level_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, c
                     right[rng_idx].mean(axis=1) if rng_idx.size else np.zeros(0), level)
     conf = confusion_matrix(y, pred, labels=list(range(C))) if n else np.zeros((C, C), dtype=int)
     onehot = np.eye(C)[y] if n else np.zeros((0, C))
+    ece = expected_calibration_error(y, p, n_bins)
+    top = p.max(axis=1) if n else np.zeros(0)
+    ece_samples = ece_rows(top[rng_idx], right[rng_idx], n_bins) if rng_idx.size else np.zeros(0)
+    floor = ece_if_calibrated(p, draws=min(int(n_boot), 1000), seed=seed + 1, n_bins=n_bins) if n_boot > 0 else np.zeros(0)
+    calibrated: dict = {"draws": int(floor.size), "mean": _NAN, "q95": _NAN, "share_at_least": _NAN}
+    if floor.size and math.isfinite(ece):
+        calibrated.update(mean=float(floor.mean()), q95=float(np.quantile(floor, 0.95)),
+                          share_at_least=float((floor >= ece - 1e-12).mean()))
     return {
         "n": int(n), "classes": names,
         "counts": {name: int((y == c).sum()) for c, name in enumerate(names)},
         "predicted_counts": {name: int((pred == c).sum()) for c, name in enumerate(names)},
         "auc": auc, "abnormal_auc": abnormal, "accuracy": acc,
         "confusion": conf.astype(int).tolist(),
-        "ece": expected_calibration_error(y, p, n_bins), "reliability": reliability_bins(y, p, n_bins),
+        "ece": ece, "ece_interval": _interval(ece, ece_samples, level), "ece_if_calibrated": calibrated,
+        "reliability": reliability_bins(y, p, n_bins),
         "nll": float(np.mean(-np.log(np.clip(p[np.arange(n), y], 1e-12, None)))) if n else _NAN,
         "brier": float(np.mean(np.sum((p - onehot) ** 2, axis=1))) if n else _NAN,
         "bootstrap": {"resamples": int(n_boot), "seed": int(seed), "level": float(level),

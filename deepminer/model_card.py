@@ -47,11 +47,13 @@ def fmt_interval(est: dict | None) -> str:
 
 
 def image_level_section(metrics: dict, *, uncalibrated: dict | None = None, temperature: float | None = None,
-                        figure: str | None = None, title: str = "Image level") -> str:
+                        figure: str | None = None, title: str = "Image level", calibration: str | None = None) -> str:
     """The model card's image-level section (Markdown) from :func:`deepminer.metrics.image_level_metrics`
     of the calibrated probabilities: per-class AUC [95% CI], abnormal-vs-normal AUC, 3-class
     accuracy, ECE (and NLL, Brier) before -> after temperature scaling when ``uncalibrated`` (the same
-    metrics at T = 1) and ``temperature`` are given, the confusion matrix, the reliability table,
+    metrics at T = 1) and ``temperature`` are given (``calibration``: how the calibration is named
+    instead, e.g. :func:`calibration_rule` short), the ECE a perfectly calibrated model would show on
+    as many images, the confusion matrix, the reliability table,
     and ``figure`` (a path relative to the card, the PNG of
     :func:`deepminer.evaluation.figures.reliability_diagram`)."""
     m = metrics
@@ -70,15 +72,20 @@ def image_level_section(metrics: dict, *, uncalibrated: dict | None = None, temp
     lines += [f"| AUC abnormal vs normal | {fmt_interval(m.get('abnormal_auc'))} |",
               f"| accuracy ({len(classes)} classes) | {fmt_interval(m.get('accuracy'))} |"]
     n_bins = len(m.get("reliability") or [])
+    floor = m.get("ece_if_calibrated") or {}
     if uncalibrated is not None:
-        t = f"T = {temperature:.3f}" if temperature is not None else "temperature scaling"
+        t = calibration or (f"T = {temperature:.3f}" if temperature is not None else "temperature scaling")
         for key, name in (("ece", f"ECE (top-label, {n_bins} bins)"), ("nll", "NLL"), ("brier", "Brier")):
             lines.append(f"| {name}, before -> after {t} | {fmt_number(uncalibrated.get(key))} -> {fmt_number(m.get(key))} |")
     else:
         if temperature is not None:
             lines.append(f"| temperature | {temperature:.3f} |")
-        lines += [f"| ECE (top-label, {n_bins} bins) | {fmt_number(m.get('ece'))} |",
+        lines += [f"| ECE (top-label, {n_bins} bins) | {fmt_interval(m.get('ece_interval') or {'value': m.get('ece')})} |",
                   f"| NLL | {fmt_number(m.get('nll'))} |", f"| Brier | {fmt_number(m.get('brier'))} |"]
+    if floor.get("draws"):
+        lines.append(f"| ECE a perfectly calibrated model would show on these {m['n']} images (mean; 95th "
+                     f"percentile; share of {floor['draws']} draws >= the measured) | {fmt_number(floor.get('mean'))}; "
+                     f"{fmt_number(floor.get('q95'))}; {fmt_number(floor.get('share_at_least'))} |")
     lines += ["", "Confusion matrix (rows = truth, columns = prediction, images):", "",
               "| truth \\ predicted | " + " | ".join(classes) + " | total |", "|---" * (len(classes) + 2) + "|"]
     for c, row in zip(classes, m["confusion"]):
@@ -224,9 +231,8 @@ def whole_image_section(metrics: dict) -> str:
              + (f", patience {cfg['patience']}" if cfg.get("patience") else "")
              + f"; kept epoch {metrics['best_epoch']} (lowest validation loss)",
              *_unit_layer_lines(metrics),
-             f"- temperature T = {level['temperature']:.3f} fitted on the validation logits (minimum NLL)"
-             + (" at the served output stride" if metrics["val"].get("at_training_stride") else "")
-             + "; image probabilities = softmax(pooled logits / T)",
+             f"- calibration: {calibration_rule(level)}, fitted on the validation logits (minimum NLL)"
+             + (" at the served output stride" if metrics["val"].get("at_training_stride") else ""),
              f"- wall time: {metrics['seconds']['cache']:.0f} s caching the trunk + {metrics['seconds']['train']:.0f} s "
              "training",
              "", "| validation (images) | accuracy | AUC normal | AUC benign | AUC malignant | AUC abnormal | predicted n/b/m |",
@@ -247,6 +253,39 @@ def whole_image_section(metrics: dict) -> str:
         lines.append(row(f"kept model at the training stride {at['output_stride']}, T = 1", at))
         lines.append(row(f"kept model as served (stride {metrics['unit_layer']['output_stride']}), T = 1",
                          metrics["val"]["before_temperature"]))
-    lines.append(row(f"kept model, after T = {level['temperature']:.3f}", metrics["val"]["after_temperature"]))
+    lines.append(row(f"kept model, calibrated ({calibration_rule(level, short=True)})",
+                     metrics["val"]["after_temperature"]))
     lines.append("")
+    if metrics["val"].get("calibration"):
+        lines.append(calibration_section(metrics["val"]["calibration"], title="### Calibration on the validation images"))
+    return "\n".join(lines) + "\n"
+
+
+def calibration_rule(level: dict, *, short: bool = False) -> str:
+    """How a whole-image model's ``meta["image_level"]`` turns pooled logits into probabilities."""
+    t = float(level.get("temperature") or 1.0)
+    mix = level.get("mix") or {}
+    rate = float(mix.get("rate") or 0.0)
+    if short:
+        return f"T = {t:.3f}" + (f", mix {rate:.3f}" if rate else "")
+    rule = f"softmax(pooled logits / T), T = {t:.3f}"
+    if rate:
+        a, b = mix["classes"]
+        rule += (f"; then p({a}) and p({b}) mixed at rate {rate:.3f} (each becomes (1 - {rate:.3f}) x itself + "
+                 f"{rate:.3f} x the other: look-alikes, no {a}/{b} answer surer than {1 - rate:.3f})")
+    return rule
+
+
+def calibration_section(report: dict, *, title: str = "## Calibration") -> str:
+    """A table of :func:`deepminer.whole_image.fit_image_calibration`'s report: validation NLL and
+    ECE before calibration, with the temperature alone, and with the fitted calibration."""
+    lines = [title, "", f"Fitted by {report.get('fitted', 'minimum NLL')} ({report['images']} images): "
+             f"{report.get('rule', '')}.", "",
+             "| probabilities | T | mix | NLL | ECE |", "|---|---|---|---|---|"]
+    for key, name in (("before", "pooled logits, softmax (T = 1)"), ("temperature_alone", "temperature alone"),
+                      ("calibrated", "calibrated (what is served)")):
+        r = report.get(key)
+        if r:
+            lines.append(f"| {name} | {r['temperature']:.3f} | {r['mix']:.3f} | {fmt_number(r['nll'])} | "
+                         f"{fmt_number(r['ece'])} |")
     return "\n".join(lines) + "\n"

@@ -18,10 +18,11 @@ stay for evaluation):
   the breast cells; the loss is the 3-class cross-entropy of the pooled logits (class-balanced), so
   "normal" is a class the image-level answer can reach;
 * BatchNorm layers keep their statistics (whole-image batches are small and mostly normal tissue);
-* the model with the lowest validation loss is kept; then a temperature is fitted on the validation
-  logits (:func:`deepminer.metrics.fit_temperature`) so the image-level probabilities are calibrated.
+* the model with the lowest validation loss is kept; then a temperature and a benign/malignant
+  mixing rate are fitted on the validation logits (:func:`fit_image_calibration`) so the image-level
+  probabilities are calibrated (``deepminer calibrate`` refits them on other images).
 
-The checkpoint records ``meta["scale"]`` and ``meta["image_level"]`` (pool, temperature), which the
+The checkpoint records ``meta["scale"]`` and ``meta["image_level"]`` (pool, temperature, mix), which the
 engine's image rule (:func:`deepminer.explain.engine.image_probabilities`) and the server's scale
 (:func:`deepminer.model_scale.input_side`) read.
 """
@@ -341,12 +342,12 @@ def _nll(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = No
     return float((per * w).sum() / w.sum())
 
 
-def _summary(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> dict:
+def _summary(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0, mix: float = 0.0) -> dict:
     from sklearn.metrics import roc_auc_score
 
-    z = logits / temperature
-    p = np.exp(z - z.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
+    from deepminer.metrics import calibrated_probabilities
+
+    p = calibrated_probabilities(logits, temperature, mix, _mix_pair(CLASSES))
     out: dict[str, Any] = {"images": int(len(labels)), "accuracy": float((p.argmax(1) == labels).mean()),
                            "predicted": {c: int((p.argmax(1) == i).sum()) for i, c in enumerate(CLASSES)}}
     for i, c in enumerate(CLASSES):
@@ -355,6 +356,53 @@ def _summary(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -
     y = labels != 0
     out["auc_abnormal"] = float(roc_auc_score(y, 1 - p[:, 0])) if 0 < y.sum() < len(y) else None
     return out
+
+
+def _mix_pair(classes) -> tuple[int, int] | None:
+    """The indices of the calibration's mixed classes (:data:`deepminer.metrics.MIX_CLASSES`) in
+    ``classes``, or None when the model lacks one of them."""
+    from deepminer.metrics import MIX_CLASSES
+
+    names = list(classes)
+    a, b = MIX_CLASSES
+    return (names.index(a), names.index(b)) if a in names and b in names else None
+
+
+def fit_image_calibration(logits: np.ndarray, labels: np.ndarray, classes=CLASSES, *,
+                          temperature_only: bool = False) -> tuple[dict, dict]:
+    """Calibrate a whole-image model on validation logits ``(N, C)`` (pooled, as served) and their
+    labels: :func:`deepminer.metrics.fit_calibration` (a temperature and the benign/malignant mix;
+    ``temperature_only``: the temperature alone), and the temperature alone for comparison.
+
+    Returns ``(fields for meta["image_level"]: {"temperature", "mix"}, report)``; the report holds
+    the validation NLL and ECE before calibration, with the temperature alone and calibrated, and
+    both fits, so a card can show what each step buys."""
+    from deepminer.metrics import calibrated_probabilities, expected_calibration_error, fit_calibration, fit_temperature
+
+    names = list(classes)
+    pair = None if temperature_only else _mix_pair(names)
+    t_alone = float(fit_temperature(logits, labels))
+    fit = fit_calibration(logits, labels, pair=pair)
+    fields = {"temperature": fit["temperature"],
+              "mix": ({"classes": [names[pair[0]], names[pair[1]]], "rate": fit["mix"]} if pair is not None
+                      else None)}
+
+    def at(t: float, m: float) -> dict:
+        p = calibrated_probabilities(logits, t, m, pair)
+        y = np.asarray(labels, dtype=int)
+        return {"temperature": t, "mix": m,
+                "nll": float(-np.mean(np.log(np.clip(p[np.arange(y.size), y], 1e-300, None)))),
+                "ece": expected_calibration_error(y, p)}
+
+    lo, hi = 0.05, 20.0  # fit_temperature's bounds
+    report = {"images": int(len(labels)), "before": at(1.0, 0.0), "temperature_alone": at(t_alone, 0.0),
+              # a fit at a bound: images the model separates perfectly ask for T -> 0 (too few or too easy)
+              "at_bound": bool(min(abs(fit["temperature"] / lo - 1), abs(fit["temperature"] / hi - 1)) < 1e-3),
+              "calibrated": at(fit["temperature"], fit["mix"]),
+              "rule": ("softmax(pooled / T)" if pair is None else
+                       f"softmax(pooled / T), then {names[pair[0]]} and {names[pair[1]]} mixed at the rate"),
+              "fitted": "minimum negative log-likelihood on the validation images"}
+    return fields, report
 
 
 def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
@@ -366,7 +414,6 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
     from deepminer.runtime import resolve_device
     from deepminer.data.dataset import describe_dataset, pixel_spacing
     from deepminer.defaults import PROBE
-    from deepminer.metrics import fit_temperature
     from deepminer.models.unit_layer import apply_unit_layer, unit_layer
     from deepminer.models.unit_layer import check as check_unit_layer
     from deepminer.trunk import freeze_before, split_features
@@ -481,11 +528,12 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
         at_training_stride = {"output_stride": unit_layer(model).get("output_stride"), **_summary(logits, labels_va)}
         apply_unit_layer(model, output_stride=cfg.serve_output_stride)
         logits = _full_logits(model, cfg.data, rows_va, cfg.long_side, device, progress)
-    temperature = float(fit_temperature(logits, labels_va))
+    calibration, calib_report = fit_image_calibration(logits, labels_va, model.classes)
+    temperature, mix = calibration["temperature"], (calibration["mix"] or {}).get("rate", 0.0)
     head_kw = dict(getattr(model.head, "head_kwargs", {}))
     image_level = {"pool": "breast cells: " + ("mean" if model.head_type == "gap" else
                                                 f"wildcat top-k + {head_kw.get('alpha')} x bottom-k, k {head_kw.get('k')}"),
-                   "temperature": temperature, "trained": "whole images, image-level labels",
+                   **calibration, "trained": "whole images, image-level labels",
                    "breast_cell_share": 0.5}
     metrics: dict[str, Any] = {
         "config": asdict(cfg), "frozen_parameters": len(frozen), "scale": scale, "image_level": image_level,
@@ -494,9 +542,9 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
                  "spacing_mm": spacing},
         "initial": initial, "history": history, "best_epoch": best_epoch,
         "val": {"before_temperature": _summary(logits, labels_va),
-                "after_temperature": _summary(logits, labels_va, temperature),
-                "nll_before": _nll(logits, labels_va), "nll_after": _nll(logits / temperature, labels_va),
-                "at_training_stride": at_training_stride},
+                "after_temperature": _summary(logits, labels_va, temperature, mix),
+                "nll_before": _nll(logits, labels_va), "nll_after": calib_report["calibrated"]["nll"],
+                "calibration": calib_report, "at_training_stride": at_training_stride},
         "unit_layer": unit_layer(model),
         "seconds": {"cache": round(prep_s, 1), "train": round(train_s, 1)},
     }
@@ -521,3 +569,62 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
 
 def command_line(argv: list[str]) -> str:
     return "deepminer train-whole " + " ".join(shlex.quote(a) for a in argv)
+
+
+# -- calibrating a trained model anew --------------------------------------------------------------
+
+def served_logits(model, folder: str, split: str, *, limit: int | None = None,
+                  progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """``(pooled logits (N, C), labels (N,), predictions)`` of a whole-image model on every image of
+    ``split``, made exactly as the server makes them (:func:`deepminer.image_eval.predict_images`: the
+    model's own scale, breast pooling) with its calibration set aside (T = 1, no mix): the logits
+    are ``log p`` (a softmax's log is the logits less a constant per image, which no calibration sees;
+    p is clipped at 1e-45, the smallest float32, so a logit gap is read up to about 103)."""
+    from deepminer.explain.engine import image_level
+    from deepminer.image_eval import predict_images, probability_matrix
+
+    level = image_level(model)
+    if level is None:
+        raise InputError("calibrate: not a whole-image model (no meta['image_level']); "
+                         "train one with deepminer train-whole")
+    saved = model.meta["image_level"]
+    model.meta["image_level"] = {**saved, "temperature": 1.0, "mix": None}
+    try:
+        preds = predict_images(model, folder, split, limit=limit, progress=progress)
+    finally:
+        model.meta["image_level"] = saved
+    y, probs = probability_matrix(preds, model.classes)
+    return np.log(np.clip(probs, 1e-45, None)), y, preds
+
+
+def calibrate_model(model_path: str, folder: str, out: str, *, split: str = "val", limit: int | None = None,
+                    temperature_only: bool = False, half: bool | None = None, command: str = "",
+                    progress: bool = True) -> dict:
+    """Refit a whole-image model's calibration (:func:`fit_image_calibration`) on the labelled images
+    of ``split`` of ``folder``, as served (:func:`served_logits`), and write the same weights with the
+    new ``meta["image_level"]`` (``temperature``, ``mix``, and ``calibrated_on``: the data, the split,
+    the images, the fit's report, the command) to ``out``. ``half``: store float16 (default: as the
+    input checkpoint is stored). Returns the report. Use images the model was not trained on."""
+    import torch
+
+    from deepminer.data.dataset import describe_dataset
+    from deepminer.models import load_model, save_model
+    from deepminer.models.checkpoints import torch_load
+
+    if Path(out).resolve() == Path(model_path).resolve():
+        raise InputError(f"{out}: the output must be a new file, not the model it calibrates")
+    model = load_model(model_path)
+    logits, y, _ = served_logits(model, folder, split, limit=limit, progress=progress)
+    if len(set(y.tolist())) < 2:
+        raise InputError(f"{folder}: split {split!r} holds one class only; calibration needs several")
+    fields, report = fit_image_calibration(logits, y, model.classes, temperature_only=temperature_only)
+    report.update(data=describe_dataset(folder), folder=str(Path(folder).resolve()), split=split,
+                  previous={k: model.meta["image_level"].get(k) for k in ("temperature", "mix")},
+                  command=command)
+    meta = dict(model.meta)
+    meta["image_level"] = {**meta["image_level"], **fields, "calibrated_on": report}
+    if half is None:
+        state = torch_load(model_path, "cpu")["state_dict"]
+        half = any(v.dtype == torch.float16 for v in state.values())
+    save_model(model, out, half=half, **meta)
+    return report

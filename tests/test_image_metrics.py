@@ -1,5 +1,6 @@
 """Image-level classification metrics (issue 21): equal to scikit-learn's, ECE by hand, the bootstrap
-intervals, temperature scaling."""
+intervals, temperature scaling and the benign/malignant mix, the ECE of a calibrated model on as many
+images."""
 from __future__ import annotations
 
 import math
@@ -9,8 +10,9 @@ import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score
 
 from deepminer.evaluation.stats import bootstrap_ci
-from deepminer.metrics import (expected_calibration_error, fit_temperature, image_level_metrics, rank_auc,
-                               reliability_bins, softmax)
+from deepminer.metrics import (calibrated_probabilities, ece_if_calibrated, ece_rows, expected_calibration_error,
+                               fit_calibration, fit_temperature, image_level_metrics, rank_auc, reliability_bins,
+                               softmax)
 
 CLASSES = ("normal", "benign", "malignant")
 
@@ -118,6 +120,62 @@ def test_fit_temperature_recovers_the_scale():
     assert fit_temperature(z, y) == pytest.approx(1.0, rel=0.08)
     with pytest.raises(ValueError):
         fit_temperature(z[:, :2], y)
+
+
+def test_the_mix_by_hand():
+    # softmax([0, ln 2, ln 7]) = [0.1, 0.2, 0.7]; benign and malignant mixed at 0.1:
+    #   benign 0.9 * 0.2 + 0.1 * 0.7 = 0.25, malignant 0.9 * 0.7 + 0.1 * 0.2 = 0.65, normal stays 0.1
+    z = np.log(np.array([[1.0, 2.0, 7.0]]))
+    assert calibrated_probabilities(z, 1.0, 0.1) == pytest.approx(np.array([[0.1, 0.25, 0.65]]), abs=1e-12)
+    assert calibrated_probabilities(z, 1.0, 0.0) == pytest.approx(softmax(z), abs=1e-15)
+    z2, _, _ = _data(50, seed=9)
+    q = calibrated_probabilities(z2, 0.7, 0.3)
+    assert q.sum(1) == pytest.approx(np.ones(50)) and q[:, 0] == pytest.approx(softmax(z2, 0.7)[:, 0])
+    # the order of the pair is kept below 0.5
+    assert ((q[:, 2] > q[:, 1]) == (z2[:, 2] > z2[:, 1])).all()
+
+
+def _labels_of(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return (rng.random((p.shape[0], 1)) > np.cumsum(p, axis=1)).sum(axis=1)
+
+
+def test_fit_calibration_recovers_a_known_temperature_and_mix():
+    """Labels drawn from softmax(z / 2) with benign and malignant swapped at 8 % (look-alikes): the fit
+    finds T and the rate; with no swap, the rate stays near 0 and T is the temperature alone."""
+    rng = np.random.default_rng(11)
+    z = rng.normal(0.0, 4.0, size=(20000, 3))
+    y = _labels_of(calibrated_probabilities(z, 2.0, 0.08), rng)
+    fit = fit_calibration(z, y)
+    assert fit["temperature"] == pytest.approx(2.0, rel=0.08) and fit["mix"] == pytest.approx(0.08, abs=0.012)
+    alone = fit_temperature(z, y)
+    assert alone > 2.2  # a temperature alone can only flatten everything to pay for the swaps
+    assert fit["nll"] < image_level_metrics(y, softmax(z, alone), CLASSES, n_boot=0)["nll"]
+    y0 = _labels_of(softmax(z, 2.0), rng)
+    fit0 = fit_calibration(z, y0)
+    assert fit0["mix"] < 0.01 and fit0["temperature"] == pytest.approx(fit_temperature(z, y0), rel=0.05)
+    t_only = fit_calibration(z, y, pair=None)
+    assert t_only["mix"] == 0.0 and t_only["temperature"] == pytest.approx(alone)
+
+
+def test_ece_of_resamples_and_of_a_calibrated_model():
+    _, y, p = _data(300, seed=12)
+    right = p.argmax(1) == y
+    idx = np.random.default_rng(0).integers(0, 300, size=(20, 300))
+    rows = ece_rows(p.max(1)[idx], right[idx])
+    assert rows == pytest.approx([expected_calibration_error(y[i], p[i]) for i in idx], abs=1e-12)
+    # labels drawn from the probabilities: calibrated; the measured ECE is typical of the draws
+    m = image_level_metrics(y, p, CLASSES, n_boot=500, seed=3)
+    floor = m["ece_if_calibrated"]
+    assert floor["draws"] == 500 and 0.02 < floor["mean"] < floor["q95"] < 0.15
+    assert floor["share_at_least"] > 0.05
+    assert m["ece_interval"]["lo"] <= m["ece"] <= m["ece_interval"]["hi"]
+    # the same probabilities, every top-label answer wrong: far beyond what calibration noise gives
+    wrong = (p.argmax(1) + 1) % 3
+    bad = image_level_metrics(wrong, p, CLASSES, n_boot=500, seed=3)
+    assert bad["ece_if_calibrated"]["share_at_least"] == 0.0
+    # the floor shrinks with more images (about 1 / sqrt(N))
+    _, _, p_big = _data(3000, seed=13)
+    assert ece_if_calibrated(p_big, draws=200).mean() < 0.5 * ece_if_calibrated(p, draws=200).mean()
 
 
 def test_reliability_diagram_and_card_section(tmp_path):

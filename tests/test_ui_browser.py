@@ -460,6 +460,48 @@ def test_evaluate_page(chromium_browser, workbench, torchserve, artifacts_dir, t
           f"outline -> CAM scores {timing['outline_to_cam_scores_s']:.2f} s")
 
 
+def test_evaluate_page_says_how_right_the_model_was(chromium_browser, workbench, artifacts_dir, tmp_path):
+    """A labelled set (manifest.csv, 10 images per class, no masks): the Evaluate page's image-level
+    table, with the ECE's interval and the ECE a perfectly calibrated model would show on as many
+    images (binned ECE is biased upwards on few images), and the confusion matrix."""
+    import zipfile
+
+    from deepminer.data.phantoms import generate_dataset
+
+    data = generate_dataset(tmp_path / "set", 30, 17, 192)
+    zpath = tmp_path / "labelled.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for f in data.rglob("*"):
+            if f.is_file() and f.relative_to(data).parts[0] != "masks":
+                z.write(f, str(f.relative_to(data)))
+    with new_page(chromium_browser) as page:
+        page.goto(workbench["url"])
+        page.get_by_text("Upload a mammogram").wait_for(timeout=120_000)
+        idle(page, 120_000)
+        nav(page, "Evaluate")
+        page.get_by_text("Evaluate explanations", exact=True).wait_for(timeout=60_000)
+        idle(page)
+        page.locator('[data-testid="stRadio"] label', has_text="A set of images with masks").click()
+        after_input(page)
+        page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(zpath))
+        idle(page)
+        page.get_by_role("button", name="Run", exact=True).click()
+        after_input(page)
+        heading = page.get_by_text(re.compile(r"How right the model was on these 30 images"))
+        heading.wait_for(timeout=180_000)
+        page.wait_for_function(NOT_RUNNING, timeout=60_000)
+        idle(page)
+        heading.scroll_into_view_if_needed()
+        table = page.locator('[data-testid="stDataFrame"], [data-testid="stTable"]', has_text="ECE").first
+        table.wait_for(timeout=30_000)
+        shot(page, artifacts_dir / "ui-evaluate-classification.png")
+        # (the tables are drawn on a canvas; the sentence under them is text)
+        note = page.get_by_text(re.compile(r"^ECE \d\.\d{3}: a perfectly calibrated model would show \d\.\d{3} on "
+                                           r"average on 30 images"))
+        assert note.count() == 1
+        assert page.locator('[data-testid="stException"]').count() == 0
+
+
 def test_silencing_units(chromium_browser, workbench, torchserve, model_dir, artifacts_dir, tmp_path):
     """"What if these units were quiet?": on Sketch & label, a large rectangle, then "Silence the
     matching units" (before/after/change and the class map after); on Explain, "Silence a label's

@@ -191,3 +191,76 @@ def test_a_wildcat_head_trained_from_a_whole_image_gap_model(trained):
     assert "| the whole-image model, before this stage (its head converted) |" in text
     # it starts where the GAP model was (a positive multiple of its unit weights) and stays right
     assert metrics["initial"]["accuracy"] >= 0.8 and metrics["val"]["after_temperature"]["accuracy"] >= 0.9
+
+
+def test_the_image_rule_mixes_benign_and_malignant_at_the_recorded_rate():
+    """A checkpoint's calibration mix (``meta["image_level"]["mix"]``): the engine's torch rule equals
+    :func:`deepminer.metrics.calibrated_probabilities` on the pooled logits, and says so in the rule."""
+    from deepminer.metrics import calibrated_probabilities
+
+    torch.manual_seed(2)
+    model = build_model("tiny", num_classes=3, pretrained=False).eval()
+    model.meta = {"image_level": {"pool": "breast cells: mean", "temperature": 0.8,
+                                  "mix": {"classes": ["benign", "malignant"], "rate": 0.1}}}
+    logits = torch.randn(1, 3, 4, 5) * 3
+    p, rule, _ = image_probabilities(model, logits, (64, 80))
+    want = calibrated_probabilities(logits[0].mean((1, 2))[None].double().numpy(), 0.8, 0.1, (1, 2))[0]
+    assert np.allclose(p.numpy(), want, atol=1e-6) and "benign/malignant mixed at 0.1" in rule
+    # a surer-than-(1 - rate) answer is impossible for the pair, whatever the logits
+    huge = torch.zeros(1, 3, 2, 2)
+    huge[:, 2] = 50.0
+    assert float(image_probabilities(model, huge, (32, 32))[0][2]) == pytest.approx(0.9, abs=1e-6)
+    # a calibration that names a class the model lacks is a one-line error, not a wrong answer
+    model.meta["image_level"]["mix"] = {"classes": ["benign", "cancer"], "rate": 0.1}
+    with pytest.raises(InputError, match="not its classes"):
+        image_probabilities(model, logits, (64, 80))
+
+
+def test_calibrate_refits_on_served_predictions_and_keeps_the_weights(trained, tmp_path):
+    """``deepminer calibrate``: the served logits of the split, a fit equal to fitting those logits
+    directly, the same weights written with the new calibration; what the engine then serves equals
+    the calibrated probabilities of the served logits."""
+    from deepminer.cli import main
+    from deepminer.metrics import calibrated_probabilities, fit_calibration
+    from deepminer.models.checkpoints import weights_sha256
+    from deepminer.whole_image import calibrate_model, served_logits
+
+    root, data, _ = trained
+    src = root / "run" / "best.pt"
+    model = load_model(src)
+    z, y, preds = served_logits(model, str(data), "test", progress=False)
+    assert model.meta["image_level"]["temperature"] != 1.0  # set aside during the pass, then restored
+    assert z.shape == (30, 3) and sorted(set(y.tolist())) == [0, 1, 2]
+    # the served probabilities at T = 1 are softmax of those logits (log p less a constant per image)
+    p1 = np.array([[q["probabilities"][c] for c in CLASSES] for q in preds])
+    assert np.allclose(calibrated_probabilities(z), p1, atol=1e-6)
+    out = tmp_path / "cal.pt"
+    rep = calibrate_model(str(src), str(data), str(out), split="test", progress=False)
+    want = fit_calibration(z, y)
+    assert rep["calibrated"]["temperature"] == pytest.approx(want["temperature"], rel=1e-4)
+    assert rep["calibrated"]["mix"] == pytest.approx(want["mix"], abs=1e-4)
+    assert rep["calibrated"]["nll"] <= rep["temperature_alone"]["nll"] + 1e-9 <= rep["before"]["nll"] + 2e-9
+    cal = load_model(out)
+    assert weights_sha256(cal) == weights_sha256(model)  # atlas, ablation and domain files still fit it
+    level = cal.meta["image_level"]
+    assert level["calibrated_on"]["split"] == "test" and level["calibrated_on"]["images"] == 30
+    assert level["mix"]["classes"] == ["benign", "malignant"] and level["pool"] == model.meta["image_level"]["pool"]
+    served = [explain_image(cal, load_image_pixels(data / f"images/{q['image_id']}.png"), max_side=None,
+                            input_side=(q["side"], q["side_rule"]), unit_maps="none").probabilities for q in preds[:6]]
+    got = np.array([[s[c] for c in CLASSES] for s in served])
+    assert np.allclose(got, calibrated_probabilities(z[:6], level["temperature"], level["mix"]["rate"]), atol=1e-5)
+    # the command line: same fit, one-line errors for a patch model and for overwriting the input
+    assert main(["calibrate", "--model", str(src), "--data", str(data), "--split", "test",
+                 "--out", str(tmp_path / "cli.pt")]) == 0
+    assert load_model(tmp_path / "cli.pt").meta["image_level"]["temperature"] == pytest.approx(level["temperature"])
+    assert main(["calibrate", "--model", str(root / "patch.pt"), "--data", str(data), "--out", str(tmp_path / "x.pt")]) == 2
+    with pytest.raises(InputError, match="new file"):
+        calibrate_model(str(src), str(data), str(src))
+
+
+def load_image_pixels(path):
+    from deepminer.data.io import load_image
+
+    from deepminer.data.tissue import tissue_region
+
+    return tissue_region(load_image(str(path)).pixels)[0]

@@ -321,7 +321,8 @@ def classification(records: Sequence[ImageRecord], *, n_resamples: int = 1000, s
 def classification_rows(cl: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The page's two tables of :func:`classification`: ``(metrics, confusion)`` — per-class AUC,
     abnormal-vs-normal AUC, accuracy, ECE as ``value [95% CI]`` (no interval with fewer than 10
-    images of a class), and the confusion matrix (rows = truth, with the row totals)."""
+    images of a class), the ECE a perfectly calibrated model would show on as many images, and the
+    confusion matrix (rows = truth, with the row totals)."""
     from deepminer.model_card import fmt_interval, fmt_number
 
     classes = list(cl["classes"])
@@ -329,10 +330,30 @@ def classification_rows(cl: Mapping[str, Any]) -> tuple[list[dict[str, Any]], li
                for c in classes]
     metrics += [{"metric": "AUC abnormal vs normal", "value": fmt_interval(cl["abnormal_auc"]), "images": cl["n"]},
                 {"metric": f"accuracy ({len(classes)} classes)", "value": fmt_interval(cl["accuracy"]), "images": cl["n"]},
-                {"metric": "ECE (top-label, 15 bins)", "value": fmt_number(cl["ece"]), "images": cl["n"]}]
+                {"metric": "ECE (top-label, 15 bins)", "value": fmt_interval(cl.get("ece_interval") or {"value": cl["ece"]}),
+                 "images": cl["n"]}]
+    floor = cl.get("ece_if_calibrated") or {}
+    if floor.get("draws"):  # binned ECE is biased upwards on few images: what a calibrated model would show
+        metrics.append({"metric": "ECE a perfectly calibrated model would show here (mean; 95th percentile)",
+                        "value": f"{fmt_number(floor.get('mean'))}; {fmt_number(floor.get('q95'))}", "images": cl["n"]})
     confusion = [{"truth": c, **{f"predicted {k}": int(v) for k, v in zip(classes, row)}, "total": int(sum(row))}
                  for c, row in zip(classes, cl["confusion"])]
     return metrics, confusion
+
+
+def ece_note(cl: Mapping[str, Any]) -> str | None:
+    """One sentence that puts the measured ECE beside the ECE a perfectly calibrated model would show
+    on as many images (``ece_if_calibrated``), or None without that floor (too few images)."""
+    from deepminer.model_card import fmt_number
+
+    floor = cl.get("ece_if_calibrated") or {}
+    if not floor.get("draws"):
+        return None
+    verdict = ("more than the noise of this many images" if floor.get("share_at_least", 1.0) < 0.05
+               else "within the noise of this many images")
+    return (f"ECE {fmt_number(cl.get('ece'))}: a perfectly calibrated model would show {fmt_number(floor.get('mean'))} "
+            f"on average on {cl['n']} images ({fmt_number(floor.get('q95'))} at the 95th percentile), so the "
+            f"miscalibration measured here is {verdict}.")
 
 
 def figures_zip(records: Sequence[ImageRecord], summary: Sequence[Mapping[str, Any]],

@@ -99,7 +99,8 @@ def build_report(ctx: Context, records: list[ImageRecord], *, seconds: float) ->
             "trained_on": ctx.identity["model"].get("trained_on"),
             "classification": "every image explained (normal ones too), from the explanation's probabilities at "
                               f"max_side {ctx.cfg.max_side}: per-class one-vs-rest AUC, abnormal-vs-normal AUC "
-                              "(1 - p(normal)), argmax accuracy, confusion (rows truth), top-label ECE (15 bins); "
+                              "(1 - p(normal)), argmax accuracy, confusion (rows truth), top-label ECE (15 bins) and the "
+                              "ECE a perfectly calibrated model would show on as many images (ece_if_calibrated); "
                               f"95% bootstrap intervals only when every class has at least {MIN_IMAGES_FOR_CI} "
                               "images",
         },

@@ -57,9 +57,23 @@ def cam_from_features(model: FCN, feats: torch.Tensor,
 
 
 def image_level(model: FCN) -> dict | None:
-    """A whole-image model's ``meta["image_level"]`` (pool, temperature), or None for a patch model."""
+    """A whole-image model's ``meta["image_level"]`` (pool, temperature, mix), or None for a patch model."""
     level = (getattr(model, "meta", None) or {}).get("image_level")
     return level if isinstance(level, dict) else None
+
+
+def calibration_mix(model: FCN) -> tuple[tuple[int, int] | None, float]:
+    """``((a, b) class indices, rate)`` of a whole-image model's calibration mix
+    (``meta["image_level"]["mix"]``, :func:`deepminer.metrics.calibrated_probabilities`), or
+    ``(None, 0.0)`` when it has none (a temperature alone, or a checkpoint from before the mix)."""
+    mix = (image_level(model) or {}).get("mix")
+    if not isinstance(mix, dict) or not float(mix.get("rate") or 0.0):
+        return None, 0.0
+    names = list(model.classes)
+    a, b = (str(c) for c in mix.get("classes") or ())
+    if a not in names or b not in names:
+        raise InputError(f"the checkpoint's calibration mixes {a!r} and {b!r}, which are not its classes")
+    return (names.index(a), names.index(b)), float(mix["rate"])
 
 
 def image_probabilities(model: FCN, class_logits: torch.Tensor, input_hw: tuple[int, int],
@@ -69,8 +83,9 @@ def image_probabilities(model: FCN, class_logits: torch.Tensor, input_hw: tuple[
 
     * A whole-image model (``deepminer train-whole``: ``meta["image_level"]``): its head's own pooling
       over the breast ``cells`` (bool ``(h, w)``, :func:`deepminer.models.fcn.breast_cells`; all cells
-      when None), divided by the temperature fitted on validation, softmax: exactly what it was
-      trained and calibrated on.
+      when None), divided by the temperature fitted on validation, softmax, then benign and
+      malignant mixed at the rate fitted with it (:func:`calibration_mix`; none in an older
+      checkpoint): exactly what it was trained and calibrated on.
 
     * WILDCAT head: softmax of the head's own pooling (top-k + alpha x bottom-k) over the whole
       map, i.e. exactly ``softmax(model(x))``; it was made for maps of any size.
@@ -93,7 +108,16 @@ def image_probabilities(model: FCN, class_logits: torch.Tensor, input_hw: tuple[
         pooled = model.pool(class_logits.float(), c[None].to(class_logits.device))[0]
         rule = (f"whole image: {level.get('pool', 'pooled')} over {int(c.sum())} of {h * w} cells, "
                 f"/ temperature {temperature:.3g}, softmax")
-        return torch.softmax(pooled / temperature, 0), rule, None
+        probs = torch.softmax(pooled / temperature, 0)
+        pair, rate = calibration_mix(model)
+        if pair is not None:
+            a, b = pair
+            mixed = probs.clone()
+            mixed[a] = (1.0 - rate) * probs[a] + rate * probs[b]
+            mixed[b] = (1.0 - rate) * probs[b] + rate * probs[a]
+            probs = mixed
+            rule += f", {model.classes[a]}/{model.classes[b]} mixed at {rate:.3g}"
+        return probs, rule, None
     if getattr(model, "head_type", "gap") == "wildcat":
         probs = torch.softmax(model.pool(class_logits)[0].float(), 0)
         return probs, "wildcat: softmax of the head's pooling", None

@@ -418,6 +418,9 @@ def _results(run: ev.SetRun) -> None:
         c2.dataframe(confusion_rows, hide_index=True, key="eval_confusion")
         st.caption("From the probabilities of each image's explanation. Brackets: 95% bootstrap interval over "
                    "images, only when every class has at least 10 images; confusion rows are the truth.")
+        note = ev.ece_note(cl)
+        if note:
+            st.caption(note)
     cols = st.columns(3)
     for i, metric in enumerate(ev.METRICS):
         cols[i % 3].plotly_chart(render.metric_interval_bars(summary, metric, _names()), key=f"eval_bars_{metric}")
