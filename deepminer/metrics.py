@@ -354,7 +354,7 @@ def _interval(value: float, samples: np.ndarray, level: float) -> dict:
 
 def image_level_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES,
                         *, n_boot: int = 2000, seed: int = 0, level: float = CI_LEVEL, n_bins: int = ECE_BINS,
-                        negative: str = "normal") -> dict:
+                        negative: str = "normal", ece_draws: int | None = None) -> dict:
     """The image-level classification report of ``probs (N, C)`` (column ``c`` = ``classes[c]``)
     against ``y_true (N,)`` class indices.
 
@@ -377,7 +377,8 @@ def image_level_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, c
     ``resamples`` says how many were used. ``n_boot=0``: no intervals (lo/hi NaN). Point AUCs are
     scikit-learn's ``roc_auc_score`` (:func:`per_class_auc`); the bootstrap ones the same statistic
     by mid-ranks (:func:`rank_auc`). ``ece_if_calibrated``: the ECE a perfectly calibrated model with
-    these probabilities would show on these images (``min(n_boot, 1000)`` draws, seed ``seed + 1``):
+    these probabilities would show on these images (``ece_draws`` draws, default ``min(n_boot, 1000)``;
+    seed ``seed + 1``; it needs no class to be present):
     its mean, its 95th percentile, and the share of draws at least the measured ECE (a small share:
     the miscalibration is more than the noise of N images). NLL: mean ``-log p_truth`` (p clipped at 1e-12); Brier: mean
     over images of ``sum_c (p_c - [c == truth])^2`` (0 to 2).
@@ -420,7 +421,8 @@ def image_level_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, c
     ece = expected_calibration_error(y, p, n_bins)
     top = p.max(axis=1) if n else np.zeros(0)
     ece_samples = ece_rows(top[rng_idx], right[rng_idx], n_bins) if rng_idx.size else np.zeros(0)
-    floor = ece_if_calibrated(p, draws=min(int(n_boot), 1000), seed=seed + 1, n_bins=n_bins) if n_boot > 0 else np.zeros(0)
+    draws = min(int(n_boot), 1000) if ece_draws is None else int(ece_draws)
+    floor = ece_if_calibrated(p, draws=draws, seed=seed + 1, n_bins=n_bins) if draws > 0 and n else np.zeros(0)
     calibrated: dict = {"draws": int(floor.size), "mean": _NAN, "q95": _NAN, "share_at_least": _NAN}
     if floor.size and math.isfinite(ece):
         calibrated.update(mean=float(floor.mean()), q95=float(np.quantile(floor, 0.95)),

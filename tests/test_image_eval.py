@@ -141,7 +141,7 @@ def test_evaluate_page_classification_tables():
     assert body["classification"]["confusion"] == cl["confusion"] and body["classification"]["accuracy"]["lo"] is None
     assert "classification" not in json.loads(ev.report_json([], {}))
     assert ev.classification([ImageRecord("x", None)]) is None
-    assert [m["metric"] for m in metrics if m["metric"].startswith("ECE")] == ["ECE (top-label, 15 bins)"]
+    assert [m["metric"] for m in metrics if m["metric"].startswith("ECE")][0] == "ECE (top-label, 15 bins)"
     # with enough images: the ECE's interval, and the ECE a calibrated model would show on as many images
     from deepminer.evaluation.results import MIN_IMAGES_FOR_CI
 
@@ -154,9 +154,12 @@ def test_evaluate_page_classification_tables():
     ece = cl["ece_interval"]
     assert rows["ECE (top-label, 15 bins)"] == f"{ece['value']:.3f} [{ece['lo']:.3f}, {ece['hi']:.3f}]"
     floor = cl["ece_if_calibrated"]
-    assert rows["ECE a perfectly calibrated model would show here (mean; 95th percentile)"] == \
+    assert rows["ECE if perfectly calibrated (mean; 95th pct)"] == \
         f"{floor['mean']:.3f}; {floor['q95']:.3f}"
     note = ev.ece_note(cl)
     assert note.startswith(f"ECE {cl['ece']:.3f}: a perfectly calibrated model would show {floor['mean']:.3f}")
     assert ("more than the noise" in note) == (floor["share_at_least"] < 0.05)
-    assert ev.ece_note(ev.classification(recs)) is None  # 4 images: no floor, no sentence
+    # 4 images, no intervals: the floor is still drawn (it needs no class), and the sentence says it
+    few = ev.classification(recs)
+    assert few["intervals"] is False and few["ece_if_calibrated"]["draws"] == 1000
+    assert "on 4 images" in ev.ece_note(few)

@@ -461,14 +461,15 @@ def test_evaluate_page(chromium_browser, workbench, torchserve, artifacts_dir, t
 
 
 def test_evaluate_page_says_how_right_the_model_was(chromium_browser, workbench, artifacts_dir, tmp_path):
-    """A labelled set (manifest.csv, 10 images per class, no masks): the Evaluate page's image-level
-    table, with the ECE's interval and the ECE a perfectly calibrated model would show on as many
-    images (binned ECE is biased upwards on few images), and the confusion matrix."""
+    """A labelled set (a dataset folder zipped: manifest.csv, images, lesion masks; 12 benign and 12
+    malignant images, normal ones would be skipped): the Evaluate page's image-level table with the
+    ECE's interval, and the sentence with the ECE a perfectly calibrated model would show on as many
+    images (binned ECE is biased upwards on few images)."""
     import zipfile
 
     from deepminer.data.phantoms import generate_dataset
 
-    data = generate_dataset(tmp_path / "set", 30, 17, 192)
+    data = generate_dataset(tmp_path / "set", 24, 17, 1024, label_mix={"benign": 0.5, "malignant": 0.5})
     zpath = tmp_path / "labelled.zip"
     with zipfile.ZipFile(zpath, "w") as z:
         for f in data.rglob("*"):
@@ -484,11 +485,16 @@ def test_evaluate_page_says_how_right_the_model_was(chromium_browser, workbench,
         page.locator('[data-testid="stRadio"] label', has_text="A set of images with masks").click()
         after_input(page)
         page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(zpath))
+        page.get_by_text(re.compile(r"^24 image\(s\) with a mask")).wait_for(timeout=60_000)
         idle(page)
         page.get_by_role("button", name="Run", exact=True).click()
         after_input(page)
-        heading = page.get_by_text(re.compile(r"How right the model was on these 30 images"))
-        heading.wait_for(timeout=180_000)
+        heading = page.get_by_text(re.compile(r"How right the model was on these 24 images"))
+        try:
+            heading.wait_for(timeout=300_000)
+        except Exception:
+            shot(page, artifacts_dir / "ui-evaluate-classification-failed.png")
+            raise
         page.wait_for_function(NOT_RUNNING, timeout=60_000)
         idle(page)
         heading.scroll_into_view_if_needed()
@@ -497,7 +503,7 @@ def test_evaluate_page_says_how_right_the_model_was(chromium_browser, workbench,
         shot(page, artifacts_dir / "ui-evaluate-classification.png")
         # (the tables are drawn on a canvas; the sentence under them is text)
         note = page.get_by_text(re.compile(r"^ECE \d\.\d{3}: a perfectly calibrated model would show \d\.\d{3} on "
-                                           r"average on 30 images"))
+                                           r"average on 24 images"))
         assert note.count() == 1
         assert page.locator('[data-testid="stException"]').count() == 0
 

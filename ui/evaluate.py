@@ -334,7 +334,7 @@ def classification_rows(cl: Mapping[str, Any]) -> tuple[list[dict[str, Any]], li
                  "images": cl["n"]}]
     floor = cl.get("ece_if_calibrated") or {}
     if floor.get("draws"):  # binned ECE is biased upwards on few images: what a calibrated model would show
-        metrics.append({"metric": "ECE a perfectly calibrated model would show here (mean; 95th percentile)",
+        metrics.append({"metric": "ECE if perfectly calibrated (mean; 95th pct)",
                         "value": f"{fmt_number(floor.get('mean'))}; {fmt_number(floor.get('q95'))}", "images": cl["n"]})
     confusion = [{"truth": c, **{f"predicted {k}": int(v) for k, v in zip(classes, row)}, "total": int(sum(row))}
                  for c, row in zip(classes, cl["confusion"])]

@@ -198,8 +198,9 @@ def classification_summary(records: Sequence[ImageRecord], classes: Sequence[str
     """How right the model was on the images it explained: :func:`deepminer.metrics.image_level_metrics`
     of the probabilities each record kept (the explanation's own forward pass, no second one), with
     95% bootstrap intervals when every class has at least :data:`MIN_IMAGES_FOR_CI` images (else
-    none: ``"intervals": False``, the counts and the confusion matrix say the rest). None when no
-    record kept its probabilities."""
+    none: ``"intervals": False``, the counts and the confusion matrix say the rest), and always the
+    ECE a perfectly calibrated model would show on as many images. None when no record kept its
+    probabilities."""
     from deepminer.metrics import image_level_metrics
 
     names = list(classes)
@@ -210,7 +211,9 @@ def classification_summary(records: Sequence[ImageRecord], classes: Sequence[str
     y = np.array([names.index(str(r.label)) for r in got], dtype=int)
     probs = np.array([[float(r.probabilities[c]) for c in names] for r in got], dtype=np.float64)
     enough = all(int((y == c).sum()) >= MIN_IMAGES_FOR_CI for c in range(len(names)))
-    out = image_level_metrics(y, probs, names, n_boot=n_resamples if enough else 0, seed=seed)
+    # the ECE a calibrated model would show here needs no class to be present: always drawn
+    out = image_level_metrics(y, probs, names, n_boot=n_resamples if enough else 0, seed=seed,
+                              ece_draws=min(n_resamples, 1000))
     out["intervals"] = enough
     out["min_images_for_intervals"] = MIN_IMAGES_FOR_CI
     out["images_without_probabilities"] = len(records) - len(got)
