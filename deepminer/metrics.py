@@ -211,7 +211,8 @@ def calibrated_probabilities(logits: np.ndarray, temperature: float = 1.0, mix: 
     whose findings look malignant is benign at some rate, and the other way round, so a calibrated
     model can never be surer of one of the pair than ``1 - mix``, however clear the image. A
     temperature cannot say that: it sharpens or flattens every image alike (measured on the bundled
-    models: docs/evaluation.md, "Calibration"). ``mix`` < 0.5 keeps the order of the two classes."""
+    models: docs/evaluation.md, "Calibration"). ``mix`` < 0.5 keeps the order of the two classes; an
+    image nearly tied between another class and one of the pair can change its argmax."""
     p = softmax(logits, temperature)
     if mix and pair is not None:
         a, b = pair

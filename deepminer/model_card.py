@@ -279,8 +279,7 @@ def calibration_rule(level: dict, *, short: bool = False) -> str:
 def calibration_section(report: dict, *, title: str = "## Calibration") -> str:
     """A table of :func:`deepminer.whole_image.fit_image_calibration`'s report: validation NLL and
     ECE before calibration, with the temperature alone, and with the fitted calibration."""
-    lines = [title, "", f"Fitted by {report.get('fitted', 'minimum NLL')} ({report['images']} images): "
-             f"{report.get('rule', '')}.", "",
+    lines = [title, "", f"Fitted by {report.get('fitted', 'minimum NLL')}: {report.get('rule', '')}.", "",
              "| probabilities | T | mix | NLL | ECE |", "|---|---|---|---|---|"]
     for key, name in (("before", "pooled logits, softmax (T = 1)"), ("temperature_alone", "temperature alone"),
                       ("calibrated", "calibrated (what is served)")):

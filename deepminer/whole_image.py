@@ -400,8 +400,8 @@ def fit_image_calibration(logits: np.ndarray, labels: np.ndarray, classes=CLASSE
               "at_bound": bool(min(abs(fit["temperature"] / lo - 1), abs(fit["temperature"] / hi - 1)) < 1e-3),
               "calibrated": at(fit["temperature"], fit["mix"]),
               "rule": ("softmax(pooled / T)" if pair is None else
-                       f"softmax(pooled / T), then {names[pair[0]]} and {names[pair[1]]} mixed at the rate"),
-              "fitted": "minimum negative log-likelihood on the validation images"}
+                       f"softmax(pooled / T), then {names[pair[0]]} and {names[pair[1]]} mixed at rate m"),
+              "fitted": f"minimum negative log-likelihood on the {len(labels)} validation images"}
     return fields, report
 
 
@@ -618,7 +618,8 @@ def calibrate_model(model_path: str, folder: str, out: str, *, split: str = "val
     if len(set(y.tolist())) < 2:
         raise InputError(f"{folder}: split {split!r} holds one class only; calibration needs several")
     fields, report = fit_image_calibration(logits, y, model.classes, temperature_only=temperature_only)
-    report.update(data=describe_dataset(folder), folder=str(Path(folder).resolve()), split=split,
+    report.update(fitted=f"minimum negative log-likelihood on the {len(y)} images of split {split!r} of {Path(folder).name}",
+                  data=describe_dataset(folder), folder=str(Path(folder).resolve()), split=split,
                   previous={k: model.meta["image_level"].get(k) for k in ("temperature", "mix")},
                   command=command)
     meta = dict(model.meta)

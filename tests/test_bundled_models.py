@@ -89,8 +89,17 @@ def test_bundled_model_loads_with_its_card(name):
     lifted = name in ("demo", "wildcat")
     expected = {"activation": "relu" if lifted else "relu6", "output_stride": 32}
     assert unit_layer(model) == expected == metrics["whole_image"].get("unit_layer", expected)
+    # calibrated anew (deepminer calibrate) on a phantom set of its own: the temperature and the benign/malignant
+    # mix the checkpoint serves are the ones its metrics and card report, fitted on that set
     level = model.meta["image_level"]
-    assert level["temperature"] == metrics["whole_image"]["image_level"]["temperature"] > 0
+    fit = metrics["calibration"]["calibrated"]
+    assert level["temperature"] == fit["temperature"] > 0 and level["mix"]["rate"] == fit["mix"] > 0
+    assert level["mix"]["classes"] == ["benign", "malignant"]
+    assert level["calibrated_on"]["folder"].endswith("calib_s14_1024") and level["calibrated_on"]["images"] == 2000
+    assert SETS["calibration_1024"]["seed"] == 14 and SETS["calibration_1024"]["count"] == 2000
+    assert fit["nll"] < metrics["calibration"]["temperature_alone"]["nll"] <= metrics["calibration"]["before"]["nll"]
+    assert "deepminer calibrate" in card and "calib_s14_1024" in card
+    assert metrics["fresh_test"]["temperature"] == level["temperature"]  # the test was of the calibrated model
     from deepminer.data.dataset import SYNTHETIC_PHANTOMS
 
     assert model.meta["trained_on"] == SYNTHETIC_PHANTOMS  # what every answer and the workbench say

@@ -404,7 +404,7 @@ def reliability_diagram(bins: Sequence[Mapping[str, Any]], path: str | os.PathLi
     """The reliability diagram of :func:`deepminer.metrics.reliability_bins` (``{"lo", "hi", "count",
     "confidence", "accuracy"}`` per bin): per non-empty bin a bar of its accuracy over the bin, a red
     hatched gap to its mean confidence (above the bar: over-confident; inside it: under-confident), the diagonal of perfect calibration, and the image count per bin
-    below. ``before``: the bins before temperature scaling, drawn as a grey line. Empty bins are left
+    below. ``before``: the bins before calibration (T = 1), drawn as a grey line. Empty bins are left
     blank (said in a note when every bin is)."""
     plt = _pyplot()
     kept = [b for b in bins if b.get("count") and b.get("accuracy") is not None and b["accuracy"] == b["accuracy"]]
@@ -423,7 +423,7 @@ def reliability_diagram(bins: Sequence[Mapping[str, Any]], path: str | os.PathLi
                if b.get("count") and b.get("accuracy") is not None and b["accuracy"] == b["accuracy"]]
         if pts:
             ax.plot(*zip(*pts), color="#5a5a5a", marker="o", markersize=3, linewidth=1,
-                    label="before temperature scaling")
+                    label="before calibration (T = 1)")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy (argmax = truth)")
