@@ -174,8 +174,11 @@ def _nll_at(z: np.ndarray, y: np.ndarray, temperature: float) -> float:
     return float(np.mean(logsumexp(s, axis=1) - s[np.arange(y.size), y]))
 
 
+TEMPERATURE_BOUNDS = (0.05, 20.0)  #: the temperatures :func:`fit_temperature` and :func:`fit_calibration` search
+
+
 def fit_temperature(logits: np.ndarray, y: Sequence[int] | np.ndarray, *,
-                    bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+                    bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
     """The temperature ``T > 0`` that minimises the mean negative log-likelihood of
     ``softmax(logits / T)`` on ``(logits (N, C), y (N,) class indices)``: a bounded 1-D search over
     ``log T`` in ``log(bounds)`` (Brent, ``scipy.optimize.minimize_scalar``, x tolerance 1e-7).
@@ -226,7 +229,7 @@ MAX_MIX = 0.45  #: the largest rate :func:`fit_calibration` considers (0.5 would
 
 
 def fit_calibration(logits: np.ndarray, y: Sequence[int] | np.ndarray, *, pair: tuple[int, int] | None = (1, 2),
-                    bounds: tuple[float, float] = (0.05, 20.0)) -> dict:
+                    bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> dict:
     """The temperature and the pair's mixing rate (:func:`calibrated_probabilities`) that together
     minimise the mean negative log-likelihood on ``(logits (N, C), y (N,))``: L-BFGS-B over
     ``(log T, mix)`` in ``log(bounds) x [0, MAX_MIX]``, started from :func:`fit_temperature` and

@@ -377,7 +377,8 @@ def fit_image_calibration(logits: np.ndarray, labels: np.ndarray, classes=CLASSE
     Returns ``(fields for meta["image_level"]: {"temperature", "mix"}, report)``; the report holds
     the validation NLL and ECE before calibration, with the temperature alone and calibrated, and
     both fits, so a card can show what each step buys."""
-    from deepminer.metrics import calibrated_probabilities, expected_calibration_error, fit_calibration, fit_temperature
+    from deepminer.metrics import (TEMPERATURE_BOUNDS, calibrated_probabilities, expected_calibration_error,
+                                   fit_calibration, fit_temperature)
 
     names = list(classes)
     pair = None if temperature_only else _mix_pair(names)
@@ -394,7 +395,7 @@ def fit_image_calibration(logits: np.ndarray, labels: np.ndarray, classes=CLASSE
                 "nll": float(-np.mean(np.log(np.clip(p[np.arange(y.size), y], 1e-300, None)))),
                 "ece": expected_calibration_error(y, p)}
 
-    lo, hi = 0.05, 20.0  # fit_temperature's bounds
+    lo, hi = TEMPERATURE_BOUNDS
     report = {"images": int(len(labels)), "before": at(1.0, 0.0), "temperature_alone": at(t_alone, 0.0),
               # a fit at a bound: images the model separates perfectly ask for T -> 0 (too few or too easy)
               "at_bound": bool(min(abs(fit["temperature"] / lo - 1), abs(fit["temperature"] / hi - 1)) < 1e-3),

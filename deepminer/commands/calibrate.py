@@ -11,8 +11,9 @@ DESCRIPTION = (
     "benign and malignant are mixed (look-alikes: p(benign) and p(malignant) each become (1 - rate) x itself + "
     "rate x the other) by minimum negative log-likelihood, and write the same weights with the new calibration "
     "to --out. Prints the NLL and ECE of those images before, with the temperature alone, and calibrated. Use "
-    "images the model was never trained on (a validation split, or your own site's labelled images); the "
-    "bundled models were calibrated on the validation split of the phantoms they were trained on."
+    "images the model was never trained on, and enough of them to hold a few look-alikes (a validation split, or "
+    "your own site's labelled images); the bundled models were calibrated on 2000 fresh phantoms of their own "
+    "(docs/training.md, 2c)."
 )
 
 
