@@ -11,8 +11,9 @@ DESCRIPTION = (
     "with image-level labels only (lesion masks are never read): the head pools its class maps over the breast "
     "cells (GAP: mean; WILDCAT: top-k + alpha x bottom-k, k a share of the breast cells), 3-class cross-entropy, "
     "class-balanced. The frozen trunk's outputs (flip variants per image) are computed once and kept in memory. Keeps "
-    "the lowest-validation-loss epoch, fits a temperature on the validation logits, and writes RUN/best.pt "
-    "(recording its scale, pooling and temperature, which the server, the CLI and the workbench use) and "
+    "the lowest-validation-loss epoch, fits a temperature and a benign/malignant mixing rate on the validation logits "
+    "(deepminer calibrate refits them on other images), and writes RUN/best.pt "
+    "(recording its scale, pooling and calibration, which the server, the CLI and the workbench use) and "
     "RUN/metrics.json. The GPU is used when there is one. Trained on what --data holds: for the bundled models, "
     "synthetic phantoms only."
 )
@@ -84,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
         command=command_line(sys.argv[2:] if len(sys.argv) > 2 else []))
     m = train_whole(cfg)
     val = m["val"]["after_temperature"]
+    mix = (m["image_level"].get("mix") or {}).get("rate", 0.0)
     print(f"{cfg.out}: best epoch {m['best_epoch']}, temperature {m['image_level']['temperature']:.3f}, "
+          f"benign/malignant mix {mix:.3f}, "
           f"{m['seconds']['cache']:.0f} s caching + {m['seconds']['train']:.0f} s training; val: accuracy "
           f"{val['accuracy']:.3f}, malignant AUC {val['auc_malignant']}, abnormal AUC {val['auc_abnormal']}",
           file=sys.stderr)
