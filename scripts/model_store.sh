@@ -9,11 +9,12 @@ cd "$(dirname "$0")/.."
 STORE=model_store
 # The atlases' reference images (their top-activating patches are rendered from them on demand),
 # shared by every model's atlas: phantoms are byte-identical for the same arguments, so they are
-# regenerated, never committed.
-REF=var/demo-reference
+# regenerated, never committed. 1024 px: the scale the bundled models are served at, so a unit is
+# profiled on lesions of the size it sees when it explains (the DeepMiner patches, 151 px, fed at 160).
+REF=var/reference-1024
 if compgen -G "$STORE/*/atlas/atlas.json" >/dev/null && [ ! -f "$REF/manifest.csv" ]; then
   echo "model-store: writing the atlases' reference phantoms to $REF"
-  .venv/bin/python -m deepminer phantoms --out "$REF" --count 60 --seed 2 --size 512 --splits 0,0,1 --jobs 2
+  .venv/bin/python -m deepminer phantoms --out "$REF" --count 60 --seed 2 --size 1024 --splits 0,0,1 --jobs 2
 fi
 
 found=0

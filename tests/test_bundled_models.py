@@ -110,6 +110,12 @@ def test_bundled_model_loads_with_its_card(name):
     atlas = json.loads((folder / "atlas" / "atlas.json").read_text())
     assert atlas["model"]["num_units"] == len(atlas["units"]) == model.num_units == 1280
     assert atlas["model"]["weights_sha256"] == weights_sha256(model)  # the atlas of these weights
+    # profiled at the served scale: the 1024 px reference phantoms (what scripts/model_store.sh regenerates and the
+    # workbench falls back to), DeepMiner patches of 151 px fed at 160
+    from ui.settings import DEMO_REFERENCE
+
+    assert Path(atlas["data"]["folder"]).name == DEMO_REFERENCE.name == "reference-1024"
+    assert atlas["data"]["patch_size"] == 160 and model.meta["scale"]["long_side"] == 1024
     ablation = json.loads((folder / "atlas" / "ablation.json").read_text())
     assert ablation["model"]["weights_sha256"] == weights_sha256(model)
 

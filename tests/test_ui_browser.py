@@ -120,6 +120,7 @@ def _draw_box(page, left: float, top: float, width: float, height: float) -> Non
     """Drag a rectangle on the page's drawing canvas; position and size as fractions of the canvas."""
     canvas = page.locator("canvas.upper-canvas").first
     canvas.wait_for(timeout=30_000)
+    canvas.scroll_into_view_if_needed()  # a drag past the viewport's edge stops there
     bb = canvas.bounding_box()
     x0, y0 = bb["x"] + bb["width"] * left, bb["y"] + bb["height"] * top
     page.mouse.move(x0, y0)
@@ -545,11 +546,15 @@ def test_silencing_units(chromium_browser, workbench, torchserve, model_dir, art
         assert page.get_by_text(f"P({cls}) per position with the units silenced (blue 0, red 1)").count() == 1
         shot(page, artifacts_dir / "ui-explain-silenced.png")
 
-        # Sketch & label: a large rectangle, then silence the matching units
+        # Sketch & label: a rectangle around the finding (40 px margin), then silence the units that fire there
+        from deepminer.data.phantoms import render_phantom
+
+        ys, xs = np.nonzero(np.asarray(render_phantom(13, 0, size=1024).lesion))
         nav(page, "Sketch & label")
         page.get_by_text("Unit map", exact=True).wait_for(timeout=60_000)
         idle(page)
-        _draw_box(page, 0.1, 0.1, 0.8, 0.8)
+        _draw_box(page, (xs.min() - 40) / 1024, (ys.min() - 40) / 1024, (xs.max() - xs.min() + 80) / 1024,
+                  (ys.max() - ys.min() + 80) / 1024)
         page.get_by_text(re.compile(r"^Units ranked by IoU")).wait_for(timeout=60_000)
         idle(page)
         toggle = page.locator('[data-testid="stCheckbox"]', has_text=re.compile(r"Silence the \d+ matching unit"))

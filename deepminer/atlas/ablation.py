@@ -131,7 +131,7 @@ def atlas_ablation(model: Any, atlas_dir: str | os.PathLike, data: str | os.Path
     folder = Path(data) if data is not None else Path(str(source.get("folder", "")))
     if not (folder / "manifest.csv").is_file():
         raise InputError(f"{folder}: no manifest.csv (the atlas's reference data set; pass --data, e.g. "
-                         "var/demo-reference, made by scripts/model_store.sh)")
+                         "var/reference-1024, made by scripts/model_store.sh)")
     refs = atlas.references
     if len(refs) == 0:
         raise InputError(f"{atlas_dir}: the atlas has no reference patches")

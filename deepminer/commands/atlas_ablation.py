@@ -13,7 +13,7 @@ DESCRIPTION = (
     "per class, the Spearman rank correlation between DeepMiner's influence (max activation x weight) "
     "and that drop, and the overlap of the top 20 units by each. Writes ATLAS/ablation.json (shown on the "
     "workbench's Atlas page). Example: deepminer atlas-ablation --model model_store/demo/model.pt "
-    "--atlas model_store/demo/atlas --data var/demo-reference"
+    "--atlas model_store/demo/atlas --data var/reference-1024"
 )
 
 
