@@ -476,10 +476,7 @@ def test_evaluate_page_says_how_right_the_model_was(chromium_browser, workbench,
         for f in data.rglob("*"):
             if f.is_file() and f.relative_to(data).parts[0] != "masks":
                 z.write(f, str(f.relative_to(data)))
-    with new_page(chromium_browser) as page:
-        page.goto(workbench["url"])
-        page.get_by_text("Upload a mammogram").wait_for(timeout=120_000)
-        idle(page, 120_000)
+    with open_workbench(chromium_browser, workbench["url"]) as page:
         nav(page, "Evaluate")
         page.get_by_text("Evaluate explanations", exact=True).wait_for(timeout=60_000)
         idle(page)
@@ -510,8 +507,8 @@ def test_evaluate_page_says_how_right_the_model_was(chromium_browser, workbench,
 
 
 def test_silencing_units(chromium_browser, workbench, torchserve, model_dir, artifacts_dir, tmp_path):
-    """"What if these units were quiet?": on Sketch & label, a large rectangle, then "Silence the
-    matching units" (before/after/change and the class map after); on Explain, "Silence a label's
+    """"What if these units were quiet?": on Sketch & label, a rectangle around the finding, then
+    "Silence the matching units" (before/after/change and the class map after); on Explain, "Silence a label's
     units" for a label stored for this model. The numbers are the server's own ablation answer.
     Screenshots ``ui-sketch-silenced.png`` and ``ui-explain-silenced.png``."""
 
