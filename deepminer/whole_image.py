@@ -56,6 +56,7 @@ class WholeImageConfig:
     wildcat_maps: int = 4
     wildcat_k: float = 0.05       #: share of the breast cells pooled at each end (or a count >= 1)
     wildcat_alpha: float = 0.7
+    wildcat_surround: float = 0.0  #: beta of the local surround (class map = mean map - beta x ring mean; 0: none)
     long_side: int = 512          #: model-input long side of an image of the data's size
     train_from: str = "net.blocks.5"
     epochs: int = 15
@@ -91,6 +92,8 @@ class WholeImageConfig:
             raise InputError(f"--head: unknown head {self.head!r}; known: gap, wildcat")
         if self.wildcat_k <= 0 or self.wildcat_alpha < 0:
             raise InputError("--wildcat-k must be positive and --wildcat-alpha 0 or more")
+        if not math.isfinite(self.wildcat_surround) or self.wildcat_surround < 0:
+            raise InputError("--wildcat-surround: must be 0 or more")
         if self.device not in ("auto", "cpu", "cuda"):
             raise InputError(f"--device: {self.device!r} is not auto, cpu or cuda")
         if not Path(self.data).is_dir():
@@ -223,11 +226,12 @@ def _start_model(cfg: WholeImageConfig):
     converted = False
     if head == "wildcat" and model.head_type == "wildcat" and model.head.num_maps == cfg.wildcat_maps:
         model.head.k, model.head.alpha = cfg.wildcat_k, float(cfg.wildcat_alpha)  # the patch head, pooled anew
+        model.head.surround = float(cfg.wildcat_surround)
     elif head == "wildcat":
         converted = True
         old = model.head
         new = WildcatHead(model.num_units, len(model.classes), maps=cfg.wildcat_maps, k=cfg.wildcat_k,
-                          alpha=cfg.wildcat_alpha)
+                          alpha=cfg.wildcat_alpha, surround=cfg.wildcat_surround)
         with torch.no_grad():
             w = old.unit_weights.detach()  # (C, K): every map of a class starts at the class's weights
             new.conv.weight.copy_(w.repeat_interleave(cfg.wildcat_maps, 0)[:, :, None, None])
@@ -533,7 +537,9 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
     temperature, mix = calibration["temperature"], (calibration["mix"] or {}).get("rate", 0.0)
     head_kw = dict(getattr(model.head, "head_kwargs", {}))
     image_level = {"pool": "breast cells: " + ("mean" if model.head_type == "gap" else
-                                                f"wildcat top-k + {head_kw.get('alpha')} x bottom-k, k {head_kw.get('k')}"),
+                                                f"wildcat top-k + {head_kw.get('alpha')} x bottom-k, k {head_kw.get('k')}"
+                                                + (f", class maps minus {head_kw['surround']:g} x their ring mean "
+                                                   "(cells 2 away)" if head_kw.get("surround") else "")),
                    **calibration, "trained": "whole images, image-level labels",
                    "breast_cell_share": 0.5}
     metrics: dict[str, Any] = {

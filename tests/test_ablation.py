@@ -1,6 +1,6 @@
 """Silencing units (the ``ablate`` option): the head on the cached unit maps with some units set to
 zero must equal a from-scratch forward whose last conv layer has those channels zeroed (a forward
-hook, the whole model run again), for a GAP and a WILDCAT head; the cache makes a new unit set cost
+hook, the whole model run again), for a GAP and a WILDCAT head (with and without a surround); the cache makes a new unit set cost
 no forward; bad unit lists are one-line errors."""
 import json
 
@@ -18,8 +18,10 @@ from modelfixtures import random_image
 
 
 def _model(head: str, seed: int = 5):
+    """``head``: gap, wildcat, or ``wildcat-surround`` (a WILDCAT head whose class maps are local contrasts)."""
     torch.manual_seed(seed)
-    model = build_model("tiny", head=head, pretrained=False).eval()
+    surround = 2.0 if head == "wildcat-surround" else 0.0
+    model = build_model("tiny", head=head.split("-")[0], pretrained=False, wildcat_surround=surround).eval()
     with torch.no_grad():  # a head that tells units apart (random init is near zero)
         for p in model.head.parameters():
             p.normal_(0, 1.0)
@@ -47,7 +49,7 @@ def _hooked_forward(model, x, units):
     return torch.softmax(pooled[0], 0).numpy(), torch.softmax(logits, 1)[0].numpy(), logits
 
 
-@pytest.mark.parametrize("head", ["gap", "wildcat"])
+@pytest.mark.parametrize("head", ["gap", "wildcat", "wildcat-surround"])
 @pytest.mark.parametrize("units", [[3], [0, 7, 19, 31], list(range(0, 32, 2))])
 def test_ablation_equals_a_forward_with_the_units_zeroed(head, units):
     model = _model(head)
@@ -233,7 +235,7 @@ def test_spearman_matches_scipy_with_ties():
     assert spearman([1, 1, 1], [1, 2, 3]) is None  # constant: undefined, not nan
 
 
-@pytest.mark.parametrize("head", ["gap", "wildcat"])
+@pytest.mark.parametrize("head", ["gap", "wildcat", "wildcat-surround"])
 def test_single_unit_effects_equal_silencing_each_unit_through_the_head(head):
     from deepminer.atlas.ablation import single_unit_effects
     from deepminer.explain.engine import ablate_features

@@ -208,10 +208,69 @@ def test_wildcat_head_maps_and_unit_weights():
     torch.testing.assert_close(maps, torch.tensor([[[[3.0, 5.0]], [[11.0, 1.0]]]]))
     torch.testing.assert_close(head.unit_weights, torch.tensor([[2.0, 0.0], [0.0, 1.0]]))
     torch.testing.assert_close(head.pool(maps), torch.tensor([[5 + 0.5 * 3, 11 + 0.5 * 1.0]]))
-    assert head.head_kwargs == {"maps": 3, "k": 1, "alpha": 0.5}
+    assert head.head_kwargs == {"maps": 3, "k": 1, "alpha": 0.5, "surround": 0.0}
     model = build_model("tiny", head="wildcat", wildcat_maps=2, wildcat_k=0.25, wildcat_alpha=0.6)
     assert model.head_type == "wildcat" and model.head.conv.out_channels == 6
     assert model.unit_weights.shape == (3, 32)
+
+
+def _ring_mean_by_hand(m: np.ndarray) -> np.ndarray:
+    """The mean of the cells at Chebyshev distance exactly 2 that lie on the map, cell by cell (loops)."""
+    h, w = m.shape
+    out = np.zeros_like(m)
+    for i in range(h):
+        for j in range(w):
+            ring = [m[a, b] for a in range(h) for b in range(w) if max(abs(a - i), abs(b - j)) == 2]
+            out[i, j] = np.mean(ring) if ring else 0.0
+    return out
+
+
+def test_wildcat_surround_ring_mean_hand_worked():
+    from deepminer.models.wildcat import ring_mean
+
+    m = torch.zeros(1, 1, 5, 5)
+    m[0, 0, 2, 2] = 1.0
+    r = ring_mean(m)[0, 0]
+    assert r[2, 2] == 0.0  # its ring (16 cells) holds no 1
+    assert r[0, 0] == pytest.approx(1 / 5)  # on the map, (0, 0)'s ring is (0, 2), (1, 2), (2, 2), (2, 1), (2, 0)
+    assert r[0, 2] == pytest.approx(1 / 9)  # (0, 2)'s ring on the map: row 2 (5 cells) and (0|1, 0|4), (2, 2) among them
+    assert r[1, 1] == 0.0 and r[2, 3] == 0.0  # the 1 is within distance 1: inside the box left out
+    gen = torch.Generator().manual_seed(3)
+    for shape in ((7, 4), (3, 3), (1, 6), (9, 9)):
+        x = torch.randn(2, 3, *shape, generator=gen)
+        got = ring_mean(x)
+        for b in range(2):
+            for c in range(3):
+                np.testing.assert_allclose(got[b, c].numpy(), _ring_mean_by_hand(x[b, c].numpy()), atol=1e-6)
+
+
+def test_wildcat_surround_class_maps_are_local_contrasts_and_survive_a_checkpoint(tmp_path):
+    from deepminer.models import load_model, save_model
+    from deepminer.models.wildcat import ring_mean
+
+    head = WildcatHead(4, 3, maps=2, k=0.2, alpha=0.0, surround=1.5)
+    plain = WildcatHead(4, 3, maps=2, k=0.2, alpha=0.0)
+    plain.load_state_dict(head.state_dict())
+    feats = torch.rand(2, 4, 8, 6, generator=torch.Generator().manual_seed(1))
+    m = plain.maps(feats)
+    torch.testing.assert_close(head.maps(feats), m - 1.5 * ring_mean(m))
+    # a constant map is pulled to (1 - beta) x itself: the surround of every cell holds the same value
+    torch.testing.assert_close(head.contrast(torch.full((1, 1, 6, 6), 2.0)), torch.full((1, 1, 6, 6), -1.0))
+    assert head.head_kwargs["surround"] == 1.5 and "surround=1.5" in repr(head)
+    with pytest.raises(ValueError, match="surround"):
+        WildcatHead(4, 3, surround=-1.0)
+    model = build_model("tiny", head="wildcat", pretrained=False, wildcat_surround=2.0).eval()
+    save_model(model, tmp_path / "m.pt")
+    back = load_model(tmp_path / "m.pt")
+    assert back.head.surround == 2.0
+    x = torch.rand(1, 1, 96, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x))
+    # a checkpoint from before the surround (no "surround" in head_kwargs) loads as plain WILDCAT
+    obj = torch.load(tmp_path / "m.pt", weights_only=False)
+    del obj["head_kwargs"]["surround"]
+    torch.save(obj, tmp_path / "old.pt")
+    assert load_model(tmp_path / "old.pt").head.surround == 0.0
 
 
 def _square_batch(n: int, gen: torch.Generator, side: int = 64, sq: int = 14):

@@ -6,8 +6,9 @@ far influence predicts what a unit does to the decision.
 
 One forward per batch of reference patches; the K single-unit ablations come from the unit maps
 through the head: both heads' class maps are linear in the units (``class_logits(f) = sum_k
-unit_weights[:, k] * f_k + bias``, :mod:`deepminer.models.wildcat`), so silencing unit k subtracts
-``unit_weights[:, k] * f_k`` from the class maps, which are then pooled by the head's own pooling
+unit_weights[:, k] * f_k + bias``, :mod:`deepminer.models.wildcat`; with a WILDCAT surround, of the
+units' local contrasts), so silencing unit k subtracts ``unit_weights[:, k] * f_k`` (``* contrast(f_k)``)
+from the class maps, which are then pooled by the head's own pooling
 (GAP: mean; WILDCAT: top-k + alpha x bottom-k), exactly as a forward with that channel zeroed
 (tests/test_ablation.py checks it against a hooked full forward).
 
@@ -71,8 +72,9 @@ def spearman(x: Any, y: Any) -> float | None:
 def single_unit_effects(model: Any, feats: Any, units_chunk: int = 256) -> tuple[Any, Any, Any, Any]:
     """For unit maps ``feats (B, K, h, w)``: ``(influence, prob_drop, logit_drop, pred)``, the first
     three ``(B, C, K)`` float64 tensors (see the module docstring), ``pred (B,)`` the predicted class.
-    Silencing unit k = subtracting ``unit_weights[:, k] * f_k`` from the class maps, then the
-    head's pooling."""
+    Silencing unit k = subtracting ``unit_weights[:, k] * f_k`` from the class maps (a WILDCAT head with a
+    surround: ``unit_weights[:, k] * contrast(f_k)``, :mod:`deepminer.models.wildcat`), then the head's
+    pooling."""
     import torch
 
     with torch.inference_mode():
@@ -84,12 +86,14 @@ def single_unit_effects(model: Any, feats: Any, units_chunk: int = 256) -> tuple
         probs = torch.softmax(pooled, 1)
         w = model.unit_weights.float()                          # (C, K)
         influence = (f.amax(dim=(2, 3))[:, None, :] * w[None]).double()  # (B, C, K)
+        contrast = getattr(model.head, "contrast", None)
+        g = contrast(f) if contrast is not None else f         # what each unit adds to the class maps, per weight
         prob_drop = torch.empty(b, c, k, dtype=torch.float64, device=f.device)
         logit_drop = torch.empty_like(prob_drop)
         for s in range(0, k, units_chunk):
             e = min(k, s + units_chunk)
             # (B, n, C, h, w): the class maps with unit s..e-1 silenced, one at a time
-            after = maps[:, None] - w[:, s:e].T[None, :, :, None, None] * f[:, s:e, None]
+            after = maps[:, None] - w[:, s:e].T[None, :, :, None, None] * g[:, s:e, None]
             pa = model.pool(after.reshape(b * (e - s), c, *after.shape[-2:])).double().reshape(b, e - s, c)
             logit_drop[:, :, s:e] = (pooled[:, None, :] - pa).transpose(1, 2)
             prob_drop[:, :, s:e] = (probs[:, None, :] - torch.softmax(pa, 2)).transpose(1, 2)

@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cells pooled at each end: a share (0, 1) of the breast cells, or a count")
     parser.add_argument("--wildcat-alpha", type=float, default=C.wildcat_alpha, metavar="ALPHA",
                         help="weight of the k lowest cells")
+    parser.add_argument("--wildcat-surround", type=float, default=C.wildcat_surround, metavar="BETA",
+                        help="local surround: each class map minus BETA x the mean of its cells 2 away, before pooling "
+                             "(a cell is evidence by how much it stands out from its neighbourhood; 0: plain WILDCAT)")
     parser.add_argument("--long-side", type=int, default=C.long_side,
                         help="model-input long side of an image of the data's size (the model's scale)")
     parser.add_argument("--train-from", default=C.train_from, metavar="LAYER",
@@ -76,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = WholeImageConfig(
         model=args.model, data=args.data, out=args.out, head=args.head, wildcat_maps=args.wildcat_maps,
-        wildcat_k=args.wildcat_k, wildcat_alpha=args.wildcat_alpha, long_side=args.long_side,
+        wildcat_k=args.wildcat_k, wildcat_alpha=args.wildcat_alpha,
+        wildcat_surround=args.wildcat_surround, long_side=args.long_side,
         train_from=args.train_from, cache_at=args.cache_at, epochs=args.epochs, patience=args.patience, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size, limit=args.limit,
         flips=args.flips, trunk_cache=args.trunk_cache, seed=args.seed, device=args.device, half=args.half,

@@ -172,11 +172,12 @@ def imagenet_classifier(arch: str = "efficientnet_lite0") -> nn.Module:
 
 def build_model(arch: str, *, head: str = "gap", num_classes: int = 3, pretrained: bool = True,
                 classes: Sequence[str] | None = CLASSES, wildcat_maps: int = 4,
-                wildcat_k: int | float = 0.1, wildcat_alpha: float = 0.7) -> FCN:
+                wildcat_k: int | float = 0.1, wildcat_alpha: float = 0.7, wildcat_surround: float = 0.0) -> FCN:
     """Build ``arch`` (a key of :data:`ARCHS`) as an :class:`FCN` with a fresh ``head``.
 
     ``head``: ``gap`` (global average pool + 1x1 conv, DeepMiner) or ``wildcat`` (M maps per class,
-    top-k + alpha x bottom-k pooling). ``pretrained`` loads ImageNet weights where they ship
+    top-k + alpha x bottom-k pooling; ``wildcat_surround``: the local surround,
+    :mod:`deepminer.models.wildcat`). ``pretrained`` loads ImageNet weights where they ship
     (``efficientnet_lite0``); for the ResNets it warns and initialises randomly; ``tiny`` has none.
     The head is always freshly initialised for ``num_classes``. ``classes`` must have
     ``num_classes`` names (the default, :data:`deepminer.CLASSES`, is replaced by ``class0..`` when
@@ -200,7 +201,7 @@ def build_model(arch: str, *, head: str = "gap", num_classes: int = 3, pretraine
     model = to_fcn(net, arch=arch, classes=classes, mean=spec.mean, std=spec.std, copy=False, verify=False)
     if head == "wildcat":
         model.head = WildcatHead(model.num_units, num_classes, maps=wildcat_maps, k=wildcat_k,
-                                 alpha=wildcat_alpha)
+                                 alpha=wildcat_alpha, surround=wildcat_surround)
         model.head_type = "wildcat"
     return model
 

@@ -216,7 +216,7 @@ def _from_ours(obj: Mapping[str, Any], path: Any) -> FCN:
     kwargs = {}
     if head == "wildcat":
         kwargs = {"wildcat_maps": hk.get("maps", 4), "wildcat_k": hk.get("k", 0.1),
-                  "wildcat_alpha": hk.get("alpha", 0.7)}
+                  "wildcat_alpha": hk.get("alpha", 0.7), "wildcat_surround": hk.get("surround", 0.0)}
     model = build_model(arch, head=head, num_classes=len(classes), classes=classes, pretrained=False, **kwargs)
     load_state_strict(model, _float32(obj["state_dict"], path), path=path,
                       expected=f"{arch} with a {head} head for {len(classes)} classes")

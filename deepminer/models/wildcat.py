@@ -9,19 +9,46 @@ mean of its ``k`` highest positions plus ``alpha`` times the mean of its ``k`` l
 (The reference implementation additionally halves the sum when ``alpha > 0``; we follow the
 formula above, as in docs/models.md. A constant factor only rescales the logits.)
 
+**Local surround** (``surround`` = beta > 0; ours, issue 21): a class map is then the local contrast of the
+mean map ``m`` against its ring, ``map_c = m_c - beta * ring_mean(m_c)``, where ``ring_mean`` at a cell is the
+mean of the cells at Chebyshev distance 2 from it (:data:`SURROUND_RING`: the 5 x 5 box less the 3 x 3 box;
+cells beyond the map's edge are left out of the mean). WILDCAT's negative evidence (``alpha``) is global (the
+k lowest positions); the surround is local: a cell counts as evidence for a class by how much more it shows
+the class than its neighbourhood does. Top-k pooling of such a map scores focal findings; a GAP head could
+not use it (the mean of ``m - ring_mean(m)`` is about ``(1 - beta) mean(m)``). ``beta = 0`` is plain WILDCAT.
+
 Same interface as :class:`~deepminer.models.fcn.GAPHead`: ``maps``, ``pool``, ``unit_weights``.
 Because averaging the ``M`` maps is linear, a class map is exactly a 1x1 convolution whose weights
 are the mean of the ``M`` filters: ``map_c = sum_k unit_weights[c, k] * f_k + mean bias``. So
 ``unit_weights`` is the exact per-unit weight of the class map, and DeepMiner's influence
 (max activation x weight) keeps its meaning; only the pooling (top-k/bottom-k instead of the mean)
-differs from a GAP head.
+differs from a GAP head. With a surround the class map is ``sum_k unit_weights[c, k] * contrast(f_k)
++ (1 - beta) x mean bias`` away from the map's edge (:meth:`WildcatHead.contrast` is linear): silencing unit k
+subtracts ``unit_weights[:, k] * contrast(f_k)``, and influence keeps DeepMiner's definition (max
+activation x weight).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+SURROUND_RING = (1, 2)  #: the surround of a cell: Chebyshev distance 2 (inner box radius 1, outer 2)
+
+
+def ring_mean(maps: torch.Tensor, ring: tuple[int, int] = SURROUND_RING) -> torch.Tensor:
+    """``(B, C, h, w)`` -> the same shape: at each cell, the mean of the cells at Chebyshev distance
+    ``ring[0] + 1 .. ring[1]`` from it that lie on the map (0 where there are none)."""
+    inner, outer = ring
+    ones = torch.ones_like(maps[:, :1])
+
+    def box(x: torch.Tensor, r: int) -> torch.Tensor:  # sum over the (2r+1)^2 box, zero beyond the edge
+        return F.avg_pool2d(x, 2 * r + 1, stride=1, padding=r, divisor_override=1)
+
+    count = box(ones, outer) - box(ones, inner)
+    return (box(maps, outer) - box(maps, inner)) / count.clamp(min=1.0)
 
 
 def resolve_k(k: int | float, positions: int) -> int:
@@ -71,10 +98,11 @@ class WildcatHead(nn.Module):
         maps: M, maps per class.
         k: positions pooled at each end (a fraction in (0, 1) of the positions, or a count).
         alpha: weight of the k lowest positions.
+        surround: beta, weight of the ring mean subtracted from each class map (0: plain WILDCAT).
     """
 
     def __init__(self, in_units: int, num_classes: int, *, maps: int = 4, k: int | float = 0.1,
-                 alpha: float = 0.7):
+                 alpha: float = 0.7, surround: float = 0.0):
         super().__init__()
         if int(maps) < 1:
             raise ValueError(f"wildcat maps must be >= 1, got {maps!r}")
@@ -83,6 +111,9 @@ class WildcatHead(nn.Module):
         self.num_maps = int(maps)
         self.k = k
         self.alpha = float(alpha)
+        if not math.isfinite(float(surround)) or float(surround) < 0:
+            raise ValueError(f"wildcat surround must be 0 or more, got {surround!r}")
+        self.surround = float(surround)
         self.conv = nn.Conv2d(in_units, self.num_classes * self.num_maps, kernel_size=1, bias=True)
 
     def all_maps(self, feats: torch.Tensor) -> torch.Tensor:
@@ -91,9 +122,15 @@ class WildcatHead(nn.Module):
         b, _, h, w = out.shape
         return out.view(b, self.num_classes, self.num_maps, h, w)
 
+    def contrast(self, maps: torch.Tensor) -> torch.Tensor:
+        """``maps - surround x ring_mean(maps)`` (linear; ``maps`` unchanged without a surround)."""
+        if not self.surround:
+            return maps
+        return maps - self.surround * ring_mean(maps)
+
     def maps(self, feats: torch.Tensor) -> torch.Tensor:
-        """Class maps ``(B, C, h, w)``: the mean of each class's M maps."""
-        return self.all_maps(feats).mean(dim=2)
+        """Class maps ``(B, C, h, w)``: the mean of each class's M maps (its local contrast with a surround)."""
+        return self.contrast(self.all_maps(feats).mean(dim=2))
 
     def pool(self, maps: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
         """Image logits ``(B, C)`` by WILDCAT spatial pooling (over ``cells`` only, when given)."""
@@ -108,7 +145,7 @@ class WildcatHead(nn.Module):
     @property
     def head_kwargs(self) -> dict:
         """Keyword arguments (beyond units and classes) that rebuild this head."""
-        return {"maps": self.num_maps, "k": self.k, "alpha": self.alpha}
+        return {"maps": self.num_maps, "k": self.k, "alpha": self.alpha, "surround": self.surround}
 
     def extra_repr(self) -> str:
-        return f"maps={self.num_maps}, k={self.k}, alpha={self.alpha}"
+        return f"maps={self.num_maps}, k={self.k}, alpha={self.alpha}, surround={self.surround}"
