@@ -79,6 +79,10 @@ def test_bundled_model_loads_with_its_card(name):
         # the same trunk and unit layer as demo, weight for weight: only the head differs
         trunk = {k: v for k, v in demo.state_dict().items() if not k.startswith("head.")}
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in trunk.items())
+        # its head: WILDCAT top-k pooling of class maps with a local surround (docs/models.md), as trained and carded
+        cfg = metrics["whole_image"]["config"]
+        assert model.head.surround == cfg["wildcat_surround"] == 2.0 and "--wildcat-surround 2" in card
+        assert "ring mean" in model.meta["image_level"]["pool"] and model.head.k == cfg["wildcat_k"]
     assert metrics["whole_image"]["config"]["data"].endswith("whole_s12_1024")
     assert model.meta["scale"] == metrics["whole_image"]["scale"] and model.meta["scale"]["long_side"] == 1024
     # the GAP demo (and wildcat, on its units): trained with the unit layer's ReLU6 cap lifted, served at the stride

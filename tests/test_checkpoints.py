@@ -128,7 +128,7 @@ def test_roundtrip_wildcat_efficientnet(tmp_path):
                         classes=("neg", "pos"), wildcat_maps=3, wildcat_k=0.2, wildcat_alpha=0.5).eval()
     loaded = load_any(save_model(model, tmp_path / "w.pt"))
     assert (loaded.head_type, loaded.classes, loaded.layer) == ("wildcat", ("neg", "pos"), "bn2")
-    assert loaded.head.head_kwargs == {"maps": 3, "k": 0.2, "alpha": 0.5}
+    assert loaded.head.head_kwargs == {"maps": 3, "k": 0.2, "alpha": 0.5, "surround": 0.0}
     x = torch.rand(1, 1, 96, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), atol=1e-6, rtol=0)

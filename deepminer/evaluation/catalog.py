@@ -12,9 +12,9 @@ ALL_METHODS = (*ONE_PASS, *PEERS, *BASELINES)
 DESCRIPTIONS = {
     "cam": "class activation map (FC weights x unit maps), from the explanation pass",
     "class_map": "per-cell probability of the explained class, from the explanation pass",
-    "wildcat": "the WILDCAT head's class map (models with that head)",
+    "wildcat": "the WILDCAT head's class map (models with that head; with a surround, each cell's local contrast)",
     "top_units": f"union of the masks of the explained class's {INFLUENCE_TOP} most influential units",
-    "gradcam": "Grad-CAM (Selvaraju et al.)",
+    "gradcam": "Grad-CAM (Selvaraju et al.; not meaningful on a WILDCAT head with a surround: its weights change sign)",
     "gradcam++": "Grad-CAM++ (Chattopadhay et al.)",
     "guided_backprop": "Guided Backpropagation (Springenberg et al.)",
     "integrated_gradients": "Integrated Gradients (Sundararajan et al.), 32 steps",
