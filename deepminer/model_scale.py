@@ -13,7 +13,11 @@ An image is brought to that scale, in this order of preference (:func:`input_sid
 2. the image's pixel spacing (DICOM Pixel Spacing / Imager Pixel Spacing or a PNG text chunk
    ``PixelSpacing``: :attr:`deepminer.data.io.LoadedImage.spacing_mm`; a dataset folder's:
    :func:`deepminer.data.dataset.pixel_spacing`): resized by ``spacing_mm / mm_per_px``;
-3. the breast's extent (the tissue mask): resized so its extent matches the training median;
+3. the breast's extent (the tissue mask): resized so its extent matches the training median, but to
+   at most :data:`EXTENT_MAX_FACTOR` x the model's ``long_side`` (a breast that small for its
+   image is not one the rule can trust: noise, a photograph's specks; enlarging it further costs
+   memory quadratically: the guard's test judged a noise image at 4096 px with about 4 GB more than
+   at 2048);
 4. neither: the model's ``long_side``;
 
 and a model without a recorded scale: at most :data:`~deepminer.geometry.DEFAULT_MAX_SIDE` as before.
@@ -54,6 +58,9 @@ def model_scale(model_or_meta: Any) -> dict | None:
     return dict(scale) if isinstance(scale, dict) and scale.get("long_side") else None
 
 
+EXTENT_MAX_FACTOR = 2.0  #: the breast-extent rule enlarges to at most this x the model's long side
+
+
 def breast_extent(mask: np.ndarray) -> float:
     """The breast's extent (px) in a boolean tissue mask: the square root of its area (0 when empty).
     Less sensitive to the view and to the chest-wall cut than a bounding box."""
@@ -84,7 +91,12 @@ def input_side(model_or_meta: Any, height: int, width: int, *, max_side: int | N
     if tissue is not None and target:
         ext = breast_extent(tissue)
         if ext > 0:
-            return _clamp(long * float(target) / ext), "breast extent"
+            side = long * float(target) / ext
+            cap = EXTENT_MAX_FACTOR * float(scale["long_side"])
+            if side > cap:
+                return _clamp(cap), (f"breast extent, capped at {EXTENT_MAX_FACTOR:g} x the model's long side "
+                                     "(the breast found is small for the image)")
+            return _clamp(side), "breast extent"
     return _clamp(float(scale["long_side"])), f"model long side {int(scale['long_side'])} px (no spacing, no breast found)"
 
 

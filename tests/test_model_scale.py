@@ -62,9 +62,18 @@ def test_input_side_order_and_arithmetic():
     assert input_side(META, 1536, 906, spacing_mm=phantom_spacing_mm(1536))[0] == 512
     assert input_side(META, 3328, 2560, spacing_mm=0.07)[0] == round(3328 * 0.07 / 0.46875)  # a real detector
     # 3. the breast's extent: resized so it matches the training median (enlarging too)
-    assert input_side(META, 1000, 600, tissue=block) == (2500, "breast extent")
+    breast = np.zeros((1000, 600), bool)
+    breast[100:300, 100:400] = True  # extent sqrt(200 x 300) px: 1000 x 250 / 244.9
+    assert input_side(META, 1000, 600, tissue=breast) == (1021, "breast extent")
+    small = np.zeros((400, 300), bool)
+    small[50:175, 50:175] = True  # extent 125 px: 400 x 250 / 125, enlarged twice
+    assert input_side(META, 400, 300, tissue=small) == (800, "breast extent")
     assert input_side(META, 1000, 600, tissue=np.zeros((1000, 600), bool))[0] == 512  # no breast: the long side
-    assert input_side(META, 1000, 600, spacing_mm=0.0, tissue=block)[0] == 2500  # a zero spacing is no spacing
+    assert input_side(META, 1000, 600, spacing_mm=0.0, tissue=breast)[0] == 1021  # a zero spacing is no spacing
+    # ... but to at most twice the model's long side: a breast this small for its image (extent 100 px of
+    # 1000, which would ask for 2500) is not one the rule can trust, and memory grows with the side squared
+    side, how = input_side(META, 1000, 600, tissue=block)
+    assert side == 2 * 512 and how.startswith("breast extent, capped at 2 x the model's long side")
     # clamped to the max_side range
     assert input_side(META, 100, 60, spacing_mm=0.01)[0] == 64
     # 4. no recorded scale: at most the old default
