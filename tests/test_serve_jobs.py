@@ -319,8 +319,9 @@ def test_a_killed_remote_client_frees_the_worker(lab, client, tmp_path):
 
 
 def _assert_freed_after_kill(client, job: str, who: str) -> None:
-    """After ``who``'s process was killed mid-job: the job stops within the heartbeat limit (+5 s) and
-    the worker then answers a prediction fast."""
+    """After ``who``'s process was killed mid-job: the job stops soon after the heartbeat limit, long before
+    its last step (the limit is checked between steps, and a heavy step on a busy 2-core machine took 6 s:
+    15 s of slack), and the worker then answers a prediction fast."""
     t_kill = time.perf_counter()
     row = _wait_for(lambda: (r := client.job(job)) and r["state"] != "running" and r, HEARTBEAT_S + 30)
     gone_s = time.perf_counter() - t_kill
@@ -330,5 +331,5 @@ def _assert_freed_after_kill(client, job: str, who: str) -> None:
     print(f"\n{who} killed -> job stopped in {gone_s:.2f} s (heartbeat limit {HEARTBEAT_S} s), then /predictions in "
           f"{predict_s * 1000:.0f} ms; stopped after {row['done']} of {row['total']} steps: {row['message']}")
     assert row["state"] == "cancelled" and "stopped waiting" in row["message"], row
-    assert gone_s < HEARTBEAT_S + 5, gone_s
+    assert row["done"] < row["total"] and gone_s < HEARTBEAT_S + 15, (gone_s, row)
     assert predict_s < 2.0, predict_s
