@@ -121,9 +121,7 @@ def model_card(metrics: dict) -> str:
     weights = cfg["pretrained"] and cfg["arch"] in ARCHS and ARCHS[cfg["arch"]].weights
     rec = [f"- architecture `{cfg['arch']}` ({'ImageNet-pretrained' if weights else 'random init'}), "
            f"head `{cfg['head']}`" + (f" ({cfg.get('wildcat_maps')} maps per class, k {cfg.get('wildcat_k')}, "
-                                       f"alpha {cfg.get('wildcat_alpha')}"
-                                       + (f", surround {cfg['wildcat_surround']:g}" if cfg.get("wildcat_surround") else "")
-                                       + ")" if cfg['head'] == "wildcat" else "")
+                                       f"alpha {cfg.get('wildcat_alpha')})" if cfg['head'] == "wildcat" else "")
            + f", patch size {cfg['patch_size']} px (grey, resized crops)",
            f"- SGD lr {cfg['lr']}, momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}, "
            f"batch {cfg['batch_size']}, at most {cfg['epochs']} epochs"
