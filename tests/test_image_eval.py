@@ -92,11 +92,17 @@ def test_evaluate_command(data, tmp_path, capsys):
     assert "patch-max baseline, image-level malignant" in out
     assert "image level (whole image, one prediction each): 6 images, model-input long side 128..128 px" in out
     assert "abnormal vs normal AUC" in out and "confusion (rows = truth, columns = predicted):" in out
+    assert "silencing the top 5 units of the predicted class (DeepMiner influence) on the 4 benign/malignant images" in out
     assert main(["evaluate", "--model", str(path), "--data", str(data), "--bootstrap", "100", "--json"]) == 0
     body = json.loads(capsys.readouterr().out)
     m = body["images"]["metrics"]
     assert body["images"]["images"] == 6 and m["n"] == 6 and set(m["auc"]) == {"normal", "benign", "malignant"}
     assert len(body["images"]["predictions"]) == 6 and "image_level" in body["patches"]
+    assert body["images"]["silencing"]["images"] == 4 and len(body["images"]["silencing"]["drops"]) == 4
+    assert main(["evaluate", "--model", str(path), "--data", str(data), "--silence", "0", "--json"]) == 0
+    assert "silencing" not in json.loads(capsys.readouterr().out)["images"]
+    assert main(["evaluate", "--model", str(path), "--data", str(data), "--silence", "257"]) != 0
+    assert "--silence: must be in 0..256, got 257" in capsys.readouterr().err
     assert main(["evaluate", "--model", str(path), "--data", str(data), "--no-image-level", "--json"]) == 0
     assert "images" not in json.loads(capsys.readouterr().out)
     assert main(["evaluate", "--model", str(path), "--data", str(data), "--max-side", "10"]) == 2
@@ -163,3 +169,51 @@ def test_evaluate_page_classification_tables():
     few = ev.classification(recs)
     assert few["intervals"] is False and few["ece_if_calibrated"]["draws"] == 1000
     assert "on 4 images" in ev.ece_note(few)
+
+
+def test_silencing_equals_the_servers_ablation(data, model):
+    """predict_images(silence=N): the N units the explanation ranks first for the prediction, and the
+    prediction's probability after the server's own ablation of them; the summary counts it on the
+    abnormal images only."""
+    from deepminer.explain.service import ExplainService
+    from deepminer.image_eval import SILENCE_MOVED, silencing_summary
+
+    preds = predict_images(model, data, "test", progress=False, silence=3)
+    plain = predict_images(model, data, "test", progress=False)
+    service = ExplainService(model, name="tiny", settings={"keep_freed_memory": False})
+    for p, q in zip(preds, plain):
+        assert p["probabilities"] == q["probabilities"] and "silenced" not in q  # silencing changes no answer
+        row = next(r for r in image_rows(data, "test") if r["image_id"] == p["image_id"])
+        body = (data / row["image"]).read_bytes()
+        full = service.explain(body, {"unit_maps": "none"})
+        units = full.ranked_units(full.prediction, 3)
+        assert p["silenced"]["units"] == units and len(set(units)) == 3
+        ab = service.explain(body, {"unit_maps": "none", "ablate": units}).ablation
+        assert p["silenced"]["probability"] == pytest.approx(ab.probabilities[full.prediction], abs=1e-6)
+        assert p["silenced"]["drop"] == pytest.approx(full.probabilities[full.prediction]
+                                                      - ab.probabilities[full.prediction], abs=1e-6)
+    summary = silencing_summary(preds, model.classes, n_boot=200)
+    abnormal = [p["silenced"]["drop"] for p in preds if p["label"] != "normal"]
+    assert summary["images"] == len(abnormal) == 4 and summary["units"] == 3
+    assert summary["moved"] == sum(d >= SILENCE_MOVED for d in abnormal)
+    assert summary["share"]["value"] == pytest.approx(summary["moved"] / 4)
+    assert summary["median_drop"] == pytest.approx(float(np.median(abnormal)))
+    assert summary["share"]["lo"] <= summary["share"]["value"] <= summary["share"]["hi"]
+    with pytest.raises(InputError, match="silence"):
+        predict_images(model, data, "test", progress=False, silence=-1)
+
+
+def test_silencing_summary_by_hand():
+    from deepminer.image_eval import format_silencing, silencing_summary
+
+    def row(label, drop):
+        return {"label": label, "silenced": {"units": [4, 2], "probability": 0.5, "drop": drop}}
+
+    rows = [row("normal", 0.9), row("benign", 0.05), row("malignant", 0.049), row("benign", 0.2), row("malignant", 0.0)]
+    s = silencing_summary(rows, ("normal", "benign", "malignant"), n_boot=0)
+    assert s["images"] == 4 and s["moved"] == 2 and s["share"] == {"value": 0.5} and s["units"] == 2
+    assert s["median_drop"] == pytest.approx(0.0495)
+    line = format_silencing(s, ["normal", "benign", "malignant"])
+    assert line.startswith("silencing the top 2 units of the predicted class") and "on 2 (50%)" in line
+    assert "no benign/malignant image" in format_silencing(silencing_summary(rows[:1], ("normal", "benign", "malignant")),
+                                                          ["normal", "benign", "malignant"])

@@ -14,12 +14,16 @@ DESCRIPTION = (
     "server makes it (tissue mask, the model's input scale or --max-side, one forward pass): per-class "
     "one-vs-rest AUC and abnormal-vs-normal AUC (score 1 - p(normal)) with 95% percentile-bootstrap "
     "intervals over images, 3-class accuracy (argmax) with its interval, the confusion matrix, and the "
-    "top-label ECE (15 equal-width confidence bins) with NLL and Brier score. See docs/evaluation.md."
+    "top-label ECE (15 equal-width confidence bins) with NLL and Brier score; and, on the benign and malignant "
+    "images, how far the predicted class's probability falls when its --silence most influential units "
+    "(DeepMiner: max activation x weight) are set to zero (the share that fell by >= 0.05, with its interval, and "
+    "the median fall: an answer that rests on its top units moves, a saturated one does not). See docs/evaluation.md."
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from deepminer.geometry import DEFAULT_MAX_SIDE, MAX_SIDE_RANGE
+    from deepminer.options import MAX_ABLATE
 
     parser.add_argument("--model", required=True, help="model checkpoint (deepminer-fcn/1, e.g. RUN/best.pt)")
     parser.add_argument("--data", required=True, help="dataset folder (with manifest.csv)")
@@ -40,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"image level: the model-input long side at most this ({MAX_SIDE_RANGE[0]}.."
                              f"{MAX_SIDE_RANGE[1]}; default: the model's recorded scale, else at most "
                              f"{DEFAULT_MAX_SIDE} px, as the server)")
+    parser.add_argument("--silence", type=int, default=5, metavar="N",
+                        help="image level: units of the predicted class silenced on each abnormal image "
+                             f"(0: not measured; at most {MAX_ABLATE}); costs no forward pass")
     parser.add_argument("--bootstrap", type=int, default=2000,
                         help="image level: bootstrap resamples of the 95%% intervals (0: no intervals)")
     parser.add_argument("--seed", type=int, default=0, help="image level: seed of the bootstrap")
@@ -70,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--max-side: must be in {MAX_SIDE_RANGE[0]}..{MAX_SIDE_RANGE[1]}, got {args.max_side}")
     if args.bootstrap < 0:
         raise InputError(f"--bootstrap: must be >= 0, got {args.bootstrap}")
+    from deepminer.options import MAX_ABLATE
+
+    if not 0 <= args.silence <= MAX_ABLATE:
+        raise InputError(f"--silence: must be in 0..{MAX_ABLATE}, got {args.silence}")
     device = resolve_device(args.device)
     model = load_model(args.model, map_location=device)
     table = load_or_extract(args.data, args.patches)
@@ -87,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         from deepminer.image_eval import image_level_report
 
         images = image_level_report(model, args.data, args.split, max_side=args.max_side, n_boot=args.bootstrap,
-                                    seed=args.seed)
+                                    seed=args.seed, silence=args.silence)
     result = nan_to_none({"model": str(args.model), "arch": model.arch, "head": model.head_type,
                           "data": str(args.data), "split": args.split, "patches": rep,
                           **({"images": images} if images is not None else {})})
@@ -119,4 +130,8 @@ def run(args: argparse.Namespace) -> int:
               f"{images['seconds_per_image']:.2f} s per image")
         for line in format_metrics(images["metrics"]):
             print(line)
+        if "silencing" in images:
+            from deepminer.image_eval import format_silencing
+
+            print(format_silencing(images["silencing"], list(model.classes)))
     return 0
