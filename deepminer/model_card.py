@@ -197,6 +197,18 @@ def _unit_layer_lines(metrics: dict) -> list[str]:
     return out
 
 
+def _head_l1_lines(metrics: dict) -> list[str]:
+    """The ``--head-l1`` penalty of a run and how many units carry each class (none without it)."""
+    l1 = float(metrics["config"].get("head_l1") or 0.0)
+    spread = metrics.get("head_weights") or {}
+    if not l1:
+        return []
+    held = ", ".join(f"{c} {v['units_holding_share']}" for c, v in (spread.get("classes") or {}).items())
+    return [f"- sparse evidence: {l1:g} x the L1 norm of the head's unit weights added to the loss (`--head-l1`)"
+            + (f"; units holding {spread['share']:.0%} of each class's L1 norm, of {spread['units']}: {held}"
+               if held else "")]
+
+
 def whole_image_section(metrics: dict) -> str:
     """The model card's section on the whole-image stage (``deepminer train-whole``), from its run's
     ``metrics.json``: the recipe, the scale and the pooling the checkpoint records, the temperature,
@@ -226,11 +238,12 @@ def whole_image_section(metrics: dict) -> str:
              f"cached ({cfg['flips']} flip variant(s) per training image)",
              f"- pooling: {level['pool']}, over the breast cells (cells at least half tissue); 3-class "
              "cross-entropy, classes weighted by 1/frequency",
-             f"- SGD lr {cfg['lr']}, momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}, batch "
-             f"{cfg['batch_size']} images, cosine schedule over {cfg['epochs']} epochs"
+             (f"- Adam lr {cfg['lr']}, weight decay {cfg['weight_decay']}, batch " if cfg.get("optimizer") == "adam" else
+              f"- SGD lr {cfg['lr']}, momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}, batch ")
+             + f"{cfg['batch_size']} images, cosine schedule over {cfg['epochs']} epochs"
              + (f", patience {cfg['patience']}" if cfg.get("patience") else "")
              + f"; kept epoch {metrics['best_epoch']} (lowest validation loss)",
-             *_unit_layer_lines(metrics),
+             *_unit_layer_lines(metrics), *_head_l1_lines(metrics),
              f"- calibration: {calibration_rule(level)}, fitted on the validation logits (minimum NLL)"
              + (" at the served output stride" if metrics["val"].get("at_training_stride") else ""),
              f"- wall time: {metrics['seconds']['cache']:.0f} s caching the trunk + {metrics['seconds']['train']:.0f} s "

@@ -62,7 +62,9 @@ class WholeImageConfig:
     epochs: int = 15
     lr: float = 3e-3
     momentum: float = 0.9
+    optimizer: str = "sgd"        #: sgd (momentum, weight decay) or adam (weight decay as L2; what --head-l1 needs to sparsify)
     weight_decay: float = 1e-4
+    head_l1: float = 0.0          #: lambda of an L1 penalty on the head's unit weights (sparse evidence; 0: none)
     batch_size: int = 16
     seed: int = 0
     device: str = "auto"
@@ -94,6 +96,10 @@ class WholeImageConfig:
             raise InputError("--wildcat-k must be positive and --wildcat-alpha 0 or more")
         if not math.isfinite(self.wildcat_surround) or self.wildcat_surround < 0:
             raise InputError("--wildcat-surround: must be 0 or more")
+        if not math.isfinite(self.head_l1) or self.head_l1 < 0:
+            raise InputError("--head-l1: must be 0 or more")
+        if self.optimizer not in ("sgd", "adam"):
+            raise InputError(f"--optimizer: {self.optimizer!r} is not sgd or adam")
         if self.device not in ("auto", "cpu", "cuda"):
             raise InputError(f"--device: {self.device!r} is not auto, cpu or cuda")
         if not Path(self.data).is_dir():
@@ -480,7 +486,8 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
     class_w = counts.sum() / np.maximum(counts, 1) / len(CLASSES)
     loss_fn = torch.nn.CrossEntropyLoss(weight=torch.as_tensor(class_w, dtype=torch.float32, device=device))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = (torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adam" else
+           torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     rng = np.random.default_rng(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -501,7 +508,7 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
             f, c, y = f.to(device), c.to(device), y.to(device)
             loss = loss_fn(_logits(model, rest, f, c), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss + cfg.head_l1 * model.unit_weights.abs().sum() if cfg.head_l1 else loss).backward()
             opt.step()
             total += float(loss.detach()) * len(y)
             n += len(y)
@@ -553,6 +560,7 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
                 "nll_before": _nll(logits, labels_va), "nll_after": calib_report["calibrated"]["nll"],
                 "calibration": calib_report, "at_training_stride": at_training_stride},
         "unit_layer": unit_layer(model),
+        "head_weights": head_weight_spread(model),
         "seconds": {"cache": round(prep_s, 1), "train": round(train_s, 1)},
     }
     start_meta = dict(model.meta)
@@ -572,6 +580,22 @@ def train_whole(cfg: WholeImageConfig, *, progress: bool = True) -> dict:
     save_model(model.cpu(), out / BEST, half=cfg.half, **meta)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1, default=str) + "\n", encoding="utf-8")
     return metrics
+
+
+def head_weight_spread(model, share: float = 0.9) -> dict[str, Any]:
+    """How concentrated a head's unit weights are, per class: the L1 norm of ``unit_weights[c]`` and how
+    many units hold ``share`` of it (largest first), of how many (what ``--head-l1`` changes)."""
+    import torch
+
+    with torch.no_grad():
+        w = model.unit_weights.detach().float().abs().cpu()
+    out: dict[str, Any] = {"share": share, "units": int(w.shape[1]), "classes": {}}
+    for c, row in zip(model.classes, w):
+        total = float(row.sum())
+        cum = torch.cumsum(torch.sort(row, descending=True).values, 0)
+        n = int((cum < share * total).sum()) + 1 if total > 0 else 0
+        out["classes"][c] = {"l1": round(total, 4), "units_holding_share": min(n, int(w.shape[1]))}
+    return out
 
 
 def command_line(argv: list[str]) -> str:

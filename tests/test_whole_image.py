@@ -199,6 +199,52 @@ def test_a_wildcat_head_trained_from_a_whole_image_gap_model(trained, surround, 
     assert metrics["val"]["after_temperature"]["accuracy"] >= floor
 
 
+def test_head_l1_concentrates_the_evidence_on_fewer_units(trained):
+    """`--head-l1` (with `--optimizer adam`, the bundled `wildcat`'s recipe): the same head-only run with an
+    L1 penalty on the unit weights ends with a smaller L1 norm and fewer units holding 90% of it (by hand
+    from the checkpoint, and as metrics.json says), and still classifies."""
+    from deepminer.whole_image import head_weight_spread
+
+    root, data, _ = trained
+
+    def run(l1: float, optimizer: str):
+        cfg = WholeImageConfig(model=str(root / "run" / "best.pt"), data=str(data), out=str(root / f"l1_{l1:g}"),
+                               long_side=H, head="wildcat", wildcat_k=0.1, train_from="head", epochs=3, lr=0.01,
+                               batch_size=8, flips=1, patience=None, head_l1=l1, optimizer=optimizer)
+        metrics = train_whole(cfg, progress=False)
+        return metrics, load_model(Path(cfg.out) / "best.pt")
+
+    (m0, plain), (m1, sparse) = run(0.0, "sgd"), run(0.05, "adam")
+    assert m1["config"]["head_l1"] == 0.05 and sparse.meta["whole_image"]["config"]["optimizer"] == "adam"
+
+    def holding(model, share=0.9):  # by hand: units, largest |w| first, until their sum reaches the share
+        out = []
+        for row in model.unit_weights.detach().abs().numpy():
+            srt = np.sort(row)[::-1]
+            out.append(int(np.searchsorted(np.cumsum(srt), share * srt.sum()) + 1))
+        return out
+
+    for metrics, model in ((m0, plain), (m1, sparse)):
+        got = metrics["head_weights"]["classes"]
+        assert [got[c]["units_holding_share"] for c in CLASSES] == holding(model)
+        assert head_weight_spread(model) == metrics["head_weights"]
+    l1_plain = plain.unit_weights.detach().abs().sum(1)
+    l1_sparse = sparse.unit_weights.detach().abs().sum(1)
+    assert (l1_sparse < 0.8 * l1_plain).all()
+    assert sum(holding(sparse)) < sum(holding(plain))
+    assert m1["val"]["after_temperature"]["accuracy"] >= 0.8  # chance 1/3
+    from deepminer.model_card import whole_image_section
+
+    held = ", ".join(f"{c} {n}" for c, n in zip(CLASSES, holding(sparse)))
+    assert f"`--head-l1`); units holding 90% of each class's L1 norm, of {sparse.num_units}: {held}" in whole_image_section(m1)
+    assert "--head-l1" not in whole_image_section(m0)
+    assert "- Adam lr 0.01, weight decay" in whole_image_section(m1) and "- SGD lr 0.01, momentum 0.9" in whole_image_section(m0)
+    with pytest.raises(InputError, match="--head-l1"):
+        WholeImageConfig(model="m", data=str(data), out="o", head_l1=-1.0).check()
+    with pytest.raises(InputError, match="--optimizer"):
+        WholeImageConfig(model="m", data=str(data), out="o", optimizer="rmsprop").check()
+
+
 def test_the_image_rule_mixes_benign_and_malignant_at_the_recorded_rate():
     """A checkpoint's calibration mix (``meta["image_level"]["mix"]``): the engine's torch rule equals
     :func:`deepminer.metrics.calibrated_probabilities` on the pooled logits, and says so in the rule."""

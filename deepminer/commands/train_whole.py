@@ -47,9 +47,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=C.epochs, help="at most this many epochs")
     parser.add_argument("--patience", type=int, default=C.patience,
                         help="stop when the validation loss has not improved for this many epochs")
-    parser.add_argument("--lr", type=float, default=C.lr, help="SGD learning rate (cosine schedule)")
+    parser.add_argument("--optimizer", default=C.optimizer, choices=["sgd", "adam"],
+                        help="sgd (with --momentum) or adam: with --head-l1, adam moves every weight at about the "
+                             "same pace, so the penalty zeroes the units the loss does not need (SGD shrinks them all)")
+    parser.add_argument("--lr", type=float, default=C.lr, help="learning rate (cosine schedule)")
     parser.add_argument("--momentum", type=float, default=C.momentum, help="SGD momentum")
-    parser.add_argument("--weight-decay", type=float, default=C.weight_decay, help="SGD weight decay")
+    parser.add_argument("--weight-decay", type=float, default=C.weight_decay, help="weight decay (L2)")
+    parser.add_argument("--head-l1", type=float, default=C.head_l1, metavar="LAMBDA",
+                        help="add LAMBDA x the L1 norm of the head's unit weights to the loss: a class's evidence "
+                             "then rests on fewer units, so silencing its top units moves its answer (0: none)")
     parser.add_argument("--batch-size", type=int, default=C.batch_size, help="images per batch")
     parser.add_argument("--limit", type=int, default=None, help="at most this many images per split (quick runs)")
     parser.add_argument("--flips", type=int, default=C.flips, choices=[1, 2, 4],
@@ -82,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         wildcat_k=args.wildcat_k, wildcat_alpha=args.wildcat_alpha,
         wildcat_surround=args.wildcat_surround, long_side=args.long_side,
         train_from=args.train_from, cache_at=args.cache_at, epochs=args.epochs, patience=args.patience, lr=args.lr,
-        momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size, limit=args.limit,
+        momentum=args.momentum, optimizer=args.optimizer, weight_decay=args.weight_decay, head_l1=args.head_l1, batch_size=args.batch_size, limit=args.limit,
         flips=args.flips, trunk_cache=args.trunk_cache, seed=args.seed, device=args.device, half=args.half,
         unit_activation=args.unit_activation, output_stride=args.output_stride,
         serve_output_stride=args.serve_output_stride,
