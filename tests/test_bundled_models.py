@@ -83,6 +83,15 @@ def test_bundled_model_loads_with_its_card(name):
         cfg = metrics["whole_image"]["config"]
         assert model.head.surround == cfg["wildcat_surround"] == 2.0 and "--wildcat-surround 2" in card
         assert "ring mean" in model.meta["image_level"]["pool"] and model.head.k == cfg["wildcat_k"]
+        # a sparse head (--head-l1 with Adam, session 14): few units carry each class, as the card and metrics say
+        from deepminer.whole_image import head_weight_spread
+
+        assert cfg["head_l1"] == 0.03 and cfg["optimizer"] == "adam" and "--head-l1 0.03" in card
+        spread = head_weight_spread(model)
+        assert spread["classes"].keys() == metrics["whole_image"]["head_weights"]["classes"].keys()
+        for c, v in spread["classes"].items():  # the float16 weights as served, against the run's float32 record
+            assert abs(v["units_holding_share"] - metrics["whole_image"]["head_weights"]["classes"][c]["units_holding_share"]) <= 1
+            assert v["units_holding_share"] <= 64 and f"{c} {metrics['whole_image']['head_weights']['classes'][c]['units_holding_share']}" in card
     assert metrics["whole_image"]["config"]["data"].endswith("whole_s12_1024")
     assert model.meta["scale"] == metrics["whole_image"]["scale"] and model.meta["scale"]["long_side"] == 1024
     # the GAP demo (and wildcat, on its units): trained with the unit layer's ReLU6 cap lifted, served at the stride
