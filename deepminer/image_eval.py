@@ -79,7 +79,8 @@ def predict_pixels(model: Any, pixels: np.ndarray, *, max_side: int | None = Non
         units = exp.ranked_units(exp.prediction, int(silence))
         ab = explain_image(model, pixels, max_side=max_side, input_side=(side, rule), unit_maps="none",
                            top_units=0, cache=cache, cache_key="image", ablate=units).ablation
-        assert ab is not None
+        if ab is None:  # only when no unit was ranked (a model without units)
+            raise InputError("silence: the model has no units to silence")
         after = float(ab.probabilities[exp.prediction])
         out["silenced"] = {"units": [int(u) for u in units], "probability": after,
                            "drop": float(exp.probabilities[exp.prediction]) - after}
