@@ -81,9 +81,8 @@ def predict_pixels(model: Any, pixels: np.ndarray, *, max_side: int | None = Non
                            top_units=0, cache=cache, cache_key="image", ablate=units).ablation
         if ab is None:  # only when no unit was ranked (a model without units)
             raise InputError("silence: the model has no units to silence")
-        after = float(ab.probabilities[exp.prediction])
-        out["silenced"] = {"units": [int(u) for u in units], "probability": after,
-                           "drop": float(exp.probabilities[exp.prediction]) - after}
+        out["silenced"] = {"units": [int(u) for u in units], "probability": float(ab.probabilities[exp.prediction]),
+                           "drop": -float(ab.delta[exp.prediction])}  # delta = after - before, per class
     return out
 
 
